@@ -1,0 +1,46 @@
+# Two commands set up everything on a fresh machine:
+#   make run   — create .venv, install, start the app on the built-in sample zoo
+#   make test  — install test dependencies (Debian's chromium too), run the whole suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test install test-deps chromium bench zoos clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+test-deps: $(VENV)/.test-installed chromium
+
+# Playwright cannot download its own browser here: end-to-end tests drive Debian's chromium.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+run: $(VENV)/.installed
+	$(VENV)/bin/streamlit run app.py
+
+test: test-deps
+	$(PY) -m pytest
+
+bench: $(VENV)/.test-installed
+	$(PY) bench/bench_angles.py
+	$(PY) bench/bench_greedy.py
+
+zoos: $(VENV)/.installed
+	$(PY) -m sample_data.build
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,287 @@
+"""The ``soup`` command (also ``python -m soup_core``).
+
+    soup zoo list
+    soup inspect PATH...
+    soup angles PATH... [--base PATH] [--json FILE]
+    soup evaluate ZOO [--json FILE]
+    soup make RECIPE ZOO [--order sorted|random] [--seed N] [--passes N] [--tie ge|gt]
+                         [--max-ingredients N] [--ingredients A,B,...] [--out FILE] [--json FILE]
+
+ZOO is a sample zoo's name or a path to a ``zoo.toml``. ``--json -`` writes JSON to stdout.
+Bad input ends with exit code 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from soup_core import __version__
+from soup_core.checkpoints import (CheckpointError, is_float, load_state_dict,
+                                   open_checkpoint, read_provenance, save_state_dict,
+                                   tied_groups, validate_state_dicts)
+from soup_core.evaluate import Metrics, metrics_to_json, shift_average
+from soup_core.geometry import pairwise_angles
+from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
+from soup_core.zoo import BASE, Zoo, ZooError, open_zoo, sample_zoos
+
+
+class CliError(Exception):
+    """Ends the command with one line on stderr and exit code 2."""
+
+
+def _write_json(target: str | None, payload: Mapping[str, Any]) -> None:
+    if target is None:
+        return
+    text = json.dumps(payload, indent=2, sort_keys=False)
+    if target == "-":
+        print(text)
+    else:
+        Path(target).write_text(text + "\n")
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Human-readable output, unless JSON goes to stdout."""
+    if getattr(args, "json", None) != "-":
+        print(text)
+
+
+def _tqdm_progress(desc: str):
+    bar = tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr, leave=False,
+               disable=not sys.stderr.isatty())
+
+    def report(fraction: float, message: str) -> None:
+        bar.n = int(fraction * 1000)
+        bar.set_postfix_str(message[-30:], refresh=True)
+
+    return bar, report
+
+
+def _metrics_line(metrics: Mapping[str, Metrics], shifts: Sequence[str]) -> str:
+    parts = [f"{s} {metrics[s].accuracy:.2%}" for s in ("val", "test") if s in metrics]
+    avg = shift_average(metrics, shifts)
+    if avg is not None:
+        parts.append(f"shifts {avg:.2%}")
+    return "  ".join(parts)
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> None:
+    rows = []
+    for name, manifest in sample_zoos().items():
+        zoo = open_zoo(manifest)
+        rows.append({"name": name, "manifest": str(manifest), "checkpoints": len(zoo.names),
+                     "base": zoo.has_base, "description": zoo.description})
+        _say(args, f"{name:18s} {len(zoo.names):3d} checkpoints  base={'yes' if zoo.has_base else 'no ':3s}  "
+                   f"{zoo.description}")
+    _write_json(args.json, {"zoos": rows})
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    states, rows = {}, []
+    for path in args.paths:
+        state = load_state_dict(path)
+        states[path] = state
+        floats = [t for t in state.values() if is_float(t)]
+        row = {"path": path, "tensors": len(state), "parameters": sum(t.numel() for t in floats),
+               "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
+               "integer_keys": [k for k, t in state.items() if not is_float(t)],
+               "tied": [list(g) for g in tied_groups(state)],
+               "provenance": read_provenance(path) if str(path).endswith(".safetensors") else None}
+        rows.append(row)
+        _say(args, f"{path}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
+                   f"dtypes {', '.join(row['dtypes'])}"
+                   + (f", integer {row['integer_keys']}" if row["integer_keys"] else "")
+                   + (f", tied {row['tied']}" if row["tied"] else ""))
+    report = validate_state_dicts(states)
+    for line in report.warnings:
+        _say(args, f"warning: {line}")
+    _write_json(args.json, {"checkpoints": rows, "errors": list(report.errors), "warnings": list(report.warnings)})
+    if report.errors:
+        raise CliError(report.errors[0] + (f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""))
+    _say(args, f"{len(states)} checkpoint(s) compatible" if len(states) > 1 else "ok")
+
+
+def cmd_angles(args: argparse.Namespace) -> None:
+    if len(args.paths) < 2:
+        raise CliError("angles needs at least two checkpoints")
+    states = [open_checkpoint(p) for p in args.paths]
+    base = open_checkpoint(args.base) if args.base else None
+    named = {p: s for p, s in zip(args.paths, states)}
+    if base is not None:
+        named = {args.base: base, **named}
+    _check_compatible(named)
+    bar, report = _tqdm_progress("angles")
+    with bar:
+        angles = pairwise_angles(states, base, progress=report)
+    names = [Path(p).stem if args.short_names else p for p in args.paths]
+    payload = {**angles.to_json(names), "relative_to": args.base}
+    _write_json(args.json, payload)
+    if args.json != "-":
+        width = max(len(n) for n in names)
+        print(f"angle (degrees) between {'θi − θ0' if base is not None else 'θi'}:")
+        for name, row in zip(names, angles.angle_deg.tolist()):
+            print(f"{name:{width}s} " + " ".join(f"{v:6.2f}" for v in row))
+
+
+def _check_compatible(named: Mapping[str, Mapping]) -> None:
+    """Keys and shapes must agree before any math (values are streamed later, one at a time)."""
+    items = list(named.items())
+    ref_name, ref = items[0]
+    ref_keys = set(ref)
+    for name, state in items[1:]:
+        missing, unexpected = sorted(ref_keys - set(state)), sorted(set(state) - ref_keys)
+        if missing or unexpected:
+            raise CliError(f"{name}: does not match {ref_name} — missing keys {missing[:5]}, "
+                           f"unexpected keys {unexpected[:5]}")
+    for key in ref:
+        shape = tuple(ref[key].shape)
+        for name, state in items[1:]:
+            if tuple(state[key].shape) != shape:
+                raise CliError(f"{name}: shape mismatch for {key!r}: {tuple(state[key].shape)} here, "
+                               f"{shape} in {ref_name}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    zoo = open_zoo(args.zoo, device=args.device)
+    zoo.validation.raise_for_errors()
+    evaluator = zoo.require_evaluator("evaluate")
+    names = ((BASE,) if zoo.has_base else ()) + zoo.names
+    rows = []
+    for name in tqdm(names, desc="evaluate", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()):
+        metrics = evaluator.evaluate(zoo.state_dict(name))
+        hparams = dict(zoo.hparams(name)) if name != BASE else {}
+        rows.append({"name": name, "hparams": hparams, "metrics": metrics_to_json(metrics)})
+        _say(args, f"{name:12s} {_metrics_line(metrics, evaluator.shift_names)}")
+    _write_json(args.json, {"zoo": zoo.name, "splits": list(evaluator.split_names),
+                            "device": str(evaluator.device), "checkpoints": rows})
+
+
+def make_soup(zoo: Zoo, recipe_name: str, options: SoupOptions,
+              ingredients: Sequence[str] | None = None) -> SoupResult:
+    """Run a recipe on a zoo (the CLI's and the app's shared entry point)."""
+    recipe = get_recipe(recipe_name)
+    evaluator = zoo.require_evaluator(f"the {recipe.pretty_name}") if recipe.needs_evaluator else zoo.evaluator
+    if recipe.needs_base and not zoo.has_base:
+        raise ZooError(f"{zoo.name}: {recipe.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
+    return recipe.make(zoo.ingredients(ingredients), evaluator, base=zoo.base, options=options)
+
+
+def provenance(zoo: Zoo, result: SoupResult, command: str) -> dict[str, Any]:
+    """What an exported soup carries: enough to check where it came from and to remake it."""
+    recipe = get_recipe(result.recipe)
+    return {"recipe": result.recipe, "recipe_name": recipe.pretty_name, "reference": recipe.reference,
+            "zoo": zoo.name, "manifest": str(zoo.manifest),
+            "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in result.ingredients],
+            "weights": list(result.weights), "options": dict(result.options),
+            "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
+            "metrics": metrics_to_json(result.metrics), "library_version": __version__,
+            "command": command}
+
+
+def cmd_make(args: argparse.Namespace) -> None:
+    zoo = open_zoo(args.zoo, device=args.device)
+    options = SoupOptions(order=args.order, seed=args.seed, tie=args.tie, passes=args.passes,
+                          max_ingredients=args.max_ingredients)
+    chosen = args.ingredients.split(",") if args.ingredients else None
+    if chosen:
+        for name in chosen:
+            zoo.path(name)  # a clear error for an unknown name
+    result = make_soup(zoo, args.recipe, options, chosen)
+    command = "soup " + " ".join(shlex.quote(a) for a in args.argv)
+    payload = {"recipe": result.recipe, "zoo": zoo.name, "ingredients": list(result.ingredients),
+               "weights": list(result.weights), "trace": [s.to_dict() for s in result.trace],
+               "metrics": metrics_to_json(result.metrics), "options": dict(result.options),
+               "extras": dict(result.extras)}
+    if args.out:
+        if result.state_dict is None:
+            raise CliError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
+                           "be written as a checkpoint; choose a soup recipe")
+        inputs = [zoo.path(n) for n in (*zoo.names, *((BASE,) if zoo.has_base else ()))]
+        save_state_dict(result.state_dict, args.out, provenance=provenance(zoo, result, command),
+                        inputs=inputs)
+        payload["out"] = args.out
+    _write_json(args.json, payload)
+    shifts = zoo.evaluator.shift_names if zoo.evaluator is not None else ()
+    _say(args, f"{RECIPES[result.recipe].pretty_name}: {len(result.ingredients)} ingredient(s) "
+               f"{', '.join(result.ingredients)}")
+    if result.metrics:
+        _say(args, "  " + _metrics_line(result.metrics, shifts))
+    if args.out:
+        _say(args, f"  written to {args.out}")
+
+
+# ---- argument parsing -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soup", description="Model soups from the command line.")
+    parser.add_argument("--version", action="version", version=f"soup {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="built-in sample zoos").add_subparsers(dest="zoo_command", required=True)
+    zoo_list = zoo.add_parser("list", help="list the sample zoos")
+    zoo_list.add_argument("--json", metavar="FILE")
+    zoo_list.set_defaults(func=cmd_zoo_list)
+
+    inspect = sub.add_parser("inspect", help="show and validate checkpoints")
+    inspect.add_argument("paths", nargs="+", metavar="PATH")
+    inspect.add_argument("--json", metavar="FILE")
+    inspect.set_defaults(func=cmd_inspect)
+
+    angles = sub.add_parser("angles", help="pairwise cosine, angle and distance (float64, streamed)")
+    angles.add_argument("paths", nargs="+", metavar="PATH")
+    angles.add_argument("--base", metavar="PATH", help="θ0: measure θi − θ0 instead of θi")
+    angles.add_argument("--short-names", action="store_true", help="name checkpoints by file stem")
+    angles.add_argument("--json", metavar="FILE")
+    angles.set_defaults(func=cmd_angles)
+
+    evaluate = sub.add_parser("evaluate", help="score every checkpoint of a zoo on every split")
+    evaluate.add_argument("zoo", metavar="ZOO")
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    evaluate.add_argument("--json", metavar="FILE")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    make = sub.add_parser("make", help="make a soup with a recipe")
+    make.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
+    make.add_argument("zoo", metavar="ZOO")
+    make.add_argument("--order", choices=["sorted", "random"], default="sorted")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--passes", type=int, default=1)
+    make.add_argument("--tie", choices=["ge", "gt"], default="ge")
+    make.add_argument("--max-ingredients", type=int, default=None)
+    make.add_argument("--ingredients", metavar="A,B,...", help="only these checkpoints")
+    make.add_argument("--device", default=None)
+    make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance")
+    make.add_argument("--json", metavar="FILE")
+    make.set_defaults(func=cmd_make)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        args.func(args)
+    except (CliError, CheckpointError, ZooError, ValueError, OSError, KeyError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"soup: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soup: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Scoring state dicts: the Evaluator of the reproduction paper (§2.4), metrics, a metric cache.
+
+An :class:`Evaluator` is a model factory plus named splits. ``val`` is held out and drives
+every choice a recipe makes (greedy, pruned, learned); ``test`` is the in-distribution report;
+every other split is a distribution shift (out-of-distribution report). Keeping the choice
+split apart from the report splits is what keeps soups honest (reproduction §2.4).
+
+Weights are applied with ``torch.func.functional_call``: one model is built once and every
+state dict is evaluated through it, without ``load_state_dict`` copies.
+
+Example::
+
+    >>> import torch
+    >>> from soup_core.evaluate import Evaluator, Split
+    >>> X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    >>> ev = Evaluator(lambda: torch.nn.Linear(4, 3), {"val": Split(X, y)})
+    >>> m = ev.evaluate(torch.nn.Linear(4, 3).state_dict())["val"]
+    >>> 0.0 <= m.accuracy <= 1.0
+    True
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+import torch
+from torch.func import functional_call
+
+from soup_core.checkpoints import state_dict_digest
+
+ECE_BINS = 15
+VAL, TEST = "val", "test"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Accuracy (fraction), mean cross-entropy, and expected calibration error (15 bins)."""
+
+    accuracy: float
+    loss: float
+    ece: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs and integer labels of one named split, held in memory."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE with equal-width confidence bins (Guo et al. 2017): Σ_b |B_b|/n · |acc_b − conf_b|."""
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == labels).to(torch.float64)
+    confidence = confidence.to(torch.float64)
+    # Bin b holds confidences in (b/B, (b+1)/B]; confidence 0 cannot occur for a softmax.
+    index = torch.clamp(torch.ceil(confidence * bins).long() - 1, 0, bins - 1)
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
+    acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
+    return float((acc - conf).abs().sum() / len(labels))
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
+    """Accuracy, mean cross-entropy and ECE of one split's logits (float64 reductions)."""
+    logits = logits.to(torch.float64)
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="mean")
+    accuracy = (logits.argmax(dim=1) == labels).to(torch.float64).mean()
+    return Metrics(float(accuracy), float(loss), expected_calibration_error(logits.softmax(dim=1), labels))
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The logit ensemble of the paper (§3, after Gontijo-Lopes et al. 2022): mean of logits."""
+    return torch.stack([t.to(torch.float64) for t in logits]).mean(dim=0)
+
+
+class Evaluator:
+    """A model factory plus named splits; scores state dicts without mutating them.
+
+    ``device`` defaults to CUDA when available. Results for the same content are cached
+    (LRU, keyed by :func:`~soup_core.checkpoints.state_dict_digest`), so re-scoring an
+    ingredient after a toggle costs one hash, not one evaluation.
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], torch.nn.Module],
+        splits: Mapping[str, Split],
+        *,
+        batch_size: int = 1024,
+        device: str | torch.device | None = None,
+        cache_size: int = 512,
+        train: Split | None = None,
+        info: Mapping[str, object] | None = None,
+    ) -> None:
+        if VAL not in splits:
+            raise ValueError(f"an evaluator needs a held-out {VAL!r} split to drive recipe choices; "
+                             f"got splits {list(splits)}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model_factory = model_factory
+        self.model = model_factory().to(self.device).eval()
+        self.splits = {name: Split(s.inputs.to(self.device), s.labels.to(self.device).long())
+                       for name, s in splits.items()}
+        # Training data is never scored; it is there for BatchNorm statistics (landscapes).
+        self.train = None if train is None else Split(train.inputs.to(self.device), train.labels.to(self.device))
+        self.batch_size = batch_size
+        self.info = dict(info or {})  # e.g. split seeds, recorded in export provenance
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(self.splits)
+
+    @property
+    def shift_names(self) -> tuple[str, ...]:
+        """Splits that are neither ``val`` nor ``test``: the distribution shifts."""
+        return tuple(name for name in self.splits if name not in (VAL, TEST))
+
+    def logits(self, state: Mapping[str, torch.Tensor], split: str = VAL, *, digest: str | None = None) -> torch.Tensor:
+        """Logits of ``state`` on ``split`` (float32, on the CPU), cached by content."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; this evaluator has {list(self.splits)}")
+        key = (digest or state_dict_digest(state), split)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        params = {k: v.to(self.device) for k, v in state.items()}
+        with torch.no_grad():
+            outputs = [functional_call(self.model, params, (x,)) for x, _ in self.batches(split)]
+        result = torch.cat(outputs).float().cpu()
+        self._cache[key] = result
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return result
+
+    def evaluate(self, state: Mapping[str, torch.Tensor], splits: Sequence[str] | None = None) -> dict[str, Metrics]:
+        """Metrics of ``state`` on each of ``splits`` (default: all)."""
+        digest = state_dict_digest(state)
+        return {name: metrics_from_logits(self.logits(state, name, digest=digest), self.labels(name))
+                for name in (splits or self.split_names)}
+
+    def accuracy(self, state: Mapping[str, torch.Tensor], split: str = VAL) -> float:
+        return self.evaluate(state, [split])[split].accuracy
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.splits[split].labels.cpu()
+
+    def batches(self, split: str, batch_size: int | None = None, *, shuffle: bool = False,
+                seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches of a split (shuffled with a seeded generator for learned soups)."""
+        data = self.splits[split]
+        size = batch_size or self.batch_size
+        order = (torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+                 if shuffle else torch.arange(len(data))).to(self.device)
+        for start in range(0, len(data), size):
+            idx = order[start:start + size]
+            yield data.inputs[idx], data.labels[idx]
+
+
+def metrics_to_json(metrics: Mapping[str, Metrics]) -> dict[str, dict[str, float]]:
+    """The stable JSON shape: split name -> {"accuracy", "loss", "ece"}."""
+    return {name: m.to_dict() for name, m in metrics.items()}
+
+
+def shift_average(metrics: Mapping[str, Metrics], shifts: Sequence[str]) -> float | None:
+    """Mean accuracy over the distribution-shift splits (the paper's "Avg shifts")."""
+    values = [metrics[s].accuracy for s in shifts if s in metrics]
+    return sum(values) / len(values) if values else None
+

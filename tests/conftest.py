@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny real models and checkpoints on disk, and a guard for user files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from soup_core.evaluate import Evaluator, Split
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``: proof that a command left files untouched."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 8)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture
+def tiny_evaluator() -> Evaluator:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return Evaluator(TinyNet, {"val": Split(x[:150], y[:150]), "test": Split(x[150:], y[150:]),
+                               "shift": Split(x[150:] * 2, y[150:])}, device="cpu")
+
+
+@pytest.fixture
+def tiny_states() -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for i in range(5):
+        torch.manual_seed(i)
+        out[f"m{i}"] = TinyNet().state_dict()
+    return out
