@@ -62,10 +62,10 @@ def learned_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        state = _mix(states, logits.detach().softmax(dim=1).cpu(), row, reference, aliases)
+        state = _mix(states, logits.detach().cpu().to(ACCUMULATE_DTYPE).softmax(dim=1), row, reference, aliases)
         trace.append(TraceStep(f"epoch {epoch + 1}", "train",
                                evaluator.accuracy(state, options.val_split), True, names))
-    alpha = logits.detach().softmax(dim=1).cpu().to(ACCUMULATE_DTYPE)
+    alpha = logits.detach().cpu().to(ACCUMULATE_DTYPE).softmax(dim=1)
     state = _mix(states, alpha, row, reference, aliases)
     extras = {"temperature": float(temperature.detach())}
     if by_layer:

@@ -1,0 +1,134 @@
+"""The `soup` command: its JSON is a stable interface; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from soup_core.checkpoints import load_state_dict, read_provenance
+from soup_core.zoo import open_zoo
+from tests.conftest import tree_digest
+
+ROOT = Path(__file__).resolve().parent.parent
+FINETUNE = ROOT / "sample_data" / "digits-finetune"
+METRIC_KEYS = {"accuracy", "loss", "ece"}
+
+
+def soup(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "soup_core", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=300)
+
+
+def ok_json(*args: str) -> dict:
+    result = soup(*args, "--json", "-")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_zoo_list():
+    names = {z["name"] for z in ok_json("zoo", "list")["zoos"]}
+    assert names == {"digits-finetune", "digits-scratch", "digits-bn"}
+
+
+def test_evaluate_json_holds_every_checkpoint_and_split():
+    payload = ok_json("evaluate", "digits-bn")
+    names = [c["name"] for c in payload["checkpoints"]]
+    assert names[0] == "base" and len(names) == 13
+    for row in payload["checkpoints"]:
+        assert set(row["metrics"]) == set(payload["splits"])
+        assert all(set(m) == METRIC_KEYS for m in row["metrics"].values())
+
+
+def test_make_greedy_writes_a_soup_with_provenance_that_loads_back(tmp_path):
+    out = tmp_path / "greedy.safetensors"
+    payload = ok_json("make", "greedy", "digits-finetune", "--out", str(out))
+    assert {"recipe", "ingredients", "weights", "trace", "metrics"} <= set(payload)
+    assert all(set(m) == METRIC_KEYS for m in payload["metrics"].values())
+    zoo = open_zoo("digits-finetune", device="cpu")
+    soup_state = load_state_dict(out)
+    assert zoo.evaluator.evaluate(soup_state)["val"].accuracy == pytest.approx(payload["metrics"]["val"]["accuracy"])
+    manifest = read_provenance(out)
+    assert [i["name"] for i in manifest["ingredients"]] == payload["ingredients"]
+    assert all(len(i["sha256"]) == 64 for i in manifest["ingredients"])
+    assert manifest["data"]["split_seed"] == 0 and manifest["library_version"]
+    assert manifest["command"].startswith("soup make greedy digits-finetune")
+
+
+def test_make_random_order_follows_the_seed():
+    a = ok_json("make", "greedy", "digits-finetune", "--order", "random", "--seed", "1")
+    b = ok_json("make", "greedy", "digits-finetune", "--order", "random", "--seed", "1")
+    assert a["ingredients"] == b["ingredients"] and a["options"]["seed"] == 1
+
+
+def test_make_on_chosen_ingredients():
+    payload = ok_json("make", "uniform", "digits-finetune", "--ingredients", "ft-01,ft-02")
+    assert payload["ingredients"] == ["ft-01", "ft-02"] and payload["weights"] == [0.5, 0.5]
+
+
+def test_angles_json_is_symmetric_with_zero_diagonal():
+    paths = [str(FINETUNE / "checkpoints" / f"ft-0{i}.safetensors") for i in range(3)]
+    payload = ok_json("angles", *paths, "--base", str(FINETUNE / "base.safetensors"))
+    assert payload["names"] == paths
+    angle = torch.tensor(payload["angle_deg"])
+    assert torch.equal(angle, angle.T) and angle.diagonal().abs().max() == 0
+    assert {"cosine", "distance"} <= set(payload)
+
+
+def malicious(tmp_path: Path) -> Path:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "x": Payload()}, path)
+    return path
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, list[str]]:
+    good = {"w": torch.ones(2, 2)}
+    safetensors.torch.save_file(good, tmp_path / "good.safetensors")
+    safetensors.torch.save_file({"w": torch.ones(3, 2)}, tmp_path / "other.safetensors")
+    safetensors.torch.save_file({"w": torch.ones(2, 2, dtype=torch.float16)}, tmp_path / "half.safetensors")
+    safetensors.torch.save_file({"w": torch.full((2, 2), float("nan"))}, tmp_path / "nan.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "good.safetensors").read_bytes()[:-5])
+    return {
+        "malicious pickle": ["inspect", str(malicious(tmp_path))],
+        "truncated": ["inspect", str(tmp_path / "cut.safetensors")],
+        "mismatched shapes": ["angles", str(tmp_path / "good.safetensors"), str(tmp_path / "other.safetensors")],
+        "float16/float32 mix": ["inspect", str(tmp_path / "good.safetensors"), str(tmp_path / "half.safetensors")],
+        "NaN weights": ["inspect", str(tmp_path / "good.safetensors"), str(tmp_path / "nan.safetensors")],
+        "single checkpoint angles": ["angles", str(tmp_path / "good.safetensors")],
+        "missing file": ["inspect", str(tmp_path / "absent.safetensors")],
+        "unknown zoo": ["make", "greedy", "no-such-zoo"],
+        "unknown ingredient": ["make", "uniform", "digits-finetune", "--ingredients", "ft-99"],
+        "ensemble has no weights": ["make", "ensemble", "digits-finetune", "--out", str(tmp_path / "e.safetensors")],
+        "model stock without base": ["make", "model-stock", "digits-scratch"],
+    }
+
+
+def test_bad_input_ends_with_one_clear_line_and_changes_nothing(tmp_path):
+    cases = bad_inputs(tmp_path)
+    before = tree_digest(tmp_path)
+    for case, args in cases.items():
+        result = soup(*args)
+        assert result.returncode == 2, (case, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("soup: error: "), (case, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert tree_digest(tmp_path) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_make_never_writes_over_an_input():
+    target = FINETUNE / "checkpoints" / "ft-00.safetensors"
+    before = target.read_bytes()
+    result = soup("make", "uniform", "digits-finetune", "--out", str(target))
+    assert result.returncode == 2 and "refusing to write over an input" in result.stderr
+    assert target.read_bytes() == before

@@ -1,0 +1,65 @@
+"""Angles and distances between fine-tuned solutions, specified."""
+
+import math
+
+import pytest
+import torch
+
+from soup_core.checkpoints import save_state_dict, open_checkpoint
+from soup_core.geometry import angles_from_gram, gram_matrix, pairwise_angles
+
+
+def states(k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"a": torch.randn(50, 7, generator=g), "b": torch.randn(13, generator=g),
+             "n": torch.tensor(3)} for _ in range(k)]
+
+
+def flat(s, base=None):
+    return torch.cat([(s[k].double() - (base[k].double() if base else 0)).reshape(-1) for k in ("a", "b")])
+
+
+def test_the_angle_of_a_delta_with_itself_is_zero():
+    base, (a,) = states(1, 1)[0], states(1, 2)
+    angles = pairwise_angles([a, a], base)
+    assert angles.angle_deg.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert angles.distance.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_orthogonal_deltas_are_ninety_degrees_apart():
+    base = {"w": torch.zeros(2)}
+    angles = pairwise_angles([{"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}], base)
+    assert angles.angle_deg[0, 1].item() == 90.0
+    assert angles.distance[0, 1].item() == pytest.approx(5.0, abs=1e-12)
+    assert angles.norm.tolist() == [3.0, 4.0]
+
+
+def test_gram_matches_a_float64_reference_and_ignores_integer_buffers():
+    s, base = states(), states(1, 9)[0]
+    reference = torch.stack([flat(x, base) for x in s])
+    assert torch.allclose(gram_matrix(s, base), reference @ reference.T, rtol=1e-13, atol=0)
+
+
+def test_streaming_in_small_chunks_gives_the_same_gram():
+    s = states()
+    assert torch.allclose(gram_matrix(s, chunk_elements=17), gram_matrix(s), rtol=1e-14, atol=1e-12)
+
+
+def test_cosines_and_angles_agree():
+    angles = angles_from_gram(gram_matrix(states()))
+    assert torch.allclose(torch.cos(torch.deg2rad(angles.angle_deg)), angles.cosine, atol=1e-12)
+
+
+def test_lazy_safetensors_give_the_same_angles_as_loaded_ones(tmp_path):
+    s = states(3)
+    paths = [save_state_dict(x, tmp_path / f"{i}.safetensors") for i, x in enumerate(s)]
+    lazy = pairwise_angles([open_checkpoint(p) for p in paths])
+    eager = pairwise_angles(s)
+    assert torch.equal(lazy.cosine, eager.cosine)
+
+
+def test_progress_reaches_one():
+    seen = []
+    gram_matrix(states(), progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    assert not math.isnan(seen[0])

@@ -1,0 +1,88 @@
+"""State-dict algebra, specified."""
+
+import torch
+
+from soup_core.params import RunningSum, interpolate, uniform_average, weighted_average
+
+
+def state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {"w": torch.randn(4, 3), "b": torch.randn(3), "bn.num_batches_tracked": torch.tensor(10 + seed)}
+
+
+def test_a_uniform_soup_of_identical_checkpoints_is_that_checkpoint():
+    a = state(0)
+    soup = uniform_average([a, {k: v.clone() for k, v in a.items()}, a])
+    for key in a:
+        assert torch.equal(soup[key], a[key]) and soup[key].dtype == a[key].dtype
+
+
+def test_uniform_soup_is_the_float64_mean_cast_back():
+    states = [state(i) for i in range(3)]
+    soup = uniform_average(states)
+    expected = torch.stack([s["w"].double() for s in states]).mean(0).float()
+    assert torch.equal(soup["w"], expected)
+
+
+def test_integer_buffers_are_taken_from_the_reference_not_averaged():
+    soup = uniform_average([state(0), state(1), state(2)])
+    assert soup["bn.num_batches_tracked"].dtype == torch.int64
+    assert int(soup["bn.num_batches_tracked"]) == 10
+
+
+def test_adding_then_removing_an_ingredient_returns_to_the_same_soup():
+    total = RunningSum()
+    total.add("a", state(0))
+    total.add("b", state(1))
+    before = total.mean()
+    total.add("c", state(2))
+    total.remove("c")
+    after = total.mean()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_candidates_do_not_change_the_running_sum():
+    total = RunningSum()
+    total.add("a", state(0))
+    total.add("b", state(1))
+    with_c = total.mean_with("c", state(2))
+    assert torch.allclose(with_c["w"], uniform_average([state(0), state(1), state(2)])["w"], atol=0, rtol=0)
+    without_b = total.mean_without("b")
+    assert torch.equal(without_b["w"], state(0)["w"])
+    assert total.names == ("a", "b")
+
+
+def test_inputs_are_never_mutated():
+    states = [state(0), state(1)]
+    copies = [{k: v.clone() for k, v in s.items()} for s in states]
+    uniform_average(states)
+    weighted_average(states, [0.3, 0.7])
+    total = RunningSum()
+    total.add("a", states[0])
+    total.remove("a")
+    for s, c in zip(states, copies):
+        assert all(torch.equal(s[k], c[k]) for k in s)
+
+
+def test_weighted_average_matches_the_formula_and_takes_integers_from_the_heaviest():
+    a, b = state(0), state(1)
+    soup = weighted_average([a, b], [0.25, 0.75])
+    assert torch.allclose(soup["w"], 0.25 * a["w"] + 0.75 * b["w"], atol=1e-7)
+    assert int(soup["bn.num_batches_tracked"]) == 11
+
+
+def test_interpolation_endpoints_are_the_models_and_it_extrapolates():
+    a, b = state(0), state(1)
+    assert torch.equal(interpolate(a, b, 0.0)["w"], a["w"])
+    assert torch.equal(interpolate(a, b, 1.0)["w"], b["w"])
+    assert torch.allclose(interpolate(a, b, 1.5)["w"], b["w"] + 0.5 * (b["w"] - a["w"]), atol=1e-6)
+
+
+def test_tied_weights_are_averaged_once_and_stay_tied():
+    def tied(seed):
+        torch.manual_seed(seed)
+        shared = torch.randn(3, 2)
+        return {"embed": shared, "head": shared}
+    soup = uniform_average([tied(0), tied(1)])
+    assert soup["embed"] is soup["head"]
+    assert torch.allclose(soup["embed"], (tied(0)["embed"] + tied(1)["embed"]) / 2)

@@ -1,0 +1,137 @@
+"""Recipes, specified on tiny models and on the committed sample zoo."""
+
+import pytest
+import torch
+
+from soup_core.evaluate import ensemble_logits, metrics_from_logits
+from soup_core.params import uniform_average
+from soup_core.recipes import RECIPES, SoupOptions
+from soup_core.recipes.model_stock import model_stock_ratio
+from soup_core.zoo import open_zoo
+
+
+@pytest.fixture(scope="module")
+def finetune():
+    zoo = open_zoo("digits-finetune", device="cpu")
+    return zoo, zoo.ingredients(), zoo.evaluator
+
+
+def replay(trace):
+    """Rebuild the final ingredient set from the trace alone."""
+    members = []
+    for step in trace:
+        if step.action == "start":
+            members = list(step.ingredients)
+        elif step.accepted and step.action == "add":
+            members.append(step.candidate)
+        elif step.accepted and step.action == "remove":
+            members.remove(step.candidate)
+    return members
+
+
+@pytest.mark.parametrize("order,passes", [("sorted", 1), ("random", 1), ("random", 2)])
+def test_the_greedy_trace_reproduces_its_final_ingredient_set(finetune, order, passes):
+    zoo, ingredients, evaluator = finetune
+    result = RECIPES["greedy"].make(ingredients, evaluator, options=SoupOptions(order=order, seed=3, passes=passes))
+    assert replay(result.trace) == list(result.ingredients)
+    soup = uniform_average([ingredients[n] for n in result.ingredients])
+    assert all(torch.equal(soup[k], result.state_dict[k]) for k in soup)
+    accepted_scores = [s.score for s in result.trace if s.accepted]
+    assert result.metrics["val"].accuracy == pytest.approx(accepted_scores[-1], abs=1e-12)
+
+
+def test_a_sorted_greedy_soup_is_never_below_the_best_individual_on_val(finetune):
+    zoo, ingredients, evaluator = finetune
+    best = RECIPES["best"].make(ingredients, evaluator)
+    greedy = RECIPES["greedy"].make(ingredients, evaluator)
+    assert greedy.ingredients[0] == best.ingredients[0]
+    assert greedy.metrics["val"].accuracy >= best.metrics["val"].accuracy
+
+
+def test_the_pruned_soup_is_never_below_uniform_on_val(finetune):
+    zoo, ingredients, evaluator = finetune
+    uniform = RECIPES["uniform"].make(ingredients, evaluator)
+    for order in ("sorted", "random"):
+        pruned = RECIPES["pruned"].make(ingredients, evaluator, options=SoupOptions(order=order, passes=2))
+        assert pruned.metrics["val"].accuracy >= uniform.metrics["val"].accuracy
+        assert replay(pruned.trace) == list(pruned.ingredients)
+
+
+def test_the_tie_rule_decides_whether_an_equal_score_joins(tiny_evaluator, tiny_states):
+    twin = {"a": tiny_states["m0"], "b": {k: v.clone() for k, v in tiny_states["m0"].items()}}
+    ge = RECIPES["greedy"].make(twin, tiny_evaluator, options=SoupOptions(tie="ge"))
+    gt = RECIPES["greedy"].make(twin, tiny_evaluator, options=SoupOptions(tie="gt"))
+    assert ge.ingredients == ("a", "b") and gt.ingredients == ("a",)
+
+
+def test_max_ingredients_caps_the_greedy_soup(finetune):
+    zoo, ingredients, evaluator = finetune
+    result = RECIPES["greedy"].make(ingredients, evaluator, options=SoupOptions(max_ingredients=1))
+    assert len(result.ingredients) == 1
+
+
+def test_the_ensemble_scores_the_mean_of_logits(tiny_evaluator, tiny_states):
+    result = RECIPES["ensemble"].make(tiny_states, tiny_evaluator)
+    logits = ensemble_logits([tiny_evaluator.logits(s, "test") for s in tiny_states.values()])
+    assert result.metrics["test"] == metrics_from_logits(logits, tiny_evaluator.labels("test"))
+    assert result.state_dict is None
+
+
+def test_greedy_ensemble_trace_reproduces_its_members(finetune):
+    zoo, ingredients, evaluator = finetune
+    result = RECIPES["greedy-ensemble"].make(ingredients, evaluator)
+    assert replay(result.trace) == list(result.ingredients)
+
+
+@pytest.mark.parametrize("name", ["learned", "learned-by-layer"])
+def test_learned_soup_weights_are_a_distribution_and_training_is_recorded(tiny_evaluator, tiny_states, name):
+    result = RECIPES[name].make(tiny_states, tiny_evaluator, options=SoupOptions(epochs=2))
+    assert sum(result.weights) == pytest.approx(1.0, abs=1e-9)
+    assert all(w > 0 for w in result.weights)
+    assert len(result.trace) == 2 and result.extras["temperature"] > 0
+    if name == "learned-by-layer":
+        assert set(result.extras["layer_weights"]) == {"fc1", "fc2"}
+
+
+def test_a_learned_soup_does_not_lose_to_its_uniform_start_on_val(finetune):
+    zoo, ingredients, evaluator = finetune
+    names = list(ingredients)[:6]
+    subset = {n: ingredients[n] for n in names}
+    uniform = RECIPES["uniform"].make(subset, evaluator)
+    learned = RECIPES["learned"].make(subset, evaluator)
+    assert learned.metrics["val"].loss <= uniform.metrics["val"].loss + 1e-6
+
+
+def test_model_stock_ratio_follows_the_formula():
+    torch.manual_seed(0)
+    shared = torch.randn(1, 1000, dtype=torch.float64)
+    deltas = shared + 0.5 * torch.randn(3, 1000, dtype=torch.float64)
+    cos, t = model_stock_ratio(deltas)
+    unit = deltas / deltas.norm(dim=1, keepdim=True)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected_cos = sum(float(unit[i] @ unit[j]) for i, j in pairs) / 3
+    assert cos == pytest.approx(expected_cos, abs=1e-12)
+    assert t == pytest.approx(3 * cos / (1 + 2 * cos), abs=1e-12)
+    assert model_stock_ratio(torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)) == (-1.0, 0.0)
+
+
+def test_model_stock_of_aligned_models_is_their_mean_and_needs_a_base(tiny_states):
+    base = tiny_states["m0"]
+    delta = {k: torch.ones_like(v) for k, v in base.items()}
+    same = {"a": {k: base[k] + delta[k] for k in base}, "b": {k: base[k] + delta[k] for k in base}}
+    result = RECIPES["model-stock"].make(same, None, base=base)
+    assert all(torch.allclose(result.state_dict[k], same["a"][k], atol=1e-6) for k in base)
+    with pytest.raises(ValueError, match="base checkpoint"):
+        RECIPES["model-stock"].make(same, None, base=None)
+
+
+def test_recipes_that_score_on_val_say_they_need_an_evaluator(tiny_states):
+    for recipe in RECIPES.values():
+        if recipe.needs_evaluator:
+            with pytest.raises(ValueError, match="needs an evaluator"):
+                recipe.make(tiny_states, None, base=tiny_states["m0"])
+
+
+def test_every_recipe_carries_a_name_a_pretty_name_and_a_reference():
+    for name, recipe in RECIPES.items():
+        assert recipe.name == name and recipe.pretty_name and recipe.reference

@@ -1,0 +1,79 @@
+"""The sample zoos and manifests, specified."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from soup_core.zoo import ZooError, open_zoo, sample_zoos
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_sample_zoos_are_complete_and_small():
+    zoos = sample_zoos()
+    assert set(zoos) == {"digits-finetune", "digits-scratch", "digits-bn"}
+    assert len(open_zoo("digits-finetune").names) >= 32
+    assert len(open_zoo("digits-scratch").names) >= 8
+    total = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*.safetensors"))
+    assert total < 20 * 2**20
+
+
+def test_every_fine_tuned_model_records_its_hyperparameters():
+    zoo = open_zoo("digits-finetune")
+    for name in zoo.names:
+        assert {"lr", "weight_decay", "epochs", "label_smoothing", "augmentation", "optimizer", "seed"} <= set(zoo.hparams(name))
+    assert zoo.validation.errors == ()
+
+
+def test_fine_tuned_zoos_share_a_base_and_the_scratch_zoo_has_none():
+    assert open_zoo("digits-finetune").has_base and open_zoo("digits-bn").has_base
+    assert not open_zoo("digits-scratch").has_base
+
+
+def test_the_evaluator_has_val_test_and_shift_splits():
+    evaluator = open_zoo("digits-finetune", device="cpu").evaluator
+    assert evaluator.split_names[:2] == ("val", "test")
+    assert set(evaluator.shift_names) == {"shift-noise", "shift-rotate", "shift-translate", "shift-blur"}
+    sizes = {n: len(s) for n, s in evaluator.splits.items()}
+    assert sizes["val"] > 200 and sizes["test"] > 500
+
+
+def test_a_manifest_with_a_missing_module_gets_a_clear_error(tmp_path):
+    (tmp_path / "zoo.toml").write_text('model = "nowhere:make"\nevaluator = "nowhere:ev"\n'
+                                       '[[checkpoints]]\npath = "a.safetensors"\n')
+    zoo = open_zoo(tmp_path)
+    with pytest.raises(ZooError, match="cannot import 'nowhere'"):
+        zoo.evaluator
+
+
+def test_an_unknown_zoo_names_the_sample_zoos():
+    with pytest.raises(ZooError, match="digits-finetune"):
+        open_zoo("no-such-zoo")
+
+
+def test_importing_soup_core_does_not_import_streamlit():
+    code = ("import sys, soup_core, soup_core.cli, soup_core.zoo, soup_core.geometry, soup_core.recipes; "
+            "print('streamlit' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_the_builder_regenerates_the_committed_checkpoints():
+    import torch
+
+    from sample_data.build import finetune_sweep, pretrain
+    from sample_data.digits import make_mlp
+
+    torch.use_deterministic_algorithms(True)
+    zoo = open_zoo("digits-finetune")
+    theta0 = pretrain(make_mlp)
+    rebuilt = finetune_sweep(theta0, make_mlp, 2, sweep_seed=0)
+    for key, value in theta0.state_dict().items():
+        assert torch.allclose(value, zoo.base[key], atol=1e-5), key
+    for name, (state, hparams) in rebuilt.items():
+        assert dict(zoo.hparams(name)) == hparams.__dict__
+        for key, value in state.items():
+            assert torch.allclose(value, zoo.state_dict(name)[key], atol=1e-4), (name, key)
