@@ -30,7 +30,7 @@ from soup_core.checkpoints import (CheckpointError, is_float, load_state_dict,
 from soup_core.evaluate import Metrics, metrics_to_json, shift_average
 from soup_core.geometry import pairwise_angles
 from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
-from soup_core.zoo import BASE, Zoo, ZooError, open_zoo, sample_zoos
+from soup_core.zoo import BASE, Zoo, ZooError, make_soup, open_zoo, sample_zoos
 
 
 class CliError(Exception):
@@ -164,16 +164,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         _say(args, f"{name:12s} {_metrics_line(metrics, evaluator.shift_names)}")
     _write_json(args.json, {"zoo": zoo.name, "splits": list(evaluator.split_names),
                             "device": str(evaluator.device), "checkpoints": rows})
-
-
-def make_soup(zoo: Zoo, recipe_name: str, options: SoupOptions,
-              ingredients: Sequence[str] | None = None) -> SoupResult:
-    """Run a recipe on a zoo (the CLI's and the app's shared entry point)."""
-    recipe = get_recipe(recipe_name)
-    evaluator = zoo.require_evaluator(f"the {recipe.pretty_name}") if recipe.needs_evaluator else zoo.evaluator
-    if recipe.needs_base and not zoo.has_base:
-        raise ZooError(f"{zoo.name}: {recipe.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
-    return recipe.make(zoo.ingredients(ingredients), evaluator, base=zoo.base, options=options)
 
 
 def provenance(zoo: Zoo, result: SoupResult, command: str) -> dict[str, Any]:

@@ -125,11 +125,16 @@ class Evaluator:
         """Splits that are neither ``val`` nor ``test``: the distribution shifts."""
         return tuple(name for name in self.splits if name not in (VAL, TEST))
 
-    def logits(self, state: Mapping[str, torch.Tensor], split: str = VAL, *, digest: str | None = None) -> torch.Tensor:
-        """Logits of ``state`` on ``split`` (float32, on the CPU), cached by content."""
+    def logits(self, state: Mapping[str, torch.Tensor], split: str = VAL, *, digest: str | None = None,
+               cache: bool = True) -> torch.Tensor:
+        """Logits of ``state`` on ``split`` (float32, on the CPU), cached by content.
+
+        ``cache=False`` skips hashing and caching: for one-off candidates (greedy/pruned steps)
+        that will never be scored again.
+        """
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; this evaluator has {list(self.splits)}")
-        key = (digest or state_dict_digest(state), split)
+        key = (digest or state_dict_digest(state), split) if cache else None
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -137,6 +142,8 @@ class Evaluator:
         with torch.no_grad():
             outputs = [functional_call(self.model, params, (x,)) for x, _ in self.batches(split)]
         result = torch.cat(outputs).float().cpu()
+        if key is None:
+            return result
         self._cache[key] = result
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -148,8 +155,10 @@ class Evaluator:
         return {name: metrics_from_logits(self.logits(state, name, digest=digest), self.labels(name))
                 for name in (splits or self.split_names)}
 
-    def accuracy(self, state: Mapping[str, torch.Tensor], split: str = VAL) -> float:
-        return self.evaluate(state, [split])[split].accuracy
+    def accuracy(self, state: Mapping[str, torch.Tensor], split: str = VAL, *, cache: bool = True) -> float:
+        """Accuracy alone (what greedy and pruned soups compare), without loss or ECE."""
+        predicted = self.logits(state, split, cache=cache).argmax(dim=1)
+        return float((predicted == self.labels(split)).sum()) / len(predicted)
 
     def labels(self, split: str) -> torch.Tensor:
         return self.splits[split].labels.cpu()

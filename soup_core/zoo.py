@@ -28,7 +28,7 @@ import importlib
 import importlib.util
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,6 +39,7 @@ import torch
 from soup_core.checkpoints import (CheckpointError, StateDict, ValidationReport, file_sha256,
                                    load_state_dict, validate_state_dicts)
 from soup_core.evaluate import Evaluator, Metrics
+from soup_core.recipes import SoupOptions, SoupResult, get_recipe
 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "sample_data"
 BASE = "base"
@@ -203,3 +204,13 @@ def open_zoo(zoo: str | Path, *, device: str | None = None) -> Zoo:
         return Zoo(zoo, device=device)
     except CheckpointError as exc:
         raise ZooError(str(exc)) from None
+
+
+def make_soup(zoo: Zoo, recipe_name: str, options: SoupOptions,
+              ingredients: Sequence[str] | None = None) -> SoupResult:
+    """Run a recipe on a zoo's checkpoints (all, or ``ingredients``): the CLI's and the app's entry point."""
+    recipe = get_recipe(recipe_name)
+    evaluator = zoo.require_evaluator(f"the {recipe.pretty_name}") if recipe.needs_evaluator else zoo.evaluator
+    if recipe.needs_base and not zoo.has_base:
+        raise ZooError(f"{zoo.name}: {recipe.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
+    return recipe.make(zoo.ingredients(ingredients), evaluator, base=zoo.base, options=options)

@@ -30,7 +30,8 @@ def greedy_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=N
                 continue
             if options.max_ingredients is not None and len(soup) >= options.max_ingredients:
                 break
-            score = evaluator.accuracy(soup.mean_with(name, ingredients[name]), options.val_split)
+            score = evaluator.accuracy(soup.mean_with(name, ingredients[name]), options.val_split,
+                                       cache=len(soup) == 0)
             accepted = options.improves(score, baseline)
             if accepted:
                 soup.add(name, ingredients[name])

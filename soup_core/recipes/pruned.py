@@ -28,7 +28,7 @@ def pruned_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=N
         for name in order:
             if name not in soup or len(soup) == 1:
                 continue
-            score = evaluator.accuracy(soup.mean_without(name), options.val_split)
+            score = evaluator.accuracy(soup.mean_without(name), options.val_split, cache=False)
             accepted = options.improves(score, baseline)
             if accepted:
                 soup.remove(name)
