@@ -340,12 +340,13 @@ def validate_state_dicts(
     named: Mapping[str, Mapping[str, torch.Tensor]],
     *,
     reference: str | None = None,
-    check_finite: bool = True,
+    check_values: bool = True,
 ) -> ValidationReport:
     """Check that checkpoints can be averaged: same keys, shapes and dtypes, finite values.
 
     Errors name the file, the keys and the shapes. Exact duplicates are a warning: they are
-    legal, but a duplicate counts twice in a uniform soup.
+    legal, but a duplicate counts twice in a uniform soup. ``check_values=False`` checks the
+    structure only (no NaN/Inf scan, no duplicate hashes), for streaming work on large files.
 
     >>> import torch
     >>> from soup_core.checkpoints import validate_state_dicts
@@ -380,13 +381,13 @@ def validate_state_dicts(
             elif a.dtype != b.dtype:
                 errors.append(f"{name}: dtype mismatch for {key!r}: {b.dtype} here, "
                               f"{a.dtype} in {ref_name} — convert all checkpoints to one dtype")
-    if check_finite and not errors:
+    if check_values and not errors:
         for name, state in named.items():
             bad = sorted(k for k, t in state.items() if is_float(t) and not bool(torch.isfinite(t).all()))
             if bad:
                 errors.append(f"{name}: NaN or Inf values in {_names(bad)}")
     duplicates: list[tuple[str, str]] = []
-    if not errors:
+    if check_values and not errors:
         seen: dict[str, str] = {}
         for name, state in named.items():
             digest = state_dict_digest(state)

@@ -119,7 +119,7 @@ def cmd_angles(args: argparse.Namespace) -> None:
     named = {p: s for p, s in zip(args.paths, states)}
     if base is not None:
         named = {args.base: base, **named}
-    _check_compatible(named)
+    validate_state_dicts(named, check_values=False).raise_for_errors()  # values stream below
     bar, report = _tqdm_progress("angles")
     with bar:
         angles = pairwise_angles(states, base, progress=report)
@@ -131,24 +131,6 @@ def cmd_angles(args: argparse.Namespace) -> None:
         print(f"angle (degrees) between {'θi − θ0' if base is not None else 'θi'}:")
         for name, row in zip(names, angles.angle_deg.tolist()):
             print(f"{name:{width}s} " + " ".join(f"{v:6.2f}" for v in row))
-
-
-def _check_compatible(named: Mapping[str, Mapping]) -> None:
-    """Keys and shapes must agree before any math (values are streamed later, one at a time)."""
-    items = list(named.items())
-    ref_name, ref = items[0]
-    ref_keys = set(ref)
-    for name, state in items[1:]:
-        missing, unexpected = sorted(ref_keys - set(state)), sorted(set(state) - ref_keys)
-        if missing or unexpected:
-            raise CliError(f"{name}: does not match {ref_name} — missing keys {missing[:5]}, "
-                           f"unexpected keys {unexpected[:5]}")
-    for key in ref:
-        shape = tuple(ref[key].shape)
-        for name, state in items[1:]:
-            if tuple(state[key].shape) != shape:
-                raise CliError(f"{name}: shape mismatch for {key!r}: {tuple(state[key].shape)} here, "
-                               f"{shape} in {ref_name}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
