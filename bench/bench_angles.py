@@ -118,7 +118,7 @@ def main() -> None:
         cosine = run()
         error = float((cosine - reference).abs().max())
         rows.append((label, sorted(times)[len(times) // 2], max(peaks), error))
-    print(f"| method | median time (s) | peak extra anonymous memory (MiB) | max abs cosine error vs float64 reference |")
+    print("| method | median time (s) | peak extra anonymous memory (MiB) | max abs cosine error vs float64 reference |")
     print("|---|---:|---:|---:|")
     for label, t, peak, error in rows:
         print(f"| {label} | {t:.2f} | {peak / 2**20:.0f} | {error:.1e} |")

@@ -63,7 +63,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     confidence = confidence.to(torch.float64)
     # Bin b holds confidences in (b/B, (b+1)/B]; confidence 0 cannot occur for a softmax.
     index = torch.clamp(torch.ceil(confidence * bins).long() - 1, 0, bins - 1)
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
     acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
     conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
     return float((acc - conf).abs().sum() / len(labels))

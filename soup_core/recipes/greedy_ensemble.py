@@ -19,8 +19,9 @@ def greedy_ensemble(ingredients: Ingredients, evaluator: Evaluator | None, *, ba
     split, labels = options.val_split, evaluator.labels(options.val_split)
     members: list[str] = []
     total, baseline, trace = None, 0.0, []
+    order = candidate_order(ingredients, evaluator, options)
     for _ in range(options.passes):
-        for name in candidate_order(ingredients, evaluator, options):
+        for name in order:
             if name in members:
                 continue
             logits = evaluator.logits(ingredients[name], split).double()
