@@ -8,6 +8,11 @@ G is accumulated one tensor (and one chunk of it) at a time in float64, so memor
 k × chunk floats however large the models are, and the result does not depend on the order
 of the tensors beyond float64 rounding.
 
+The plane through three points (paper Figure 2, after Garipov et al. 2018) gets an
+orthonormal float64 basis by Gram–Schmidt; any other state dict has coordinates in it and a
+distance from it. Random directions for slices around one model are filter-normalised
+(Li et al. 2018).
+
 >>> import torch
 >>> from soup_core.geometry import gram_matrix, angles_from_gram
 >>> a, b = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}
@@ -18,7 +23,7 @@ of the tensors beyond float64 rounding.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,3 +112,147 @@ def pairwise_angles(states: Sequence[Mapping[str, torch.Tensor]],
                     *, progress: Progress | None = None) -> Angles:
     """Angles between θ_i − θ0 for every pair (paper Figure 3's φ), streamed in float64."""
     return angles_from_gram(gram_matrix(states, base, progress=progress))
+
+
+# ---- the plane through three points -------------------------------------------------------
+
+Direction = dict[str, torch.Tensor]
+
+
+def plane_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The coordinates of a state dict as a point: float tensors, tied tensors once."""
+    aliases = tied_aliases(state)
+    return [key for key, t in state.items() if is_float(t) and key not in aliases]
+
+
+def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Sequence[str]) -> float:
+    return float(sum(torch.dot(a[k].reshape(-1).to(GRAM_DTYPE), b[k].reshape(-1).to(GRAM_DTYPE))
+                     for k in keys))
+
+
+def _delta(state: Mapping[str, torch.Tensor], origin: Mapping[str, torch.Tensor], keys: Sequence[str]) -> Direction:
+    return {k: state[k].to(GRAM_DTYPE) - origin[k].to(GRAM_DTYPE) for k in keys}
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Where a state dict lies relative to a plane: in-plane coordinates and distance off it."""
+
+    name: str
+    xy: tuple[float, float]
+    off_plane: float
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "xy": list(self.xy), "off_plane": self.off_plane}
+
+
+@dataclass(frozen=True)
+class Plane:
+    """origin + x·u + y·v, with u, v float64 unit vectors orthogonal to each other.
+
+    Coordinates are in the parameter space's own L2 units. ``anchors`` are the three points
+    that defined the plane, at their exact coordinates: the origin at (0, 0), the second point
+    on the x axis, the third above it.
+    """
+
+    origin: Mapping[str, torch.Tensor]
+    u: Direction
+    v: Direction
+    anchors: tuple[Projection, ...] = field(default=())
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.u)
+
+    @property
+    def directions(self) -> tuple[Direction, Direction]:
+        return self.u, self.v
+
+    def project(self, state: Mapping[str, torch.Tensor], name: str = "") -> Projection:
+        """Coordinates of ``state`` in the plane and its float64 distance from the plane."""
+        x = y = residual = 0.0
+        for k in self.keys:
+            d = state[k].reshape(-1).to(GRAM_DTYPE) - self.origin[k].reshape(-1).to(GRAM_DTYPE)
+            x += float(torch.dot(d, self.u[k].reshape(-1)))
+            y += float(torch.dot(d, self.v[k].reshape(-1)))
+        for k in self.keys:  # second pass: the residual itself, not ‖d‖² − x² − y² (cancellation)
+            d = state[k].to(GRAM_DTYPE) - self.origin[k].to(GRAM_DTYPE)
+            residual += float(((d - x * self.u[k] - y * self.v[k]) ** 2).sum())
+        return Projection(name, (x, y), residual ** 0.5)
+
+    def point(self, x: float, y: float) -> dict[str, torch.Tensor]:
+        """The state dict at (x, y), in the origin's dtypes (integer buffers from the origin)."""
+        out = {}
+        for key, t in self.origin.items():
+            if key in self.u:
+                out[key] = (t.to(GRAM_DTYPE) + x * self.u[key] + y * self.v[key]).to(t.dtype)
+            else:
+                out[key] = t
+        for alias, target in tied_aliases(self.origin).items():
+            out[alias] = out[target]
+        return out
+
+
+def plane_basis(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                c: Mapping[str, torch.Tensor], names: Sequence[str] = ("A", "B", "C")) -> Plane:
+    """The plane through ``a``, ``b`` and ``c`` with origin ``a`` (Gram–Schmidt in float64).
+
+    u = (b − a)/‖b − a‖; v = the part of (c − a) orthogonal to u, normalised. This is the
+    construction of Garipov et al. (2018) used for the paper's Figure 2 with a = θ0.
+
+    >>> import torch
+    >>> p = plane_basis({"w": torch.zeros(3)}, {"w": torch.tensor([2., 0, 0])}, {"w": torch.tensor([1., 1, 0])})
+    >>> [anchor.xy for anchor in p.anchors]
+    [(0.0, 0.0), (2.0, 0.0), (1.0, 1.0)]
+    """
+    keys = plane_keys(a)
+    db, dc = _delta(b, a, keys), _delta(c, a, keys)
+    norm_b = _dot(db, db, keys) ** 0.5
+    if norm_b == 0.0:
+        raise ValueError(f"{names[0]} and {names[1]} are the same point; a plane needs three distinct, "
+                         "non-collinear points")
+    u = {k: t / norm_b for k, t in db.items()}
+    cx = _dot(dc, u, keys)
+    # Gram–Schmidt twice ("twice is enough", Giraud et al. 2005): orthogonal to 1e-16, not 1e-8.
+    w = {k: dc[k] - cx * u[k] for k in keys}
+    correction = _dot(w, u, keys)
+    w = {k: w[k] - correction * u[k] for k in keys}
+    cy = _dot(w, w, keys) ** 0.5
+    # float32 checkpoints carry ~1e-7 relative rounding: closer than 1e-6 is on the line.
+    if cy <= 1e-6 * max(norm_b, _dot(dc, dc, keys) ** 0.5):
+        raise ValueError(f"{', '.join(names)} are collinear; pick a third point off the line "
+                         "through the first two")
+    v = {k: t / cy for k, t in w.items()}
+    anchors = (Projection(names[0], (0.0, 0.0), 0.0), Projection(names[1], (norm_b, 0.0), 0.0),
+               Projection(names[2], (cx, cy), 0.0))
+    return Plane(a, u, v, anchors)
+
+
+def random_directions(state: Mapping[str, torch.Tensor], count: int = 2, *, seed: int = 0,
+                      ignore_1d: bool = True) -> list[Direction]:
+    """Filter-normalised Gaussian directions around ``state`` (Li et al. 2018, §4).
+
+    Each filter (a slice along dim 0 of a weight with ≥ 2 dims) of a random direction is scaled
+    to the norm of the same filter of ``state``, so that plots of differently scaled networks
+    compare. One-dimensional tensors (biases, norm gains, BatchNorm statistics) get zero
+    direction when ``ignore_1d`` — Li et al.'s ``ignore='biasbn'`` — and are otherwise
+    normalised as one filter. Seeded, so the same seed gives the same slice.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        direction: Direction = {}
+        for key in plane_keys(state):
+            t = state[key].to(GRAM_DTYPE)
+            d = torch.randn(t.shape, generator=generator, dtype=GRAM_DTYPE)
+            if t.dim() <= 1:
+                if ignore_1d:
+                    d.zero_()
+                else:
+                    d.mul_(t.norm() / d.norm().clamp_min(1e-30))
+            else:
+                filters, dirs = t.reshape(t.shape[0], -1), d.view(t.shape[0], -1)
+                dirs.mul_(filters.norm(dim=1, keepdim=True) / dirs.norm(dim=1, keepdim=True).clamp_min(1e-30))
+            direction[key] = d
+        out.append(direction)
+    return out

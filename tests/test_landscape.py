@@ -1,0 +1,239 @@
+"""Planes, projections and landscapes: exact at the anchors, batched equals one-by-one, BatchNorm policies."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import update_bn
+
+from soup_core.evaluate import Evaluator, Split
+from soup_core.geometry import gram_matrix, plane_basis, random_directions
+from soup_core.landscape import (Landscape, SliceEvaluator, coarse_to_fine, interpolation_path,
+                                 plane_landscape)
+from soup_core.params import interpolate
+from soup_core.zoo import open_zoo
+
+
+@pytest.fixture(scope="module")
+def mlp_zoo():
+    return open_zoo("digits-finetune", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bn_zoo():
+    return open_zoo("digits-bn", device="cpu")
+
+
+def _plane(zoo, i=0, j=1):
+    names = zoo.names
+    return plane_basis(zoo.base, zoo.state_dict(names[i]), zoo.state_dict(names[j]),
+                       ("base", names[i], names[j]))
+
+
+def _dot(a, b):
+    return sum(float(torch.dot(a[k].reshape(-1), b[k].reshape(-1))) for k in a)
+
+
+def test_plane_basis_is_orthonormal_to_1e10(mlp_zoo):
+    plane = _plane(mlp_zoo)
+    assert abs(_dot(plane.u, plane.u) - 1) < 1e-10
+    assert abs(_dot(plane.v, plane.v) - 1) < 1e-10
+    assert abs(_dot(plane.u, plane.v)) < 1e-10
+
+
+def test_each_anchor_projects_to_its_exact_coordinates(mlp_zoo):
+    plane = _plane(mlp_zoo)
+    for anchor, state in zip(plane.anchors, (mlp_zoo.base, mlp_zoo.state_dict(mlp_zoo.names[0]),
+                                             mlp_zoo.state_dict(mlp_zoo.names[1]))):
+        projection = plane.project(state)
+        scale = max(1.0, *map(abs, anchor.xy))
+        assert projection.xy == pytest.approx(anchor.xy, abs=1e-10 * scale)
+        assert projection.off_plane < 1e-6 * scale  # float32 weights: 1e-7 relative per entry
+
+
+def test_off_plane_distance_matches_the_gram_matrix(mlp_zoo):
+    plane = _plane(mlp_zoo)
+    other = mlp_zoo.state_dict(mlp_zoo.names[5])
+    projection = plane.project(other)
+    d_sq = float(gram_matrix([other], mlp_zoo.base)[0, 0])
+    x, y = projection.xy
+    assert projection.off_plane == pytest.approx((d_sq - x * x - y * y) ** 0.5, rel=1e-6)
+
+
+def test_a_point_built_in_the_plane_projects_back_onto_it(mlp_zoo):
+    plane = _plane(mlp_zoo)
+    projection = plane.project(plane.point(1.5, -0.25))
+    assert projection.xy == pytest.approx((1.5, -0.25), abs=1e-5)
+
+
+def test_collinear_points_are_refused_with_advice(mlp_zoo):
+    a, b = mlp_zoo.base, mlp_zoo.state_dict(mlp_zoo.names[0])
+    with pytest.raises(ValueError, match="collinear"):
+        plane_basis(a, b, interpolate(a, b, 0.5))
+    with pytest.raises(ValueError, match="same point"):
+        plane_basis(a, a, b)
+
+
+def test_landscape_at_the_anchors_equals_the_models_own_loss_and_error(mlp_zoo):
+    ev = mlp_zoo.evaluator
+    plane = _plane(mlp_zoo)
+    engine = SliceEvaluator(ev, plane.origin, plane.directions)
+    values = engine.evaluate([a.xy for a in plane.anchors], ["val", "test"])
+    states = (mlp_zoo.base, mlp_zoo.state_dict(mlp_zoo.names[0]), mlp_zoo.state_dict(mlp_zoo.names[1]))
+    for i, state in enumerate(states):
+        own = ev.evaluate(state, ["val", "test"])
+        for split in ("val", "test"):
+            assert values.loss[split][i] == pytest.approx(own[split].loss, abs=1e-5)
+            assert values.error[split][i] == pytest.approx(1 - own[split].accuracy, abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_batched_and_one_point_at_a_time_agree(mlp_zoo, strategy):
+    ev = mlp_zoo.evaluator
+    plane = _plane(mlp_zoo, 3, 7)
+    coords = torch.tensor([[0.3, 0.1], [-0.5, 2.0], [4.0, -1.0], [1.0, 1.0], [0.0, 0.5]], dtype=torch.float64)
+    values = SliceEvaluator(ev, plane.origin, plane.directions, strategy=strategy).evaluate(coords, ["test"])
+    for i, (x, y) in enumerate(coords.tolist()):
+        own = ev.evaluate(plane.point(x, y), ["test"])["test"]
+        assert values.loss["test"][i] == pytest.approx(own.loss, abs=1e-5)
+        assert values.error["test"][i] == pytest.approx(1 - own.accuracy, abs=1e-5)
+
+
+def test_first_layer_reuse_and_chunking_change_nothing(mlp_zoo):
+    ev = mlp_zoo.evaluator
+    plane = _plane(mlp_zoo)
+    coords = torch.randn(40, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fast = SliceEvaluator(ev, plane.origin, plane.directions, strategy="vmap")
+    plain = SliceEvaluator(ev, plane.origin, plane.directions, strategy="vmap", reuse_first_layer=False,
+                           working_set=1)  # one point and one sample per call
+    assert fast.first_layer is not None and plain.first_layer is None
+    assert plain.chunk_points(269) == 1
+    a, b = fast.evaluate(coords, ["val"]), plain.evaluate(coords, ["val"])
+    np.testing.assert_allclose(a.loss["val"], b.loss["val"], atol=1e-5)
+    np.testing.assert_array_equal(a.error["val"], b.error["val"])
+
+
+def _with_buffers(point, source):
+    out = dict(point)
+    for key in point:
+        if "running_" in key:
+            out[key] = source[key]
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_batchnorm_recompute_is_update_bn_at_every_point(bn_zoo, strategy):
+    ev = bn_zoo.evaluator
+    plane = _plane(bn_zoo)
+    coords = [(0.4, 0.3), (1.2, -0.2)]
+    values = SliceEvaluator(ev, plane.origin, plane.directions, bn="recompute", strategy=strategy).evaluate(coords, ["val"])
+    for i, (x, y) in enumerate(coords):
+        model = copy.deepcopy(ev.model)
+        model.load_state_dict(plane.point(x, y))
+        update_bn(torch.utils.data.DataLoader(ev.train.inputs, batch_size=ev.batch_size), model)
+        reference = Evaluator(lambda m=model: m, {"val": ev.splits["val"]}, device="cpu")
+        own = reference.evaluate(model.state_dict(), ["val"])["val"]
+        assert values.loss["val"][i] == pytest.approx(own.loss, abs=1e-5)
+        assert values.error["val"][i] == pytest.approx(1 - own.accuracy, abs=1e-5)
+
+
+def test_batchnorm_interpolate_and_keep_do_what_they_say(bn_zoo):
+    ev = bn_zoo.evaluator
+    plane = _plane(bn_zoo)
+    x, y = 0.7, 0.4
+    point = plane.point(x, y)  # every float tensor, statistics included, follows the plane
+    interpolated = SliceEvaluator(ev, plane.origin, plane.directions, bn="interpolate").evaluate([(x, y)], ["val"])
+    kept = SliceEvaluator(ev, plane.origin, plane.directions, bn="keep").evaluate([(x, y)], ["val"])
+    assert interpolated.loss["val"][0] == pytest.approx(ev.evaluate(point, ["val"])["val"].loss, abs=1e-5)
+    keep_own = ev.evaluate(_with_buffers(point, plane.origin), ["val"])["val"]
+    assert kept.loss["val"][0] == pytest.approx(keep_own.loss, abs=1e-5)
+    assert kept.loss["val"][0] != pytest.approx(interpolated.loss["val"][0], abs=1e-3)
+
+
+def test_recompute_without_training_data_says_what_to_do(bn_zoo):
+    ev = bn_zoo.evaluator
+    no_train = Evaluator(ev.model_factory, {"val": ev.splits["val"]}, device="cpu")
+    plane = _plane(bn_zoo)
+    with pytest.raises(ValueError, match="bn='interpolate'"):
+        SliceEvaluator(no_train, plane.origin, plane.directions, bn="recompute")
+
+
+def test_models_without_batchnorm_report_no_policy(mlp_zoo):
+    plane = _plane(mlp_zoo)
+    assert SliceEvaluator(mlp_zoo.evaluator, plane.origin, plane.directions, bn="keep").bn == "none"
+
+
+def test_coarse_to_fine_visits_every_point_once_corners_first():
+    order = coarse_to_fine(31)
+    assert sorted(order) == list(range(31 * 31))
+    assert set(order[:4]) == {0, 30, 30 * 31, 31 * 31 - 1}
+
+
+def test_a_cancelled_grid_is_usable_and_resumes_to_the_full_result(mlp_zoo):
+    ev = mlp_zoo.evaluator
+    plane = _plane(mlp_zoo)
+    engine = SliceEvaluator(ev, plane.origin, plane.directions, working_set=1 << 20)
+    chunk = engine.chunk_points(len(ev.splits["val"]))
+    calls = []
+
+    def stop_after_the_four_corners() -> bool:
+        calls.append(1)
+        return (len(calls) - 1) * chunk >= 4
+
+    partial = plane_landscape(ev, plane, grid=9, engine=engine, should_stop=stop_after_the_four_corners)
+    assert 0 < partial.done.sum() < 81 and not partial.complete
+    assert partial.done[0, 0] and partial.done[-1, -1]  # the coarse lattice came first
+    preview = partial.preview(partial.loss["val"])
+    assert not np.isnan(preview).any()
+    restored = Landscape.from_json(partial.to_json())  # what the CLI's --resume reads back
+    finished = plane_landscape(ev, plane, grid=9, engine=engine, resume=restored)
+    full = plane_landscape(ev, plane, grid=9, engine=engine)
+    assert finished.complete
+    np.testing.assert_allclose(finished.loss["val"], full.loss["val"], atol=1e-12)
+
+
+def test_grid_covers_the_anchors_with_a_margin(mlp_zoo):
+    plane = _plane(mlp_zoo)
+    land = plane_landscape(mlp_zoo.evaluator, plane, grid=5, margin=0.1)
+    for anchor in plane.anchors:
+        assert land.xs[0] < anchor.xy[0] < land.xs[-1] or anchor.xy[0] in (land.xs[0], land.xs[-1])
+        assert land.ys[0] <= anchor.xy[1] <= land.ys[-1]
+    payload = land.to_json()
+    assert np.array(payload["loss"]["val"]).shape == (5, 5)
+    assert [a["name"] for a in payload["anchors"]] == ["base", *mlp_zoo.names[:2]]
+
+
+def test_random_directions_are_filter_normalised_and_seeded(mlp_zoo):
+    state = mlp_zoo.state_dict(mlp_zoo.names[0])
+    d1, d2 = random_directions(state, 2, seed=3)
+    again, _ = random_directions(state, 2, seed=3)
+    assert all(torch.equal(d1[k], again[k]) for k in d1)
+    assert not torch.equal(d1["body.0.weight"], d2["body.0.weight"])
+    w = state["body.0.weight"].double()
+    torch.testing.assert_close(d1["body.0.weight"].norm(dim=1), w.norm(dim=1))
+    assert d1["body.0.bias"].abs().sum() == 0  # Li et al.'s ignore='biasbn'
+
+
+def test_path_ends_are_the_models_and_a_line_of_one_model_has_no_barrier(mlp_zoo):
+    ev = mlp_zoo.evaluator
+    a, b = mlp_zoo.base, mlp_zoo.state_dict(mlp_zoo.names[2])
+    path = interpolation_path(ev, a, b, [-0.5, 0.0, 0.25, 1.0, 1.5], splits=["test"])
+    for alpha, state in ((0.0, a), (1.0, b), (0.25, interpolate(a, b, 0.25))):
+        i = list(path.alphas).index(alpha)
+        own = ev.evaluate(state, ["test"])["test"]
+        assert path.loss["test"][i] == pytest.approx(own.loss, abs=1e-5)
+    flat = interpolation_path(ev, a, a, [0.0, 0.5, 1.0], splits=["test"])
+    assert flat.barrier(flat.error["test"]) == pytest.approx(0.0, abs=1e-12)
+    assert path.to_json()["barrier"]["test"]["error"] >= 0.0
+
+
+def test_tiny_linear_slice_doc_example():
+    ev = Evaluator(lambda: torch.nn.Linear(2, 2), {"val": Split(torch.eye(2), torch.tensor([0, 1]))}, device="cpu")
+    origin = {"weight": torch.eye(2), "bias": torch.zeros(2)}
+    flip = {"weight": torch.tensor([[-2.0, 2.0], [2.0, -2.0]], dtype=torch.float64),
+            "bias": torch.zeros(2, dtype=torch.float64)}
+    values = SliceEvaluator(ev, origin, [flip]).evaluate(torch.tensor([[0.0], [1.0]]))
+    assert values.error["val"].tolist() == [0.0, 1.0]
