@@ -6,6 +6,12 @@
     soup evaluate ZOO [--json FILE]
     soup make RECIPE ZOO [--order sorted|random] [--seed N] [--passes N] [--tie ge|gt]
                          [--max-ingredients N] [--ingredients A,B,...] [--out FILE] [--json FILE]
+    soup landscape ZOO --points A B C [--grid R] [--margin M] [--split val] [--bn recompute|interpolate|keep]
+                         [--soups uniform,greedy] [--max-samples N] [--resume FILE] [--json FILE]
+    soup path ZOO A B [--points N] [--range LO HI] [--split val] [--bn ...] [--json FILE]
+    soup pairs ZOO [--split test] [--ingredients A,B,...] [--json FILE]
+
+A, B, C name checkpoints, ``base`` (θ0), or a soup recipe (``greedy``, ``uniform``, ...).
 
 ZOO is a sample zoo's name or a path to a ``zoo.toml``. ``--json -`` writes JSON to stdout.
 Bad input ends with exit code 2 and one line on stderr, never a traceback.
@@ -21,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from soup_core import __version__
@@ -30,7 +37,10 @@ from soup_core.checkpoints import (CheckpointError, is_float, load_state_dict,
 from soup_core.evaluate import Metrics, metrics_to_json, shift_average
 from soup_core.geometry import pairwise_angles
 from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
-from soup_core.zoo import BASE, Zoo, ZooError, make_soup, open_zoo, sample_zoos
+from soup_core.geometry import plane_basis
+from soup_core.landscape import BN_POLICIES, Landscape, interpolation_path, path_alphas, plane_landscape
+from soup_core.pairs import pair_analyses
+from soup_core.zoo import BASE, Zoo, ZooError, make_soup, open_zoo, sample_zoos, zoo_point
 
 
 class CliError(Exception):
@@ -192,6 +202,79 @@ def cmd_make(args: argparse.Namespace) -> None:
         _say(args, f"  written to {args.out}")
 
 
+def _splits(zoo: Zoo, text: str, what: str) -> list[str]:
+    evaluator = zoo.require_evaluator(what)
+    splits = [s for s in text.split(",") if s]
+    unknown = [s for s in splits if s not in evaluator.splits]
+    if unknown or not splits:
+        raise CliError(f"unknown split(s) {', '.join(unknown) or '(none)'}; {zoo.name} has "
+                       f"{', '.join(evaluator.split_names)}")
+    return splits
+
+
+def cmd_landscape(args: argparse.Namespace) -> None:
+    zoo = open_zoo(args.zoo, device=args.device)
+    splits = _splits(zoo, args.split, "a landscape")
+    if len(set(args.points)) != 3:
+        raise CliError("--points needs three different points: checkpoints, base, or soup recipes")
+    anchors = [zoo_point(zoo, name)[0] for name in args.points]
+    plane = plane_basis(*anchors, names=args.points)
+    others = [n for n in ((BASE,) if zoo.has_base else ()) + zoo.names if n not in args.points]
+    others += [s for s in (args.soups.split(",") if args.soups else []) if s and s not in args.points]
+    projections = [plane.project(zoo_point(zoo, n)[0], n) for n in others]
+    resume = None
+    if args.resume and Path(args.resume).exists():
+        resume = Landscape.from_json(json.loads(Path(args.resume).read_text()))
+    bar, report = _tqdm_progress("landscape")
+    with bar:
+        result = plane_landscape(zoo.evaluator, plane, grid=args.grid, margin=args.margin, splits=splits,
+                                 bn=args.bn, projections=projections, max_samples=args.max_samples,
+                                 resume=resume, progress=report)
+    payload = {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,
+               "max_samples": args.max_samples, **result.to_json()}
+    _write_json(args.json, payload)
+    if args.resume:
+        Path(args.resume).write_text(json.dumps(payload) + "\n")
+    _say(args, f"plane through {', '.join(args.points)}  ({args.grid}×{args.grid}, BatchNorm: {result.bn})")
+    for anchor in plane.anchors:
+        _say(args, f"  {anchor.name:12s} at ({anchor.xy[0]:9.4f}, {anchor.xy[1]:9.4f})")
+    for s in splits:
+        _say(args, f"  {s}: error {np.nanmin(result.error[s]):.2%} … {np.nanmax(result.error[s]):.2%}, "
+                   f"loss {np.nanmin(result.loss[s]):.4f} … {np.nanmax(result.loss[s]):.4f}")
+
+
+def cmd_path(args: argparse.Namespace) -> None:
+    zoo = open_zoo(args.zoo, device=args.device)
+    splits = _splits(zoo, args.split, "a path")
+    if args.points < 2:
+        raise CliError("--points must be at least 2")
+    a, b = zoo_point(zoo, args.a)[0], zoo_point(zoo, args.b)[0]
+    path = interpolation_path(zoo.evaluator, a, b, path_alphas(args.points, *args.range), names=(args.a, args.b),
+                              splits=splits, bn=args.bn)
+    payload = {"zoo": zoo.name, **path.to_json()}
+    _write_json(args.json, payload)
+    _say(args, f"(1 − α)·{args.a} + α·{args.b}, α from {args.range[0]} to {args.range[1]} (BatchNorm: {path.bn})")
+    for s in splits:
+        barrier = payload["barrier"][s]
+        _say(args, f"  {s}: error barrier {barrier['error']:.2%}, loss barrier {barrier['loss']:.4f}, "
+                   f"best error {np.min(path.error[s]):.2%} at α = {path.alphas[np.argmin(path.error[s])]:.2f}")
+
+
+def cmd_pairs(args: argparse.Namespace) -> None:
+    zoo = open_zoo(args.zoo, device=args.device)
+    split = _splits(zoo, args.split, "pair analyses")[0]
+    bar, report = _tqdm_progress("pairs")
+    with bar:
+        chosen = args.ingredients.split(",") if args.ingredients else None
+        result = pair_analyses(zoo.ingredients(chosen), zoo.evaluator, base=zoo.base, split=split,
+                               progress=report)
+    payload = {"zoo": zoo.name, **result.to_json()}
+    _write_json(args.json, payload)
+    _say(args, f"{len(result.pairs)} pairs on {split}")
+    for key, value in payload["correlations"].items():
+        _say(args, f"  {key.replace('_', ' ')}: r = {'n/a' if value is None else f'{value:+.3f}'}")
+
+
 # ---- argument parsing -------------------------------------------------------------------
 
 
@@ -236,6 +319,41 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance")
     make.add_argument("--json", metavar="FILE")
     make.set_defaults(func=cmd_make)
+
+    landscape = sub.add_parser("landscape", help="loss and error over the plane through three points")
+    landscape.add_argument("zoo", metavar="ZOO")
+    landscape.add_argument("--points", nargs=3, required=True, metavar=("A", "B", "C"),
+                           help="checkpoints, base, or soup recipes; A is the origin")
+    landscape.add_argument("--grid", type=int, default=21, help="points per side (default 21)")
+    landscape.add_argument("--margin", type=float, default=0.2, help="extra extent around the anchors")
+    landscape.add_argument("--split", default="val", help="split(s), comma-separated")
+    landscape.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
+    landscape.add_argument("--soups", metavar="R1,R2", help="soup recipes to project onto the plane")
+    landscape.add_argument("--max-samples", type=int, default=None, help="seeded subsample of each split")
+    landscape.add_argument("--resume", metavar="FILE", help="continue a partial run saved in FILE (and save to it)")
+    landscape.add_argument("--device", default=None)
+    landscape.add_argument("--json", metavar="FILE")
+    landscape.set_defaults(func=cmd_landscape)
+
+    path = sub.add_parser("path", help="loss and error on the line through two points (error barriers)")
+    path.add_argument("zoo", metavar="ZOO")
+    path.add_argument("a", metavar="A")
+    path.add_argument("b", metavar="B")
+    path.add_argument("--points", type=int, default=41)
+    path.add_argument("--range", type=float, nargs=2, default=(-0.5, 1.5), metavar=("LO", "HI"))
+    path.add_argument("--split", default="val")
+    path.add_argument("--bn", choices=BN_POLICIES, default="recompute")
+    path.add_argument("--device", default=None)
+    path.add_argument("--json", metavar="FILE")
+    path.set_defaults(func=cmd_path)
+
+    pairs = sub.add_parser("pairs", help="angle vs interpolation advantage, soup vs ensemble (Figures 3, 4)")
+    pairs.add_argument("zoo", metavar="ZOO")
+    pairs.add_argument("--split", default="test")
+    pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints")
+    pairs.add_argument("--device", default=None)
+    pairs.add_argument("--json", metavar="FILE")
+    pairs.set_defaults(func=cmd_pairs)
     return parser
 
 

@@ -39,7 +39,7 @@ import torch
 from soup_core.checkpoints import (CheckpointError, StateDict, ValidationReport, file_sha256,
                                    load_state_dict, validate_state_dicts)
 from soup_core.evaluate import Evaluator, Metrics
-from soup_core.recipes import SoupOptions, SoupResult, get_recipe
+from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "sample_data"
 BASE = "base"
@@ -214,3 +214,23 @@ def make_soup(zoo: Zoo, recipe_name: str, options: SoupOptions,
     if recipe.needs_base and not zoo.has_base:
         raise ZooError(f"{zoo.name}: {recipe.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
     return recipe.make(zoo.ingredients(ingredients), evaluator, base=zoo.base, options=options)
+
+
+def zoo_point(zoo: Zoo, name: str, options: SoupOptions | None = None) -> tuple[StateDict, SoupResult | None]:
+    """A point of weight space named the way the CLI and the app name them.
+
+    A checkpoint's name, ``base`` (θ0), or a soup recipe (``uniform``, ``greedy``, ...), made
+    from all of the zoo's checkpoints; checkpoint names win over recipe names. Returns the
+    state dict and, for a soup, its :class:`SoupResult`.
+    """
+    if name in zoo.entries or (name == BASE and zoo.has_base):
+        return zoo.state_dict(name), None
+    if name in RECIPES:
+        if not RECIPES[name].is_soup:
+            raise ZooError(f"{RECIPES[name].pretty_name} is not one set of weights, so it is not a point; "
+                           f"choose a soup recipe ({', '.join(n for n, r in RECIPES.items() if r.is_soup)})")
+        result = make_soup(zoo, name, options or SoupOptions())
+        return result.state_dict, result
+    raise ZooError(f"{zoo.name}: {name!r} is neither a checkpoint"
+                   + (", base" if zoo.has_base else "") + f" nor a soup recipe; checkpoints are "
+                   f"{', '.join(zoo.names)}")

@@ -132,3 +132,61 @@ def test_make_never_writes_over_an_input():
     result = soup("make", "uniform", "digits-finetune", "--out", str(target))
     assert result.returncode == 2 and "refusing to write over an input" in result.stderr
     assert target.read_bytes() == before
+
+
+def test_landscape_json_has_axes_grids_anchors_and_projections(tmp_path):
+    before = tree_digest(FINETUNE)
+    out = ok_json("landscape", "digits-finetune", "--points", "base", "ft-00", "greedy", "--grid", "5",
+                  "--split", "val,test", "--soups", "uniform")
+    assert len(out["axes"]["x"]) == len(out["axes"]["y"]) == 5
+    for metric in ("loss", "error"):
+        assert set(out[metric]) == {"val", "test"}
+        assert all(len(row) == 5 and None not in row for row in out[metric]["val"])
+    assert [a["name"] for a in out["anchors"]] == ["base", "ft-00", "greedy"]
+    assert out["anchors"][0]["xy"] == [0.0, 0.0] and out["anchors"][1]["xy"][1] == 0.0
+    projected = {p["name"] for p in out["projections"]}
+    assert projected == {f"ft-{i:02d}" for i in range(1, 32)} | {"uniform"}
+    assert all(p["off_plane"] >= 0 for p in out["projections"])
+    assert out["bn"] == "none" and out["complete"]
+    assert tree_digest(FINETUNE) == before
+
+
+def test_landscape_resume_file_is_written_and_reused(tmp_path):
+    state = tmp_path / "run.json"
+    first = ok_json("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01", "--grid", "3",
+                    "--resume", str(state))
+    assert json.loads(state.read_text())["loss"] == first["loss"]
+    again = ok_json("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01", "--grid", "3",
+                    "--resume", str(state))
+    assert again["loss"] == first["loss"]
+
+
+def test_path_reports_barriers_for_each_split():
+    out = ok_json("path", "digits-bn", "base", "bn-00", "--points", "5", "--split", "val,test", "--bn", "keep")
+    assert out["alphas"] == [-0.5, 0.0, 0.5, 1.0, 1.5] and out["bn"] == "keep"
+    assert set(out["barrier"]) == {"val", "test"}
+    assert out["barrier"]["val"]["error"] >= 0
+
+
+def test_pairs_json_has_each_pair_and_the_correlations():
+    out = ok_json("pairs", "digits-finetune", "--ingredients", "ft-00,ft-01,ft-02,ft-03")
+    assert len(out["pairs"]) == 6
+    pair = out["pairs"][0]
+    assert pair["interpolation_advantage"] == pytest.approx(
+        pair["soup_accuracy"] - (pair["accuracy_a"] + pair["accuracy_b"]) / 2)
+    assert 0 < pair["angle_deg"] < 180
+    assert set(out["correlations"]) == {"angle_vs_interpolation_advantage", "approximation_vs_loss_difference",
+                                        "approximation_vs_error_difference"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("landscape", "digits-finetune", "--points", "base", "base", "ft-00"), "three different points"),
+    (("landscape", "digits-finetune", "--points", "base", "ft-00", "nope"), "neither a checkpoint"),
+    (("landscape", "digits-finetune", "--points", "base", "ft-00", "ensemble"), "not one set of weights"),
+    (("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01", "--split", "train"), "unknown split"),
+    (("path", "digits-finetune", "base", "ft-00", "--points", "1"), "at least 2"),
+])
+def test_landscape_commands_reject_bad_requests_in_one_line(args, message):
+    result = soup(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

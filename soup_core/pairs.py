@@ -1,0 +1,173 @@
+"""Pairs of fine-tuned models: angle vs interpolation advantage, soup vs ensemble, and the
+paper's §4 approximation of their loss difference.
+
+For every pair (θ1, θ2) of a zoo, on one report split:
+
+* the angle φ between θ1 − θ0 and θ2 − θ0 and the *interpolation advantage*
+  acc(½θ1 + ½θ2) − ½(acc θ1 + acc θ2) (paper Figure 3);
+* the two-model soup's accuracy next to the two-model logit ensemble's (Figure 4);
+* the measured β-calibrated loss difference L_soup − L_ens at α = ½ next to the approximation
+  of §4, eq. (1) (derived in App. K.3):
+
+      L_soup − L_ens ≈ α(1−α)/2 · ( −d²/dα² L_soup + β² E_x Var_{Y∼softmax(β f(x;θ_α))}[Δf_Y(x)] ),
+
+  with Δf = f(x;θ2) − f(x;θ1). β is the temperature that calibrates the soup (App. K.4); it is
+  fitted on the held-out ``val`` split, never on the report split. The second derivative of the
+  loss along the line is exact (forward-over-forward ``torch.func.jvp`` in float64), not a
+  finite difference.
+
+The correlations across pairs (angle vs advantage; approximation vs measured loss and error
+differences) are what the paper reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+from torch.func import functional_call, jvp
+
+from soup_core.checkpoints import is_float
+from soup_core.evaluate import VAL, Evaluator
+from soup_core.geometry import pairwise_angles
+from soup_core.params import interpolate
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class PairAnalysis:
+    """One pair's numbers (accuracies are fractions; losses are β-calibrated mean cross-entropy)."""
+
+    a: str
+    b: str
+    angle_deg: float | None
+    accuracy_a: float
+    accuracy_b: float
+    soup_accuracy: float
+    ensemble_accuracy: float
+    interpolation_advantage: float
+    beta: float
+    soup_loss: float
+    ensemble_loss: float
+    loss_difference: float
+    error_difference: float
+    approximation: float
+
+
+@dataclass(frozen=True)
+class PairReport:
+    split: str
+    pairs: list[PairAnalysis]
+
+    def correlation(self, x: str, y: str) -> float | None:
+        """Pearson's r between two fields across pairs (None with < 3 pairs or a constant field)."""
+        xs = [getattr(p, x) for p in self.pairs]
+        ys = [getattr(p, y) for p in self.pairs]
+        if len(xs) < 3 or None in xs or np.std(xs) == 0 or np.std(ys) == 0:
+            return None
+        return float(np.corrcoef(xs, ys)[0, 1])
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "pairs": [asdict(p) for p in self.pairs], "correlations": {
+            "angle_vs_interpolation_advantage": self.correlation("angle_deg", "interpolation_advantage"),
+            "approximation_vs_loss_difference": self.correlation("approximation", "loss_difference"),
+            "approximation_vs_error_difference": self.correlation("approximation", "error_difference")}}
+
+
+def _calibrated_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
+    return float(torch.nn.functional.cross_entropy(beta * logits.double(), labels))
+
+
+def calibration_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """β > 0 minimising the cross-entropy of β·logits (searched over log β ∈ [−5, 5])."""
+    result = minimize_scalar(lambda t: _calibrated_loss(logits, labels, math.exp(t)), bounds=(-5.0, 5.0),
+                             method="bounded", options={"xatol": 1e-6})
+    return math.exp(result.x)
+
+
+def loss_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                   split: str, *, beta: float = 1.0, alpha: float = 0.5) -> float:
+    """d²/dα² of the β-scaled mean cross-entropy at θ_α = (1 − α)·a + α·b, exact, in float64.
+
+    The model runs in eval mode with every float tensor on the line, as a soup of the two would,
+    except BatchNorm's running statistics, which are held at θ_α's values (PyTorch's batch_norm
+    has no forward-mode derivative in them).
+    """
+    # A float64 copy: buffers the state dict does not carry must match float64 inputs, and the
+    # evaluator's model is shared (the app caches it), so it is never converted in place.
+    model = copy.deepcopy(evaluator.model).double()
+    device = evaluator.device
+    origin = {k: (t.to(device, torch.float64) if is_float(t) else t.to(device)) for k, t in a.items()}
+    direction = {k: b[k].to(device, torch.float64) - origin[k] for k, t in a.items() if is_float(t)}
+    data = [(x.to(torch.float64), y) for x, y in evaluator.batches(split)]
+    count = sum(len(y) for _, y in data)
+    # batch_norm has no forward derivative in its running statistics: hold them at θ_α's values.
+    stats = {f"{name}.{buffer}" for name, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for buffer in ("running_mean", "running_var")}
+    for key in stats & set(direction):
+        origin[key] = origin[key] + alpha * direction.pop(key)
+
+    def loss_at(t: torch.Tensor) -> torch.Tensor:
+        params = {k: origin[k] + t * direction[k] if k in direction else origin[k] for k in origin}
+        total = sum(torch.nn.functional.cross_entropy(beta * functional_call(model, params, (x,)), y,
+                                                      reduction="sum") for x, y in data)
+        return total / count
+
+    def slope(t: torch.Tensor) -> torch.Tensor:
+        return jvp(loss_at, (t,), (torch.ones_like(t),))[1]
+
+    point = torch.tensor(alpha, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        return float(jvp(slope, (point,), (torch.ones_like(point),))[1])
+
+
+def analyse_pair(evaluator: Evaluator, names: tuple[str, str], a: Mapping[str, torch.Tensor],
+                 b: Mapping[str, torch.Tensor], split: str, angle_deg: float | None = None) -> PairAnalysis:
+    """All of the module docstring's numbers for one pair, at α = ½."""
+    labels = evaluator.labels(split)
+    soup = interpolate(a, b, 0.5)
+    f_a, f_b = evaluator.logits(a, split).double(), evaluator.logits(b, split).double()
+    f_soup = evaluator.logits(soup, split, cache=False).double()
+    f_ens = (f_a + f_b) / 2
+    beta = calibration_temperature(evaluator.logits(soup, VAL, cache=False), evaluator.labels(VAL))
+
+    def accuracy(logits: torch.Tensor) -> float:
+        return float((logits.argmax(dim=1) == labels).double().mean())
+
+    acc_a, acc_b, acc_soup, acc_ens = accuracy(f_a), accuracy(f_b), accuracy(f_soup), accuracy(f_ens)
+    soup_loss, ens_loss = _calibrated_loss(f_soup, labels, beta), _calibrated_loss(f_ens, labels, beta)
+    p = torch.softmax(beta * f_soup, dim=1)
+    delta = f_b - f_a
+    variance = float(((p * delta ** 2).sum(1) - (p * delta).sum(1) ** 2).mean())
+    curvature = loss_curvature(evaluator, a, b, split, beta=beta)
+    approximation = 0.5 * 0.5 / 2 * (-curvature + beta ** 2 * variance)
+    return PairAnalysis(names[0], names[1], angle_deg, acc_a, acc_b, acc_soup, acc_ens,
+                        acc_soup - (acc_a + acc_b) / 2, beta, soup_loss, ens_loss, soup_loss - ens_loss,
+                        (1 - acc_soup) - (1 - acc_ens), approximation)
+
+
+def pair_analyses(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: Evaluator, *,
+                  base: Mapping[str, torch.Tensor] | None = None, split: str = "test",
+                  pairs: Sequence[tuple[str, str]] | None = None, progress: Progress | None = None) -> PairReport:
+    """Every pair of ``states`` (or the given ``pairs``) analysed on ``split``.
+
+    Angles need ``base`` (θ0); without it they are None and the other numbers still come.
+    """
+    names = list(states)
+    pairs = list(pairs) if pairs is not None else list(itertools.combinations(names, 2))
+    angles = pairwise_angles([states[n] for n in names], base).angle_deg if base is not None else None
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, (x, y) in enumerate(pairs):
+        angle = float(angles[index[x], index[y]]) if angles is not None else None
+        out.append(analyse_pair(evaluator, (x, y), states[x], states[y], split, angle))
+        if progress is not None:
+            progress((i + 1) / len(pairs), f"{x} × {y}")
+    return PairReport(split, out)
