@@ -36,8 +36,10 @@ test: test-deps
 	$(PY) -m pytest
 
 bench: $(VENV)/.test-installed
+	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) bench/bench_angles.py
 	$(PY) bench/bench_greedy.py
+	$(PY) bench/bench_landscape.py
 
 zoos: $(VENV)/.installed
 	$(PY) -m sample_data.build

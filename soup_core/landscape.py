@@ -77,11 +77,26 @@ class _AffineFirstLayer(nn.Module):
         self.terms = len(weights)
         self.stacked = {name: torch.cat([w[name] for w in weights]) for name in weights[0]}
         self.coefficients: torch.Tensor | None = None
+        self._input: torch.Tensor | None = None
+        self._terms: torch.Tensor | None = None
+
+    def _same_input(self, x: torch.Tensor) -> bool:
+        # Views (x.flatten(1) in a forward) are new objects over the same memory. Holding the
+        # cached input keeps its storage alive, so an equal address means the same data.
+        cached = self._input
+        return cached is not None and (x is cached or (
+            x.data_ptr() == cached.data_ptr() and x.shape == cached.shape and x.stride() == cached.stride()
+            and x.dtype == cached.dtype and x._version == cached._version))
+
+    def forget(self) -> None:
+        self._input = self._terms = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = functional_call(self.layer, self.stacked, (x,))  # (k+1)·C outputs, computed once
-        dim = self.channel_dim % y.dim()
-        terms = y.unflatten(dim, (self.terms, -1)).movedim(dim, 0).contiguous()  # [k+1, *out]
+        if not self._same_input(x):  # a loop over points feeds the same batch every time
+            y = functional_call(self.layer, self.stacked, (x,))  # (k+1)·C outputs, computed once
+            dim = self.channel_dim % y.dim()
+            self._input, self._terms = x, y.unflatten(dim, (self.terms, -1)).movedim(dim, 0).contiguous()
+        terms = self._terms  # [k+1, *out]
         # A vector–matrix product per point; under vmap one GEMM [G, k+1] × [k+1, out] whose
         # result is already in the batch-first layout the next layer wants.
         return (self.coefficients @ terms.flatten(1)).view(terms.shape[1:])
@@ -211,6 +226,13 @@ class SliceEvaluator:
                        for k in moving}
         self.stat_keys = sorted(stat_keys)
         self.parameter_count = sum(t.numel() for t in self.origin32.values())
+        # The copy's own tensors by state-dict key, holding the fixed values (for the loop strategy).
+        self._tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+                         **dict(model.named_buffers(remove_duplicate=False))}
+        with torch.no_grad():
+            for key, value in self.fixed.items():
+                if key in self._tensors:
+                    self._tensors[key].copy_(value)
         self.strategy = "vmap"
         self.activations_per_sample = self._activation_size()
         self.strategy = self._fastest_strategy() if strategy == "auto" else strategy
@@ -264,6 +286,8 @@ class SliceEvaluator:
         if self.device.type != "cpu":
             return "vmap"
         split = next(iter(self.evaluator.splits.values()))
+        if self.chunk_points(len(split)) == 1:
+            return "loop"  # a vmap of one point only adds overhead
         points = max(2, min(8, self.chunk_points(len(split))))
         coords = torch.zeros(points, self.k, device=self.device)
         x = split.inputs[:self._batch_size(points, len(split))]
@@ -290,6 +314,10 @@ class SliceEvaluator:
         if self.first_layer is not None:
             self._affine.coefficients = coefficients
         try:
+            if self.strategy == "loop":  # our private copy: write the point in place, like the peers
+                for key, value in params.items():
+                    self._tensors[key].copy_(value)
+                return self.model(x)
             return functional_call(self.model, (params, self.fixed), (x,))
         finally:
             if self.first_layer is not None:
@@ -300,10 +328,14 @@ class SliceEvaluator:
         """``function`` at each point of a chunk: one vmapped call, or a loop of plain calls."""
         for name in self.bn_modules:
             self.model.get_submodule(name).batched = self.strategy == "vmap"
-        if self.strategy == "vmap":
-            return torch.vmap(function, in_dims=(0, 0, None))(params, coefficients, x)
-        outputs = [function({k: v[i] for k, v in params.items()}, coefficients[i], x)
-                   for i in range(len(coefficients))]
+        try:
+            if self.strategy == "vmap":
+                return torch.vmap(function, in_dims=(0, 0, None))(params, coefficients, x)
+            outputs = [function({k: v[i] for k, v in params.items()}, coefficients[i], x)
+                       for i in range(len(coefficients))]
+        finally:  # the first layer's cached batch lives for one call only
+            if self.first_layer is not None:
+                self._affine.forget()
         if isinstance(outputs[0], torch.Tensor):
             return torch.stack(outputs)
         return [torch.stack(parts) for parts in zip(*outputs)]
@@ -316,11 +348,14 @@ class SliceEvaluator:
         """Points per vmapped call: activations of up to 256 samples within the working set."""
         per_point = self.activations_per_sample * 4 * min(samples, SAMPLES_PER_CALL)
         by_weights = WEIGHTS_BUDGET // max(self.parameter_count * 4, 1)
+        if self.strategy == "loop":  # one point at a time in memory: only the weights count
+            return int(max(1, min(MAX_CHUNK_POINTS, by_weights)))
         return int(max(1, min(MAX_CHUNK_POINTS, by_weights, self.working_set // max(per_point, 1))))
 
     def _batch_size(self, points: int, samples: int) -> int:
-        """Samples per call for a chunk of ``points``, within the working set."""
-        points = points if self.strategy == "vmap" else 1
+        """Samples per call: within the working set under vmap; a plain model's batch size in a loop."""
+        if self.strategy == "loop":
+            return int(min(samples, self.evaluator.batch_size))
         return int(max(1, min(samples, self.working_set // max(self.activations_per_sample * 4 * points, 1))))
 
     def _recomputed_statistics(self, params: dict[str, torch.Tensor], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -363,7 +398,7 @@ class SliceEvaluator:
         loss = {s: np.full(len(coords), np.nan) for s in splits}
         error = {s: np.full(len(coords), np.nan) for s in splits}
         chunk = self.chunk_points(max(len(d) for d in data.values()))
-        if self.bn == "recompute":  # the statistics pass runs whole bn_batch_size batches
+        if self.bn == "recompute" and self.strategy == "vmap":  # statistics: whole bn batches per call
             bn_samples = min(self.bn_batch_size, len(self.evaluator.train))
             chunk = max(1, min(chunk, self.working_set // (self.activations_per_sample * 4 * bn_samples)))
         for start in range(0, len(coords), chunk):

@@ -175,7 +175,7 @@ def test_coarse_to_fine_visits_every_point_once_corners_first():
 def test_a_cancelled_grid_is_usable_and_resumes_to_the_full_result(mlp_zoo):
     ev = mlp_zoo.evaluator
     plane = _plane(mlp_zoo)
-    engine = SliceEvaluator(ev, plane.origin, plane.directions, working_set=1 << 20)
+    engine = SliceEvaluator(ev, plane.origin, plane.directions, working_set=1 << 20, strategy="vmap")
     chunk = engine.chunk_points(len(ev.splits["val"]))
     calls = []
 

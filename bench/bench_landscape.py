@@ -1,0 +1,183 @@
+"""31×31 loss landscape: our batched slice evaluator vs two peers, same model, data and points.
+
+Peers:
+* the pip package ``loss-landscapes`` (``planar_interpolation``: one forward per point,
+  parameters moved in place along a snake path);
+* a per-point loop in the style of tomgoldstein/loss-landscape (``set_weights`` then
+  ``eval_loss``): for each point, write origin + x·d1 + y·d2 into the parameters and evaluate.
+
+Both peers move parameters only, so BatchNorm statistics stay at the start model's: we run
+ours with ``bn="keep"`` to compute the same function. Points are loss-landscapes' own:
+start + (i/steps)·(B − A) + (j'/steps)·(C − A), with j' = j + 1 on even columns and j on odd
+ones (its snake walk is off by one step on alternate columns). The peers compute the loss
+only; ours computes loss and error.
+
+    python bench/bench_landscape.py [--steps 31] [--repeats 3] [--device cpu|cuda] [--width N]
+
+``--width`` swaps in a wide MLP (digits inputs, N hidden units, 3 layers) for a GPU run with a
+model of ≥ 10M parameters; it is compared with the per-point loop only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from soup_core.evaluate import Evaluator  # noqa: E402
+from soup_core.landscape import SliceEvaluator  # noqa: E402
+from soup_core.zoo import open_zoo  # noqa: E402
+
+
+def gemm_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large float32 matmul, measured now on this device."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(function, repeats: int, device: torch.device):
+    result, times = None, []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = function()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def per_point_loop(model, origin, d1, d2, coords, x, y) -> np.ndarray:
+    """tomgoldstein/loss-landscape's loop: set_weights, then eval_loss, point by point."""
+    params = [p for _, p in model.named_parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    out = []
+    with torch.no_grad():
+        for cx, cy in coords.tolist():
+            for p, n in zip(params, names):
+                p.data = origin[n] + cx * d1[n] + cy * d2[n]
+            out.append(float(torch.nn.functional.cross_entropy(model(x), y)))
+    return np.array(out)
+
+
+def loss_landscapes_grid(model_a, model_b, model_c, x, y, steps: int) -> np.ndarray:
+    import loss_landscapes
+    import loss_landscapes.metrics
+    metric = loss_landscapes.metrics.Loss(torch.nn.CrossEntropyLoss(), x, y)
+    with torch.no_grad():
+        grid = loss_landscapes.planar_interpolation(model_a, model_b, model_c, metric, steps=steps, deepcopy_model=True)
+    return np.asarray(grid).reshape(-1)  # [i][j] = point (i, j) in the order of our coords
+
+
+def run_case(label: str, evaluator: Evaluator, a, b, c, steps: int, repeats: int, bn: str, with_peer_package: bool):
+    device = evaluator.device
+    x, y = evaluator.splits["val"].inputs, evaluator.splits["val"].labels
+    keys = [k for k, t in a.items() if t.is_floating_point()]
+    d1 = {k: b[k].double() - a[k].double() for k in keys}
+    d2 = {k: c[k].double() - a[k].double() for k in keys}
+    ii, jj = np.meshgrid(np.arange(steps), np.arange(steps), indexing="ij")
+    # loss-landscapes' snake walk evaluates even columns at (j + 1)·d2/steps and odd ones at
+    # j·d2/steps (its add-then-evaluate vs subtract-then-evaluate): we use its actual points.
+    offset = (ii % 2 == 0).astype(np.float64)
+    coords = torch.tensor(np.stack([ii.reshape(-1) / steps, (jj + offset).reshape(-1) / steps], 1))
+    points = len(coords)
+
+    engine = SliceEvaluator(evaluator, a, [d1, d2], bn=bn)
+    engine.evaluate(coords[:8], ["val"])  # warm-up
+    ours_time, ours = best_time(lambda: engine.evaluate(coords, ["val"]).loss["val"], repeats, device)
+
+    model = copy.deepcopy(evaluator.model).to(device).eval()
+    model.load_state_dict(a)
+    o32 = {n: a[n].to(device) for n, _ in model.named_parameters()}
+    d1_32 = {n: (d1[n] / 1).float().to(device) for n in o32}
+    d2_32 = {n: d2[n].float().to(device) for n in o32}
+    loop_time, loop = best_time(lambda: per_point_loop(model, o32, d1_32, d2_32, coords, x, y), repeats, device)
+
+    rows = [("ours: batched slice evaluator", ours_time, 0.0),
+            ("per-point loop (tomgoldstein style)", loop_time, float(np.abs(loop - ours).max()))]
+    if with_peer_package:
+        models = []
+        for state in (a, b, c):
+            m = copy.deepcopy(evaluator.model).to(device).eval()
+            m.load_state_dict(state)
+            models.append(m)
+        ll_time, ll = best_time(lambda: loss_landscapes_grid(*models, x, y, steps), repeats, device)
+        rows.append(("loss-landscapes 3.0.6 planar_interpolation", ll_time, float(np.abs(ll - ours).max())))
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model(x)
+    flops = counter.get_total_flops()
+    peak = max(gemm_peak(device) for _ in range(3))  # a shared machine: the best of three
+    floor = points * flops / peak
+    params = sum(t.numel() for t in a.values() if t.is_floating_point())
+    print(f"\n### {label}: {params:,} parameters, {len(y)} val samples, {points} points, BatchNorm {engine.bn}, "
+          f"strategy {engine.strategy}, {engine.chunk_points(len(y))} points per call\n")
+    print(f"FLOPs per point (full forward) {flops / 1e6:.1f} M; GEMM peak measured now {peak / 1e9:.0f} GFLOP/s; "
+          f"floor for {points} points {floor * 1e3:.1f} ms\n")
+    print("| method | time (s) | points/s | fraction of FLOP floor | max abs loss difference vs ours |")
+    print("|---|---:|---:|---:|---:|")
+    for name, seconds, diff in rows:
+        print(f"| {name} | {seconds:.3f} | {points / seconds:,.0f} | {floor / seconds:.1%} | {diff:.1e} |")
+    fastest_peer = min(r[1] for r in rows[1:])
+    print(f"\nspeed-up over the faster peer: {fastest_peer / ours_time:.2f}×")
+    for name, _, diff in rows[1:]:
+        assert diff < 1e-4, f"{name} disagrees with ours by {diff}"
+
+
+class WideMLP(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                        torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU())
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x.flatten(1)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=31)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    if args.width:
+        from sample_data.digits import make_evaluator
+        evaluator = make_evaluator(lambda: WideMLP(args.width), device=args.device)
+        a = {k: v.cpu() for k, v in WideMLP(args.width).state_dict().items()}
+        b = {k: v + 0.01 * torch.randn_like(v) for k, v in a.items()}
+        c = {k: v + 0.01 * torch.randn_like(v) for k, v in a.items()}
+        run_case(f"wide MLP ({args.width} units)", evaluator, a, b, c, args.steps, args.repeats, "keep", False)
+        return
+    for zoo_name, bn in (("digits-finetune", "keep"), ("digits-bn", "keep")):
+        zoo = open_zoo(zoo_name, device=args.device)
+        names = zoo.names
+        run_case(f"{zoo_name} (base, {names[0]}, {names[1]})", zoo.evaluator, zoo.base, zoo.state_dict(names[0]),
+                 zoo.state_dict(names[1]), args.steps, args.repeats, bn, True)
+
+
+if __name__ == "__main__":
+    main()
