@@ -1,7 +1,10 @@
-"""Model Soup Lab — Streamlit entry point: navigation over pages/ and the shared sidebar."""
+"""Model Soup Lab — Streamlit entry point: navigation over pages/ (each page draws the sidebar)."""
 
 import streamlit as st
 
 st.set_page_config(page_title="Model Soup Lab", page_icon="🥣", layout="wide")
-navigation = st.navigation([st.Page("pages/overview.py", title="Overview", default=True)])
+navigation = st.navigation([
+    st.Page("pages/ingredients.py", title="Ingredients", default=True),
+    st.Page("pages/landscape.py", title="Landscape"),
+])
 navigation.run()

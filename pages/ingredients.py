@@ -1,0 +1,68 @@
+"""Ingredients: the checkpoints, a tick box each, and the live soup of the ticked set."""
+
+import pandas as pd
+import streamlit as st
+
+from appkit.workspace import checkpoint_table, keep, live_soup, load_zoo, seed_ticks, sidebar, tick_key, ticked
+from soup_core.recipes import SoupOptions
+from soup_core.zoo import make_soup
+
+zoo = sidebar()
+st.title("Ingredients")
+st.metric("Checkpoints", len(zoo.names))
+if zoo.evaluator is None:
+    st.info("This zoo has no evaluator: metrics, greedy and pruned soups need one.")
+    st.stop()
+st.dataframe(checkpoint_table(zoo.name), hide_index=True,
+             column_config={s: st.column_config.NumberColumn(format="%.1f") for s in ("val", "test", "shifts")})
+
+
+@st.cache_resource(show_spinner="Cooking…")
+def recipe_result(zoo_name: str, recipe: str):
+    return make_soup(load_zoo(zoo_name), recipe, SoupOptions())
+
+
+@st.fragment
+def soup_of_the_ticked_set() -> None:
+    st.subheader("Your soup")
+    seed_ticks(zoo)
+    columns = st.columns(8)
+    for i, name in enumerate(zoo.names):
+        columns[i % 8].checkbox(name, key=tick_key(zoo, name), on_change=keep, args=(tick_key(zoo, name),))
+    chosen = ticked(zoo)
+    if not chosen:
+        st.warning("Tick at least one ingredient.")
+        return
+    live = live_soup(zoo, chosen)
+    for label, key in ((f"Uniform soup of {len(chosen)}", "soup"),
+                       (f"Best individual ({live['best_name']})", "best"), ("Logit ensemble", "ensemble")):
+        cols = st.columns([2, 1, 1, 1])
+        cols[0].markdown(f"**{label}**")
+        for col, split in zip(cols[1:], ("val", "test", "shifts")):
+            col.metric(f"{key} {split}", f"{100 * live[key][split]:.2f}%")
+
+
+@st.fragment
+def replay() -> None:
+    st.subheader("Watch a recipe")
+    st.caption("Greedy soup (paper Recipe 1) and pruned soup (reproduction, Algorithm 2) on all "
+               "checkpoints, choices made on val.")
+    recipe = st.radio("Recipe", ["greedy", "pruned"], horizontal=True, key="replay-recipe")
+    if not st.button("Run", key="replay-run") and f"replayed:{zoo.name}:{recipe}" not in st.session_state:
+        return
+    st.session_state[f"replayed:{zoo.name}:{recipe}"] = True
+    result = recipe_result(zoo.name, recipe)
+    steps = [s.to_dict() for s in result.trace]
+    step = st.slider("Step", 1, len(steps), len(steps), key=f"replay-step:{recipe}")
+    current = steps[step - 1]
+    verdict = "accepted" if current["accepted"] else "rejected"
+    st.markdown(f"Step {step}: **{current['action']} {current['candidate']}** → val {100 * current['score']:.2f}% "
+                f"({verdict}); soup now {len(current['ingredients'])} ingredient(s).")
+    frame = pd.DataFrame(steps[:step])
+    frame["val %"] = 100 * frame["score"]
+    st.line_chart(frame, y="val %")
+    st.dataframe(frame[["candidate", "action", "val %", "accepted"]], hide_index=True)
+
+
+soup_of_the_ticked_set()
+replay()
