@@ -40,6 +40,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/bench_angles.py
 	$(PY) bench/bench_greedy.py
 	$(PY) bench/bench_landscape.py
+	$(PY) bench/bench_app.py
 
 zoos: $(VENV)/.installed
 	$(PY) -m sample_data.build

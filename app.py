@@ -5,6 +5,10 @@ import streamlit as st
 st.set_page_config(page_title="Model Soup Lab", page_icon="🥣", layout="wide")
 navigation = st.navigation([
     st.Page("pages/ingredients.py", title="Ingredients", default=True),
+    st.Page("pages/recipes.py", title="Recipes"),
+    st.Page("pages/geometry.py", title="Geometry"),
     st.Page("pages/landscape.py", title="Landscape"),
+    st.Page("pages/tour.py", title="Tour"),
+    st.Page("pages/export.py", title="Export"),
 ])
 navigation.run()

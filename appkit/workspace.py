@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
+from soup_core.checkpoints import CheckpointError, load_state_dict_bytes, save_state_dict, validate_state_dicts
+
 from soup_core.evaluate import metrics_from_logits, ensemble_logits, shift_average
 from soup_core.params import num_parameters, uniform_average
-from soup_core.zoo import Zoo, open_zoo, sample_zoos
+from soup_core.recipes import SoupOptions, SoupResult
+from soup_core.zoo import Zoo, make_soup, open_zoo, sample_zoos
 
 DEFAULT_ZOO = "digits-finetune"
 
@@ -18,10 +28,8 @@ def load_zoo(name: str) -> Zoo:
     return open_zoo(name)
 
 
-@st.cache_data(show_spinner="Scoring checkpoints…")
-def checkpoint_table(name: str) -> pd.DataFrame:
+def checkpoint_table(zoo: Zoo) -> pd.DataFrame:
     """Hyperparameters and val/test/shift accuracy of every checkpoint (percent)."""
-    zoo = load_zoo(name)
     shifts = zoo.evaluator.shift_names
     rows = []
     for ckpt in zoo.names:
@@ -48,14 +56,72 @@ def _recall(widget_key: str, default):
     return value
 
 
+class SessionFolder:
+    """A per-session temporary folder for uploads, removed when the session goes away."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="soup-uploads-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+
+def _session_folder() -> Path:
+    if "workspace:folder" not in st.session_state:
+        st.session_state["workspace:folder"] = SessionFolder()
+    return st.session_state["workspace:folder"].path
+
+
+def _safe_stem(filename: str) -> str:
+    stem = Path(filename).name.split(".")[0] or "upload"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:64]
+
+
+def add_uploads(zoo: Zoo, files) -> list[str]:
+    """Validate uploaded checkpoints against the zoo; keep the good ones in the session folder.
+
+    Returns one message per refused file. Nothing is ever unpickled beyond
+    ``weights_only=True`` and nothing outside the session folder is written.
+    """
+    uploads = st.session_state.setdefault(f"workspace:uploads:{zoo.name}", {})
+    problems = []
+    reference_name = zoo.names[0]
+    for file in files or []:
+        data = file.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        if any(u["sha256"] == digest for u in uploads.values()):
+            continue
+        try:
+            state = load_state_dict_bytes(data, file.name)
+            report = validate_state_dicts({reference_name: zoo.state_dict(reference_name), file.name: state})
+            report.raise_for_errors()
+        except (CheckpointError, ValueError) as exc:
+            problems.append(f"{file.name}: {exc}")
+            continue
+        name = _safe_stem(file.name)
+        while name in zoo.entries or name in uploads:
+            name += "-upload"
+        path = save_state_dict(state, _session_folder() / f"{name}.safetensors")
+        uploads[name] = {"path": str(path), "sha256": digest, "file": file.name}
+    return problems
+
+
+def current_zoo(base: Zoo) -> Zoo:
+    """The open zoo plus this session's uploaded checkpoints."""
+    uploads = st.session_state.get(f"workspace:uploads:{base.name}", {})
+    return base.extended({n: u["path"] for n, u in uploads.items()}) if uploads else base
+
+
 def sidebar() -> Zoo:
-    """The zoo picker (first visit: the URL's ``?zoo=``) and what was loaded."""
+    """The zoo picker (first visit: the URL's ``?zoo=``), uploads, and what was loaded."""
     names = list(sample_zoos())
     wanted = st.query_params.get("zoo", DEFAULT_ZOO)
     _recall("zoo", wanted if wanted in names else DEFAULT_ZOO)
     name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=keep, args=("zoo",))
     st.query_params["zoo"] = name
-    zoo = load_zoo(name)
+    files = st.sidebar.file_uploader("Add checkpoints (.safetensors, .pt, .pth, .bin)", accept_multiple_files=True,
+                                     key=f"upload:{name}")
+    for problem in add_uploads(load_zoo(name), files):
+        st.sidebar.error(problem)
+    zoo = current_zoo(load_zoo(name))
     st.sidebar.caption(zoo.description)
     base = " + base θ0" if zoo.has_base else " (no base θ0)"
     st.sidebar.write(f"**{len(zoo.names)} checkpoints**{base}, "
@@ -103,3 +169,110 @@ def live_soup(zoo: Zoo, names: list[str]) -> dict:
                 "shifts": shift_average(metrics, shifts)}
 
     return {"soup": row(soup), "best": row(individual[best]), "best_name": best, "ensemble": row(ensemble)}
+
+
+def zoo_key(zoo: Zoo) -> tuple:
+    """What identifies a session's zoo for caching: its name and checkpoint files."""
+    return (zoo.name, *(str(zoo.path(n)) for n in zoo.names))
+
+
+@st.cache_resource(show_spinner="Cooking…", max_entries=64)
+def recipe_result(_zoo: Zoo, key: tuple, recipe: str, options: SoupOptions = SoupOptions()) -> SoupResult:
+    """A recipe's result on the session's zoo (cached per zoo content and options; never mutate)."""
+    return make_soup(_zoo, recipe, options)
+
+
+@st.cache_data(show_spinner="Running the ablations…", max_entries=16)
+def cached_ablations(_zoo: Zoo, key: tuple) -> tuple[list[dict], list[dict]]:
+    from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
+    ingredients = _zoo.ingredients()
+    return (greedy_vs_models_considered(ingredients, _zoo.evaluator),
+            pruned_vs_passes(ingredients, _zoo.evaluator))
+
+
+def set_export(candidate: dict) -> None:
+    """What the Export page will offer: a recipe's soup, the ticked set, or a landscape point."""
+    st.session_state["workspace:export"] = candidate
+
+
+@st.cache_data(show_spinner="Measuring angles…", max_entries=16)
+def cached_angles(_zoo: Zoo, key: tuple) -> dict:
+    from soup_core.geometry import pairwise_angles
+    return pairwise_angles([_zoo.state_dict(n) for n in _zoo.names], _zoo.base).to_json(_zoo.names)
+
+
+@st.cache_data(show_spinner="Analysing pairs…", max_entries=16)
+def cached_pairs(_zoo: Zoo, key: tuple, names: tuple[str, ...], split: str) -> dict:
+    from soup_core.pairs import pair_analyses
+    return pair_analyses(_zoo.ingredients(list(names)), _zoo.evaluator, base=_zoo.base, split=split).to_json()
+
+
+@st.cache_data(show_spinner="Walking the line…", max_entries=64)
+def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str) -> dict:
+    from soup_core.landscape import interpolation_path
+    from soup_core.zoo import zoo_point
+    return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0], names=(a, b),
+                              splits=["val", "test"], bn=bn).to_json()
+
+
+class ExportCandidate:
+    """A soup ready to download: weights, metrics, provenance and the command that remakes it."""
+
+    def __init__(self, title, state, metrics, provenance, command, ingredients, file_name) -> None:
+        self.title, self.state, self.metrics = title, state, metrics
+        self.provenance, self.command = provenance, command
+        self.ingredients, self.file_name = ingredients, file_name
+
+
+def export_candidate(zoo: Zoo) -> ExportCandidate:
+    """Resolve what the user chose for export (default: the uniform soup of the ticked set)."""
+    from soup_core import cli
+    from soup_core.evaluate import metrics_to_json
+    from soup_core.geometry import plane_basis
+    from soup_core.landscape import point_weights
+    from soup_core.recipes import RECIPES
+    from soup_core.zoo import zoo_point
+
+    chosen = st.session_state.get("workspace:export") or {"kind": "ticked"}
+    uploads = st.session_state.get(f"workspace:uploads:{zoo.name}", {})
+    remakeable = not uploads
+    if chosen["kind"] == "point":
+        a, b, c = chosen["plane"]
+        x, y = chosen["xy"]
+        plane = plane_basis(*(zoo_point(zoo, n)[0] for n in (a, b, c)), names=(a, b, c))
+        state = point_weights(zoo.evaluator, plane, x, y, chosen["bn"])
+        metrics = zoo.evaluator.evaluate(state)
+        command = ["soup", "point", zoo.name, "--plane", a, b, c, "--xy", f"{x:.6g}", f"{y:.6g}",
+                   "--bn", chosen["bn"], "--out", "point.safetensors"]
+        provenance = {"recipe": "landscape-point", "recipe_name": "Landscape point", "zoo": zoo.name,
+                      "plane": [a, b, c], "xy": [x, y], "bn": chosen["bn"],
+                      "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in (a, b, c) if n in zoo.sha256],
+                      "metrics": metrics_to_json(metrics), "command": " ".join(command)}
+        return ExportCandidate(f"Landscape point ({x:.3f}, {y:.3f}) of the plane {a}, {b}, {c}", state, metrics,
+                               provenance, command if remakeable else None, (a, b, c), "point.safetensors")
+    if chosen["kind"] == "recipe":
+        result = recipe_result(zoo, zoo_key(zoo), chosen["recipe"])
+        command = ["soup", "make", chosen["recipe"], zoo.name, "--out", f"{chosen['recipe']}.safetensors"]
+        title = RECIPES[chosen["recipe"]].pretty_name
+    else:
+        names = [n for n in zoo.names if st.session_state.get(f"workspace:{tick_key(zoo, n)}")]
+        if not names:
+            raise ValueError("Tick at least one ingredient on the Ingredients page, or pick a recipe's soup.")
+        result = make_soup(zoo, "uniform", SoupOptions(), names)
+        command = ["soup", "make", "uniform", zoo.name, "--ingredients", ",".join(names),
+                   "--out", "uniform.safetensors"]
+        title = f"Uniform soup of the {len(names)} ticked ingredient(s)"
+        remakeable = not any(n in uploads for n in names)
+    provenance = cli.provenance(zoo, result, " ".join(command))
+    return ExportCandidate(title, result.state_dict, result.metrics, provenance, command if remakeable else None,
+                           result.ingredients, f"{result.recipe}.safetensors")
+
+
+@st.cache_data(show_spinner="Computing the landscape…", max_entries=32)
+def cached_landscape(_zoo: Zoo, key: tuple, points: tuple[str, str, str], grid: int, split: str, bn: str) -> dict:
+    """A plane's landscape as JSON (what ``soup landscape`` writes)."""
+    from soup_core.geometry import plane_basis
+    from soup_core.landscape import plane_landscape
+    from soup_core.zoo import zoo_point
+    plane = plane_basis(*(zoo_point(_zoo, n)[0] for n in points), names=points)
+    return plane_landscape(_zoo.evaluator, plane, grid=grid, splits=[split], bn=bn).to_json()

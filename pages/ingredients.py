@@ -3,9 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-from appkit.workspace import checkpoint_table, keep, live_soup, load_zoo, seed_ticks, sidebar, tick_key, ticked
-from soup_core.recipes import SoupOptions
-from soup_core.zoo import make_soup
+from appkit.workspace import (checkpoint_table, keep, live_soup, recipe_result, seed_ticks, sidebar, tick_key,
+                              ticked, zoo_key)
 
 zoo = sidebar()
 st.title("Ingredients")
@@ -13,13 +12,8 @@ st.metric("Checkpoints", len(zoo.names))
 if zoo.evaluator is None:
     st.info("This zoo has no evaluator: metrics, greedy and pruned soups need one.")
     st.stop()
-st.dataframe(checkpoint_table(zoo.name), hide_index=True,
+st.dataframe(checkpoint_table(zoo), hide_index=True,
              column_config={s: st.column_config.NumberColumn(format="%.1f") for s in ("val", "test", "shifts")})
-
-
-@st.cache_resource(show_spinner="Cooking…")
-def recipe_result(zoo_name: str, recipe: str):
-    return make_soup(load_zoo(zoo_name), recipe, SoupOptions())
 
 
 @st.fragment
@@ -51,7 +45,7 @@ def replay() -> None:
     if not st.button("Run", key="replay-run") and f"replayed:{zoo.name}:{recipe}" not in st.session_state:
         return
     st.session_state[f"replayed:{zoo.name}:{recipe}"] = True
-    result = recipe_result(zoo.name, recipe)
+    result = recipe_result(zoo, zoo_key(zoo), recipe)
     steps = [s.to_dict() for s in result.trace]
     step = st.slider("Step", 1, len(steps), len(steps), key=f"replay-step:{recipe}")
     current = steps[step - 1]

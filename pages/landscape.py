@@ -4,10 +4,10 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.workspace import load_zoo, sidebar
+from appkit.workspace import set_export, sidebar, zoo_key
 from soup_core.geometry import plane_basis
-from soup_core.landscape import BN_POLICIES, plane_landscape
-from soup_core.zoo import BASE, zoo_point
+from soup_core.landscape import BN_POLICIES, plane_landscape, point_weights
+from soup_core.zoo import BASE, Zoo, zoo_point
 
 zoo = sidebar()
 st.title("Landscape")
@@ -21,9 +21,9 @@ SOUPS = ["uniform", "greedy"]
 choices = ([BASE] if zoo.has_base else []) + list(zoo.names) + SOUPS
 
 
-@st.cache_resource(show_spinner="Making the plane…")
-def plane_for(zoo_name: str, a: str, b: str, c: str):
-    z = load_zoo(zoo_name)
+@st.cache_resource(show_spinner="Making the plane…", max_entries=32)
+def plane_for(_zoo: Zoo, key: tuple, a: str, b: str, c: str):
+    z = _zoo
     plane = plane_basis(*(zoo_point(z, n)[0] for n in (a, b, c)), names=(a, b, c))
     others = [n for n in ([BASE] if z.has_base else []) + list(z.names) + SOUPS if n not in (a, b, c)]
     return plane, [plane.project(zoo_point(z, n)[0], n) for n in others]
@@ -32,8 +32,7 @@ def plane_for(zoo_name: str, a: str, b: str, c: str):
 @st.fragment
 def landscape_view() -> None:
     cols = st.columns(3)
-    defaults = [0, 1, 2] if not zoo.has_base else [0, 1, 2]
-    points = [col.selectbox(label, choices, index=defaults[i], key=f"land-{label}")
+    points = [col.selectbox(label, choices, index=i, key=f"land-{label}")
               for i, (col, label) in enumerate(zip(cols, ("Origin A", "Point B", "Point C")))]
     cols = st.columns(4)
     grid = cols[0].slider("Grid", 5, 41, 15, step=2, key="land-grid")
@@ -46,7 +45,7 @@ def landscape_view() -> None:
     key = (zoo.name, *points, grid, margin, split, bn)
     if st.button("Compute", key="land-compute", type="primary"):
         try:
-            plane, projections = plane_for(zoo.name, *points)
+            plane, projections = plane_for(zoo, zoo_key(zoo), *points)
         except ValueError as exc:
             st.error(str(exc))
             return
@@ -73,12 +72,35 @@ def landscape_view() -> None:
         x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers+text",
         marker={"color": "red", "size": 12, "symbol": "star"}, text=[a.name for a in result.anchors],
         textposition="top center", name="anchors"))
+    # Contours return no click selection: an almost invisible scatter of the grid points does.
+    gx, gy = np.meshgrid(result.xs, result.ys)
+    figure.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", name="grid points",
+                                marker={"size": 9, "opacity": 0.01, "color": "black"}, showlegend=False,
+                                customdata=100 * result.error[s].ravel(),
+                                hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata:.2f}%<extra></extra>"))
     figure.update_layout(height=600, xaxis_title="x (L2)", yaxis_title="y (L2)",
                          yaxis={"scaleanchor": "x"}, legend={"orientation": "h"})
-    st.plotly_chart(figure, key="land-chart")
+    event = st.plotly_chart(figure, key="land-chart", on_select="rerun", selection_mode="points")
     best = np.unravel_index(np.nanargmin(result.error[s]), result.error[s].shape)
     st.write(f"Lowest {s} error {100 * result.error[s][best]:.2f}% at "
              f"({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); BatchNorm: {result.bn}.")
+    picked = [p for p in (event.selection.points if event else []) if p.get("curve_number") == 3]
+    if picked:
+        x, y = float(picked[0]["x"]), float(picked[0]["y"])
+        st.session_state["land-picked"] = (shown_key, x, y)
+    if st.session_state.get("land-picked", (None,))[0] == shown_key:
+        _, x, y = st.session_state["land-picked"]
+        state = point_weights(zoo.evaluator, plane_for(zoo, zoo_key(zoo), *shown_key[1:4])[0], x, y, result.bn
+                              if result.bn != "none" else "interpolate")
+        metrics = zoo.evaluator.evaluate(state)
+        cols = st.columns(4)
+        cols[0].markdown(f"**Point ({x:.3f}, {y:.3f})**")
+        for col, name in zip(cols[1:], ("val", "test", zoo.evaluator.split_names[-1])):
+            col.metric(f"point {name}", f"{100 * metrics[name].accuracy:.2f}%")
+        if st.button("Keep this point for export", key="land-keep"):
+            set_export({"kind": "point", "plane": shown_key[1:4], "xy": (x, y),
+                        "bn": result.bn if result.bn != "none" else "interpolate"})
+            st.success("Ready on the Export page.")
 
 
 landscape_view()

@@ -10,6 +10,7 @@
                          [--soups uniform,greedy] [--max-samples N] [--resume FILE] [--json FILE]
     soup path ZOO A B [--points N] [--range LO HI] [--split val] [--bn ...] [--json FILE]
     soup pairs ZOO [--split test] [--ingredients A,B,...] [--json FILE]
+    soup point ZOO --plane A B C --xy X Y [--bn recompute|interpolate|keep] --out FILE [--json FILE]
 
 A, B, C name checkpoints, ``base`` (θ0), or a soup recipe (``greedy``, ``uniform``, ...).
 
@@ -38,7 +39,8 @@ from soup_core.evaluate import Metrics, metrics_to_json, shift_average
 from soup_core.geometry import pairwise_angles
 from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
 from soup_core.geometry import plane_basis
-from soup_core.landscape import BN_POLICIES, Landscape, interpolation_path, path_alphas, plane_landscape
+from soup_core.landscape import (BN_POLICIES, Landscape, interpolation_path, path_alphas, plane_landscape,
+                                 point_weights)
 from soup_core.pairs import pair_analyses
 from soup_core.zoo import BASE, Zoo, ZooError, make_soup, open_zoo, sample_zoos, zoo_point
 
@@ -275,6 +277,30 @@ def cmd_pairs(args: argparse.Namespace) -> None:
         _say(args, f"  {key.replace('_', ' ')}: r = {'n/a' if value is None else f'{value:+.3f}'}")
 
 
+def cmd_point(args: argparse.Namespace) -> None:
+    zoo = open_zoo(args.zoo, device=args.device)
+    evaluator = zoo.require_evaluator("a landscape point")
+    if len(set(args.plane)) != 3:
+        raise CliError("--plane needs three different points: checkpoints, base, or soup recipes")
+    plane = plane_basis(*(zoo_point(zoo, n)[0] for n in args.plane), names=args.plane)
+    state = point_weights(evaluator, plane, args.xy[0], args.xy[1], args.bn)
+    metrics = evaluator.evaluate(state)
+    command = "soup " + " ".join(shlex.quote(a) for a in args.argv)
+    inputs = [zoo.path(n) for n in (*zoo.names, *((BASE,) if zoo.has_base else ()))]
+    provenance = {"recipe": "landscape-point", "recipe_name": "Landscape point",
+                  "reference": "Wortsman et al. 2022, Figure 2 (plane through three points)",
+                  "zoo": zoo.name, "manifest": str(zoo.manifest), "plane": list(args.plane),
+                  "xy": list(args.xy), "bn": args.bn,
+                  "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in args.plane if n in zoo.sha256],
+                  "data": dict(evaluator.info), "metrics": metrics_to_json(metrics),
+                  "library_version": __version__, "command": command}
+    save_state_dict(state, args.out, provenance=provenance, inputs=inputs)
+    _write_json(args.json, {"zoo": zoo.name, "plane": list(args.plane), "xy": list(args.xy), "bn": args.bn,
+                            "metrics": metrics_to_json(metrics), "out": args.out})
+    _say(args, f"point ({args.xy[0]}, {args.xy[1]}) of the plane {', '.join(args.plane)}: "
+               f"{_metrics_line(metrics, evaluator.shift_names)}\n  written to {args.out}")
+
+
 # ---- argument parsing -------------------------------------------------------------------
 
 
@@ -354,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--device", default=None)
     pairs.add_argument("--json", metavar="FILE")
     pairs.set_defaults(func=cmd_pairs)
+
+    point = sub.add_parser("point", help="export the weights at one point of a landscape plane")
+    point.add_argument("zoo", metavar="ZOO")
+    point.add_argument("--plane", nargs=3, required=True, metavar=("A", "B", "C"))
+    point.add_argument("--xy", nargs=2, type=float, required=True, metavar=("X", "Y"))
+    point.add_argument("--bn", choices=BN_POLICIES, default="recompute")
+    point.add_argument("--out", required=True, metavar="FILE")
+    point.add_argument("--device", default=None)
+    point.add_argument("--json", metavar="FILE")
+    point.set_defaults(func=cmd_point)
     return parser
 
 

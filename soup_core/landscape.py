@@ -598,3 +598,43 @@ def interpolation_path(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: M
     engine = SliceEvaluator(evaluator, a, [direction], bn=bn, max_samples=max_samples)
     values = engine.evaluate(torch.tensor(alphas).reshape(-1, 1), splits, progress=progress)
     return Path(names, alphas, values.loss, values.error, engine.bn)
+
+
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the running statistics of a model's BatchNorm layers."""
+    return [f"{name}.{buffer}" for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for buffer in ("running_mean", "running_var")]
+
+
+def recompute_batchnorm(evaluator: Evaluator, state: Mapping[str, torch.Tensor],
+                        batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """``state`` with BatchNorm statistics re-estimated on the evaluator's training data, exactly
+    as ``torch.optim.swa_utils.update_bn`` does with batches of ``batch_size`` (default: the
+    evaluator's). The input is not modified."""
+    model = copy.deepcopy(evaluator.model)
+    model.load_state_dict(state)
+    if not batchnorm_keys(model):
+        return dict(state)
+    if evaluator.train is None:
+        raise ValueError("recomputing BatchNorm statistics needs training data: pass train=Split(...) "
+                         "to the Evaluator, or export with bn='interpolate' or bn='keep'")
+    loader = torch.utils.data.DataLoader(evaluator.train.inputs, batch_size=batch_size or evaluator.batch_size)
+    torch.optim.swa_utils.update_bn(loader, model, device=evaluator.device)
+    fresh = model.state_dict()
+    return {k: (fresh[k].detach().cpu().to(t.dtype) if k in fresh else t) for k, t in state.items()}
+
+
+def point_weights(evaluator: Evaluator, plane: Plane, x: float, y: float, bn: str = "recompute") -> dict[str, torch.Tensor]:
+    """The weights at (x, y) of ``plane`` as the landscape scored them under ``bn``."""
+    if bn not in BN_POLICIES:
+        raise ValueError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
+    state = plane.point(x, y)
+    keys = batchnorm_keys(evaluator.model)
+    if bn == "keep":
+        state.update({k: plane.origin[k] for k in keys})
+    elif bn == "interpolate":
+        state.update({k: state[k].clamp_min(0) for k in keys if k.endswith("running_var")})
+    else:
+        state = recompute_batchnorm(evaluator, state)
+    return state

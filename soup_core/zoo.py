@@ -24,6 +24,7 @@ module. Checkpoints load lazily (memory-mapped) and are validated together once,
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
@@ -170,6 +171,22 @@ class Zoo:
     def sha256(self) -> dict[str, str]:
         names = ((BASE,) if self.has_base else ()) + self.names
         return {n: file_sha256(self.path(n)) for n in names}
+
+    def extended(self, extra: Mapping[str, str | Path]) -> Zoo:
+        """A new Zoo with the same model, evaluator and base plus more checkpoints (by path).
+
+        The app uses it for uploaded checkpoints; the original Zoo (shared between sessions)
+        is left as it was. Checkpoint names must be new.
+        """
+        clash = [n for n in extra if n in self.entries or n == BASE]
+        if clash:
+            raise ZooError(f"{self.name}: checkpoint name(s) already used: {', '.join(clash)}")
+        other = copy.copy(self)  # shares the evaluator and loaded tensors, never changes them
+        other.entries = {**self.entries, **{n: CheckpointEntry(n, Path(p), {}) for n, p in extra.items()}}
+        other._states = dict(self._states)
+        for derived in ("validation", "sha256"):
+            other.__dict__.pop(derived, None)
+        return other
 
     def hparams(self, name: str) -> Mapping[str, Any]:
         return self.entries[name].hparams

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
+from soup_core.checkpoints import load_state_dict, read_provenance
 from soup_core.params import uniform_average
 from soup_core.recipes import SoupOptions
 from soup_core.zoo import make_soup, open_zoo
@@ -88,6 +90,105 @@ def test_landscape_page_computes_and_draws_a_plane():
     assert any("Lowest val error" in m.value for m in at.markdown)
 
 
+PAGES = ["ingredients", "recipes", "geometry", "landscape", "tour", "export"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(page):
+    at = _app()
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception
+    assert at.title[0].value
+
+
+def test_every_tour_step_renders():
+    at = _app()
+    at.switch_page("pages/tour.py").run()
+    for step in at.radio(key="tour-step").options:
+        at.radio(key="tour-step").set_value(step).run()
+        assert not at.exception, step
+
+
+def test_geometry_pairs_and_recipe_ablations_render():
+    at = _app()
+    at.switch_page("pages/geometry.py").run()
+    at.button(key="geometry-run").click().run()
+    assert not at.exception and len(at.get("plotly_chart")) >= 5
+    at.switch_page("pages/recipes.py").run()
+    at.toggle(key="recipes-ablations").set_value(True).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 3
+
+
+def test_an_uploaded_checkpoint_joins_the_zoo():
+    zoo = open_zoo("digits-finetune")
+    at = _app()
+    at.file_uploader(key="upload:digits-finetune").set_value(
+        [("my-model.safetensors", zoo.path("ft-05").read_bytes(), "application/octet-stream")]).run()
+    assert not at.exception and not at.error
+    assert _metric(at, "Checkpoints") == str(len(zoo.names) + 1)
+    # It arrives unticked, so the soup on screen does not change until the user ticks it.
+    before = _metric(at, "soup val")
+    box = at.checkbox(key="tick:digits-finetune:my-model")
+    assert box.value is False
+    box.check().run()
+    assert not at.exception
+    ev = zoo.evaluator
+    soup = ev.evaluate(uniform_average([zoo.state_dict(n) for n in (*zoo.names, "ft-05")]))
+    assert _metric(at, "soup val") == f"{100 * soup['val'].accuracy:.2f}%" != before
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("truncated.safetensors", None, "truncated"),
+    ("other.safetensors", "mismatch", "shape"),
+    ("notes.pt", b"not a checkpoint at all", "notes.pt"),
+])
+def test_a_bad_upload_shows_an_error_and_the_app_keeps_serving(tmp_path, name, data, message):
+    import safetensors.torch
+    import torch
+    zoo = open_zoo("digits-finetune")
+    if data is None:
+        data = zoo.path("ft-05").read_bytes()[:5000]
+    elif data == "mismatch":
+        data = safetensors.torch.save({k: torch.zeros(3) for k in zoo.state_dict("ft-05")})
+    at = _app()
+    at.file_uploader(key="upload:digits-finetune").set_value([(name, data, "application/octet-stream")]).run()
+    assert not at.exception
+    assert at.sidebar.error and any(name in e.value for e in at.sidebar.error)
+    assert message.lower() in " ".join(e.value for e in at.sidebar.error).lower()
+    assert _metric(at, "Checkpoints") == str(len(zoo.names))
+
+
+def test_export_offers_the_ticked_soup_then_a_chosen_recipe():
+    at = _app()
+    at.switch_page("pages/export.py").run()
+    assert not at.exception
+    assert "soup make uniform digits-finetune" in at.code[0].value
+    at.switch_page("pages/recipes.py").run()
+    form_select = next(s for s in at.selectbox if s.label == "Soup to export")
+    form_select.set_value("greedy")
+    next(b for b in at.button if b.label == "Use for export").click().run()
+    at.switch_page("pages/export.py").run()
+    assert at.code[0].value.startswith("soup make greedy digits-finetune")
+    greedy = make_soup(open_zoo("digits-finetune"), "greedy", SoupOptions())
+    assert _metric(at, "test accuracy") == f"{100 * greedy.metrics['test'].accuracy:.2f}%"
+
+
+def test_a_landscape_point_exports_what_the_cli_makes(tmp_path):
+    from soup_core.cli import main
+    at = _app()
+    at.session_state["workspace:export"] = {"kind": "point", "plane": ("base", "ft-00", "ft-01"),
+                                            "xy": (1.0, 0.5), "bn": "interpolate"}
+    at.switch_page("pages/export.py").run()
+    assert not at.exception
+    command = at.code[0].value
+    assert command.startswith("soup point digits-finetune --plane base ft-00 ft-01 --xy 1 0.5")
+    out = tmp_path / "point.safetensors"
+    assert main(["point", "digits-finetune", "--plane", "base", "ft-00", "ft-01", "--xy", "1", "0.5",
+                 "--bn", "interpolate", "--out", str(out)]) == 0
+    metrics = open_zoo("digits-finetune").evaluator.evaluate(load_state_dict(out))
+    assert _metric(at, "val accuracy") == f"{100 * metrics['val'].accuracy:.2f}%"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,4 +244,78 @@ def test_the_app_serves_the_sample_zoo_in_chromium(server):
             timeout=60_000)
         assert "ft-00" not in page.url.split("use=")[-1].split("&")[0].split("%2C")
         page.screenshot(path=str(ARTIFACTS / "ingredients-toggled.png"), full_page=True)
+        browser.close()
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM,
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+
+
+def _open_page(page, server: str, title: str) -> None:
+    page.goto(server)
+    page.get_by_test_id("stMetricValue").first.wait_for(timeout=60_000)
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    page.get_by_role("heading", name=title if title != "Tour" else "Guided tour").wait_for(timeout=60_000)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
+def test_landscape_upload_and_export_in_chromium(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    zoo = open_zoo("digits-finetune")
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+
+        # A landscape is computed and drawn.
+        _open_page(page, server, "Landscape")
+        page.get_by_role("button", name="Compute").click()
+        page.locator(".js-plotly-plot .contour").first.wait_for(timeout=120_000)
+        page.get_by_text("Lowest val error").wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "landscape.png"), full_page=True)
+
+        # An uploaded checkpoint appears among the ingredients.
+        upload = tmp_path / "my-upload.safetensors"
+        upload.write_bytes(zoo.path("ft-07").read_bytes())
+        page.get_by_test_id("stSidebarNav").get_by_text("Ingredients", exact=True).click()
+        page.get_by_role("heading", name="Your soup").wait_for(timeout=60_000)
+        page.locator("input[type=file]").set_input_files(str(upload))
+        page.get_by_test_id("stCheckbox").filter(has_text="my-upload").wait_for(timeout=60_000)
+        assert page.get_by_test_id("stMetricValue").first.inner_text() == str(len(zoo.names) + 1)
+
+        # The export downloads a file that loads back and equals the soup it shows.
+        page.get_by_test_id("stSidebarNav").get_by_text("Export", exact=True).click()
+        button = page.get_by_role("button", name="Download safetensors")
+        button.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "export.png"), full_page=True)
+        with page.expect_download(timeout=60_000) as info:
+            button.click()
+        target = tmp_path / "downloaded.safetensors"
+        info.value.save_as(target)
+        browser.close()
+    state = load_state_dict(target)
+    expected = uniform_average([zoo.state_dict(n) for n in zoo.names])
+    provenance = read_provenance(target)
+    assert [i["name"] for i in provenance["ingredients"]] == list(zoo.names)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
+def test_every_page_in_chromium_with_screenshots(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        for title in ("Recipes", "Geometry", "Tour"):
+            _open_page(page, server, title)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+            page.wait_for_timeout(1000)
+            assert not page.get_by_test_id("stException").count()
+            page.screenshot(path=str(ARTIFACTS / f"{title.lower()}.png"), full_page=True)
         browser.close()

@@ -237,3 +237,13 @@ def test_tiny_linear_slice_doc_example():
             "bias": torch.zeros(2, dtype=torch.float64)}
     values = SliceEvaluator(ev, origin, [flip]).evaluate(torch.tensor([[0.0], [1.0]]))
     assert values.error["val"].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("bn", ["recompute", "interpolate", "keep"])
+def test_exported_point_weights_score_what_the_landscape_showed(bn_zoo, bn):
+    from soup_core.landscape import point_weights
+    ev = bn_zoo.evaluator
+    plane = _plane(bn_zoo)
+    shown = SliceEvaluator(ev, plane.origin, plane.directions, bn=bn).evaluate([(0.9, 0.6)], ["test"])
+    own = ev.evaluate(point_weights(ev, plane, 0.9, 0.6, bn), ["test"])["test"]
+    assert shown.loss["test"][0] == pytest.approx(own.loss, abs=1e-5)

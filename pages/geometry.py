@@ -1,0 +1,79 @@
+"""Geometry: angles between fine-tuned solutions, Figures 3 and 4, and 1D interpolation paths."""
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from appkit.workspace import cached_angles, cached_pairs, cached_path, sidebar, zoo_key
+from soup_core.landscape import BN_POLICIES
+from soup_core.zoo import BASE
+
+zoo = sidebar()
+st.title("Geometry")
+if not zoo.has_base:
+    st.info("Angles are measured between θi − θ0 and need the base checkpoint θ0 (`base = ...` in zoo.toml); "
+            "this zoo has none, so they are taken between the weights themselves.")
+angles = cached_angles(zoo, zoo_key(zoo))
+names = list(zoo.names)
+left, right = st.columns([3, 2])
+left.plotly_chart(go.Figure(go.Heatmap(z=angles["angle_deg"], x=names, y=names, colorscale="Viridis",
+                                       colorbar={"title": "angle °"},
+                                       hovertemplate="%{y} vs %{x}: %{z:.1f}°<extra></extra>"))
+                  .update_layout(title="Angle between θi − θ0 and θj − θ0", height=560, yaxis={"autorange": "reversed"}),
+                  key="geometry-angles")
+right.plotly_chart(go.Figure(go.Bar(x=names, y=angles["norm"]))
+                   .update_layout(title="‖θi − θ0‖ (L2)", height=560), key="geometry-norms")
+
+if zoo.evaluator is None:
+    st.stop()
+
+st.subheader("Figures 3 and 4: pairs of models")
+default = names[: min(10, len(names))]
+chosen = st.multiselect("Checkpoints to pair (every pair is analysed)", names, default=default, key="geometry-pairs")
+split = st.selectbox("Report split", list(zoo.evaluator.split_names), index=list(zoo.evaluator.split_names).index("test"),
+                     key="geometry-split")
+if len(chosen) >= 2 and st.button(f"Analyse {len(chosen) * (len(chosen) - 1) // 2} pairs", key="geometry-run"):
+    st.session_state["geometry:pairs"] = (tuple(chosen), split)
+if "geometry:pairs" in st.session_state:
+    chosen_pairs, pair_split = st.session_state["geometry:pairs"]
+    report = cached_pairs(zoo, zoo_key(zoo), chosen_pairs, pair_split)
+    pairs = report["pairs"]
+    labels = [f"{p['a']} × {p['b']}" for p in pairs]
+    c1, c2 = st.columns(2)
+    if zoo.has_base:
+        c1.plotly_chart(go.Figure(go.Scatter(
+            x=[p["angle_deg"] for p in pairs], y=[100 * p["interpolation_advantage"] for p in pairs], mode="markers",
+            text=labels, hovertemplate="%{text}<br>%{x:.1f}°, %{y:+.2f} pts<extra></extra>"))
+            .update_layout(title=f"Interpolation advantage vs angle (r = {report['correlations']['angle_vs_interpolation_advantage'] or float('nan'):+.2f})",
+                           xaxis_title="angle φ (degrees)", yaxis_title=f"advantage on {pair_split} (points)", height=420),
+            key="geometry-fig3")
+    lo = min(min(p["soup_accuracy"], p["ensemble_accuracy"]) for p in pairs) * 100
+    hi = max(max(p["soup_accuracy"], p["ensemble_accuracy"]) for p in pairs) * 100
+    c2.plotly_chart(go.Figure([go.Scatter(
+        x=[100 * p["ensemble_accuracy"] for p in pairs], y=[100 * p["soup_accuracy"] for p in pairs], mode="markers",
+        text=labels, name="pairs", hovertemplate="%{text}<br>ensemble %{x:.2f}%, soup %{y:.2f}%<extra></extra>"),
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dot", "color": "gray"}, name="y = x")])
+        .update_layout(title="Two-model soup vs two-model ensemble", xaxis_title=f"ensemble {pair_split} accuracy (%)",
+                       yaxis_title=f"soup {pair_split} accuracy (%)", height=420), key="geometry-fig4")
+    r_loss = report["correlations"]["approximation_vs_loss_difference"]
+    st.caption(f"§4 approximation of the soup − ensemble loss difference vs the measured one: r = "
+               f"{'n/a' if r_loss is None else f'{r_loss:+.2f}'} over {len(pairs)} pairs (β fitted on val).")
+
+st.subheader("Interpolation between two points")
+points = ([BASE] if zoo.has_base else []) + names + ["uniform", "greedy"]
+c1, c2, c3 = st.columns(3)
+a = c1.selectbox("From", points, index=0, key="geometry-a")
+b = c2.selectbox("To", points, index=min(1, len(points) - 1), key="geometry-b")
+bn = c3.selectbox("BatchNorm", BN_POLICIES, key="geometry-bn")
+if a != b:
+    path = cached_path(zoo, zoo_key(zoo), a, b, bn)
+    fig = go.Figure()
+    for s in ("val", "test"):
+        fig.add_trace(go.Scatter(x=path["alphas"], y=100 * np.array(path["error"][s]), name=f"{s} error",
+                                 mode="lines+markers"))
+    fig.add_vline(x=0, line_dash="dot")
+    fig.add_vline(x=1, line_dash="dot")
+    fig.update_layout(title=f"(1 − α)·{a} + α·{b}", xaxis_title="α", yaxis_title="error (%)", height=420)
+    st.plotly_chart(fig, key="geometry-path")
+    st.write(f"Error barrier on test: {100 * path['barrier']['test']['error']:.2f} points; "
+             f"loss barrier {path['barrier']['test']['loss']:.4f} (paper App. J.1). BatchNorm: {path['bn']}.")

@@ -1,0 +1,78 @@
+"""Recipes: every recipe on one board (paper Table 3 and Figure 1) and the reproduction's ablations."""
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from appkit.workspace import cached_ablations, recipe_result, set_export, sidebar, zoo_key
+from soup_core.evaluate import shift_average
+from soup_core.recipes import RECIPES
+
+zoo = sidebar()
+st.title("Recipes")
+if zoo.evaluator is None:
+    st.info("Recipes other than uniform and Model Stock need an evaluator.")
+    st.stop()
+evaluator = zoo.evaluator
+shifts = evaluator.shift_names
+available = [r for r in RECIPES.values() if not (r.needs_base and not zoo.has_base)]
+results = {r.name: recipe_result(zoo, zoo_key(zoo), r.name) for r in available}
+
+rows = []
+for recipe in available:
+    result = results[recipe.name]
+    m = result.metrics
+    rows.append({"recipe": recipe.pretty_name, "ingredients": len(result.ingredients),
+                 "val": 100 * m["val"].accuracy, "test": 100 * m["test"].accuracy,
+                 "avg shifts": 100 * shift_average(m, shifts),
+                 **{s: 100 * m[s].accuracy for s in shifts}, "reference": recipe.reference})
+st.subheader("Table 3, on this zoo")
+st.caption("Every choice is made on val; test and the shifts are reports. Ensembles cost one forward pass per "
+           "ingredient at inference; soups cost one.")
+st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table",
+             column_config={c: st.column_config.NumberColumn(format="%.2f")
+                            for c in ("val", "test", "avg shifts", *shifts)})
+
+st.subheader("Figure 1, on this zoo")
+individual = {n: zoo.metrics(n) for n in zoo.names}
+figure = go.Figure(go.Scatter(
+    x=[100 * m["test"].accuracy for m in individual.values()],
+    y=[100 * shift_average(m, shifts) for m in individual.values()], mode="markers", name="individual models",
+    marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=list(individual),
+    hovertemplate="%{text}<br>test %{x:.2f}%<br>shifts %{y:.2f}%<extra></extra>"))
+for recipe in available:
+    if recipe.name == "best":
+        continue
+    m = results[recipe.name].metrics
+    figure.add_trace(go.Scatter(x=[100 * m["test"].accuracy], y=[100 * shift_average(m, shifts)],
+                                mode="markers", name=recipe.pretty_name, marker={"size": 14, "symbol": "star"}))
+figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
+st.plotly_chart(figure, key="recipes-figure1")
+
+with st.form("export-recipe"):
+    soups = [r for r in available if r.is_soup]
+    choice = st.selectbox("Soup to export", [r.name for r in soups], format_func=lambda n: RECIPES[n].pretty_name)
+    if st.form_submit_button("Use for export"):
+        set_export({"kind": "recipe", "recipe": choice})
+        st.success(f"{RECIPES[choice].pretty_name} is ready on the Export page.")
+
+st.subheader("Ablations (reproduction)")
+if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="recipes-ablations"):
+    greedy_rows, pruned_rows = cached_ablations(zoo, zoo_key(zoo))
+    left, right = st.columns(2)
+    ks = [r["models_considered"] for r in greedy_rows]
+    fig = go.Figure()
+    for split, color in (("val", "#1f77b4"), ("test", "#d62728")):
+        values = np.array([r[split] for r in greedy_rows]) * 100
+        fig.add_trace(go.Scatter(x=ks, y=values.mean(1), error_y={"array": values.std(1)}, name=split,
+                                 mode="lines+markers", line={"color": color}))
+    fig.update_layout(title="Greedy soup vs models considered (mean ± std, 5 orders)", xaxis_type="log",
+                      xaxis_title="models considered", yaxis_title="accuracy (%)", height=400)
+    left.plotly_chart(fig, key="ablation-greedy")
+    fig = go.Figure()
+    for split in ("val", "test"):
+        fig.add_trace(go.Scatter(x=[r["passes"] for r in pruned_rows], y=[100 * r[split] for r in pruned_rows],
+                                 name=split, mode="lines+markers"))
+    fig.update_layout(title="Pruned soup vs passes", xaxis_title="passes", yaxis_title="accuracy (%)", height=400)
+    right.plotly_chart(fig, key="ablation-pruned")
