@@ -14,10 +14,11 @@ import streamlit as st
 
 from soup_core.checkpoints import CheckpointError, load_state_dict_bytes, save_state_dict, validate_state_dicts
 
-from soup_core.evaluate import metrics_from_logits, ensemble_logits, shift_average
+from soup_core.evaluate import TEST, VAL, ensemble_logits, metrics_from_logits, shift_average
 from soup_core.params import num_parameters, uniform_average
 from soup_core.recipes import SoupOptions, SoupResult
-from soup_core.zoo import Zoo, make_soup, open_zoo, sample_zoos
+from soup_core.zoo import (ALLOWED_ROOTS_ENV, CHECKPOINT_SUFFIXES, SAMPLE_ROOT, Zoo, ZooError,
+                           allowed_roots_from_env, make_soup, open_zoo, sample_zoos)
 
 DEFAULT_ZOO = "digits-finetune"
 
@@ -29,14 +30,16 @@ def load_zoo(name: str) -> Zoo:
 
 
 def checkpoint_table(zoo: Zoo) -> pd.DataFrame:
-    """Hyperparameters and val/test/shift accuracy of every checkpoint (percent)."""
-    shifts = zoo.evaluator.shift_names
+    """Hyperparameters and accuracy (percent) on val, test and the shifts' mean, when scored."""
     rows = []
     for ckpt in zoo.names:
-        metrics = zoo.metrics(ckpt)
-        rows.append({"checkpoint": ckpt, **dict(zoo.hparams(ckpt)),
-                     "val": 100 * metrics["val"].accuracy, "test": 100 * metrics["test"].accuracy,
-                     "shifts": 100 * shift_average(metrics, shifts)})
+        row = {"checkpoint": ckpt, **dict(zoo.hparams(ckpt))}
+        if zoo.evaluator is not None:
+            metrics = zoo.metrics(ckpt)
+            row.update({s: 100 * metrics[s].accuracy for s in (VAL, TEST) if s in metrics})
+            if zoo.evaluator.shift_names:
+                row["shifts"] = 100 * shift_average(metrics, zoo.evaluator.shift_names)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -65,9 +68,9 @@ class SessionFolder:
 
 
 def _session_folder() -> Path:
-    if "workspace:folder" not in st.session_state:
-        st.session_state["workspace:folder"] = SessionFolder()
-    return st.session_state["workspace:folder"].path
+    if "workspace:session-folder" not in st.session_state:
+        st.session_state["workspace:session-folder"] = SessionFolder()
+    return st.session_state["workspace:session-folder"].path
 
 
 def _safe_stem(filename: str) -> str:
@@ -75,16 +78,23 @@ def _safe_stem(filename: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:64]
 
 
-def add_uploads(zoo: Zoo, files) -> list[str]:
+def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = False) -> list[str]:
     """Validate uploaded checkpoints against the zoo; keep the good ones in the session folder.
 
     Returns one message per refused file. Nothing is ever unpickled beyond
-    ``weights_only=True`` and nothing outside the session folder is written.
+    ``weights_only=True``, no upload is ever run as code, and nothing outside the session
+    folder is written.
     """
     uploads = st.session_state.setdefault(f"workspace:uploads:{zoo.name}", {})
     problems = []
     reference_name = zoo.names[0]
     for file in files or []:
+        if skip_other_files and not file.name.endswith(CHECKPOINT_SUFFIXES):
+            continue  # a folder upload brings configs and notes along
+        if file.size > limit_bytes:
+            problems.append(f"{file.name}: {file.size / 2**20:.1f} MB is over the upload limit of "
+                            f"{limit_bytes >> 20} MB (server.maxUploadSize)")
+            continue
         data = file.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         if any(u["sha256"] == digest for u in uploads.values()):
@@ -94,7 +104,8 @@ def add_uploads(zoo: Zoo, files) -> list[str]:
             report = validate_state_dicts({reference_name: zoo.state_dict(reference_name), file.name: state})
             report.raise_for_errors()
         except (CheckpointError, ValueError) as exc:
-            problems.append(f"{file.name}: {exc}")
+            message = str(exc)
+            problems.append(message if message.startswith(file.name) else f"{file.name}: {message}")
             continue
         name = _safe_stem(file.name)
         while name in zoo.entries or name in uploads:
@@ -110,22 +121,60 @@ def current_zoo(base: Zoo) -> Zoo:
     return base.extended({n: u["path"] for n, u in uploads.items()}) if uploads else base
 
 
+def app_allowed_roots() -> list[Path]:
+    """Folders the app may open: ``SOUP_ALLOWED_ROOTS``, else only the built-in sample zoos."""
+    return allowed_roots_from_env() or [SAMPLE_ROOT.resolve()]
+
+
+@st.cache_resource(show_spinner="Opening the folder…", max_entries=16)
+def load_folder_zoo(path: str, roots: tuple[Path, ...]) -> Zoo:
+    zoo = open_zoo(path, allowed_roots=list(roots))
+    zoo.validation.raise_for_errors()  # refuse it here, with the message, rather than fail on a page
+    zoo.evaluator  # imports the manifest's model and data now: a missing module is an error here too
+    return zoo
+
+
+def _open_folder() -> Zoo | None:
+    roots = tuple(app_allowed_roots())
+    _recall("folder", st.query_params.get("folder", ""))
+    folder = st.sidebar.text_input("Folder on this server (zoo.toml or checkpoint files)", key="folder",
+                                   on_change=keep, args=("folder",),
+                                   help="Allowed: " + ", ".join(map(str, roots)) + f" (set {ALLOWED_ROOTS_ENV})")
+    if not folder:
+        return None
+    try:
+        zoo = load_folder_zoo(folder, roots)
+    except (ZooError, CheckpointError, ValueError, OSError) as exc:
+        st.sidebar.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    st.query_params["folder"] = folder
+    return zoo
+
+
 def sidebar() -> Zoo:
-    """The zoo picker (first visit: the URL's ``?zoo=``), uploads, and what was loaded."""
+    """Open a sample zoo (default; the URL's ``?zoo=``) or a server folder; add uploads; report."""
     names = list(sample_zoos())
     wanted = st.query_params.get("zoo", DEFAULT_ZOO)
     _recall("zoo", wanted if wanted in names else DEFAULT_ZOO)
     name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=keep, args=("zoo",))
     st.query_params["zoo"] = name
-    files = st.sidebar.file_uploader("Add checkpoints (.safetensors, .pt, .pth, .bin)", accept_multiple_files=True,
-                                     key=f"upload:{name}")
-    for problem in add_uploads(load_zoo(name), files):
+    opened = _open_folder() or load_zoo(name)
+    whole_folder = st.sidebar.toggle("Upload a whole folder", key="upload-folder")
+    limit_mb = int(st.get_option("server.maxUploadSize"))
+    files = st.sidebar.file_uploader(f"Add checkpoints (.safetensors, .pt, .pth, .bin; up to {limit_mb} MB each)",
+                                     accept_multiple_files="directory" if whole_folder else True,
+                                     key=f"upload:{opened.name}:{whole_folder}")
+    for problem in add_uploads(opened, files, limit_mb << 20, skip_other_files=whole_folder):
         st.sidebar.error(problem)
-    zoo = current_zoo(load_zoo(name))
+    zoo = current_zoo(opened)
     st.sidebar.caption(zoo.description)
     base = " + base θ0" if zoo.has_base else " (no base θ0)"
     st.sidebar.write(f"**{len(zoo.names)} checkpoints**{base}, "
                      f"{num_parameters(zoo.state_dict(zoo.names[0])):,} parameters each")
+    if zoo.evaluator is None:
+        st.sidebar.info("Weights only (no model or data in the manifest): angles, uniform and Model Stock "
+                        "soups and export work; scores, greedy/pruned/learned soups and landscapes need an "
+                        "evaluator.")
     report = zoo.validation
     for message in report.errors:
         st.sidebar.error(message)
@@ -154,21 +203,28 @@ def ticked(zoo: Zoo) -> list[str]:
 
 
 def live_soup(zoo: Zoo, names: list[str]) -> dict:
-    """Uniform soup, best individual and logit ensemble of ``names``: accuracy per split."""
+    """Uniform soup, best individual and logit ensemble of ``names``: accuracy per report split."""
     evaluator = zoo.evaluator
     states = [zoo.state_dict(n) for n in names]
     soup = evaluator.evaluate(uniform_average(states))
     individual = {n: zoo.metrics(n) for n in names}
-    best = max(names, key=lambda n: individual[n]["val"].accuracy)  # chosen on val, as the paper does
+    best = max(names, key=lambda n: individual[n][VAL].accuracy)  # chosen on val, as the paper does
     ensemble = {s: metrics_from_logits(ensemble_logits([evaluator.logits(st_, s) for st_ in states]),
                                        evaluator.labels(s)) for s in evaluator.split_names}
-    shifts = evaluator.shift_names
+    columns = report_columns(evaluator)
 
     def row(metrics):
-        return {"val": metrics["val"].accuracy, "test": metrics["test"].accuracy,
-                "shifts": shift_average(metrics, shifts)}
+        out = {s: metrics[s].accuracy for s in columns if s in metrics}
+        if "shifts" in columns:
+            out["shifts"] = shift_average(metrics, evaluator.shift_names)
+        return out
 
     return {"soup": row(soup), "best": row(individual[best]), "best_name": best, "ensemble": row(ensemble)}
+
+
+def report_columns(evaluator) -> list[str]:
+    """val, test (when the data has it) and "shifts" (when there are any)."""
+    return [s for s in (VAL, TEST) if s in evaluator.splits] + (["shifts"] if evaluator.shift_names else [])
 
 
 def zoo_key(zoo: Zoo) -> tuple:
@@ -211,8 +267,9 @@ def cached_pairs(_zoo: Zoo, key: tuple, names: tuple[str, ...], split: str) -> d
 def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str) -> dict:
     from soup_core.landscape import interpolation_path
     from soup_core.zoo import zoo_point
+    splits = [s for s in (VAL, TEST) if s in _zoo.evaluator.splits]
     return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0], names=(a, b),
-                              splits=["val", "test"], bn=bn).to_json()
+                              splits=splits, bn=bn).to_json()
 
 
 class ExportCandidate:
@@ -276,3 +333,17 @@ def cached_landscape(_zoo: Zoo, key: tuple, points: tuple[str, str, str], grid: 
     from soup_core.zoo import zoo_point
     plane = plane_basis(*(zoo_point(_zoo, n)[0] for n in points), names=points)
     return plane_landscape(_zoo.evaluator, plane, grid=grid, splits=[split], bn=bn).to_json()
+
+
+def hf_zip(state, provenance: dict, source: Path) -> bytes:
+    """A zip of the Hugging Face folder ``save_hf_directory`` writes (input's config copied)."""
+    import io
+    import zipfile
+    from soup_core.checkpoints import save_hf_directory
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_hf_directory(state, Path(tmp) / "soup", source=source, provenance=provenance)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(folder.iterdir()):
+                archive.write(file, f"soup/{file.name}")
+        return buffer.getvalue()

@@ -5,8 +5,9 @@ import shlex
 
 import streamlit as st
 
-from appkit.workspace import export_candidate, sidebar, ticked
+from appkit.workspace import export_candidate, hf_zip, sidebar, ticked
 from soup_core.checkpoints import state_dict_bytes
+from soup_core.models import is_hf_directory
 
 zoo = sidebar()
 st.title("Export")
@@ -31,5 +32,12 @@ else:
 st.download_button("Download safetensors", data=state_dict_bytes(candidate.state, candidate.provenance),
                    file_name=candidate.file_name, mime="application/octet-stream", key="export-download",
                    type="primary")
+source = zoo.path(zoo.names[0])
+if is_hf_directory(source):
+    st.download_button("Download as a Hugging Face folder (zip)", data=hf_zip(candidate.state, candidate.provenance,
+                                                                              source),
+                       file_name=candidate.file_name.replace(".safetensors", ".zip"), mime="application/zip",
+                       key="export-download-hf", help="config and tokenizer copied from the input; "
+                                                      "from_pretrained loads the unzipped folder")
 with st.expander("Provenance (stored in the file's metadata as `soup_provenance`)"):
     st.code(json.dumps(candidate.provenance, indent=2), language="json")

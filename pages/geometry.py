@@ -30,7 +30,8 @@ if zoo.evaluator is None:
 st.subheader("Figures 3 and 4: pairs of models")
 default = names[: min(10, len(names))]
 chosen = st.multiselect("Checkpoints to pair (every pair is analysed)", names, default=default, key="geometry-pairs")
-split = st.selectbox("Report split", list(zoo.evaluator.split_names), index=list(zoo.evaluator.split_names).index("test"),
+report_splits = list(zoo.evaluator.split_names)
+split = st.selectbox("Report split", report_splits, index=report_splits.index("test") if "test" in report_splits else 0,
                      key="geometry-split")
 if len(chosen) >= 2 and st.button(f"Analyse {len(chosen) * (len(chosen) - 1) // 2} pairs", key="geometry-run"):
     st.session_state["geometry:pairs"] = (tuple(chosen), split)
@@ -68,12 +69,13 @@ bn = c3.selectbox("BatchNorm", BN_POLICIES, key="geometry-bn")
 if a != b:
     path = cached_path(zoo, zoo_key(zoo), a, b, bn)
     fig = go.Figure()
-    for s in ("val", "test"):
+    for s in path["error"]:
         fig.add_trace(go.Scatter(x=path["alphas"], y=100 * np.array(path["error"][s]), name=f"{s} error",
                                  mode="lines+markers"))
     fig.add_vline(x=0, line_dash="dot")
     fig.add_vline(x=1, line_dash="dot")
     fig.update_layout(title=f"(1 − α)·{a} + α·{b}", xaxis_title="α", yaxis_title="error (%)", height=420)
     st.plotly_chart(fig, key="geometry-path")
-    st.write(f"Error barrier on test: {100 * path['barrier']['test']['error']:.2f} points; "
-             f"loss barrier {path['barrier']['test']['loss']:.4f} (paper App. J.1). BatchNorm: {path['bn']}.")
+    last = list(path["barrier"])[-1]
+    st.write(f"Error barrier on {last}: {100 * path['barrier'][last]['error']:.2f} points; "
+             f"loss barrier {path['barrier'][last]['loss']:.4f} (paper App. J.1). BatchNorm: {path['bn']}.")

@@ -9,9 +9,6 @@ from appkit.workspace import (checkpoint_table, keep, live_soup, recipe_result, 
 zoo = sidebar()
 st.title("Ingredients")
 st.metric("Checkpoints", len(zoo.names))
-if zoo.evaluator is None:
-    st.info("This zoo has no evaluator: metrics, greedy and pruned soups need one.")
-    st.stop()
 st.dataframe(checkpoint_table(zoo), hide_index=True,
              column_config={s: st.column_config.NumberColumn(format="%.1f") for s in ("val", "test", "shifts")})
 
@@ -27,17 +24,23 @@ def soup_of_the_ticked_set() -> None:
     if not chosen:
         st.warning("Tick at least one ingredient.")
         return
+    if zoo.evaluator is None:
+        st.info(f"The uniform soup of {len(chosen)} ingredient(s) is ready on the Export page; scoring it "
+                "needs an evaluator.")
+        return
     live = live_soup(zoo, chosen)
     for label, key in ((f"Uniform soup of {len(chosen)}", "soup"),
                        (f"Best individual ({live['best_name']})", "best"), ("Logit ensemble", "ensemble")):
         cols = st.columns([2, 1, 1, 1])
         cols[0].markdown(f"**{label}**")
-        for col, split in zip(cols[1:], ("val", "test", "shifts")):
+        for col, split in zip(cols[1:], live[key]):
             col.metric(f"{key} {split}", f"{100 * live[key][split]:.2f}%")
 
 
 @st.fragment
 def replay() -> None:
+    if zoo.evaluator is None:
+        return
     st.subheader("Watch a recipe")
     st.caption("Greedy soup (paper Recipe 1) and pruned soup (reproduction, Algorithm 2) on all "
                "checkpoints, choices made on val.")

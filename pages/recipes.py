@@ -12,10 +12,20 @@ from soup_core.recipes import RECIPES
 zoo = sidebar()
 st.title("Recipes")
 if zoo.evaluator is None:
-    st.info("Recipes other than uniform and Model Stock need an evaluator.")
+    st.info("Weights only: the uniform soup and Model Stock (with a base) can be made and exported; every other "
+            "recipe chooses or weighs ingredients by held-out accuracy and needs an evaluator.")
+    with st.form("export-recipe"):
+        soups = [r for r in RECIPES.values() if not r.needs_evaluator and (zoo.has_base or not r.needs_base)]
+        choice = st.selectbox("Soup to export", [r.name for r in soups], format_func=lambda n: RECIPES[n].pretty_name)
+        if st.form_submit_button("Use for export"):
+            set_export({"kind": "recipe", "recipe": choice})
+            st.success(f"{RECIPES[choice].pretty_name} is ready on the Export page.")
     st.stop()
 evaluator = zoo.evaluator
 shifts = evaluator.shift_names
+if "test" not in evaluator.splits:
+    st.info("This zoo's data has no test split: the board needs val and test.")
+    st.stop()
 available = [r for r in RECIPES.values() if not (r.needs_base and not zoo.has_base)]
 results = {r.name: recipe_result(zoo, zoo_key(zoo), r.name) for r in available}
 
@@ -25,7 +35,7 @@ for recipe in available:
     m = result.metrics
     rows.append({"recipe": recipe.pretty_name, "ingredients": len(result.ingredients),
                  "val": 100 * m["val"].accuracy, "test": 100 * m["test"].accuracy,
-                 "avg shifts": 100 * shift_average(m, shifts),
+                 "avg shifts": 100 * (shift_average(m, shifts) or float("nan")),
                  **{s: 100 * m[s].accuracy for s in shifts}, "reference": recipe.reference})
 st.subheader("Table 3, on this zoo")
 st.caption("Every choice is made on val; test and the shifts are reports. Ensembles cost one forward pass per "
@@ -38,14 +48,14 @@ st.subheader("Figure 1, on this zoo")
 individual = {n: zoo.metrics(n) for n in zoo.names}
 figure = go.Figure(go.Scatter(
     x=[100 * m["test"].accuracy for m in individual.values()],
-    y=[100 * shift_average(m, shifts) for m in individual.values()], mode="markers", name="individual models",
+    y=[100 * (shift_average(m, shifts) or float("nan")) for m in individual.values()], mode="markers", name="individual models",
     marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=list(individual),
     hovertemplate="%{text}<br>test %{x:.2f}%<br>shifts %{y:.2f}%<extra></extra>"))
 for recipe in available:
     if recipe.name == "best":
         continue
     m = results[recipe.name].metrics
-    figure.add_trace(go.Scatter(x=[100 * m["test"].accuracy], y=[100 * shift_average(m, shifts)],
+    figure.add_trace(go.Scatter(x=[100 * m["test"].accuracy], y=[100 * (shift_average(m, shifts) or float("nan"))],
                                 mode="markers", name=recipe.pretty_name, marker={"size": 14, "symbol": "star"}))
 figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
 st.plotly_chart(figure, key="recipes-figure1")

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -142,7 +143,13 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
 
 
 def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The provenance manifest that :func:`save_state_dict` stored in a safetensors file."""
+    """The provenance manifest that :func:`save_state_dict` stored in a safetensors file
+    (or in the first weights file of a Hugging Face directory)."""
+    if Path(path).is_dir():
+        files = sorted(Path(path).glob("model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no model*.safetensors in this folder")
+        path = files[0]
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
@@ -446,6 +453,83 @@ def save_state_dict(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+HF_SHARD_BYTES = 5 << 30  # transformers' default max_shard_size
+
+
+def save_hf_directory(
+    state: Mapping[str, torch.Tensor],
+    directory: str | os.PathLike[str],
+    *,
+    source: str | os.PathLike[str],
+    provenance: Mapping[str, Any] | None = None,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    max_shard_bytes: int = HF_SHARD_BYTES,
+) -> Path:
+    """Write ``state`` as a Hugging Face directory that ``from_pretrained`` loads.
+
+    Everything but the weights is copied from ``source`` (config, tokenizer, generation
+    config); the weights go to ``model.safetensors``, or to shards
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` when they exceed
+    ``max_shard_bytes``. Tied tensors are written once, as ``save_pretrained`` does. The folder
+    is assembled beside the target and renamed into place; an existing non-empty target or an
+    input is never written over.
+
+    >>> import tempfile, torch, json, pathlib
+    >>> src = pathlib.Path(tempfile.mkdtemp()); (src / "config.json").write_text("{}")
+    2
+    >>> out = save_hf_directory({"w": torch.ones(2)}, src.parent / (src.name + "-soup"), source=src)
+    >>> sorted(p.name for p in out.iterdir())
+    ['config.json', 'model.safetensors']
+    """
+    directory, source = Path(directory), Path(source)
+    target = directory.resolve()
+    for item in (*inputs, source):
+        item = Path(item).resolve()
+        if target == item or item in target.parents or target in item.parents:
+            raise CheckpointError(f"{directory}: refusing to write over an input checkpoint ({item})")
+    if directory.exists() and any(directory.iterdir()):
+        raise CheckpointError(f"{directory}: exists and is not empty; choose a new folder")
+    aliases = {alias: group[0] for group in tied_groups(state) for alias in group[1:]}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in aliases}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True, default=str)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for item in source.iterdir():
+            if item.is_file() and not item.name.endswith(WEIGHT_FILE_SUFFIXES):
+                shutil.copy2(item, staging / item.name)
+        if len(shards) == 1:
+            safetensors.torch.save_file(shards[0], staging / "model.safetensors", metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                safetensors.torch.save_file(shard, staging / name, metadata=metadata)
+                weight_map.update({k: name for k in shard})
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if directory.exists():
+            directory.rmdir()  # empty, checked above
+        os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor], provenance: Mapping[str, Any] | None = None) -> bytes:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from soup_core import __version__
 from soup_core.checkpoints import (CheckpointError, is_float, load_state_dict,
-                                   open_checkpoint, read_provenance, save_state_dict,
+                                   open_checkpoint, read_provenance, save_hf_directory, save_state_dict,
                                    tied_groups, validate_state_dicts)
 from soup_core.evaluate import Metrics, metrics_to_json, shift_average
 from soup_core.geometry import pairwise_angles
@@ -41,6 +41,7 @@ from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
 from soup_core.geometry import plane_basis
 from soup_core.landscape import (BN_POLICIES, Landscape, interpolation_path, path_alphas, plane_landscape,
                                  point_weights)
+from soup_core.models import is_hf_directory
 from soup_core.pairs import pair_analyses
 from soup_core.zoo import BASE, Zoo, ZooError, make_soup, open_zoo, sample_zoos, zoo_point
 
@@ -191,8 +192,14 @@ def cmd_make(args: argparse.Namespace) -> None:
             raise CliError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
                            "be written as a checkpoint; choose a soup recipe")
         inputs = [zoo.path(n) for n in (*zoo.names, *((BASE,) if zoo.has_base else ()))]
-        save_state_dict(result.state_dict, args.out, provenance=provenance(zoo, result, command),
-                        inputs=inputs)
+        source = zoo.path(zoo.names[0])
+        if is_hf_directory(source) and not args.out.endswith(".safetensors"):
+            # The input's own format: a folder from_pretrained loads, config and tokenizer copied.
+            save_hf_directory(result.state_dict, args.out, source=source,
+                              provenance=provenance(zoo, result, command), inputs=inputs)
+        else:
+            save_state_dict(result.state_dict, args.out, provenance=provenance(zoo, result, command),
+                            inputs=inputs)
         payload["out"] = args.out
     _write_json(args.json, payload)
     shifts = zoo.evaluator.shift_names if zoo.evaluator is not None else ()

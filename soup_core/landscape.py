@@ -233,7 +233,7 @@ class SliceEvaluator:
             for key, value in self.fixed.items():
                 if key in self._tensors:
                     self._tensors[key].copy_(value)
-        self.strategy = "vmap"
+        self.strategy = "loop"  # measuring needs no batching, and every model runs in a loop
         self.activations_per_sample = self._activation_size()
         self.strategy = self._fastest_strategy() if strategy == "auto" else strategy
 
@@ -283,9 +283,17 @@ class SliceEvaluator:
         Batched convolutions become grouped convolutions under vmap, which CPUs run slowly,
         while small matmul networks gain from batching; so it is measured, not guessed.
         """
+        split = next(iter(self.evaluator.splits.values()))
+        try:  # some models (data-dependent control flow) cannot run under vmap at all
+            self.strategy = "vmap"
+            self._logits(torch.zeros(2, self.k, device=self.device), split.inputs[:2])
+        except Exception:
+            return "loop"
+        finally:
+            self.strategy = "loop"
         if self.device.type != "cpu":
             return "vmap"
-        split = next(iter(self.evaluator.splits.values()))
+        self.strategy = "vmap"
         if self.chunk_points(len(split)) == 1:
             return "loop"  # a vmap of one point only adds overhead
         points = max(2, min(8, self.chunk_points(len(split))))

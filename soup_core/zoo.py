@@ -13,8 +13,16 @@ Sample zoos and user zoos are the same thing: the built-in ones are ordinary man
     path = "runs/1.safetensors"
     hparams = { lr = 1e-4 }               # optional, shown in tables
 
+``checkpoints`` may instead be a list of paths and globs (``["runs/*/model.safetensors"]``);
+``model`` may be left out for Hugging Face folders and timm checkpoints (see
+:mod:`soup_core.models`), and ``evaluator`` replaced by a ``[data]`` table (see
+:mod:`soup_core.data`). Without a model or data the zoo is weights-only. A folder without a
+manifest is a zoo of the checkpoints in it.
+
 A ``module`` is looked up first as ``<module>.py`` beside the manifest, then as an installed
 module. Checkpoints load lazily (memory-mapped) and are validated together once, on first use.
+With ``allowed_roots`` (or ``SOUP_ALLOWED_ROOTS``) every path the manifest names must resolve,
+symlinks followed, inside one of them.
 
 >>> from soup_core.zoo import open_zoo
 >>> zoo = open_zoo("digits-finetune")
@@ -27,6 +35,8 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +49,9 @@ import torch
 
 from soup_core.checkpoints import (CheckpointError, StateDict, ValidationReport, file_sha256,
                                    load_state_dict, validate_state_dicts)
+from soup_core.data import DataError, data_evaluator
 from soup_core.evaluate import Evaluator, Metrics
+from soup_core.models import ModelError, detect_model_factory
 from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "sample_data"
@@ -62,6 +74,32 @@ def sample_zoos() -> dict[str, Path]:
     return {p.parent.name: p for p in sorted(SAMPLE_ROOT.glob("*/zoo.toml"))}
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
+GENERIC_STEMS = {"model", "pytorch_model", "checkpoint", "weights", "last", "best", "model_best"}
+ALLOWED_ROOTS_ENV = "SOUP_ALLOWED_ROOTS"
+
+
+def allowed_roots_from_env() -> list[Path] | None:
+    """``SOUP_ALLOWED_ROOTS`` (``os.pathsep``-separated folders) plus the built-in sample zoos,
+    or None (no restriction) when unset."""
+    value = os.environ.get(ALLOWED_ROOTS_ENV)
+    if not value:
+        return None
+    return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p] + [SAMPLE_ROOT.resolve()]
+
+
+def within_roots(path: Path, roots: Sequence[Path] | None, what: str) -> Path:
+    """``path`` with symlinks resolved, if it lies inside one of ``roots`` (None: anywhere).
+
+    Resolving first is what stops both ``..`` traversal and symlinks that point outside.
+    """
+    real = Path(path).expanduser().resolve()
+    if roots is None or any(real == root or real.is_relative_to(root) for root in roots):
+        return real
+    raise ZooError(f"{what} {path} is outside the allowed folders ({', '.join(map(str, roots))}); "
+                   f"add its folder to {ALLOWED_ROOTS_ENV} to use it")
+
+
 def resolve_manifest(zoo: str | Path) -> Path:
     """A sample zoo's name, a ``zoo.toml`` path, or a folder holding one."""
     samples = sample_zoos()
@@ -75,12 +113,37 @@ def resolve_manifest(zoo: str | Path) -> Path:
     return path
 
 
-def load_callable(spec: str, root: Path) -> Callable[..., Any]:
-    """``module:function`` from ``<root>/<module>.py`` or an installed module."""
+def _checkpoint_name(path: Path, root: Path) -> str:
+    stem = path.name if path.is_dir() else path.name.split(".")[0]
+    if stem in GENERIC_STEMS and path.parent != root:
+        stem = path.parent.name
+    return stem
+
+
+def folder_manifest(folder: Path) -> dict[str, Any]:
+    """What a folder of checkpoints means without a zoo.toml: every checkpoint file or Hugging
+    Face directory in it; ``base.*`` (or a ``base/`` directory) is θ0; no evaluator."""
+    items = sorted(p for p in folder.iterdir()
+                   if (p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES)) or (p.is_dir() and (p / "config.json").is_file()))
+    base = [p for p in items if _checkpoint_name(p, folder) == BASE]
+    entries = [{"path": p.name} for p in items if p not in base]
+    return {"name": folder.name, "description": f"checkpoints in {folder}", "checkpoints": entries,
+            **({"base": base[0].name} if base else {})}
+
+
+def load_callable(spec: str, root: Path, allowed_roots: Sequence[Path] | None = None) -> Callable[..., Any]:
+    """``module:function`` from ``<root>/<module>.py`` or an installed module.
+
+    This runs code: only manifests on the server's own disk (inside the allowed roots) name
+    it, never an upload. Module names are dotted identifiers, so they cannot climb out of
+    ``root``.
+    """
     module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name) or not attr.isidentifier():
         raise ZooError(f"{spec!r} is not of the form module:function")
     local = root / (module_name.replace(".", "/") + ".py")
+    if local.is_file():
+        within_roots(local, allowed_roots, "module")
     try:
         if local.is_file():
             unique = f"_soup_zoo_{abs(hash(str(local)))}_{local.stem}"
@@ -102,31 +165,61 @@ def load_callable(spec: str, root: Path) -> Callable[..., Any]:
 class Zoo:
     """Checkpoints of one model family, with what it takes to score them."""
 
-    def __init__(self, manifest: str | Path, *, device: str | None = None) -> None:
-        self.manifest = resolve_manifest(manifest)
-        self.root = self.manifest.parent
-        try:
-            data = tomllib.loads(self.manifest.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ZooError(f"{self.manifest}: not valid TOML ({exc})") from None
+    def __init__(self, manifest: str | Path, *, device: str | None = None,
+                 allowed_roots: Sequence[Path] | None = None) -> None:
+        self.allowed_roots = allowed_roots if allowed_roots is not None else allowed_roots_from_env()
+        given = Path(manifest) if not (isinstance(manifest, str) and manifest in sample_zoos()) else None
+        if given is not None and given.is_dir() and not (given / "zoo.toml").is_file():
+            folder = within_roots(given, self.allowed_roots, "folder")
+            self.manifest, self.root, data = folder, folder, folder_manifest(folder)
+        else:
+            self.manifest = resolve_manifest(manifest)
+            self.root = within_roots(self.manifest, self.allowed_roots, "manifest").parent
+            try:
+                data = tomllib.loads(self.manifest.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ZooError(f"{self.manifest}: not valid TOML ({exc})") from None
         self.name: str = data.get("name", self.root.name)
         self.description: str = data.get("description", "")
         self.model_spec: str | None = data.get("model")
         self.evaluator_spec: str | None = data.get("evaluator")
+        self.data_spec: Mapping[str, Any] | None = data.get("data")
         self.device = device
-        entries = data.get("checkpoints", [])
-        if not entries:
-            raise ZooError(f"{self.manifest}: no [[checkpoints]] listed")
         self.entries: dict[str, CheckpointEntry] = {}
-        for i, entry in enumerate(entries):
-            if "path" not in entry:
-                raise ZooError(f"{self.manifest}: checkpoint #{i + 1} has no path")
-            name = entry.get("name", Path(entry["path"]).stem)
-            if name == BASE or name in self.entries:
-                raise ZooError(f"{self.manifest}: checkpoint name {name!r} is reserved or used twice")
-            self.entries[name] = CheckpointEntry(name, self.root / entry["path"], entry.get("hparams", {}))
-        self.base_path: Path | None = self.root / data["base"] if data.get("base") else None
+        for entry in self._checkpoint_entries(data.get("checkpoints", [])):
+            if entry.name == BASE or entry.name in self.entries:
+                raise ZooError(f"{self.manifest}: checkpoint name {entry.name!r} is reserved or used twice")
+            self.entries[entry.name] = entry
+        if not self.entries:
+            raise ZooError(f"{self.manifest}: no checkpoints found (an empty folder, or globs that match nothing)")
+        self.base_path: Path | None = self.resolve(data["base"], "base") if data.get("base") else None
         self._states: dict[str, StateDict] = {}
+
+    def resolve(self, relative: str, what: str) -> Path:
+        """A path named in the manifest, relative to its folder, inside the allowed roots."""
+        path = self.root / relative
+        if not path.exists():
+            raise ZooError(f"{self.manifest}: {what} {relative!r} does not exist")
+        return within_roots(path, self.allowed_roots, what)
+
+    def _checkpoint_entries(self, items: Sequence[Any]) -> list[CheckpointEntry]:
+        """``[[checkpoints]]`` tables (name, path, hparams) or plain paths and globs."""
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                matches = sorted(self.root.glob(item)) if any(c in item for c in "*?[") else [self.root / item]
+                for path in matches:
+                    if not path.exists():
+                        raise ZooError(f"{self.manifest}: checkpoint {item!r} does not exist")
+                    out.append(CheckpointEntry(_checkpoint_name(path, self.root),
+                                               within_roots(path, self.allowed_roots, "checkpoint"), {}))
+            elif isinstance(item, Mapping) and "path" in item:
+                path = self.resolve(item["path"], "checkpoint")
+                out.append(CheckpointEntry(item.get("name", _checkpoint_name(path, self.root)), path,
+                                           item.get("hparams", {})))
+            else:
+                raise ZooError(f"{self.manifest}: checkpoint #{i + 1} has no path")
+        return out
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -195,19 +288,40 @@ class Zoo:
 
     @cached_property
     def model_factory(self) -> Callable[[], torch.nn.Module] | None:
-        return load_callable(self.model_spec, self.root) if self.model_spec else None
+        """The manifest's ``model = "module:function"``, else one found from the checkpoints
+        (Hugging Face directory, timm checkpoint), else None (a weights-only zoo)."""
+        if self.model_spec and self.model_spec != "auto":
+            return load_callable(self.model_spec, self.root, self.allowed_roots)
+        first = self.path(self.names[0])
+        try:
+            return detect_model_factory(first, self.state_dict(self.names[0]))
+        except ModelError as exc:
+            raise ZooError(str(exc)) from None
 
     @cached_property
     def evaluator(self) -> Evaluator | None:
-        """None for a weights-only zoo (no model or no evaluator in the manifest)."""
-        if self.model_factory is None or not self.evaluator_spec:
+        """None for a weights-only zoo (no model, or neither an evaluator nor ``[data]``)."""
+        if self.model_factory is None:
             return None
-        return load_callable(self.evaluator_spec, self.root)(self.model_factory, device=self.device)
+        if self.evaluator_spec:
+            return load_callable(self.evaluator_spec, self.root, self.allowed_roots)(self.model_factory,
+                                                                                    device=self.device)
+        if self.data_spec:
+            tokenizer = next((p for p in [self.base_path, *(e.path for e in self.entries.values())]
+                              if p is not None and p.is_dir() and (p / "tokenizer.json").is_file()
+                              or p is not None and p.is_dir() and (p / "tokenizer_config.json").is_file()), None)
+            try:
+                return data_evaluator(self.data_spec, self.model_factory, lambda rel: self.resolve(rel, "data file"),
+                                      tokenizer_dir=tokenizer, device=self.device)
+            except DataError as exc:
+                raise ZooError(f"{self.manifest}: {exc}") from None
+        return None
 
     def require_evaluator(self, what: str) -> Evaluator:
         if self.evaluator is None:
-            raise ZooError(f"{self.name}: {what} needs a model factory and an evaluator "
-                           "(`model = ...` and `evaluator = ...` in zoo.toml)")
+            raise ZooError(f"{self.name} is weights-only: {what} scores models on held-out data, so it needs "
+                           "a model and data (`model = ...` and `evaluator = ...` or `[data]` in zoo.toml); "
+                           "inspect, angles, uniform and Model Stock soups and export work without")
         return self.evaluator
 
     def metrics(self, name: str) -> dict[str, Metrics]:
@@ -215,10 +329,11 @@ class Zoo:
         return self.require_evaluator("scoring checkpoints").evaluate(self.state_dict(name))
 
 
-def open_zoo(zoo: str | Path, *, device: str | None = None) -> Zoo:
-    """Open a sample zoo by name or any ``zoo.toml``; raises :class:`ZooError` on bad manifests."""
+def open_zoo(zoo: str | Path, *, device: str | None = None, allowed_roots: Sequence[Path] | None = None) -> Zoo:
+    """Open a sample zoo by name, a ``zoo.toml``, or a folder (with a zoo.toml, or of checkpoints);
+    raises :class:`ZooError` on bad manifests and paths outside ``allowed_roots``."""
     try:
-        return Zoo(zoo, device=device)
+        return Zoo(zoo, device=device, allowed_roots=allowed_roots)
     except CheckpointError as exc:
         raise ZooError(str(exc)) from None
 

@@ -122,7 +122,7 @@ def test_geometry_pairs_and_recipe_ablations_render():
 def test_an_uploaded_checkpoint_joins_the_zoo():
     zoo = open_zoo("digits-finetune")
     at = _app()
-    at.file_uploader(key="upload:digits-finetune").set_value(
+    at.file_uploader(key="upload:digits-finetune:False").set_value(
         [("my-model.safetensors", zoo.path("ft-05").read_bytes(), "application/octet-stream")]).run()
     assert not at.exception and not at.error
     assert _metric(at, "Checkpoints") == str(len(zoo.names) + 1)
@@ -151,7 +151,7 @@ def test_a_bad_upload_shows_an_error_and_the_app_keeps_serving(tmp_path, name, d
     elif data == "mismatch":
         data = safetensors.torch.save({k: torch.zeros(3) for k in zoo.state_dict("ft-05")})
     at = _app()
-    at.file_uploader(key="upload:digits-finetune").set_value([(name, data, "application/octet-stream")]).run()
+    at.file_uploader(key="upload:digits-finetune:False").set_value([(name, data, "application/octet-stream")]).run()
     assert not at.exception
     assert at.sidebar.error and any(name in e.value for e in at.sidebar.error)
     assert message.lower() in " ".join(e.value for e in at.sidebar.error).lower()
@@ -319,3 +319,14 @@ def test_every_page_in_chromium_with_screenshots(server):
             assert not page.get_by_test_id("stException").count()
             page.screenshot(path=str(ARTIFACTS / f"{title.lower()}.png"), full_page=True)
         browser.close()
+
+
+def test_the_session_upload_folder_goes_away_with_the_session():
+    import gc
+    from appkit.workspace import SessionFolder
+    folder = SessionFolder()
+    path = folder.path
+    (path / "upload.safetensors").write_bytes(b"x")
+    del folder
+    gc.collect()
+    assert not path.exists()

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 from soup_core.zoo import ZooError, open_zoo, sample_zoos
 
@@ -43,6 +45,7 @@ def test_the_evaluator_has_val_test_and_shift_splits():
 def test_a_manifest_with_a_missing_module_gets_a_clear_error(tmp_path):
     (tmp_path / "zoo.toml").write_text('model = "nowhere:make"\nevaluator = "nowhere:ev"\n'
                                        '[[checkpoints]]\npath = "a.safetensors"\n')
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
     zoo = open_zoo(tmp_path)
     with pytest.raises(ZooError, match="cannot import 'nowhere'"):
         zoo.evaluator

@@ -1,0 +1,165 @@
+"""Built-in data evaluators for user zoos: a table, an image folder, or a text CSV.
+
+A manifest's ``[data]`` table names the kind and one file (or folder) per split; ``val``
+drives the recipes, ``test`` reports, every ``[data.shifts]`` entry is a distribution shift and
+``train`` (optional) is used only for BatchNorm statistics in landscapes::
+
+    [data]
+    kind = "table"            # "table" (CSV or Parquet), "images" (one subfolder per class), "text"
+    label = "label"           # the label column (table, text)
+    val = "data/val.csv"
+    test = "data/test.csv"
+    train = "data/train.csv"  # optional
+    [data.shifts]
+    noisy = "data/noisy.csv"
+
+Options: ``features = [...]`` (table; default every column but the label), ``size`` /
+``mean`` / ``std`` (images: resize to size×size, then normalise per channel; defaults 32,
+0.5, 0.5), ``text`` / ``max_length`` (text; the tokenizer is read from the first checkpoint
+directory that has one, never from a hub).
+
+Class names are sorted and numbered once over every split, so label ids agree between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from soup_core.evaluate import Evaluator, Split
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+KINDS = ("table", "images", "text")
+
+
+class DataError(ValueError):
+    """A data file or option that cannot be used; the message names it."""
+
+
+def _split_paths(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Path]:
+    if "val" not in spec:
+        raise DataError("[data] needs a 'val' split: recipes choose on held-out data")
+    names = {"val": spec["val"], **({"test": spec["test"]} if "test" in spec else {}),
+             **dict(spec.get("shifts", {}))}
+    if "train" in spec:
+        names["train"] = spec["train"]
+    return {name: resolve(str(p)) for name, p in names.items()}
+
+
+def _read_table(path: Path):
+    import pandas as pd
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types for unreadable files
+        raise DataError(f"{path}: not a readable table ({type(exc).__name__}: {exc})") from None
+
+
+def _label_ids(frames: Mapping[str, Any], label: str) -> dict[Any, int]:
+    for name, frame in frames.items():
+        if label not in frame.columns:
+            raise DataError(f"split {name!r} has no label column {label!r}; columns: {', '.join(map(str, frame.columns))}")
+    classes = sorted({v for frame in frames.values() for v in frame[label].tolist()}, key=str)
+    return {c: i for i, c in enumerate(classes)}
+
+
+def table_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Split]:
+    """Numeric feature columns → float32 inputs; the label column → class ids."""
+    label = spec.get("label", "label")
+    frames = {name: _read_table(path) for name, path in _split_paths(spec, resolve).items()}
+    ids = _label_ids(frames, label)
+    features = spec.get("features") or [c for c in next(iter(frames.values())).columns if c != label]
+    out = {}
+    for name, frame in frames.items():
+        missing = [c for c in features if c not in frame.columns]
+        if missing:
+            raise DataError(f"split {name!r} lacks feature column(s) {', '.join(map(str, missing))}")
+        try:
+            x = frame[features].to_numpy(dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"split {name!r}: feature columns must be numeric ({exc})") from None
+        y = np.array([ids[v] for v in frame[label].tolist()], dtype=np.int64)
+        out[name] = Split(torch.from_numpy(x), torch.from_numpy(y))
+    return out
+
+
+def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Split]:
+    """Folders with one subfolder per class → normalised [N, C, size, size] float32."""
+    from PIL import Image, UnidentifiedImageError
+    size = int(spec.get("size", 32))
+    folders = _split_paths(spec, resolve)
+    classes = sorted({d.name for f in folders.values() if f.is_dir() for d in f.iterdir() if d.is_dir()})
+    if not classes:
+        raise DataError("image folders need one subfolder per class")
+    ids = {c: i for i, c in enumerate(classes)}
+    mean = np.asarray(spec.get("mean", 0.5), dtype=np.float32)
+    std = np.asarray(spec.get("std", 0.5), dtype=np.float32)
+    out = {}
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            raise DataError(f"split {name!r}: {folder} is not a folder")
+        images, labels = [], []
+        for cls in classes:
+            for file in sorted((folder / cls).glob("*")) if (folder / cls).is_dir() else []:
+                if file.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    with Image.open(file) as img:
+                        array = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+                except (UnidentifiedImageError, OSError) as exc:
+                    raise DataError(f"{file}: not a readable image ({exc})") from None
+                images.append((array - mean) / std)
+                labels.append(ids[cls])
+        if not images:
+            raise DataError(f"split {name!r}: no images under {folder}")
+        x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
+        out[name] = Split(x, torch.tensor(labels))
+    return out
+
+
+def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer_dir: Path | None) -> dict[str, Split]:
+    """A text column tokenised with the checkpoint's own tokenizer → [N, 2, L] (ids, mask)."""
+    if tokenizer_dir is None:
+        raise DataError("text data needs a tokenizer saved in a checkpoint directory (tokenizer.json)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError("text data needs the optional extra: pip install transformers (the [hf] extra)") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    label, column = spec.get("label", "label"), spec.get("text", "text")
+    max_length = int(spec.get("max_length", 128))
+    frames = {name: _read_table(path) for name, path in _split_paths(spec, resolve).items()}
+    ids = _label_ids(frames, label)
+    out = {}
+    for name, frame in frames.items():
+        if column not in frame.columns:
+            raise DataError(f"split {name!r} has no text column {column!r}")
+        encoded = tokenizer([str(t) for t in frame[column].tolist()], padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        x = torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1)
+        y = torch.tensor([ids[v] for v in frame[label].tolist()])
+        out[name] = Split(x, y)
+    return out
+
+
+def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn.Module],
+                   resolve: Callable[[str], Path], *, tokenizer_dir: Path | None = None,
+                   device: str | None = None) -> Evaluator:
+    """An Evaluator over the splits a manifest's ``[data]`` table describes."""
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise DataError(f"[data] kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if kind == "table":
+        splits = table_splits(spec, resolve)
+    elif kind == "images":
+        splits = image_splits(spec, resolve)
+    else:
+        splits = text_splits(spec, resolve, tokenizer_dir)
+    train = splits.pop("train", None)
+    return Evaluator(model_factory, splits, train=train, device=device,
+                     info={"data": kind, "splits": {k: str(v) for k, v in _split_paths(spec, resolve).items()}})
