@@ -61,8 +61,10 @@ def landscape_view() -> None:
     if shown_key != key:
         st.caption("Settings changed: press Compute to update.")
     s = result.splits[0]
-    figure = go.Figure(go.Contour(x=result.xs, y=result.ys, z=100 * result.preview(result.error[s]),
-                                  colorscale="Viridis", colorbar={"title": f"{s} error %"},
+    shown = st.radio("Show", ["error", "loss"], horizontal=True, key="land-metric")
+    values = 100 * result.error[s] if shown == "error" else result.loss[s]
+    figure = go.Figure(go.Contour(x=result.xs, y=result.ys, z=result.preview(values), colorscale="Viridis",
+                                  colorbar={"title": f"{s} error %" if shown == "error" else f"{s} loss"},
                                   contours={"showlabels": True}))
     figure.add_trace(go.Scatter(
         x=[p.xy[0] for p in result.projections], y=[p.xy[1] for p in result.projections], mode="markers",
@@ -76,8 +78,9 @@ def landscape_view() -> None:
     gx, gy = np.meshgrid(result.xs, result.ys)
     figure.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", name="grid points",
                                 marker={"size": 9, "opacity": 0.01, "color": "black"}, showlegend=False,
-                                customdata=100 * result.error[s].ravel(),
-                                hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata:.2f}%<extra></extra>"))
+                                customdata=np.stack([100 * result.error[s].ravel(), result.loss[s].ravel()], -1),
+                                hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata[0]:.2f}%"
+                                              "<br>loss %{customdata[1]:.4f}<extra></extra>"))
     figure.update_layout(height=600, xaxis_title="x (L2)", yaxis_title="y (L2)",
                          yaxis={"scaleanchor": "x"}, legend={"orientation": "h"})
     event = st.plotly_chart(figure, key="land-chart", on_select="rerun", selection_mode="points")

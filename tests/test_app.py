@@ -88,6 +88,8 @@ def test_landscape_page_computes_and_draws_a_plane():
     assert not at.exception
     assert len(at.get("plotly_chart")) == 1
     assert any("Lowest val error" in m.value for m in at.markdown)
+    at.radio(key="land-metric").set_value("loss").run()  # contours of loss instead of error
+    assert not at.exception and len(at.get("plotly_chart")) == 1
 
 
 PAGES = ["ingredients", "recipes", "geometry", "landscape", "tour", "export"]
