@@ -31,6 +31,12 @@ def load_zoo(name: str) -> Zoo:
 
 def checkpoint_table(zoo: Zoo) -> pd.DataFrame:
     """Hyperparameters and accuracy (percent) on val, test and the shifts' mean, when scored."""
+    return _checkpoint_table(zoo, zoo_key(zoo))
+
+
+@st.cache_data(show_spinner="Scoring checkpoints…", max_entries=16)
+def _checkpoint_table(_zoo: Zoo, key: tuple) -> pd.DataFrame:
+    zoo = _zoo
     rows = []
     for ckpt in zoo.names:
         row = {"checkpoint": ckpt, **dict(zoo.hparams(ckpt))}
@@ -116,9 +122,16 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
 
 
 def current_zoo(base: Zoo) -> Zoo:
-    """The open zoo plus this session's uploaded checkpoints."""
+    """The open zoo plus this session's uploaded checkpoints (built once per set of uploads)."""
     uploads = st.session_state.get(f"workspace:uploads:{base.name}", {})
-    return base.extended({n: u["path"] for n, u in uploads.items()}) if uploads else base
+    if not uploads:
+        return base
+    key = (id(base), tuple(uploads))
+    cached = st.session_state.get("workspace:extended")
+    if cached is None or cached[0] != key:
+        cached = (key, base.extended({n: u["path"] for n, u in uploads.items()}))
+        st.session_state["workspace:extended"] = cached
+    return cached[1]
 
 
 def app_allowed_roots() -> list[Path]:
