@@ -318,6 +318,8 @@ def export_candidate(zoo: Zoo) -> ExportCandidate:
                       "plane": [a, b, c], "xy": [x, y], "bn": chosen["bn"],
                       "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in (a, b, c) if n in zoo.sha256],
                       "metrics": metrics_to_json(metrics), "command": " ".join(command)}
+        # Remakeable unless the plane uses an upload, or a soup that was made with uploads in it.
+        remakeable = not any(n in uploads or (uploads and n not in zoo.entries and n != "base") for n in (a, b, c))
         return ExportCandidate(f"Landscape point ({x:.3f}, {y:.3f}) of the plane {a}, {b}, {c}", state, metrics,
                                provenance, command if remakeable else None, (a, b, c), "point.safetensors")
     if chosen["kind"] == "recipe":

@@ -42,7 +42,7 @@ def landscape_view() -> None:
     if len(set(points)) < 3:
         st.warning("Pick three different points.")
         return
-    key = (zoo.name, *points, grid, margin, split, bn)
+    key = (zoo_key(zoo), *points, grid, margin, split, bn)
     if st.button("Compute", key="land-compute", type="primary"):
         try:
             plane, projections = plane_for(zoo, zoo_key(zoo), *points)
@@ -55,8 +55,8 @@ def landscape_view() -> None:
                                  progress=lambda f, m: bar.progress(min(f, 1.0), text=m))
         bar.empty()
         st.session_state["landscape"] = (key, result)
-    if "landscape" not in st.session_state:
-        return
+    if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:
+        return  # nothing computed yet for this zoo
     shown_key, result = st.session_state["landscape"]
     if shown_key != key:
         st.caption("Settings changed: press Compute to update.")
@@ -98,7 +98,8 @@ def landscape_view() -> None:
         metrics = zoo.evaluator.evaluate(state)
         cols = st.columns(4)
         cols[0].markdown(f"**Point ({x:.3f}, {y:.3f})**")
-        for col, name in zip(cols[1:], ("val", "test", zoo.evaluator.split_names[-1])):
+        shown_splits = [n for n in dict.fromkeys(("val", "test", zoo.evaluator.split_names[-1])) if n in metrics]
+        for col, name in zip(cols[1:], shown_splits):
             col.metric(f"point {name}", f"{100 * metrics[name].accuracy:.2f}%")
         if st.button("Keep this point for export", key="land-keep"):
             set_export({"kind": "point", "plane": shown_key[1:4], "xy": (x, y),

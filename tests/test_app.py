@@ -272,18 +272,11 @@ def test_landscape_upload_and_export_in_chromium(server, tmp_path):
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
-        # A landscape is computed and drawn.
-        _open_page(page, server, "Landscape")
-        page.get_by_role("button", name="Compute").click()
-        page.locator(".js-plotly-plot .contour").first.wait_for(timeout=120_000)
-        page.get_by_text("Lowest val error").wait_for(timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "landscape.png"), full_page=True)
-
         # An uploaded checkpoint appears among the ingredients.
+        _open_page(page, server, "Ingredients")
+        page.get_by_role("heading", name="Your soup").wait_for(timeout=60_000)
         upload = tmp_path / "my-upload.safetensors"
         upload.write_bytes(zoo.path("ft-07").read_bytes())
-        page.get_by_test_id("stSidebarNav").get_by_text("Ingredients", exact=True).click()
-        page.get_by_role("heading", name="Your soup").wait_for(timeout=60_000)
         page.locator("input[type=file]").set_input_files(str(upload))
         page.get_by_test_id("stCheckbox").filter(has_text="my-upload").wait_for(timeout=60_000)
         assert page.get_by_test_id("stMetricValue").first.inner_text() == str(len(zoo.names) + 1)
@@ -295,14 +288,33 @@ def test_landscape_upload_and_export_in_chromium(server, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "export.png"), full_page=True)
         with page.expect_download(timeout=60_000) as info:
             button.click()
-        target = tmp_path / "downloaded.safetensors"
-        info.value.save_as(target)
+        ticked = tmp_path / "ticked.safetensors"
+        info.value.save_as(ticked)
+
+        # A landscape is computed and drawn; a clicked grid point is kept and exported.
+        page.get_by_test_id("stSidebarNav").get_by_text("Landscape", exact=True).click()
+        page.get_by_role("button", name="Compute").click()
+        page.locator(".js-plotly-plot .contour").first.wait_for(timeout=120_000)
+        page.get_by_text("Lowest val error").wait_for(timeout=60_000)
+        page.locator(".js-plotly-plot .scatterlayer .trace").nth(2).locator(".point").nth(40).click(force=True)
+        page.get_by_text("Keep this point for export").wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "landscape.png"), full_page=True)
+        page.get_by_role("button", name="Keep this point for export").click()
+        page.get_by_text("Ready on the Export page.").wait_for(timeout=60_000)
+        page.get_by_test_id("stSidebarNav").get_by_text("Export", exact=True).click()
+        page.get_by_role("code").filter(has_text="soup point digits-finetune --plane base ft-00 ft-01") \
+            .wait_for(timeout=60_000)
+        with page.expect_download(timeout=60_000) as info:
+            page.get_by_role("button", name="Download safetensors").click()
+        point = tmp_path / "point.safetensors"
+        info.value.save_as(point)
         browser.close()
-    state = load_state_dict(target)
+    state = load_state_dict(ticked)
     expected = uniform_average([zoo.state_dict(n) for n in zoo.names])
-    provenance = read_provenance(target)
-    assert [i["name"] for i in provenance["ingredients"]] == list(zoo.names)
+    assert [i["name"] for i in read_provenance(ticked)["ingredients"]] == list(zoo.names)
     assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert read_provenance(point)["recipe"] == "landscape-point"
+    assert load_state_dict(point).keys() == expected.keys()
 
 
 @pytest.mark.e2e
