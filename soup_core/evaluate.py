@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -113,7 +115,13 @@ class Evaluator:
         self.batch_size = batch_size
         self.info = dict(info or {})  # e.g. split seeds, recorded in export provenance
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.RLock()
         self._cache_size = cache_size
+
+    def model_copy(self) -> torch.nn.Module:
+        """A private deep copy of the model (never mid-call with someone else's weights)."""
+        with self._lock:
+            return copy.deepcopy(self.model)
 
     @property
     def split_names(self) -> tuple[str, ...]:
@@ -138,7 +146,9 @@ class Evaluator:
             self._cache.move_to_end(key)
             return self._cache[key]
         params = {k: v.to(self.device) for k, v in state.items()}
-        with torch.no_grad():
+        # functional_call swaps the shared model's tensors for the duration of the call; the lock
+        # keeps two app sessions (threads) from seeing each other's weights.
+        with self._lock, torch.no_grad():
             outputs = [functional_call(self.model, params, (x,)) for x, _ in self.batches(split)]
         result = torch.cat(outputs).float().cpu()
         if key is None:

@@ -34,7 +34,6 @@ reason. Three policies (``bn=``):
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -188,7 +187,7 @@ class SliceEvaluator:
         # here and never shrunk for memory (chunks get fewer points instead).
         self.bn_batch_size = bn_batch_size or evaluator.batch_size
         self.working_set = working_set or WORKING_SET.get(self.device.type, WORKING_SET["cuda"])
-        model = copy.deepcopy(evaluator.model).eval()
+        model = evaluator.model_copy().eval()
         self.bn_modules = [name for name, m in model.named_modules()
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.bn = bn if self.bn_modules else "none"
@@ -620,7 +619,7 @@ def recompute_batchnorm(evaluator: Evaluator, state: Mapping[str, torch.Tensor],
     """``state`` with BatchNorm statistics re-estimated on the evaluator's training data, exactly
     as ``torch.optim.swa_utils.update_bn`` does with batches of ``batch_size`` (default: the
     evaluator's). The input is not modified."""
-    model = copy.deepcopy(evaluator.model)
+    model = evaluator.model_copy()
     model.load_state_dict(state)
     if not batchnorm_keys(model):
         return dict(state)

@@ -22,7 +22,6 @@ differences) are what the paper reports.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -102,7 +101,7 @@ def loss_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mappi
     """
     # A float64 copy: buffers the state dict does not carry must match float64 inputs, and the
     # evaluator's model is shared (the app caches it), so it is never converted in place.
-    model = copy.deepcopy(evaluator.model).double()
+    model = evaluator.model_copy().double()
     device = evaluator.device
     origin = {k: (t.to(device, torch.float64) if is_float(t) else t.to(device)) for k, t in a.items()}
     direction = {k: b[k].to(device, torch.float64) - origin[k] for k, t in a.items() if is_float(t)}

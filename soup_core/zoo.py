@@ -307,9 +307,10 @@ class Zoo:
             return load_callable(self.evaluator_spec, self.root, self.allowed_roots)(self.model_factory,
                                                                                     device=self.device)
         if self.data_spec:
-            tokenizer = next((p for p in [self.base_path, *(e.path for e in self.entries.values())]
-                              if p is not None and p.is_dir() and (p / "tokenizer.json").is_file()
-                              or p is not None and p.is_dir() and (p / "tokenizer_config.json").is_file()), None)
+            folders = [p for p in (self.base_path, *(e.path for e in self.entries.values()))
+                       if p is not None and p.is_dir()]
+            tokenizer = next((p for p in folders
+                              if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()), None)
             try:
                 return data_evaluator(self.data_spec, self.model_factory, lambda rel: self.resolve(rel, "data file"),
                                       tokenizer_dir=tokenizer, device=self.device)

@@ -254,11 +254,20 @@ def _browser(p):
                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
 
 
+def _settle(page) -> None:
+    """Wait until Streamlit has finished the current run (its "Running…" status is gone)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=120_000)
+
+
 def _open_page(page, server: str, title: str) -> None:
     page.goto(server)
     page.get_by_test_id("stMetricValue").first.wait_for(timeout=60_000)
-    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    _settle(page)
+    if title != "Ingredients":  # the default page
+        page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
     page.get_by_role("heading", name=title if title != "Tour" else "Guided tour").wait_for(timeout=60_000)
+    _settle(page)
 
 
 @pytest.mark.e2e
@@ -278,6 +287,7 @@ def test_landscape_upload_and_export_in_chromium(server, tmp_path):
         upload = tmp_path / "my-upload.safetensors"
         upload.write_bytes(zoo.path("ft-07").read_bytes())
         page.locator("input[type=file]").set_input_files(str(upload))
+        _settle(page)
         page.get_by_test_id("stCheckbox").filter(has_text="my-upload").wait_for(timeout=60_000)
         assert page.get_by_test_id("stMetricValue").first.inner_text() == str(len(zoo.names) + 1)
 

@@ -50,3 +50,18 @@ def test_an_evaluator_needs_a_val_split():
 def test_unknown_split_is_named(tiny_evaluator, tiny_states):
     with pytest.raises(ValueError, match="unknown split 'nope'"):
         tiny_evaluator.logits(tiny_states["m0"], "nope")
+
+
+def test_concurrent_sessions_never_see_each_others_weights(tiny_evaluator, tiny_states):
+    # The app shares one Evaluator between sessions (threads); functional_call swaps the shared
+    # model's tensors, so unguarded calls could score one session's soup with another's weights.
+    from concurrent.futures import ThreadPoolExecutor
+    states = list(tiny_states.values())
+    expected = [tiny_evaluator.logits(s, "val", cache=False) for s in states]
+
+    def score(i: int):
+        return i % len(states), tiny_evaluator.logits(states[i % len(states)], "val", cache=False)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i, logits in pool.map(score, range(200)):
+            assert torch.equal(logits, expected[i])

@@ -42,7 +42,8 @@ def learned_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=
     row = {k: layers.index(layer_of(k)) if by_layer else 0 for k in keys}
     device = evaluator.device
     stacked = {k: torch.stack([s[k] for s in states]).to(device, torch.float32) for k in keys}
-    buffers = {name for name, _ in evaluator.model.named_buffers()}
+    model = evaluator.model_copy()  # private: the evaluator's model may serve other app sessions
+    buffers = {name for name, _ in model.named_buffers()}
     fixed = {k: t.to(device) for k, t in reference.items() if k not in stacked and k not in aliases}
 
     logits = torch.zeros(len(layers), len(names), device=device, requires_grad=True)
@@ -57,7 +58,7 @@ def learned_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=
             params = {k: torch.tensordot((alpha.detach() if k in buffers else alpha)[row[k]], w, dims=1)
                       for k, w in stacked.items()}
             params.update({a: params[t] for a, t in aliases.items()})
-            output = functional_call(evaluator.model, {**fixed, **params}, (x,))
+            output = functional_call(model, {**fixed, **params}, (x,))
             loss = torch.nn.functional.cross_entropy(temperature * output, y)
             optimiser.zero_grad()
             loss.backward()
