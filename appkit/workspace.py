@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import shutil
 import tempfile
 import weakref
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from soup_core.checkpoints import CheckpointError, load_state_dict_bytes, save_state_dict, validate_state_dicts
+from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
+from soup_core.checkpoints import (CheckpointError, load_state_dict_bytes, save_hf_directory, save_state_dict,
+                                   validate_state_dicts)
+from soup_core.geometry import pairwise_angles
+from soup_core.landscape import interpolation_path, plane_landscape, point_weights
+from soup_core.pairs import pair_analyses
 
 from soup_core.evaluate import TEST, VAL, ensemble_logits, metrics_from_logits, shift_average
 from soup_core.params import num_parameters, uniform_average
-from soup_core.recipes import SoupOptions, SoupResult
+from soup_core.recipes import RECIPES, SoupOptions, SoupResult
 from soup_core.zoo import (ALLOWED_ROOTS_ENV, CHECKPOINT_SUFFIXES, SAMPLE_ROOT, Zoo, ZooError,
-                           allowed_roots_from_env, make_soup, open_zoo, sample_zoos)
+                           allowed_roots_from_env, make_soup, open_zoo, point_provenance, sample_zoos,
+                           soup_provenance, zoo_plane, zoo_point)
 
 DEFAULT_ZOO = "digits-finetune"
 
@@ -253,7 +261,6 @@ def recipe_result(_zoo: Zoo, key: tuple, recipe: str, options: SoupOptions = Sou
 
 @st.cache_data(show_spinner="Running the ablations…", max_entries=16)
 def cached_ablations(_zoo: Zoo, key: tuple) -> tuple[list[dict], list[dict]]:
-    from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
     ingredients = _zoo.ingredients()
     return (greedy_vs_models_considered(ingredients, _zoo.evaluator),
             pruned_vs_passes(ingredients, _zoo.evaluator))
@@ -266,20 +273,16 @@ def set_export(candidate: dict) -> None:
 
 @st.cache_data(show_spinner="Measuring angles…", max_entries=16)
 def cached_angles(_zoo: Zoo, key: tuple) -> dict:
-    from soup_core.geometry import pairwise_angles
     return pairwise_angles([_zoo.state_dict(n) for n in _zoo.names], _zoo.base).to_json(_zoo.names)
 
 
 @st.cache_data(show_spinner="Analysing pairs…", max_entries=16)
 def cached_pairs(_zoo: Zoo, key: tuple, names: tuple[str, ...], split: str) -> dict:
-    from soup_core.pairs import pair_analyses
     return pair_analyses(_zoo.ingredients(list(names)), _zoo.evaluator, base=_zoo.base, split=split).to_json()
 
 
 @st.cache_data(show_spinner="Walking the line…", max_entries=64)
 def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str) -> dict:
-    from soup_core.landscape import interpolation_path
-    from soup_core.zoo import zoo_point
     splits = [s for s in (VAL, TEST) if s in _zoo.evaluator.splits]
     return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0], names=(a, b),
                               splits=splits, bn=bn).to_json()
@@ -296,28 +299,18 @@ class ExportCandidate:
 
 def export_candidate(zoo: Zoo) -> ExportCandidate:
     """Resolve what the user chose for export (default: the uniform soup of the ticked set)."""
-    from soup_core import cli
-    from soup_core.evaluate import metrics_to_json
-    from soup_core.geometry import plane_basis
-    from soup_core.landscape import point_weights
-    from soup_core.recipes import RECIPES
-    from soup_core.zoo import zoo_point
-
     chosen = st.session_state.get("workspace:export") or {"kind": "ticked"}
     uploads = st.session_state.get(f"workspace:uploads:{zoo.name}", {})
     remakeable = not uploads
     if chosen["kind"] == "point":
         a, b, c = chosen["plane"]
         x, y = chosen["xy"]
-        plane = plane_basis(*(zoo_point(zoo, n)[0] for n in (a, b, c)), names=(a, b, c))
+        plane = zoo_plane(zoo, (a, b, c))
         state = point_weights(zoo.evaluator, plane, x, y, chosen["bn"])
         metrics = zoo.evaluator.evaluate(state)
         command = ["soup", "point", zoo.name, "--plane", a, b, c, "--xy", f"{x:.6g}", f"{y:.6g}",
                    "--bn", chosen["bn"], "--out", "point.safetensors"]
-        provenance = {"recipe": "landscape-point", "recipe_name": "Landscape point", "zoo": zoo.name,
-                      "plane": [a, b, c], "xy": [x, y], "bn": chosen["bn"],
-                      "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in (a, b, c) if n in zoo.sha256],
-                      "metrics": metrics_to_json(metrics), "command": " ".join(command)}
+        provenance = point_provenance(zoo, (a, b, c), (x, y), chosen["bn"], metrics, " ".join(command))
         # Remakeable unless the plane uses an upload, or a soup that was made with uploads in it.
         remakeable = not any(n in uploads or (uploads and n not in zoo.entries and n != "base") for n in (a, b, c))
         return ExportCandidate(f"Landscape point ({x:.3f}, {y:.3f}) of the plane {a}, {b}, {c}", state, metrics,
@@ -335,7 +328,7 @@ def export_candidate(zoo: Zoo) -> ExportCandidate:
                    "--out", "uniform.safetensors"]
         title = f"Uniform soup of the {len(names)} ticked ingredient(s)"
         remakeable = not any(n in uploads for n in names)
-    provenance = cli.provenance(zoo, result, " ".join(command))
+    provenance = soup_provenance(zoo, result, " ".join(command))
     return ExportCandidate(title, result.state_dict, result.metrics, provenance, command if remakeable else None,
                            result.ingredients, f"{result.recipe}.safetensors")
 
@@ -343,18 +336,11 @@ def export_candidate(zoo: Zoo) -> ExportCandidate:
 @st.cache_data(show_spinner="Computing the landscape…", max_entries=32)
 def cached_landscape(_zoo: Zoo, key: tuple, points: tuple[str, str, str], grid: int, split: str, bn: str) -> dict:
     """A plane's landscape as JSON (what ``soup landscape`` writes)."""
-    from soup_core.geometry import plane_basis
-    from soup_core.landscape import plane_landscape
-    from soup_core.zoo import zoo_point
-    plane = plane_basis(*(zoo_point(_zoo, n)[0] for n in points), names=points)
-    return plane_landscape(_zoo.evaluator, plane, grid=grid, splits=[split], bn=bn).to_json()
+    return plane_landscape(_zoo.evaluator, zoo_plane(_zoo, points), grid=grid, splits=[split], bn=bn).to_json()
 
 
 def hf_zip(state, provenance: dict, source: Path) -> bytes:
     """A zip of the Hugging Face folder ``save_hf_directory`` writes (input's config copied)."""
-    import io
-    import zipfile
-    from soup_core.checkpoints import save_hf_directory
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_hf_directory(state, Path(tmp) / "soup", source=source, provenance=provenance)
         buffer = io.BytesIO()

@@ -13,6 +13,10 @@ ones (its snake walk is off by one step on alternate columns). The peers compute
 only; ours computes loss and error.
 
     python bench/bench_landscape.py [--steps 31] [--repeats 3] [--device cpu|cuda] [--width N]
+                                    [--threads N] [--strategy auto|vmap|loop] [--working-set MIB] [--profile]
+
+``--threads``, ``--strategy`` and ``--working-set`` reproduce the tuning figures in RESULTS.md;
+``--profile`` prints where our engine spends its time (torch.profiler) on each case.
 
 ``--width`` swaps in a wide MLP (digits inputs, N hidden units, 3 layers) for a GPU run with a
 model of ≥ 10M parameters; it is compared with the per-point loop only.
@@ -88,7 +92,8 @@ def loss_landscapes_grid(model_a, model_b, model_c, x, y, steps: int) -> np.ndar
     return np.asarray(grid).reshape(-1)  # [i][j] = point (i, j) in the order of our coords
 
 
-def run_case(label: str, evaluator: Evaluator, a, b, c, steps: int, repeats: int, bn: str, with_peer_package: bool):
+def run_case(label: str, evaluator: Evaluator, a, b, c, steps: int, repeats: int, bn: str, with_peer_package: bool,
+             engine_options: dict, profile: bool = False):
     device = evaluator.device
     x, y = evaluator.splits["val"].inputs, evaluator.splits["val"].labels
     keys = [k for k, t in a.items() if t.is_floating_point()]
@@ -101,9 +106,14 @@ def run_case(label: str, evaluator: Evaluator, a, b, c, steps: int, repeats: int
     coords = torch.tensor(np.stack([ii.reshape(-1) / steps, (jj + offset).reshape(-1) / steps], 1))
     points = len(coords)
 
-    engine = SliceEvaluator(evaluator, a, [d1, d2], bn=bn)
+    engine = SliceEvaluator(evaluator, a, [d1, d2], bn=bn, **engine_options)
     engine.evaluate(coords[:8], ["val"])  # warm-up
     ours_time, ours = best_time(lambda: engine.evaluate(coords, ["val"]).loss["val"], repeats, device)
+    if profile:
+        from torch.profiler import profile as torch_profile
+        with torch_profile() as prof:
+            engine.evaluate(coords, ["val"])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
     model = copy.deepcopy(evaluator.model).to(device).eval()
     model.load_state_dict(a)
@@ -161,22 +171,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--width", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop"])
+    parser.add_argument("--working-set", type=float, default=None, help="MiB per vmapped call")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {"strategy": args.strategy,
+               "working_set": int(args.working_set * 2**20) if args.working_set else None}
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"strategy {args.strategy}, working set {args.working_set or 'default'} MiB")
     if args.width:
         from sample_data.digits import make_evaluator
         evaluator = make_evaluator(lambda: WideMLP(args.width), device=args.device)
         a = {k: v.cpu() for k, v in WideMLP(args.width).state_dict().items()}
         b = {k: v + 0.01 * torch.randn_like(v) for k, v in a.items()}
         c = {k: v + 0.01 * torch.randn_like(v) for k, v in a.items()}
-        run_case(f"wide MLP ({args.width} units)", evaluator, a, b, c, args.steps, args.repeats, "keep", False)
+        run_case(f"wide MLP ({args.width} units)", evaluator, a, b, c, args.steps, args.repeats, "keep", False, options,
+                 args.profile)
         return
     for zoo_name, bn in (("digits-finetune", "keep"), ("digits-bn", "keep")):
         zoo = open_zoo(zoo_name, device=args.device)
         names = zoo.names
         run_case(f"{zoo_name} (base, {names[0]}, {names[1]})", zoo.evaluator, zoo.base, zoo.state_dict(names[0]),
-                 zoo.state_dict(names[1]), args.steps, args.repeats, bn, True)
+                 zoo.state_dict(names[1]), args.steps, args.repeats, bn, True, options, args.profile)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.workspace import set_export, sidebar, zoo_key
-from soup_core.geometry import plane_basis
 from soup_core.landscape import BN_POLICIES, plane_landscape, point_weights
-from soup_core.zoo import BASE, Zoo, zoo_point
+from soup_core.zoo import BASE, Zoo, zoo_plane, zoo_point
 
 zoo = sidebar()
 st.title("Landscape")
@@ -23,10 +22,9 @@ choices = ([BASE] if zoo.has_base else []) + list(zoo.names) + SOUPS
 
 @st.cache_resource(show_spinner="Making the plane…", max_entries=32)
 def plane_for(_zoo: Zoo, key: tuple, a: str, b: str, c: str):
-    z = _zoo
-    plane = plane_basis(*(zoo_point(z, n)[0] for n in (a, b, c)), names=(a, b, c))
-    others = [n for n in ([BASE] if z.has_base else []) + list(z.names) + SOUPS if n not in (a, b, c)]
-    return plane, [plane.project(zoo_point(z, n)[0], n) for n in others]
+    plane = zoo_plane(_zoo, (a, b, c))
+    others = [n for n in ([BASE] if _zoo.has_base else []) + list(_zoo.names) + SOUPS if n not in (a, b, c)]
+    return plane, [plane.project(zoo_point(_zoo, n)[0], n) for n in others]
 
 
 @st.fragment

@@ -7,6 +7,7 @@ import streamlit as st
 from appkit.workspace import (cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, sidebar,
                               zoo_key)
 from soup_core.evaluate import shift_average
+from soup_core.recipes import RECIPES
 
 sidebar()
 st.title("Guided tour")
@@ -17,16 +18,11 @@ finetune = load_zoo("digits-finetune")
 
 
 def bars(zoo, recipes, title):
-    names = [finetune_name(zoo, r) for r in recipes]
+    names = [RECIPES[r].pretty_name for r in recipes]
     values = [100 * recipe_result(zoo, zoo_key(zoo), r).metrics["test"].accuracy for r in recipes]
     st.plotly_chart(go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}" for v in values], textposition="outside"))
                     .update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[0, 105], height=420),
                     key=f"tour-bars-{title}")
-
-
-def finetune_name(zoo, recipe):
-    from soup_core.recipes import RECIPES
-    return RECIPES[recipe].pretty_name
 
 
 if step == STEPS[0]:

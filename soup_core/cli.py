@@ -37,13 +37,13 @@ from soup_core.checkpoints import (CheckpointError, is_float, load_state_dict,
                                    tied_groups, validate_state_dicts)
 from soup_core.evaluate import Metrics, metrics_to_json, shift_average
 from soup_core.geometry import pairwise_angles
-from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
-from soup_core.geometry import plane_basis
+from soup_core.recipes import RECIPES, SoupOptions
 from soup_core.landscape import (BN_POLICIES, Landscape, interpolation_path, path_alphas, plane_landscape,
                                  point_weights)
 from soup_core.models import is_hf_directory
 from soup_core.pairs import pair_analyses
-from soup_core.zoo import BASE, Zoo, ZooError, make_soup, open_zoo, sample_zoos, zoo_point
+from soup_core.zoo import (BASE, Zoo, ZooError, make_soup, open_zoo, point_provenance, sample_zoos,
+                           soup_provenance, zoo_plane, zoo_point)
 
 
 class CliError(Exception):
@@ -161,18 +161,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                             "device": str(evaluator.device), "checkpoints": rows})
 
 
-def provenance(zoo: Zoo, result: SoupResult, command: str) -> dict[str, Any]:
-    """What an exported soup carries: enough to check where it came from and to remake it."""
-    recipe = get_recipe(result.recipe)
-    return {"recipe": result.recipe, "recipe_name": recipe.pretty_name, "reference": recipe.reference,
-            "zoo": zoo.name, "manifest": str(zoo.manifest),
-            "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in result.ingredients],
-            "weights": list(result.weights), "options": dict(result.options),
-            "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
-            "metrics": metrics_to_json(result.metrics), "library_version": __version__,
-            "command": command}
-
-
 def cmd_make(args: argparse.Namespace) -> None:
     zoo = open_zoo(args.zoo, device=args.device)
     options = SoupOptions(order=args.order, seed=args.seed, tie=args.tie, passes=args.passes,
@@ -196,9 +184,9 @@ def cmd_make(args: argparse.Namespace) -> None:
         if is_hf_directory(source) and not args.out.endswith(".safetensors"):
             # The input's own format: a folder from_pretrained loads, config and tokenizer copied.
             save_hf_directory(result.state_dict, args.out, source=source,
-                              provenance=provenance(zoo, result, command), inputs=inputs)
+                              provenance=soup_provenance(zoo, result, command), inputs=inputs)
         else:
-            save_state_dict(result.state_dict, args.out, provenance=provenance(zoo, result, command),
+            save_state_dict(result.state_dict, args.out, provenance=soup_provenance(zoo, result, command),
                             inputs=inputs)
         payload["out"] = args.out
     _write_json(args.json, payload)
@@ -224,10 +212,7 @@ def _splits(zoo: Zoo, text: str, what: str) -> list[str]:
 def cmd_landscape(args: argparse.Namespace) -> None:
     zoo = open_zoo(args.zoo, device=args.device)
     splits = _splits(zoo, args.split, "a landscape")
-    if len(set(args.points)) != 3:
-        raise CliError("--points needs three different points: checkpoints, base, or soup recipes")
-    anchors = [zoo_point(zoo, name)[0] for name in args.points]
-    plane = plane_basis(*anchors, names=args.points)
+    plane = zoo_plane(zoo, args.points)
     others = [n for n in ((BASE,) if zoo.has_base else ()) + zoo.names if n not in args.points]
     others += [s for s in (args.soups.split(",") if args.soups else []) if s and s not in args.points]
     projections = [plane.project(zoo_point(zoo, n)[0], n) for n in others]
@@ -240,7 +225,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
                                  bn=args.bn, projections=projections, max_samples=args.max_samples,
                                  resume=resume, progress=report)
     payload = {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,
-               "max_samples": args.max_samples, **result.to_json()}
+               **result.to_json()}
     _write_json(args.json, payload)
     if args.resume:
         Path(args.resume).write_text(json.dumps(payload) + "\n")
@@ -287,20 +272,12 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 def cmd_point(args: argparse.Namespace) -> None:
     zoo = open_zoo(args.zoo, device=args.device)
     evaluator = zoo.require_evaluator("a landscape point")
-    if len(set(args.plane)) != 3:
-        raise CliError("--plane needs three different points: checkpoints, base, or soup recipes")
-    plane = plane_basis(*(zoo_point(zoo, n)[0] for n in args.plane), names=args.plane)
+    plane = zoo_plane(zoo, args.plane)
     state = point_weights(evaluator, plane, args.xy[0], args.xy[1], args.bn)
     metrics = evaluator.evaluate(state)
     command = "soup " + " ".join(shlex.quote(a) for a in args.argv)
     inputs = [zoo.path(n) for n in (*zoo.names, *((BASE,) if zoo.has_base else ()))]
-    provenance = {"recipe": "landscape-point", "recipe_name": "Landscape point",
-                  "reference": "Wortsman et al. 2022, Figure 2 (plane through three points)",
-                  "zoo": zoo.name, "manifest": str(zoo.manifest), "plane": list(args.plane),
-                  "xy": list(args.xy), "bn": args.bn,
-                  "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in args.plane if n in zoo.sha256],
-                  "data": dict(evaluator.info), "metrics": metrics_to_json(metrics),
-                  "library_version": __version__, "command": command}
+    provenance = point_provenance(zoo, args.plane, args.xy, args.bn, metrics, command)
     save_state_dict(state, args.out, provenance=provenance, inputs=inputs)
     _write_json(args.json, {"zoo": zoo.name, "plane": list(args.plane), "xy": list(args.xy), "bn": args.bn,
                             "metrics": metrics_to_json(metrics), "out": args.out})

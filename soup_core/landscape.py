@@ -49,9 +49,10 @@ from soup_core.geometry import Direction, Plane, Projection, plane_keys
 from soup_core.params import tied_aliases
 
 BN_POLICIES = ("recompute", "interpolate", "keep")
-# Bytes of activations one vmapped call may touch. On a CPU the batched activations must stay
-# in cache (measured on this project's 2-core CPU: ~8 MiB calls run 2-3× faster per point than
-# 30 MiB ones, which are memory-bound); a GPU wants large calls to fill its cores.
+# Bytes of activations one vmapped call may touch. On a CPU, tiny calls drown in per-call
+# overhead and huge ones leave the cache; on this project's 2-core CPU 8 and 32 MiB measure the
+# same and 2 MiB is 1.6× slower (`bench/bench_landscape.py --strategy vmap --working-set N`).
+# A GPU wants large calls to fill its cores.
 WORKING_SET = {"cpu": 8 << 20, "cuda": 1 << 30}
 WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk
 MAX_CHUNK_POINTS = 256
@@ -485,6 +486,7 @@ class Landscape:
     bn: str
     anchors: list[Projection] = field(default_factory=list)
     projections: list[Projection] = field(default_factory=list)
+    max_samples: int | None = None
 
     @property
     def done(self) -> np.ndarray:
@@ -507,7 +509,7 @@ class Landscape:
         def grid(a: np.ndarray) -> list:
             return [[None if math.isnan(v) else float(v) for v in row] for row in a]
         return {"axes": {"x": self.xs.tolist(), "y": self.ys.tolist()}, "bn": self.bn,
-                "splits": list(self.splits), "complete": self.complete,
+                "max_samples": self.max_samples, "splits": list(self.splits), "complete": self.complete,
                 "loss": {s: grid(a) for s, a in self.loss.items()},
                 "error": {s: grid(a) for s, a in self.error.items()},
                 "anchors": [{"name": a.name, "xy": list(a.xy)} for a in self.anchors],
@@ -520,7 +522,8 @@ class Landscape:
         return cls(np.array(data["axes"]["x"]), np.array(data["axes"]["y"]), tuple(data["splits"]),
                    {s: array(a) for s, a in data["loss"].items()}, {s: array(a) for s, a in data["error"].items()},
                    data["bn"], [Projection(a["name"], tuple(a["xy"]), 0.0) for a in data["anchors"]],
-                   [Projection(p["name"], tuple(p["xy"]), p["off_plane"]) for p in data["projections"]])
+                   [Projection(p["name"], tuple(p["xy"]), p["off_plane"]) for p in data["projections"]],
+                   data.get("max_samples"))
 
 
 def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margin: float = 0.2,
@@ -537,16 +540,22 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
     """
     if grid < 2:
         raise ValueError(f"grid must be at least 2 points per side, got {grid}")
+    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
     if resume is not None:
+        # Mixing two runs is only right when they computed the same function on the same plane.
+        same_plane = [a.name for a in resume.anchors] == [a.name for a in plane.anchors] and np.allclose(
+            [a.xy for a in resume.anchors], [a.xy for a in plane.anchors], rtol=1e-9, atol=1e-12)
+        if (len(resume.xs) != grid or tuple(resume.splits) != tuple(splits) or resume.bn != engine.bn
+                or resume.max_samples != engine.max_samples or not same_plane):
+            raise ValueError("the partial landscape to resume was made with other settings (plane, grid, splits, "
+                             "BatchNorm policy or samples); start a new one")
         xs, ys = resume.xs, resume.ys
-        if len(xs) != grid or tuple(resume.splits) != tuple(splits):
-            raise ValueError("resume needs a partial landscape of the same grid size and splits")
     else:
         (x0, x1), (y0, y1) = extent or grid_extent([a.xy for a in plane.anchors], margin)
         xs, ys = np.linspace(x0, x1, grid), np.linspace(y0, y1, grid)
-    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
     result = resume or Landscape(xs, ys, tuple(splits), {s: np.full((grid, grid), np.nan) for s in splits},
-                                 {s: np.full((grid, grid), np.nan) for s in splits}, engine.bn)
+                                 {s: np.full((grid, grid), np.nan) for s in splits}, engine.bn,
+                                 max_samples=engine.max_samples)
     result.anchors, result.projections = list(plane.anchors), list(projections)
     todo = [f for f in coarse_to_fine(grid) if not result.done.reshape(-1)[f]]
     coords = torch.tensor([[xs[f % grid], ys[f // grid]] for f in todo], dtype=torch.float64).reshape(-1, 2)

@@ -50,7 +50,9 @@ import torch
 from soup_core.checkpoints import (CheckpointError, StateDict, ValidationReport, file_sha256,
                                    load_state_dict, validate_state_dicts)
 from soup_core.data import DataError, data_evaluator
-from soup_core.evaluate import Evaluator, Metrics
+from soup_core import __version__
+from soup_core.evaluate import Evaluator, Metrics, metrics_to_json
+from soup_core.geometry import Plane, plane_basis
 from soup_core.models import ModelError, detect_model_factory
 from soup_core.recipes import RECIPES, SoupOptions, SoupResult, get_recipe
 
@@ -367,3 +369,33 @@ def zoo_point(zoo: Zoo, name: str, options: SoupOptions | None = None) -> tuple[
     raise ZooError(f"{zoo.name}: {name!r} is neither a checkpoint"
                    + (", base" if zoo.has_base else "") + f" nor a soup recipe; checkpoints are "
                    f"{', '.join(zoo.names)}")
+
+
+def zoo_plane(zoo: Zoo, names: Sequence[str]) -> Plane:
+    """The plane through three named points of a zoo (origin: the first); see :func:`zoo_point`."""
+    if len(set(names)) != 3:
+        raise ZooError("a plane needs three different points: checkpoints, base, or soup recipes")
+    return plane_basis(*(zoo_point(zoo, n)[0] for n in names), names=tuple(names))
+
+
+def soup_provenance(zoo: Zoo, result: SoupResult, command: str) -> dict[str, Any]:
+    """What an exported soup carries: enough to check where it came from and to remake it."""
+    recipe = get_recipe(result.recipe)
+    return {"recipe": result.recipe, "recipe_name": recipe.pretty_name, "reference": recipe.reference,
+            "zoo": zoo.name, "manifest": str(zoo.manifest),
+            "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in result.ingredients],
+            "weights": list(result.weights), "options": dict(result.options),
+            "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
+            "metrics": metrics_to_json(result.metrics), "library_version": __version__,
+            "command": command}
+
+
+def point_provenance(zoo: Zoo, names: Sequence[str], xy: Sequence[float], bn: str,
+                     metrics: Mapping[str, Metrics], command: str) -> dict[str, Any]:
+    """Provenance of the weights at one point of a zoo's plane (``soup point``, the app's export)."""
+    return {"recipe": "landscape-point", "recipe_name": "Landscape point",
+            "reference": "Wortsman et al. 2022, Figure 2 (plane through three points)",
+            "zoo": zoo.name, "manifest": str(zoo.manifest), "plane": list(names), "xy": list(xy), "bn": bn,
+            "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in names if n in zoo.sha256],
+            "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
+            "metrics": metrics_to_json(metrics), "library_version": __version__, "command": command}

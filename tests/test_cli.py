@@ -159,6 +159,9 @@ def test_landscape_resume_file_is_written_and_reused(tmp_path):
     again = ok_json("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01", "--grid", "3",
                     "--resume", str(state))
     assert again["loss"] == first["loss"]
+    other_plane = soup("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-02", "--grid", "3",
+                       "--resume", str(state))
+    assert other_plane.returncode == 2 and "other settings" in other_plane.stderr
 
 
 def test_path_reports_barriers_for_each_split():

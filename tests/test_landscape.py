@@ -198,9 +198,9 @@ def test_a_cancelled_grid_is_usable_and_resumes_to_the_full_result(mlp_zoo):
 def test_grid_covers_the_anchors_with_a_margin(mlp_zoo):
     plane = _plane(mlp_zoo)
     land = plane_landscape(mlp_zoo.evaluator, plane, grid=5, margin=0.1)
-    for anchor in plane.anchors:
-        assert land.xs[0] < anchor.xy[0] < land.xs[-1] or anchor.xy[0] in (land.xs[0], land.xs[-1])
-        assert land.ys[0] <= anchor.xy[1] <= land.ys[-1]
+    for anchor in plane.anchors:  # strictly inside: the margin is on every side
+        assert land.xs[0] < anchor.xy[0] < land.xs[-1]
+        assert land.ys[0] < anchor.xy[1] < land.ys[-1]
     payload = land.to_json()
     assert np.array(payload["loss"]["val"]).shape == (5, 5)
     assert [a["name"] for a in payload["anchors"]] == ["base", *mlp_zoo.names[:2]]
