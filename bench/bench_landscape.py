@@ -13,7 +13,7 @@ ones (its snake walk is off by one step on alternate columns). The peers compute
 only; ours computes loss and error.
 
     python bench/bench_landscape.py [--steps 31] [--repeats 3] [--device cpu|cuda] [--width N]
-                                    [--threads N] [--strategy auto|vmap|loop] [--working-set MIB] [--profile]
+                                    [--threads N] [--strategy auto|fold|vmap|loop] [--working-set MIB] [--profile]
 
 ``--threads``, ``--strategy`` and ``--working-set`` reproduce the tuning figures in RESULTS.md;
 ``--profile`` prints where our engine spends its time (torch.profiler) on each case.
@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from soup_core.allocator import keep_freed_memory  # noqa: E402
 from soup_core.evaluate import Evaluator  # noqa: E402
 from soup_core.landscape import SliceEvaluator  # noqa: E402
 from soup_core.zoo import open_zoo  # noqa: E402
@@ -172,17 +173,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--width", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop"])
+    parser.add_argument("--strategy", default="auto", choices=["auto", "fold", "vmap", "loop"])
     parser.add_argument("--working-set", type=float, default=None, help="MiB per vmapped call")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="leave glibc's malloc as it is (by default it keeps freed memory, for every method)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    allocator = "glibc default" if args.return_freed_memory else f"keep freed memory ({keep_freed_memory()})"
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {"strategy": args.strategy,
                "working_set": int(args.working_set * 2**20) if args.working_set else None}
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"strategy {args.strategy}, working set {args.working_set or 'default'} MiB")
+          f"strategy {args.strategy}, working set {args.working_set or 'default'} MiB, allocator {allocator}")
     if args.width:
         from sample_data.digits import make_evaluator
         evaluator = make_evaluator(lambda: WideMLP(args.width), device=args.device)

@@ -45,19 +45,29 @@ from torch import nn
 from torch.func import functional_call
 
 from soup_core.evaluate import Evaluator, Split
+from soup_core.folded import FoldedForward, Unsupported, Folded
 from soup_core.geometry import Direction, Plane, Projection, plane_keys
 from soup_core.params import tied_aliases
 
 BN_POLICIES = ("recompute", "interpolate", "keep")
-# Bytes of activations one vmapped call may touch. On a CPU, tiny calls drown in per-call
-# overhead and huge ones leave the cache; on this project's 2-core CPU 8 and 32 MiB measure the
-# same and 2 MiB is 1.6× slower (`bench/bench_landscape.py --strategy vmap --working-set N`).
-# A GPU wants large calls to fill its cores.
-WORKING_SET = {"cpu": 8 << 20, "cuda": 1 << 30}
+# Bytes of activations one batched call may touch. On a CPU, tiny calls drown in per-call
+# overhead and huge ones leave the cache; on this project's 2-core CPU, vmap measures the same
+# at 8 and 32 MiB and 1.6× slower at 2 MiB, and the folded layout is fastest at 32 MiB
+# (`bench/bench_landscape.py --strategy S --working-set N`). A GPU wants large calls.
+WORKING_SET = {"cpu": 32 << 20, "cuda": 1 << 30}
+# Points per folded call: oneDNN's grouped kernels gain from many groups; on this CPU 32 beat
+# 16 and 64 on both sample models (RESULTS.md).
+FOLD_POINTS = 32
+# The folded layout sizes its sample batches by its largest activation instead: glibc serves
+# allocations above 32 MiB with fresh pages from the kernel every time, and those page faults
+# were measured to double or triple a call.
+FOLD_LARGEST_TENSOR = 16 << 20
+FOLD_SAMPLES_PER_CALL = 1024
 WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk
 MAX_CHUNK_POINTS = 256
 SAMPLES_PER_CALL = 256
-STRATEGIES = ("auto", "vmap", "loop")
+PROBE_SAMPLES = 128  # samples per call when timing the strategies against each other
+STRATEGIES = ("auto", "fold", "vmap", "loop")
 
 Progress = Callable[[float, str], None]
 ShouldStop = Callable[[], bool]
@@ -79,6 +89,7 @@ class _AffineFirstLayer(nn.Module):
         self.coefficients: torch.Tensor | None = None
         self._input: torch.Tensor | None = None
         self._terms: torch.Tensor | None = None
+        self._folded_terms: torch.Tensor | None = None
 
     def _same_input(self, x: torch.Tensor) -> bool:
         # Views (x.flatten(1) in a forward) are new objects over the same memory. Holding the
@@ -89,17 +100,32 @@ class _AffineFirstLayer(nn.Module):
             and x.dtype == cached.dtype and x._version == cached._version))
 
     def forget(self) -> None:
-        self._input = self._terms = None
+        self._input = self._terms = self._folded_terms = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _terms_for(self, x: torch.Tensor) -> torch.Tensor:
+        """[k+1, *out]: the layer's output for the origin and each direction."""
         if not self._same_input(x):  # a loop over points feeds the same batch every time
             y = functional_call(self.layer, self.stacked, (x,))  # (k+1)·C outputs, computed once
             dim = self.channel_dim % y.dim()
             self._input, self._terms = x, y.unflatten(dim, (self.terms, -1)).movedim(dim, 0).contiguous()
-        terms = self._terms  # [k+1, *out]
+            self._folded_terms = None
+        return self._terms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        terms = self._terms_for(x)
         # A vector–matrix product per point; under vmap one GEMM [G, k+1] × [k+1, out] whose
         # result is already in the batch-first layout the next layer wants.
         return (self.coefficients @ terms.flatten(1)).view(terms.shape[1:])
+
+    def folded(self, x: torch.Tensor) -> torch.Tensor:
+        """All points' outputs in :mod:`soup_core.folded`'s layout, [N, G·C, *spatial]."""
+        terms = self._terms_for(x)
+        if self._folded_terms is None:  # [N, *spatial, k+1, C]: samples outermost, like the output
+            self._folded_terms = terms.permute(1, *range(3, terms.dim()), 0, 2).contiguous()
+        n, *spatial, _, c = self._folded_terms.shape
+        # [G, k+1] × [k+1, C] for each sample and position: each point's C channels side by side.
+        mixed = torch.matmul(self.coefficients, self._folded_terms).view(n, *spatial, -1)
+        return mixed.permute(0, mixed.dim() - 1, *range(1, mixed.dim() - 1)) if spatial else mixed
 
 
 class _BatchNormSlice(nn.Module):
@@ -142,6 +168,17 @@ class _BatchNormSlice(nn.Module):
         return y
 
 
+def _folded_first_layer(folded: FoldedForward, module: _AffineFirstLayer, x: torch.Tensor):
+    """The cached first layer under :class:`FoldedForward`: mixed outputs, or per-point weights."""
+    if isinstance(module.layer, nn.Linear):
+        return Folded(module.folded(x), len(module.coefficients))
+    # A convolution has many positions per output channel: mixing k+1 outputs at each costs
+    # more than convolving once with every point's own filters (k+1 tiny GEMMs for those).
+    weights = {n: (module.coefficients @ t.unflatten(0, (module.terms, -1)).flatten(1)).view(
+               len(module.coefficients), -1, *t.shape[1:]) for n, t in module.stacked.items()}
+    return module.layer, weights["weight"], weights.get("bias")
+
+
 @dataclass(frozen=True)
 class PointValues:
     """Mean cross-entropy and error (1 − accuracy) per split, one entry per point."""
@@ -163,6 +200,7 @@ class SliceEvaluator:
 
     >>> import torch
     >>> from soup_core.evaluate import Evaluator, Split
+from soup_core.folded import FoldedForward, Unsupported, Folded
     >>> ev = Evaluator(lambda: torch.nn.Linear(2, 2), {"val": Split(torch.eye(2), torch.tensor([0, 1]))})
     >>> origin = {"weight": torch.eye(2), "bias": torch.zeros(2)}
     >>> flip = {"weight": torch.tensor([[-2., 2.], [2., -2.]], dtype=torch.float64), "bias": torch.zeros(2, dtype=torch.float64)}
@@ -233,8 +271,17 @@ class SliceEvaluator:
             for key, value in self.fixed.items():
                 if key in self._tensors:
                     self._tensors[key].copy_(value)
+        try:
+            self._folded: FoldedForward | None = FoldedForward(
+                self.model, {_AffineFirstLayer: _folded_first_layer}, batchnorms=(_BatchNormSlice,))
+            self.fold_unsupported = ""
+        except Unsupported as exc:
+            self._folded, self.fold_unsupported = None, str(exc)
+        if strategy == "fold" and self._folded is None:
+            raise ValueError(f"strategy='fold' cannot run this model ({self.fold_unsupported}); "
+                             "use 'vmap', 'loop' or 'auto'")
         self.strategy = "loop"  # measuring needs no batching, and every model runs in a loop
-        self.activations_per_sample = self._activation_size()
+        self.activations_per_sample, self.largest_activation = self._activation_size()
         self.strategy = self._fastest_strategy() if strategy == "auto" else strategy
 
     # ---- set-up -------------------------------------------------------------------------
@@ -264,8 +311,8 @@ class SliceEvaluator:
             return None
         return name, module
 
-    def _activation_size(self) -> int:
-        """Floats of activations per sample (all module outputs), measured on a probe batch."""
+    def _activation_size(self) -> tuple[int, int]:
+        """Floats per sample of all module outputs and of the largest, measured on a probe batch."""
         sizes: list[int] = []
         hooks = [m.register_forward_hook(lambda mod, args, out: sizes.append(out.numel())
                                          if isinstance(out, torch.Tensor) else None)
@@ -275,37 +322,49 @@ class SliceEvaluator:
         finally:
             for h in hooks:
                 h.remove()
-        return max(1, sum(sizes) // 2)
+        return max(1, sum(sizes) // 2), max(1, max(sizes, default=2) // 2)
 
     def _fastest_strategy(self) -> str:
-        """vmap on a GPU; on a CPU, whichever of vmap and a per-point loop is faster here.
+        """On a CPU, whichever of fold, vmap and a per-point loop is fastest here; vmap elsewhere.
 
-        Batched convolutions become grouped convolutions under vmap, which CPUs run slowly,
-        while small matmul networks gain from batching; so it is measured, not guessed.
+        Batched convolutions become grouped convolutions under vmap, which CPUs run slowly in
+        channels-first memory, while the folded layout runs them in channels-last memory; and
+        small matmul networks gain from batching: so it is measured, not guessed. A strategy
+        whose logits disagree with the plain loop's is never chosen.
         """
         split = next(iter(self.evaluator.splits.values()))
-        try:  # some models (data-dependent control flow) cannot run under vmap at all
-            self.strategy = "vmap"
-            self._logits(torch.zeros(2, self.k, device=self.device), split.inputs[:2])
-        except Exception:
-            return "loop"
-        finally:
-            self.strategy = "loop"
+        runs = ["loop"]
+        for strategy in ("fold", "vmap"):
+            if strategy == "fold" and self._folded is None:
+                continue
+            try:  # some models (data-dependent control flow) cannot run under vmap at all
+                self.strategy = strategy
+                self._logits(torch.zeros(2, self.k, device=self.device), split.inputs[:2])
+                runs.append(strategy)
+            except Exception:
+                pass
+            finally:
+                self.strategy = "loop"
         if self.device.type != "cpu":
-            return "vmap"
-        self.strategy = "vmap"
-        if self.chunk_points(len(split)) == 1:
-            return "loop"  # a vmap of one point only adds overhead
-        points = max(2, min(8, self.chunk_points(len(split))))
-        coords = torch.zeros(points, self.k, device=self.device)
-        x = split.inputs[:self._batch_size(points, len(split))]
-        timings = {}
-        for strategy in ("vmap", "loop"):
+            return "vmap" if "vmap" in runs else runs[-1]
+        coords = torch.linspace(-1, 1, 16 * self.k, device=self.device).view(16, self.k)
+        x = split.inputs[:PROBE_SAMPLES]
+        reference = None
+        for strategy in list(runs):  # warm-up, and the agreement check
             self.strategy = strategy
-            self._logits(coords, x)  # warm-up
-            start = time.perf_counter()
-            self._logits(coords, x)
-            timings[strategy] = time.perf_counter() - start
+            logits = self._logits(coords, x)
+            if reference is None:
+                reference = logits
+            elif not torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
+                runs.remove(strategy)
+        timings = dict.fromkeys(runs, math.inf)
+        for _ in range(3):  # best of three, interleaved: a shared machine's noise hits all alike
+            for strategy in runs:
+                self.strategy = strategy
+                start = time.perf_counter()
+                self._logits(coords, x)
+                timings[strategy] = min(timings[strategy], time.perf_counter() - start)
+        self.strategy = "loop"
         return min(timings, key=timings.get)
 
     # ---- evaluation ---------------------------------------------------------------------
@@ -326,6 +385,8 @@ class SliceEvaluator:
                 for key, value in params.items():
                     self._tensors[key].copy_(value)
                 return self.model(x)
+            if self.strategy == "fold":
+                return self._folded(params, self.fixed, x, points=len(coefficients))
             return functional_call(self.model, (params, self.fixed), (x,))
         finally:
             if self.first_layer is not None:
@@ -337,6 +398,8 @@ class SliceEvaluator:
         for name in self.bn_modules:
             self.model.get_submodule(name).batched = self.strategy == "vmap"
         try:
+            if self.strategy == "fold":  # the whole chunk in one call already
+                return function(params, coefficients, x)
             if self.strategy == "vmap":
                 return torch.vmap(function, in_dims=(0, 0, None))(params, coefficients, x)
             outputs = [function({k: v[i] for k, v in params.items()}, coefficients[i], x)
@@ -353,18 +416,34 @@ class SliceEvaluator:
             return self._run(self._forward, self._point_params(coords), self._coefficients(coords), x)
 
     def chunk_points(self, samples: int) -> int:
-        """Points per vmapped call: activations of up to 256 samples within the working set."""
-        per_point = self.activations_per_sample * 4 * min(samples, SAMPLES_PER_CALL)
+        """Points per batched call.
+
+        A loop holds one point at a time, so only the stacked weights count. vmap takes the
+        points whose activations for up to 256 samples fit the working set. The folded layout
+        takes FOLD_POINTS points (its grouped kernels want many groups) and fits the samples
+        to the working set instead.
+        """
         by_weights = WEIGHTS_BUDGET // max(self.parameter_count * 4, 1)
-        if self.strategy == "loop":  # one point at a time in memory: only the weights count
+        if self.strategy == "loop":
             return int(max(1, min(MAX_CHUNK_POINTS, by_weights)))
+        if self.strategy == "fold":
+            return int(max(1, min(FOLD_POINTS, by_weights)))
+        per_point = self.activations_per_sample * 4 * min(samples, SAMPLES_PER_CALL)
         return int(max(1, min(MAX_CHUNK_POINTS, by_weights, self.working_set // max(per_point, 1))))
 
     def _batch_size(self, points: int, samples: int) -> int:
-        """Samples per call: within the working set under vmap; a plain model's batch size in a loop."""
+        """Samples per call: within the working set when batched; a plain model's batch size in a loop.
+
+        Batches are made even (269 samples in batches of 256 would leave one of 13).
+        """
         if self.strategy == "loop":
-            return int(min(samples, self.evaluator.batch_size))
-        return int(max(1, min(samples, self.working_set // max(self.activations_per_sample * 4 * points, 1))))
+            cap = self.evaluator.batch_size
+        elif self.strategy == "fold":
+            cap = min(FOLD_SAMPLES_PER_CALL, FOLD_LARGEST_TENSOR // (self.largest_activation * 4 * points))
+        else:
+            cap = min(SAMPLES_PER_CALL, self.working_set // max(self.activations_per_sample * 4 * points, 1))
+        batches = math.ceil(samples / max(1, cap))
+        return int(max(1, math.ceil(samples / batches)))
 
     def _recomputed_statistics(self, params: dict[str, torch.Tensor], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """update_bn at each point of the chunk: average over the training batches of batch stats."""
@@ -406,7 +485,7 @@ class SliceEvaluator:
         loss = {s: np.full(len(coords), np.nan) for s in splits}
         error = {s: np.full(len(coords), np.nan) for s in splits}
         chunk = self.chunk_points(max(len(d) for d in data.values()))
-        if self.bn == "recompute" and self.strategy == "vmap":  # statistics: whole bn batches per call
+        if self.bn == "recompute" and self.strategy != "loop":  # statistics: whole bn batches per call
             bn_samples = min(self.bn_batch_size, len(self.evaluator.train))
             chunk = max(1, min(chunk, self.working_set // (self.activations_per_sample * 4 * bn_samples)))
         for start in range(0, len(coords), chunk):
@@ -416,8 +495,8 @@ class SliceEvaluator:
             with torch.no_grad():
                 params = self._point_params(part)
                 coefficients = self._coefficients(part)
-                if self.bn == "recompute":
-                    params.update(self._recomputed_statistics(params, coefficients))
+                if self.bn == "recompute":  # a new dict: the folded forward caches weights per dict
+                    params = {**params, **self._recomputed_statistics(params, coefficients)}
                 elif self.bn == "interpolate":
                     for k in self.stat_keys:
                         if k.endswith("running_var"):
@@ -439,6 +518,8 @@ class SliceEvaluator:
                     error[s][start:start + len(part)] = (wrong / len(split)).cpu().numpy()
             if progress is not None:
                 progress(min(1.0, (start + len(part)) / len(coords)), f"{start + len(part)}/{len(coords)} points")
+        if self._folded is not None:
+            self._folded.release()
         return PointValues(loss, error)
 
 
