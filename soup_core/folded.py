@@ -52,6 +52,9 @@ ELEMENTWISE_FUNCTIONS = {torch.relu, nn.functional.relu, nn.functional.gelu, nn.
                          torch.sigmoid, nn.functional.leaky_relu}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Linear layers with fewer outputs per point than this (classifier heads) run as MKL batched
+# GEMMs: oneDNN's grouped 1×1 convolution is slow for so few output channels (measured).
+SMALL_LINEAR = 32
 
 
 class Unsupported(ValueError):
@@ -188,7 +191,7 @@ class FoldedForward:
                     del values[a]
         if not isinstance(out, Folded) or out.tensor.dim() != 2:
             raise Unsupported("the model's output must be [batch, classes] and depend on the weights")
-        return out.tensor.view(out.tensor.shape[0], points, -1).transpose(0, 1)
+        return out.tensor.view(out.tensor.shape[0], points, -1).transpose(0, 1).contiguous()
 
     def release(self) -> None:
         """Drop the last chunk's weights (kept between calls for its other sample batches)."""
@@ -282,6 +285,11 @@ class FoldedForward:
         if t.dim() != 2:
             raise Unsupported("Linear on inputs with more than 2 dimensions")
         n = t.shape[0]
+        if filters.shape[0] < SMALL_LINEAR * g:  # a classifier head: MKL's batched GEMM is faster
+            inputs = t.view(n, g, -1).transpose(0, 1)  # [G, N, in], a strided view
+            weights = filters.view(g, -1, filters.shape[1]).transpose(1, 2)
+            y = torch.bmm(inputs, weights) if bias is None else torch.baddbmm(bias.view(g, 1, -1), inputs, weights)
+            return Folded(y.transpose(0, 1).reshape(n, -1), g)
         # [N, G·in] is channels-last [1, G·in, N, 1]: a grouped 1×1 convolution, no copy.
         image = t.view(1, n, 1, -1).permute(0, 3, 1, 2)
         y = nn.functional.conv2d(image, filters[:, :, None, None], bias, groups=g)
