@@ -105,6 +105,10 @@ class FoldedForward:
         self._relu_after_pool = {next(iter(n.users)): n for n in self.graph.nodes
                                  if self._is_relu(n) and len(n.users) == 1
                                  and isinstance(self._module(next(iter(n.users))), (nn.MaxPool2d, nn.AdaptiveMaxPool2d))}
+        # A Flatten read only by a Linear is left undone: the Linear takes the channels-last
+        # activation and permutes its own (small) weights to (h, w, c) order instead.
+        self._flatten_into_linear = {n for n in self.graph.nodes if self._is_flatten(n) and len(n.users) == 1
+                                     and isinstance(self._module(next(iter(n.users))), nn.Linear)}
         self._params: Mapping[str, torch.Tensor] = {}
         self._fixed: Mapping[str, torch.Tensor] = {}
         self._points = 0
@@ -137,6 +141,10 @@ class FoldedForward:
         if node.op == "call_method" and node.target in ("flatten", "relu"):
             return
         raise Unsupported(f"{node.op} {node.target} is not supported")
+
+    def _is_flatten(self, node: torch.fx.Node) -> bool:
+        return (isinstance(self._module(node), nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten)
+                or (node.op == "call_method" and node.target == "flatten"))
 
     def _is_relu(self, node: torch.fx.Node) -> bool:
         module = self._module(node)
@@ -177,7 +185,8 @@ class FoldedForward:
                 out = values[node.args[0]]
                 break
             args = [values[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
-            if node in folded_in or node in self._relu_after_pool.values():
+            deferred_flatten = node in self._flatten_into_linear and isinstance(args[0], Folded)
+            if node in folded_in or node in self._relu_after_pool.values() or deferred_flatten:
                 values[node] = args[0]  # a BatchNorm folded into its layer, a ReLU moved after its pool
             else:
                 values[node] = self._run(node, args, folded_in)
@@ -235,8 +244,13 @@ class FoldedForward:
                 batchnorm = self._eval_batchnorm_after(node)
                 if batchnorm is not None:
                     weight, bias = self._fold_batchnorm(batchnorm.target, weight, bias)
+                value = args[0]
+                if isinstance(layer, nn.Linear) and isinstance(value, Folded) and value.tensor.dim() == 4:
+                    # After a deferred Flatten: each point's weights in the (h, w, c) order of memory.
+                    c, h, w = value.tensor.shape[1] // value.points, *value.tensor.shape[2:]
+                    weight = weight.unflatten(-1, (c, h, w)).permute(0, 1, 3, 4, 2).flatten(2)
                 self._layers[node] = (layer, *self.filters(layer, weight, bias), batchnorm)
-                return self._apply(*self._layers[node], args[0], folded_in)
+                return self._apply(*self._layers[node], value, folded_in)
             if isinstance(module, self.batchnorms):
                 return self._batchnorm(node.target, module, args[0])
             if isinstance(module, nn.Flatten):
@@ -282,9 +296,15 @@ class FoldedForward:
                 raise Unsupported("Linear on inputs with more than 2 dimensions")
             return Folded(nn.functional.linear(value, filters, bias), g)
         t = value.tensor
+        n = t.shape[0]
+        if t.dim() == 4:  # a deferred Flatten; ``filters`` are in (h, w, c) order
+            inputs = t.permute(0, 2, 3, 1).reshape(n, -1, g, t.shape[1] // g)  # [N, H·W, G, C], a view
+            inputs = inputs.permute(2, 0, 1, 3).reshape(g, n, -1)  # a copy in runs of C floats
+            weights = filters.view(g, -1, filters.shape[1]).transpose(1, 2)
+            y = torch.bmm(inputs, weights) if bias is None else torch.baddbmm(bias.view(g, 1, -1), inputs, weights)
+            return Folded(y.transpose(0, 1).reshape(n, -1), g)
         if t.dim() != 2:
             raise Unsupported("Linear on inputs with more than 2 dimensions")
-        n = t.shape[0]
         if filters.shape[0] < SMALL_LINEAR * g:  # a classifier head: MKL's batched GEMM is faster
             inputs = t.view(n, g, -1).transpose(0, 1)  # [G, N, in], a strided view
             weights = filters.view(g, -1, filters.shape[1]).transpose(1, 2)

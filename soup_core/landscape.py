@@ -6,8 +6,12 @@ App. D); a plane (k = 2) for the paper's Figure 2 (see :func:`soup_core.geometry
 or filter-normalised random slices. :class:`SliceEvaluator` scores many points c at once:
 
 * **Stacked weights.** A chunk of G points becomes one batched state dict (one GEMM per
-  tensor: origin + C·D) and one ``torch.vmap`` of ``torch.func.functional_call``, so the
-  whole chunk runs as batched matmuls/convolutions instead of G Python-level forwards.
+  tensor: origin + C·D) and runs in one pass instead of G Python-level forwards: through
+  :class:`soup_core.folded.FoldedForward` (points folded into the channels of channels-last
+  activations, for models built from standard layers) or one ``torch.vmap`` of
+  ``torch.func.functional_call`` (any model vmap can run). A per-point loop on a private copy
+  is the third way; the engine times all three on the spot and keeps the fastest that agrees
+  with the loop.
 * **The first layer is linear in its weights.** Its input does not depend on the point, so
   the layer runs once for the origin and once per direction, and each point only mixes those
   k + 1 outputs with its coefficients (exact: Linear/Conv are linear in (weight, bias)).
@@ -45,7 +49,7 @@ from torch import nn
 from torch.func import functional_call
 
 from soup_core.evaluate import Evaluator, Split
-from soup_core.folded import FoldedForward, Unsupported, Folded
+from soup_core.folded import Folded, FoldedForward, Unsupported
 from soup_core.geometry import Direction, Plane, Projection, plane_keys
 from soup_core.params import tied_aliases
 
@@ -61,7 +65,7 @@ FOLD_POINTS = 32
 # The folded layout sizes its sample batches by its largest activation instead: glibc serves
 # allocations above 32 MiB with fresh pages from the kernel every time, and those page faults
 # were measured to double or triple a call.
-FOLD_LARGEST_TENSOR = 16 << 20
+FOLD_LARGEST_TENSOR = 8 << 20
 FOLD_SAMPLES_PER_CALL = 1024
 WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk
 MAX_CHUNK_POINTS = 256
@@ -200,7 +204,6 @@ class SliceEvaluator:
 
     >>> import torch
     >>> from soup_core.evaluate import Evaluator, Split
-from soup_core.folded import FoldedForward, Unsupported, Folded
     >>> ev = Evaluator(lambda: torch.nn.Linear(2, 2), {"val": Split(torch.eye(2), torch.tensor([0, 1]))})
     >>> origin = {"weight": torch.eye(2), "bias": torch.zeros(2)}
     >>> flip = {"weight": torch.tensor([[-2., 2.], [2., -2.]], dtype=torch.float64), "bias": torch.zeros(2, dtype=torch.float64)}

@@ -137,5 +137,6 @@ def test_the_docstring_examples_run():
 
     import soup_core.allocator
     import soup_core.folded
-    for module in (soup_core.folded, soup_core.allocator):
+    import soup_core.landscape
+    for module in (soup_core.folded, soup_core.allocator, soup_core.landscape):
         assert doctest.testmod(module).failed == 0
