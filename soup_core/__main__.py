@@ -1,5 +1,3 @@
-import sys
+from soup_core.cli import run
 
-from soup_core.cli import main
-
-sys.exit(main())
+run()

@@ -1,23 +1,26 @@
 """Many weight points in one forward pass, with the points folded into the channels.
 
 ``torch.vmap`` over G weight points turns each Linear into a batched matmul and each Conv into
-a grouped convolution in channels-first memory. On a CPU, PyTorch runs float32 batched matmuls
-through MKL, which on this project's AMD CPU takes its AVX2 path, while oneDNN's convolutions
-use AVX-512 (twice the FLOP/s); and channels-first pooling and normalisation are several times
-slower than channels-last (RESULTS.md, "Landscape"). So :class:`FoldedForward` keeps every
-activation as one tensor ``[N, G·C, *spatial]`` in channels-last memory — sample n, then
+a grouped convolution in channels-first memory. On a CPU, PyTorch runs float32 matmuls through
+MKL, which on this project's AMD CPU takes its AVX2 path, while oneDNN's channels-last
+convolutions use AVX-512 (2.5× the FLOP/s), and channels-first max-pooling is an order of
+magnitude slower than channels-last (RESULTS.md, "Landscape"). So :class:`FoldedForward` keeps
+every activation as one tensor ``[N, G·C, *spatial]`` in channels-last memory — sample n, then
 position, then point g, then channel c — and runs the model's layers on it directly:
 
 * Linear(in → out) is a 1×1 convolution with G groups over a ``[1, G·in, N, 1]`` view of the
-  same memory (no copy): each point multiplies by its own weights.
+  same memory (no copy): each point multiplies by its own weights. Classifier heads (few
+  outputs) run as MKL batched GEMMs instead, which are faster there.
 * Conv2d is the same convolution with G times the groups. A layer whose input does not depend
-  on the point (the first one) runs once with all points' weights stacked as output channels.
+  on the point (the first one) runs once with all points' filters stacked as output channels.
 * BatchNorm is a BatchNorm over G·C channels, so per-point weights and statistics need no
-  special case; in eval mode it is folded into the Linear/Conv before it (scaled weights, as
-  any inference engine does), and in collect mode (see :func:`batchnorm`) it records each
+  special case. In eval mode it is folded into the Linear/Conv before it (scaled weights, as
+  inference engines do); with a ``collect`` list (see :class:`FoldedForward`) it records each
   point's batch statistics — what ``torch.optim.swa_utils.update_bn`` averages.
-* Pooling and activations are per channel and run unchanged; ``Flatten`` reorders to each
-  point's (c, h, w) order.
+* Pooling and activations are per channel and run unchanged; a ReLU just before a max-pool
+  runs after it instead (the same values: ReLU is monotone), on a quarter of the data.
+* ``Flatten`` reorders to each point's (c, h, w) order — or, when a Linear reads it, is left
+  undone and the Linear's weights are permuted to the (h, w, c) order of memory.
 
 The model is traced with ``torch.fx``; any operation outside that list makes it
 :class:`Unsupported`, and :class:`soup_core.landscape.SliceEvaluator` falls back to vmap or a
@@ -187,7 +190,8 @@ class FoldedForward:
             args = [values[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
             deferred_flatten = node in self._flatten_into_linear and isinstance(args[0], Folded)
             if node in folded_in or node in self._relu_after_pool.values() or deferred_flatten:
-                values[node] = args[0]  # a BatchNorm folded into its layer, a ReLU moved after its pool
+                # a BatchNorm folded into its layer, a ReLU moved after its pool, a Flatten left to its Linear
+                values[node] = args[0]
             else:
                 values[node] = self._run(node, args, folded_in)
                 if node in self._relu_after_pool and isinstance(values[node], Folded):
