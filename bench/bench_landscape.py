@@ -14,9 +14,12 @@ only; ours computes loss and error.
 
     python bench/bench_landscape.py [--steps 31] [--repeats 3] [--device cpu|cuda] [--width N] [--return-freed-memory]
                                     [--threads N] [--strategy auto|fold|vmap|loop] [--working-set MIB] [--profile]
+                                    [--layouts]
 
 ``--threads``, ``--strategy`` and ``--working-set`` reproduce the tuning figures in RESULTS.md;
-``--profile`` prints where our engine spends its time (torch.profiler) on each case.
+``--profile`` prints where our engine spends its time (torch.profiler) on each case;
+``--layouts`` only times one convolution and one max-pool of the BatchNorm CNN in
+channels-first and channels-last memory (why the folded strategy keeps channels last).
 
 ``--width`` swaps in a wide MLP (digits inputs, N hidden units, 3 layers) for a GPU run with a
 model of ≥ 10M parameters; it is compared with the per-point loop only.
@@ -174,6 +177,21 @@ def run_case(label: str, evaluator: Evaluator, a, b, c, steps: int, repeats: int
         assert diff < 1e-4, f"{name} disagrees with ours by {diff}"
 
 
+def layouts(repeats: int = 50) -> None:
+    """The digits-bn CNN's second convolution and its max-pool, channels-first vs channels-last."""
+    x = torch.randn(269, 16, 8, 8).relu()
+    w, b = torch.randn(32, 16, 3, 3), torch.randn(32)
+    y = torch.nn.functional.conv2d(x, w, b, padding=1)
+    ops = {"3×3 convolution 16 → 32 on [269, 16, 8, 8]": (lambda t: torch.nn.functional.conv2d(t, w, b, padding=1), x),
+           "2×2 max-pool of [269, 32, 8, 8]": (lambda t: torch.nn.functional.max_pool2d(t, 2), y)}
+    print("\n| operation | channels-first (ms) | channels-last (ms) |\n|---|---:|---:|")
+    for name, (op, t) in ops.items():
+        times = []
+        for layout in (t.contiguous(), t.contiguous(memory_format=torch.channels_last)):
+            times.append(best_time(lambda: op(layout), repeats, torch.device("cpu"))[0] * 1e3)
+        print(f"| {name} | {times[0]:.3f} | {times[1]:.3f} |")
+
+
 class WideMLP(torch.nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -195,6 +213,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="auto", choices=["auto", "fold", "vmap", "loop"])
     parser.add_argument("--working-set", type=float, default=None, help="MiB per vmapped call")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--layouts", action="store_true", help="only time one convolution and max-pool in both layouts")
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="leave glibc's malloc as it is (by default it keeps freed memory, for every method)")
     args = parser.parse_args()
@@ -206,6 +225,9 @@ def main() -> None:
                "working_set": int(args.working_set * 2**20) if args.working_set else None}
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"strategy {args.strategy}, working set {args.working_set or 'default'} MiB, allocator {allocator}")
+    if args.layouts:
+        layouts()
+        return
     if args.width:
         from sample_data.digits import make_evaluator
         evaluator = make_evaluator(lambda: WideMLP(args.width), device=args.device)

@@ -315,9 +315,13 @@ class SliceEvaluator:
         return name, module
 
     def _activation_size(self) -> tuple[int, int]:
-        """Floats per sample of all module outputs and of the largest, measured on a probe batch."""
-        sizes: list[int] = []
-        hooks = [m.register_forward_hook(lambda mod, args, out: sizes.append(out.numel())
+        """Floats per sample of all module outputs and of the largest per-point one (a probe batch).
+
+        The cached first layer's own output holds k+1 terms once per batch, not once per point,
+        so it counts in the total only.
+        """
+        sizes: list[tuple[nn.Module, int]] = []
+        hooks = [m.register_forward_hook(lambda mod, args, out: sizes.append((mod, out.numel()))
                                          if isinstance(out, torch.Tensor) else None)
                  for m in self.model.modules() if not list(m.children())]
         try:
@@ -325,7 +329,9 @@ class SliceEvaluator:
         finally:
             for h in hooks:
                 h.remove()
-        return max(1, sum(sizes) // 2), max(1, max(sizes, default=2) // 2)
+        once = self._affine.layer if self.first_layer is not None else None
+        largest = max((n for m, n in sizes if m is not once), default=2)
+        return max(1, sum(n for _, n in sizes) // 2), max(1, largest // 2)
 
     def _fastest_strategy(self) -> str:
         """On a CPU, whichever of fold, vmap and a per-point loop is fastest here; vmap elsewhere.
