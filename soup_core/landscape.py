@@ -191,6 +191,15 @@ class PointValues:
     error: dict[str, np.ndarray]
 
 
+def _loss_and_wrong(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy (float64) and count of wrong predictions per point of [G, N, C] logits."""
+    # Cross-entropy as logsumexp − logit of the label; max gives argmax too.
+    top, predicted = logits.max(dim=-1)
+    lse = top + (logits - top.unsqueeze(-1)).exp().sum(-1).log()
+    picked = logits.gather(-1, labels.expand(len(logits), -1).unsqueeze(-1)).squeeze(-1)
+    return (lse - picked).sum(-1, dtype=torch.float64), (predicted != labels).sum(-1)
+
+
 def _subsample(split: Split, max_samples: int | None, seed: int) -> Split:
     if max_samples is None or len(split) <= max_samples:
         return split
@@ -413,16 +422,19 @@ class SliceEvaluator:
                 return torch.vmap(function, in_dims=(0, 0, None))(params, coefficients, x)
             outputs = [function({k: v[i] for k, v in params.items()}, coefficients[i], x)
                        for i in range(len(coefficients))]
-        finally:  # the first layer's cached batch lives for one call only
-            if self.first_layer is not None:
+        finally:  # the first layer's cached batch lives for one call (fold: one evaluation)
+            if self.first_layer is not None and self.strategy != "fold":
                 self._affine.forget()
         if isinstance(outputs[0], torch.Tensor):
             return torch.stack(outputs)
         return [torch.stack(parts) for parts in zip(*outputs)]
 
     def _logits(self, coords: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self._run(self._forward, self._point_params(coords), self._coefficients(coords), x)
+        try:
+            with torch.no_grad():
+                return self._run(self._forward, self._point_params(coords), self._coefficients(coords), x)
+        finally:
+            self._release()
 
     def chunk_points(self, samples: int) -> int:
         """Points per batched call.
@@ -497,39 +509,43 @@ class SliceEvaluator:
         if self.bn == "recompute" and self.strategy != "loop":  # statistics: whole bn batches per call
             bn_samples = min(self.bn_batch_size, len(self.evaluator.train))
             chunk = max(1, min(chunk, self.working_set // (self.activations_per_sample * 4 * bn_samples)))
-        for start in range(0, len(coords), chunk):
-            if should_stop is not None and should_stop():
-                break
-            part = coords[start:start + chunk]
-            with torch.no_grad():
-                params = self._point_params(part)
-                coefficients = self._coefficients(part)
-                if self.bn == "recompute":  # a new dict: the folded forward caches weights per dict
-                    params = {**params, **self._recomputed_statistics(params, coefficients)}
-                elif self.bn == "interpolate":
-                    for k in self.stat_keys:
-                        if k.endswith("running_var"):
-                            params[k] = params[k].clamp_min(0.0)
-                for s, split in data.items():
-                    total_loss = torch.zeros(len(part), dtype=torch.float64, device=self.device)
-                    wrong = torch.zeros(len(part), dtype=torch.float64, device=self.device)
-                    batch_size = self._batch_size(len(part), len(split))
-                    for b in range(0, len(split), batch_size):
-                        x, y = split.inputs[b:b + batch_size], split.labels[b:b + batch_size]
-                        logits = self._run(self._forward, params, coefficients, x)
-                        # Cross-entropy as logsumexp − logit of the label; max gives argmax too.
-                        top, predicted = logits.max(dim=-1)
-                        lse = top + (logits - top.unsqueeze(-1)).exp().sum(-1).log()
-                        picked = logits.gather(-1, y.expand(len(part), -1).unsqueeze(-1)).squeeze(-1)
-                        total_loss += (lse - picked).sum(-1, dtype=torch.float64)
-                        wrong += (predicted != y).sum(-1)
-                    loss[s][start:start + len(part)] = (total_loss / len(split)).cpu().numpy()
-                    error[s][start:start + len(part)] = (wrong / len(split)).cpu().numpy()
-            if progress is not None:
-                progress(min(1.0, (start + len(part)) / len(coords)), f"{start + len(part)}/{len(coords)} points")
+        try:
+            for start in range(0, len(coords), chunk):
+                if should_stop is not None and should_stop():
+                    break
+                part = coords[start:start + chunk]
+                with torch.no_grad():
+                    params = self._point_params(part)
+                    coefficients = self._coefficients(part)
+                    if self.bn == "recompute":  # a new dict: the folded forward caches weights per dict
+                        params = {**params, **self._recomputed_statistics(params, coefficients)}
+                    elif self.bn == "interpolate":
+                        for k in self.stat_keys:
+                            if k.endswith("running_var"):
+                                params[k] = params[k].clamp_min(0.0)
+                    for s, split in data.items():
+                        total_loss = torch.zeros(len(part), dtype=torch.float64, device=self.device)
+                        wrong = torch.zeros(len(part), dtype=torch.float64, device=self.device)
+                        batch_size = self._batch_size(len(part), len(split))
+                        for b in range(0, len(split), batch_size):
+                            x, y = split.inputs[b:b + batch_size], split.labels[b:b + batch_size]
+                            losses, wrongs = _loss_and_wrong(self._run(self._forward, params, coefficients, x), y)
+                            total_loss += losses
+                            wrong += wrongs
+                        loss[s][start:start + len(part)] = (total_loss / len(split)).cpu().numpy()
+                        error[s][start:start + len(part)] = (wrong / len(split)).cpu().numpy()
+                if progress is not None:
+                    progress(min(1.0, (start + len(part)) / len(coords)), f"{start + len(part)}/{len(coords)} points")
+        finally:
+            self._release()
+        return PointValues(loss, error)
+
+    def _release(self) -> None:
+        """Drop what the folded forward keeps between calls: first-layer terms, a chunk's weights."""
+        if self.first_layer is not None:
+            self._affine.forget()
         if self._folded is not None:
             self._folded.release()
-        return PointValues(loss, error)
 
 
 # ---- 2D grids -----------------------------------------------------------------------------
