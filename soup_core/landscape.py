@@ -70,7 +70,12 @@ FOLD_SAMPLES_PER_CALL = 1024
 WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk
 MAX_CHUNK_POINTS = 256
 SAMPLES_PER_CALL = 256
-PROBE_SAMPLES = 128  # samples per call when timing the strategies against each other
+# Timing the strategies at start-up: a probe of PROBE_SAMPLES samples checks they agree; then
+# each runs its own chunk (up to PROBE_POINTS points, PROBE_SAMPLES samples), best of
+# PROBE_ROUNDS (the first warms up).
+PROBE_SAMPLES = 128
+PROBE_POINTS = 32
+PROBE_ROUNDS = 4
 STRATEGIES = ("auto", "fold", "vmap", "loop")
 
 Progress = Callable[[float, str], None]
@@ -365,23 +370,32 @@ class SliceEvaluator:
                 self.strategy = "loop"
         if self.device.type != "cpu":
             return "vmap" if "vmap" in runs else runs[-1]
-        coords = torch.linspace(-1, 1, 16 * self.k, device=self.device).view(16, self.k)
-        x = split.inputs[:PROBE_SAMPLES]
+        probe = torch.linspace(-1, 1, 4 * self.k, device=self.device).view(4, self.k)
         reference = None
-        for strategy in list(runs):  # warm-up, and the agreement check
+        for strategy in list(runs):  # the same small probe for all: do they agree?
             self.strategy = strategy
-            logits = self._logits(coords, x)
+            logits = self._logits(probe, split.inputs[:PROBE_SAMPLES])
             if reference is None:
                 reference = logits
             elif not torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
                 runs.remove(strategy)
+        # Each timed at its own chunk size (up to PROBE_POINTS points), per point and sample.
+        shapes = {}
+        for strategy in runs:
+            self.strategy = strategy
+            points = min(self.chunk_points(len(split)), PROBE_POINTS)
+            shapes[strategy] = (torch.linspace(-1, 1, points * self.k, device=self.device).view(points, self.k),
+                                split.inputs[:min(self._batch_size(points, len(split)), PROBE_SAMPLES)])
         timings = dict.fromkeys(runs, math.inf)
-        for _ in range(3):  # best of three, interleaved: a shared machine's noise hits all alike
+        for round_ in range(PROBE_ROUNDS):  # interleaved: a shared machine's noise hits all alike
             for strategy in runs:
+                coords, x = shapes[strategy]
                 self.strategy = strategy
                 start = time.perf_counter()
                 self._logits(coords, x)
-                timings[strategy] = min(timings[strategy], time.perf_counter() - start)
+                timings[strategy] = min(timings[strategy], (time.perf_counter() - start) / (len(coords) * len(x)))
+            if round_ and max(timings.values()) * PROBE_POINTS * PROBE_SAMPLES > 0.5:
+                break  # a large model: one timed round (after the warm-up) tells them apart
         self.strategy = "loop"
         return min(timings, key=timings.get)
 
