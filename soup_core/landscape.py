@@ -54,13 +54,14 @@ from soup_core.geometry import Direction, Plane, Projection, plane_keys
 from soup_core.params import tied_aliases
 
 BN_POLICIES = ("recompute", "interpolate", "keep")
-# Bytes of activations one batched call may touch. On a CPU, tiny calls drown in per-call
-# overhead and huge ones leave the cache; on this project's 2-core CPU, vmap measures the same
-# at 8 and 32 MiB and 1.6× slower at 2 MiB, and the folded layout is fastest at 32 MiB
-# (`bench/bench_landscape.py --strategy S --working-set N`). A GPU wants large calls.
+# Bytes of activations one vmapped call may touch. On a CPU, tiny calls drown in per-call
+# overhead and huge ones leave the cache; on this project's 2-core CPU vmap measures the same
+# at 8 and 32 MiB and 1.6× slower at 2 MiB (`bench/bench_landscape.py --strategy vmap
+# --working-set N`). A GPU wants large calls.
 WORKING_SET = {"cpu": 32 << 20, "cuda": 1 << 30}
-# Points per folded call: oneDNN's grouped kernels gain from many groups; on this CPU 32 beat
-# 16 and 64 on both sample models (RESULTS.md).
+# Points per folded call: oneDNN's grouped kernels gain from many groups, and each call costs
+# some 0.3 ms of dispatch; of 16, 32, 48, 64 and 96 tried, 32 was best or near it on both
+# sample models.
 FOLD_POINTS = 32
 # The folded layout sizes its sample batches by its largest activation instead: glibc serves
 # allocations above 32 MiB with fresh pages from the kernel every time, and those page faults
