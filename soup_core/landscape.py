@@ -59,8 +59,8 @@ BN_POLICIES = ("recompute", "interpolate", "keep")
 # at 8 and 32 MiB and 1.6× slower at 2 MiB (`bench/bench_landscape.py --strategy vmap
 # --working-set N`). A GPU wants large calls.
 WORKING_SET = {"cpu": 32 << 20, "cuda": 1 << 30}
-# Points per folded call: oneDNN's grouped kernels gain from many groups, and each call costs
-# some 0.3 ms of dispatch; of 16, 32, 48, 64 and 96 tried, 32 was best or near it on both
+# Points per folded call: oneDNN's grouped kernels gain from many groups, and each call has a
+# fixed dispatch cost; of 16, 32, 48, 64 and 96 tried, 32 was best or near it on both
 # sample models.
 FOLD_POINTS = 32
 # The folded layout sizes its sample batches by its largest activation instead: glibc serves
