@@ -2,6 +2,9 @@
 
 import streamlit as st
 
+from soup_core.allocator import keep_freed_memory
+
+keep_freed_memory()  # the server is this process: landscapes reuse freed memory (soup_core/allocator.py)
 st.set_page_config(page_title="Model Soup Lab", page_icon="🥣", layout="wide")
 navigation = st.navigation([
     st.Page("pages/ingredients.py", title="Ingredients", default=True),

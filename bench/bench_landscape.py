@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import sys
 import time
 from pathlib import Path
@@ -145,13 +146,17 @@ def run_case(label: str, evaluator: Evaluator, a, b, c, steps: int, repeats: int
     # Rounds of one run of each method, best per method: a burst of load on a shared machine
     # then slows one round of every method rather than all the runs of one.
     times = dict.fromkeys(methods, float("inf"))
+    faults = dict.fromkeys(methods, 0)
     results = {}
     for _ in range(repeats):
         for name, method in methods.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             seconds, results[name] = best_time(method, 1, device)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
             times[name] = min(times[name], seconds)
     ours = results["ours: batched slice evaluator"]
-    rows = [(name, times[name], float(np.abs(np.asarray(results[name]) - ours).max())) for name in methods]
+    rows = [(name, times[name], float(np.abs(np.asarray(results[name]) - ours).max()), faults[name] / repeats)
+            for name in methods]
     if profile:
         from torch.profiler import profile as torch_profile
         with torch_profile() as prof:
@@ -172,13 +177,15 @@ def run_case(label: str, evaluator: Evaluator, a, b, c, steps: int, repeats: int
     print(f"FLOPs per point (full forward) {flops / 1e6:.1f} M; float32 peak measured now {peak / 1e9:.0f} GFLOP/s "
           f"(matmul {gemm / 1e9:.0f}, convolution {convolution / 1e9:.0f}); floor for {points} points "
           f"{floor * 1e3:.1f} ms\n")
-    print("| method | time (s) | points/s | fraction of FLOP floor | max abs loss difference vs ours |")
-    print("|---|---:|---:|---:|---:|")
-    for name, seconds, diff in rows:
-        print(f"| {name} | {seconds:.3f} | {points / seconds:,.0f} | {floor / seconds:.1%} | {diff:.1e} |")
+    print("| method | time (s) | points/s | fraction of FLOP floor | max abs loss difference vs ours "
+          "| minor page faults per run |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, seconds, diff, page_faults in rows:
+        print(f"| {name} | {seconds:.3f} | {points / seconds:,.0f} | {floor / seconds:.1%} | {diff:.1e} "
+              f"| {page_faults:,.0f} |")
     fastest_peer = min(r[1] for r in rows[1:])
     print(f"\nspeed-up over the faster peer: {fastest_peer / rows[0][1]:.2f}×")
-    for name, _, diff in rows[1:]:
+    for name, _, diff, _ in rows[1:]:
         assert diff < 1e-4, f"{name} disagrees with ours by {diff}"
 
 

@@ -1,17 +1,18 @@
 """Keep freed memory in the process instead of handing it back to the kernel after every op.
 
 glibc's malloc serves large blocks (above a threshold that adapts up to 32 MiB) with fresh
-pages from the kernel and trims freed memory at the top of the heap back to the kernel. A
-landscape evaluation allocates and frees the same few activation sizes thousands of times, so
-each call pays again for page faults: on this project's CPU (a virtual machine, where faults
-are dear) a 31×31 BatchNorm-CNN grid took 186,000 minor faults and a third more time, and the
-peers in ``bench/bench_landscape.py`` suffered as much (RESULTS.md).
+pages from the kernel, and trims freed memory at the top of the heap back to the kernel. The
+folded landscape evaluation allocates and frees the same few activations of several MiB for
+every chunk of points, so each chunk pays again for page faults. On this project's CPU (a
+virtual machine, where faults are dear) the digits MLP's 31×31 grid took 71,000 minor faults
+per run and 2.8× longer (``python bench/bench_landscape.py --return-freed-memory``). The
+per-point peers there allocate small blocks and see a handful of faults either way.
 
 :func:`keep_freed_memory` raises both thresholds for the whole process: blocks up to 32 MiB
-come from the heap and freed memory stays for reuse, so a process holds on to its peak heap
+come from the heap, and freed memory stays for reuse, so a process keeps its peak heap
 instead of returning it. That is a process-wide choice, so only entry points that own their
-process call it (the ``soup`` command line and the benchmarks); the library never does.
-Elsewhere than glibc it does nothing.
+process call it: the ``soup`` command line, the app's server (``app.py``) and the benchmarks.
+The library never does; a script of your own can. Elsewhere than glibc it does nothing.
 
 >>> keep_freed_memory() in (True, False)
 True

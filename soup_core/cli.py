@@ -395,8 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``soup`` command: this process is ours, so freed memory stays for reuse (see
-    :mod:`soup_core.allocator`; landscapes page-fault a third more without it)."""
+    """The ``soup`` command: this process is ours, so freed memory stays for reuse (landscapes
+    page-fault without it; see :mod:`soup_core.allocator`)."""
     keep_freed_memory()
     sys.exit(main())
 

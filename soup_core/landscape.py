@@ -217,6 +217,9 @@ def _subsample(split: Split, max_samples: int | None, seed: int) -> Split:
 class SliceEvaluator:
     """Scores points of the slice origin + Σ c_k d_k of one evaluator's model.
 
+    In a script of your own on Linux, call :func:`soup_core.allocator.keep_freed_memory` first:
+    the folded strategy otherwise page-faults its activations back in for every chunk.
+
     >>> import torch
     >>> from soup_core.evaluate import Evaluator, Split
     >>> ev = Evaluator(lambda: torch.nn.Linear(2, 2), {"val": Split(torch.eye(2), torch.tensor([0, 1]))})
