@@ -16,6 +16,10 @@ only; ours computes loss and error.
                                     [--threads N] [--strategy auto|fold|vmap|loop] [--working-set MIB] [--profile]
                                     [--layouts]
 
+Each of ``--repeats`` rounds runs every method once; the best time per method is reported,
+with its minor page faults per run. The process keeps freed memory (as the ``soup`` command
+and the app do); ``--return-freed-memory`` leaves glibc's defaults.
+
 ``--threads``, ``--strategy`` and ``--working-set`` reproduce the tuning figures in RESULTS.md;
 ``--profile`` prints where our engine spends its time (torch.profiler) on each case;
 ``--layouts`` only times one convolution and one max-pool of the BatchNorm CNN in
