@@ -14,13 +14,14 @@ only; ours computes loss and error.
 
     python bench/bench_landscape.py [--steps 31] [--repeats 5] [--device cpu|cuda] [--width N] [--return-freed-memory]
                                     [--threads N] [--strategy auto|fold|vmap|loop] [--working-set MIB] [--profile]
-                                    [--layouts]
+                                    [--fold-points N] [--layouts]
 
 Each of ``--repeats`` rounds runs every method once; the best time per method is reported,
 with its minor page faults per run. The process keeps freed memory (as the ``soup`` command
 and the app do); ``--return-freed-memory`` leaves glibc's defaults.
 
-``--threads``, ``--strategy`` and ``--working-set`` reproduce the tuning figures in RESULTS.md;
+``--threads``, ``--strategy``, ``--working-set`` and ``--fold-points`` reproduce the tuning
+figures in RESULTS.md;
 ``--profile`` prints where our engine spends its time (torch.profiler) on each case;
 ``--layouts`` only times one convolution and one max-pool of the BatchNorm CNN in
 channels-first and channels-last memory (why the folded strategy keeps channels last).
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from soup_core.allocator import keep_freed_memory  # noqa: E402
 from soup_core.evaluate import Evaluator  # noqa: E402
+from soup_core import landscape  # noqa: E402
 from soup_core.landscape import SliceEvaluator  # noqa: E402
 from soup_core.zoo import open_zoo  # noqa: E402
 
@@ -229,6 +231,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="auto", choices=["auto", "fold", "vmap", "loop"])
     parser.add_argument("--working-set", type=float, default=None, help="MiB per vmapped call")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--fold-points", type=int, default=None, help="points per folded call (FOLD_POINTS)")
     parser.add_argument("--layouts", action="store_true", help="only time one convolution and max-pool in both layouts")
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="leave glibc's malloc as it is (by default it keeps freed memory, for every method)")
@@ -237,6 +240,8 @@ def main() -> None:
     allocator = "glibc default" if args.return_freed_memory else f"keep freed memory ({keep_freed_memory()})"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fold_points:
+        landscape.FOLD_POINTS = args.fold_points
     options = {"strategy": args.strategy,
                "working_set": int(args.working_set * 2**20) if args.working_set else None}
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "

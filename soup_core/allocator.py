@@ -21,7 +21,7 @@ True
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -29,14 +29,14 @@ MMAP_THRESHOLD = 32 << 20  # glibc's own upper limit for this setting
 TRIM_THRESHOLD = 1 << 30
 
 
+@functools.cache  # once per process: the app calls it on every rerun
 def keep_freed_memory() -> bool:
     """Ask glibc to keep up to 1 GiB of freed heap and to serve blocks up to 32 MiB from it.
 
     Returns whether the setting took effect (False on other C libraries).
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded in this process
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))

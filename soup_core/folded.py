@@ -55,8 +55,8 @@ ELEMENTWISE_FUNCTIONS = {torch.relu, nn.functional.relu, nn.functional.gelu, nn.
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # oneDNN's grouped 1×1 convolution is slow for few outputs per group: a Linear with fewer
-# outputs per point than this (a classifier head) gets zero rows up to it, which is faster
-# despite the extra FLOPs (the digits MLP's head, 10 → 32 rows: 1–2 ms less of ~67 ms a grid).
+# outputs per point than this (a classifier head) gets zero rows up to it, which measured a
+# little faster despite the extra FLOPs.
 SMALL_LINEAR = 32
 
 
@@ -105,9 +105,9 @@ class FoldedForward:
             self._check(node)
         # ReLU then max-pooling equals max-pooling then ReLU (ReLU is monotone), on a quarter
         # of the values for a 2×2 pool: such ReLUs are deferred to after their pool.
-        self._relu_after_pool = {next(iter(n.users)): n for n in self.graph.nodes
-                                 if self._is_relu(n) and len(n.users) == 1
-                                 and isinstance(self._module(next(iter(n.users))), (nn.MaxPool2d, nn.AdaptiveMaxPool2d))}
+        self._deferred_relus = {n for n in self.graph.nodes if self._is_relu(n) and len(n.users) == 1
+                                and isinstance(self._module(next(iter(n.users))), (nn.MaxPool2d, nn.AdaptiveMaxPool2d))}
+        self._relu_after_pool = {next(iter(n.users)) for n in self._deferred_relus}
         # A Flatten read only by a Linear is left undone: the Linear takes the channels-last
         # activation and permutes its own (small) weights to (h, w, c) order instead.
         self._flatten_into_linear = {n for n in self.graph.nodes if self._is_flatten(n) and len(n.users) == 1
@@ -189,7 +189,7 @@ class FoldedForward:
                 break
             args = [values[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
             deferred_flatten = node in self._flatten_into_linear and isinstance(args[0], Folded)
-            if node in folded_in or node in self._relu_after_pool.values() or deferred_flatten:
+            if node in folded_in or node in self._deferred_relus or deferred_flatten:
                 # a BatchNorm folded into its layer, a ReLU moved after its pool, a Flatten left to its Linear
                 values[node] = args[0]
             else:
@@ -253,6 +253,11 @@ class FoldedForward:
                     # After a deferred Flatten: each point's weights in the (h, w, c) order of memory.
                     c, h, w = value.tensor.shape[1] // value.points, *value.tensor.shape[2:]
                     weight = weight.unflatten(-1, (c, h, w)).permute(0, 1, 3, 4, 2).flatten(2)
+                elif isinstance(layer, nn.Linear) and isinstance(value, Folded) and weight.shape[1] < SMALL_LINEAR:
+                    # A classifier head: zero rows up to SMALL_LINEAR per point (sliced off after).
+                    pad = SMALL_LINEAR - weight.shape[1]
+                    weight = nn.functional.pad(weight, (0, 0, 0, pad))
+                    bias = None if bias is None else nn.functional.pad(bias, (0, pad))
                 self._layers[node] = (layer, *self.filters(layer, weight, bias), batchnorm)
                 return self._apply(*self._layers[node], value, folded_in)
             if isinstance(module, self.batchnorms):
@@ -289,11 +294,15 @@ class FoldedForward:
         if batchnorm is not None:
             folded_in.add(batchnorm)
         if isinstance(layer, nn.Linear):
-            return self.linear(value, filters, bias)
+            return self.linear(value, filters, bias, layer.out_features)
         return self.convolve(layer, value, filters, bias)
 
-    def linear(self, value: torch.Tensor | Folded, filters: torch.Tensor, bias: torch.Tensor | None) -> Folded:
-        """A Linear with G points' weights stacked as ``filters`` [G·out, in], ``bias`` [G·out]."""
+    def linear(self, value: torch.Tensor | Folded, filters: torch.Tensor, bias: torch.Tensor | None,
+               out_features: int | None = None) -> Folded:
+        """A Linear with G points' weights stacked as ``filters`` [G·rows, in], ``bias`` [G·rows].
+
+        Rows beyond ``out_features`` (zero padding) are dropped from the output.
+        """
         g = self._points
         if not isinstance(value, Folded):  # one GEMM with every point's rows stacked
             if value.dim() != 2:
@@ -309,15 +318,13 @@ class FoldedForward:
             return Folded(y.transpose(0, 1).reshape(n, -1), g)
         if t.dim() != 2:
             raise Unsupported("Linear on inputs with more than 2 dimensions")
-        out = filters.shape[0] // g
-        rows = max(out, SMALL_LINEAR)
-        if rows > out:  # a classifier head: zero rows up to SMALL_LINEAR per point
-            filters = nn.functional.pad(filters.view(g, out, -1), (0, 0, 0, rows - out)).view(g * rows, -1)
-            bias = None if bias is None else nn.functional.pad(bias.view(g, out), (0, rows - out)).view(-1)
+        rows = filters.shape[0] // g
         # [N, G·in] is channels-last [1, G·in, N, 1]: a grouped 1×1 convolution, no copy.
         image = t.view(1, n, 1, -1).permute(0, 3, 1, 2)
         y = nn.functional.conv2d(image, filters[:, :, None, None], bias, groups=g).permute(0, 2, 3, 1)
-        return Folded(y.reshape(n, g, rows)[:, :, :out].reshape(n, -1), g)
+        if out_features is None or out_features == rows:
+            return Folded(y.reshape(n, -1), g)
+        return Folded(y.reshape(n, g, rows)[:, :, :out_features].reshape(n, -1), g)
 
     def convolve(self, module: nn.Conv2d, value: torch.Tensor | Folded, filters: torch.Tensor,
                  bias: torch.Tensor | None) -> Folded:

@@ -60,12 +60,11 @@ BN_POLICIES = ("recompute", "interpolate", "keep")
 # --working-set N`). A GPU wants large calls.
 WORKING_SET = {"cpu": 32 << 20, "cuda": 1 << 30}
 # Points per folded call: oneDNN's grouped kernels gain from many groups, and each call has a
-# fixed dispatch cost; of 16, 32, 48, 64 and 96 tried, 32 was best or near it on both
-# sample models.
+# fixed dispatch cost (`bench/bench_landscape.py --fold-points N` compares).
 FOLD_POINTS = 32
 # The folded layout sizes its sample batches by its largest activation instead: glibc serves
-# allocations above 32 MiB with fresh pages from the kernel every time, and those page faults
-# were measured to double or triple a call.
+# allocations above 32 MiB with fresh pages from the kernel every time, whatever the process
+# asks (soup_core/allocator.py), and such page faults slow a call severalfold.
 FOLD_LARGEST_TENSOR = 8 << 20
 FOLD_SAMPLES_PER_CALL = 1024
 WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk
