@@ -1,13 +1,15 @@
 # Two commands set up everything on a fresh machine:
 #   make run   — create .venv, install, start the app on the built-in sample zoo
 #   make test  — install test dependencies (Debian's chromium too), run the whole suite
+# and, after either: `make shell` (a shell with the `soup` command) and `make run PORT=8600`.
 PYTHON ?= python3
+PORT ?= 8501
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test install test-deps chromium bench zoos clean
+.PHONY: run test install test-deps chromium bench zoos shell clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +32,12 @@ chromium:
 	fi
 
 run: $(VENV)/.installed
-	$(VENV)/bin/streamlit run app.py
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+
+# A shell whose PATH has the venv's `soup` (same as `. .venv/bin/activate`); exit to leave it.
+shell: $(VENV)/.installed
+	@echo "soup is on your PATH in this shell; type exit to leave it"
+	@VIRTUAL_ENV="$(abspath $(VENV))" PATH="$(abspath $(VENV))/bin:$$PATH" $${SHELL:-/bin/sh} -i
 
 test: test-deps
 	$(PY) -m pytest

@@ -22,7 +22,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from soup_core.checkpoints import open_checkpoint
+from soup_core.io import open_checkpoint
 from soup_core.geometry import angles_from_gram, pairwise_angles
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "angles"

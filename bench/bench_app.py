@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def toggle_times(count: int) -> tuple[list[float], list[float]]:
     from streamlit.testing.v1 import AppTest
-    from appkit import workspace
+    from appkit import cache
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     box = at.checkbox(key="tick:digits-finetune:ft-04")
@@ -37,12 +37,12 @@ def toggle_times(count: int) -> tuple[list[float], list[float]]:
         (box.uncheck() if i % 2 == 0 else box.check()).run()
         page_times.append(time.perf_counter() - start)
         assert not at.exception
-    zoo = workspace.load_zoo("digits-finetune")
+    zoo = cache.load_zoo("digits-finetune")
     core_times = []
     for i in range(count):
         names = [n for j, n in enumerate(zoo.names) if j != i % len(zoo.names)]
         start = time.perf_counter()
-        workspace.live_soup(zoo, names)
+        cache.live_soup(zoo, names)
         core_times.append(time.perf_counter() - start)
     return page_times, core_times
 

@@ -22,8 +22,7 @@ import time
 import torch
 
 from sample_data.digits import load_splits, make_mlp
-from soup_core.checkpoints import load_state_dict
-from soup_core.recipes import SoupOptions
+from soup_core.io import load_state_dict
 from soup_core.zoo import make_soup, open_zoo
 
 ZOO = "digits-finetune"
@@ -61,7 +60,7 @@ def official_greedy(paths: dict[str, str]) -> list[str]:
 
 def ours() -> list[str]:
     zoo = open_zoo(ZOO, device="cpu")
-    return list(make_soup(zoo, "greedy", SoupOptions(tie="gt")).ingredients)
+    return list(make_soup(zoo, "greedy", tie="gt").ingredients)
 
 
 def main() -> None:

@@ -1,43 +1,56 @@
-"""Export: download the soup you made, with its provenance, and the command that remakes it."""
+"""Export: download the soup you made, with its provenance, model card and the command that remakes it."""
 
 import json
-import shlex
 
 import streamlit as st
 
-from appkit.workspace import export_candidate, hf_zip, sidebar, ticked
-from soup_core.checkpoints import state_dict_bytes
-from soup_core.models import is_hf_directory
+from appkit.cache import export_plan
+from appkit.sidebar import sidebar
+from appkit.uploads import uploads_of
+from appkit.workspace import chosen_export, ticked
+from soup_core.errors import SoupError
+from soup_core.export import Candidate
 
 zoo = sidebar()
 st.title("Export")
-ticked(zoo)  # the ticked set is the default candidate
+names = ticked(zoo)
+candidates = [Candidate.ticked(names)] + ([chosen_export()] if chosen_export() is not None else [])
+shown = st.radio("Soup to export", range(len(candidates)), format_func=lambda i: candidates[i].title(),
+                 index=len(candidates) - 1, horizontal=True, key="export-choice",
+                 help="The uniform soup of the ticked ingredients, or what you last chose on Recipes or Landscape.")
+candidate = candidates[shown]
+if candidate.kind == "recipe" and candidate.ingredients == ():
+    st.error("Tick at least one ingredient on the Ingredients page, or pick a recipe's soup.")
+    st.stop()
 try:
-    candidate = export_candidate(zoo)
-except ValueError as exc:
+    plan = export_plan(zoo, candidate, tuple(uploads_of(zoo.name)))
+except SoupError as exc:
     st.error(str(exc))
     st.stop()
-st.subheader(candidate.title)
+st.subheader(plan.title)
 cols = st.columns(3)
 for col, split in zip(cols, ("val", "test")):
-    if split in candidate.metrics:
-        col.metric(f"{split} accuracy", f"{100 * candidate.metrics[split].accuracy:.2f}%")
-cols[2].metric("ingredients", len(candidate.ingredients) or "—")
-if candidate.command:
+    if split in plan.metrics:
+        col.metric(f"{split} accuracy", f"{100 * plan.metrics[split].accuracy:.2f}%")
+cols[2].metric("ingredients", len(plan.ingredients) or "—")
+if plan.command_line:
     st.markdown("Remake it from the command line:")
-    st.code(" ".join(shlex.quote(part) for part in candidate.command), language="sh")
+    st.code(plan.command_line, language="sh")
 else:
     st.caption("No single `soup` command remakes this soup: it contains uploaded checkpoints that are not in "
                "the zoo's manifest. Its provenance lists their sha256.")
-st.download_button("Download safetensors", data=state_dict_bytes(candidate.state, candidate.provenance),
-                   file_name=candidate.file_name, mime="application/octet-stream", key="export-download",
-                   type="primary")
-source = zoo.path(zoo.names[0])
-if is_hf_directory(source):
-    st.download_button("Download as a Hugging Face folder (zip)", data=hf_zip(candidate.state, candidate.provenance,
-                                                                              source),
-                       file_name=candidate.file_name.replace(".safetensors", ".zip"), mime="application/zip",
-                       key="export-download-hf", help="config and tokenizer copied from the input; "
-                                                      "from_pretrained loads the unzipped folder")
+left, middle, right = st.columns(3)
+left.download_button("Download safetensors", data=plan.safetensors_bytes(), file_name=plan.file_name,
+                     mime="application/octet-stream", key="export-download", type="primary")
+middle.download_button("Download the model card", data=plan.model_card(),
+                       file_name=plan.file_name.replace(".safetensors", ".md"), mime="text/markdown",
+                       key="export-card")
+if plan.hf_source is not None:
+    right.download_button("Download as a Hugging Face folder (zip)", data=plan.hf_zip(),
+                          file_name=plan.file_name.replace(".safetensors", ".zip"), mime="application/zip",
+                          key="export-download-hf", help="config and tokenizer copied from the input, the model "
+                                                         "card as README.md; from_pretrained loads the unzipped folder")
+with st.expander("Model card"):
+    st.markdown(plan.model_card())
 with st.expander("Provenance (stored in the file's metadata as `soup_provenance`)"):
-    st.code(json.dumps(candidate.provenance, indent=2), language="json")
+    st.code(json.dumps(plan.provenance, indent=2), language="json")

@@ -4,8 +4,9 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.workspace import cached_angles, cached_pairs, cached_path, sidebar, zoo_key
-from soup_core.landscape import BN_POLICIES
+from appkit.cache import cached_angles, cached_pairs, cached_path, zoo_key
+from appkit.sidebar import sidebar
+from soup_core.policies import BN_POLICIES
 from soup_core.zoo import BASE
 
 zoo = sidebar()

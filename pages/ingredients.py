@@ -3,8 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-from appkit.workspace import (checkpoint_table, keep, live_soup, recipe_result, seed_ticks, sidebar, tick_key,
-                              ticked, zoo_key)
+from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
+from appkit.sidebar import sidebar
+from appkit.workspace import keep, seed_ticks, set_export, tick_key, ticked
 
 zoo = sidebar()
 st.title("Ingredients")
@@ -13,13 +14,19 @@ st.dataframe(checkpoint_table(zoo), hide_index=True,
              column_config={s: st.column_config.NumberColumn(format="%.1f") for s in ("val", "test", "shifts")})
 
 
+def tick_changed(widget_key: str) -> None:
+    """A changed tick makes the ticked set the soup to export again."""
+    keep(widget_key)
+    set_export(None)
+
+
 @st.fragment
 def soup_of_the_ticked_set() -> None:
     st.subheader("Your soup")
     seed_ticks(zoo)
     columns = st.columns(8)
     for i, name in enumerate(zoo.names):
-        columns[i % 8].checkbox(name, key=tick_key(zoo, name), on_change=keep, args=(tick_key(zoo, name),))
+        columns[i % 8].checkbox(name, key=tick_key(zoo, name), on_change=tick_changed, args=(tick_key(zoo, name),))
     chosen = ticked(zoo)
     if not chosen:
         st.warning("Tick at least one ingredient.")

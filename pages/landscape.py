@@ -4,8 +4,14 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.workspace import set_export, sidebar, zoo_key
-from soup_core.landscape import BN_POLICIES, plane_landscape, point_weights
+from appkit.cache import export_plan, zoo_key
+from appkit.sidebar import sidebar
+from appkit.uploads import uploads_of
+from appkit.workspace import set_export
+from soup_core.errors import SoupError
+from soup_core.export import Candidate
+from soup_core.landscape import plane_landscape
+from soup_core.policies import BN_POLICIES
 from soup_core.zoo import BASE, Zoo, zoo_plane, zoo_point
 
 zoo = sidebar()
@@ -44,7 +50,7 @@ def landscape_view() -> None:
     if st.button("Compute", key="land-compute", type="primary"):
         try:
             plane, projections = plane_for(zoo, zoo_key(zoo), *points)
-        except ValueError as exc:
+        except SoupError as exc:
             st.error(str(exc))
             return
         bar = st.progress(0.0, text="Computing…")
@@ -91,18 +97,16 @@ def landscape_view() -> None:
         st.session_state["land-picked"] = (shown_key, x, y)
     if st.session_state.get("land-picked", (None,))[0] == shown_key:
         _, x, y = st.session_state["land-picked"]
-        state = point_weights(zoo.evaluator, plane_for(zoo, zoo_key(zoo), *shown_key[1:4])[0], x, y, result.bn
-                              if result.bn != "none" else "interpolate")
-        metrics = zoo.evaluator.evaluate(state)
+        # A point is exported with the policy the landscape used ("none": no BatchNorm to treat).
+        point = Candidate.point(shown_key[1:4], (x, y), result.bn if result.bn != "none" else "interpolate")
+        metrics = export_plan(zoo, point, tuple(uploads_of(zoo.name))).metrics
         cols = st.columns(4)
         cols[0].markdown(f"**Point ({x:.3f}, {y:.3f})**")
         shown_splits = [n for n in dict.fromkeys(("val", "test", zoo.evaluator.split_names[-1])) if n in metrics]
         for col, name in zip(cols[1:], shown_splits):
             col.metric(f"point {name}", f"{100 * metrics[name].accuracy:.2f}%")
         if st.button("Keep this point for export", key="land-keep"):
-            set_export({"kind": "point", "plane": shown_key[1:4], "xy": (x, y),
-                        "bn": result.bn if result.bn != "none" else "interpolate"})
+            set_export(point)
             st.success("Ready on the Export page.")
-
 
 landscape_view()

@@ -5,21 +5,34 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.workspace import cached_ablations, recipe_result, set_export, sidebar, zoo_key
-from soup_core.evaluate import shift_average
+from appkit.cache import cached_ablations, recipe_result, zoo_key
+from appkit.controls import recipe_controls
+from appkit.sidebar import sidebar
+from appkit.workspace import set_export
+from soup_core.evaluate import TEST, shift_average
+from soup_core.export import Candidate
 from soup_core.recipes import RECIPES
+
+
+def export_picker(soups) -> None:
+    """Pick a soup recipe, set its declared parameters, and make it the soup to export."""
+    st.subheader("Pick a soup for export")
+    choice = st.selectbox("Soup to export", [r.name for r in soups], format_func=lambda n: RECIPES[n].pretty_name,
+                          key="recipes-export")
+    splits = [s for s in (zoo.evaluator.split_names if zoo.evaluator is not None else ()) if s != TEST]
+    params = recipe_controls(RECIPES[choice], splits, key=f"recipes-param:{choice}") \
+        if RECIPES[choice].parameters else {}
+    if st.button("Use for export", key="recipes-use"):
+        set_export(Candidate.of_recipe(choice, **params))
+        st.success(f"{RECIPES[choice].pretty_name} is ready on the Export page.")
+
 
 zoo = sidebar()
 st.title("Recipes")
 if zoo.evaluator is None:
     st.info("Weights only: the uniform soup and Model Stock (with a base) can be made and exported; every other "
             "recipe chooses or weighs ingredients by held-out accuracy and needs an evaluator.")
-    with st.form("export-recipe"):
-        soups = [r for r in RECIPES.values() if not r.needs_evaluator and (zoo.has_base or not r.needs_base)]
-        choice = st.selectbox("Soup to export", [r.name for r in soups], format_func=lambda n: RECIPES[n].pretty_name)
-        if st.form_submit_button("Use for export"):
-            set_export({"kind": "recipe", "recipe": choice})
-            st.success(f"{RECIPES[choice].pretty_name} is ready on the Export page.")
+    export_picker([r for r in RECIPES.values() if not r.needs_evaluator and (zoo.has_base or not r.needs_base)])
     st.stop()
 evaluator = zoo.evaluator
 shifts = evaluator.shift_names
@@ -60,12 +73,7 @@ for recipe in available:
 figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
 st.plotly_chart(figure, key="recipes-figure1")
 
-with st.form("export-recipe"):
-    soups = [r for r in available if r.is_soup]
-    choice = st.selectbox("Soup to export", [r.name for r in soups], format_func=lambda n: RECIPES[n].pretty_name)
-    if st.form_submit_button("Use for export"):
-        set_export({"kind": "recipe", "recipe": choice})
-        st.success(f"{RECIPES[choice].pretty_name} is ready on the Export page.")
+export_picker([r for r in available if r.is_soup])
 
 st.subheader("Ablations (reproduction)")
 if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="recipes-ablations"):

@@ -4,8 +4,8 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.workspace import (cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, sidebar,
-                              zoo_key)
+from appkit.cache import cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, zoo_key
+from appkit.sidebar import sidebar
 from soup_core.evaluate import shift_average
 from soup_core.recipes import RECIPES
 

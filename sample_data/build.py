@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sample_data.digits import NUM_CLASSES, load_splits, make_bn_cnn, make_mlp
-from soup_core.checkpoints import StateDict, save_state_dict
+from soup_core.io import save_state_dict
+from soup_core.state import StateDict
 
 ROOT = Path(__file__).resolve().parent
 PRETRAIN_SEED = 1234

@@ -18,7 +18,7 @@ import torch
 from sample_data.build import finetune_sweep, pretrain
 from sample_data.digits import make_evaluator, make_mlp
 from soup_core.evaluate import shift_average
-from soup_core.recipes import RECIPES, SoupOptions
+from soup_core.recipes import RECIPES
 
 ROWS = ["best", "uniform", "greedy", "pruned", "learned", "learned-by-layer", "ensemble",
         "greedy-ensemble", "model-stock"]
@@ -30,8 +30,8 @@ def run_seed(theta0, seed: int, models: int) -> dict[str, tuple[float, float, fl
     evaluator = make_evaluator(make_mlp, device="cpu")
     out = {}
     for name in ROWS:
-        result = RECIPES[name].make(ingredients, evaluator, base=theta0.state_dict(),
-                                    options=SoupOptions(passes=2 if name == "pruned" else 1))
+        params = {"passes": 2} if name == "pruned" else {}
+        result = RECIPES[name].make(ingredients, evaluator, base=theta0.state_dict(), **params)
         m = result.metrics
         out[name] = (m["val"].accuracy, m["test"].accuracy,
                      shift_average(m, evaluator.shift_names), len(result.ingredients))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from soup_core.evaluate import Evaluator
-from soup_core.recipes import Ingredients, SoupOptions, get_recipe
+from soup_core.recipes import Ingredients, get_recipe
 
 
 def _accuracies(metrics, splits: Sequence[str]) -> dict[str, float]:
@@ -39,7 +39,7 @@ def greedy_vs_models_considered(ingredients: Ingredients, evaluator: Evaluator, 
         for seed in seeds:
             order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:k]
             subset = {names[i]: ingredients[names[i]] for i in order.tolist()}
-            result = greedy.make(subset, evaluator, options=SoupOptions())
+            result = greedy.make(subset, evaluator)
             for s, acc in _accuracies(result.metrics, evaluator.split_names).items():
                 row[s].append(acc)
             row["size"].append(len(result.ingredients))
@@ -53,7 +53,7 @@ def pruned_vs_passes(ingredients: Ingredients, evaluator: Evaluator, *,
     pruned = get_recipe("pruned")
     rows = []
     for p in passes:
-        result = pruned.make(ingredients, evaluator, options=SoupOptions(passes=p))
+        result = pruned.make(ingredients, evaluator, passes=p)
         rows.append({"passes": p, "size": len(result.ingredients),
                      **_accuracies(result.metrics, evaluator.split_names)})
     return rows

@@ -3,10 +3,9 @@
 glibc's malloc serves large blocks (above a threshold that adapts up to 32 MiB) with fresh
 pages from the kernel, and trims freed memory at the top of the heap back to the kernel. The
 folded landscape evaluation allocates and frees the same few activations of several MiB for
-every chunk of points, so each chunk pays again for page faults. On this project's CPU (a
-virtual machine, where faults are dear) the digits MLP's 31×31 grid took 71,000 minor faults
-per run and 2.8× longer (``python bench/bench_landscape.py --return-freed-memory``). The
-per-point peers there allocate small blocks and see a handful of faults either way.
+every chunk of points, so each chunk pays again for page faults, which are dear in a virtual
+machine (``python bench/bench_landscape.py --return-freed-memory`` counts them; figures in
+bench/RESULTS.md, "Landscape"). Per-point evaluation allocates small blocks and sees few faults.
 
 :func:`keep_freed_memory` raises both thresholds for the whole process: blocks up to 32 MiB
 come from the heap, and freed memory stays for reuse, so a process keeps its peak heap

@@ -1,75 +1,119 @@
-"""The ``soup`` command (also ``python -m soup_core``).
+"""The ``soup`` command (also ``python -m soup_core``); ``soup --help`` lists the commands.
 
-    soup zoo list
-    soup inspect PATH...
-    soup angles PATH... [--base PATH] [--json FILE]
-    soup evaluate ZOO [--json FILE]
-    soup make RECIPE ZOO [--order sorted|random] [--seed N] [--passes N] [--tie ge|gt]
-                         [--max-ingredients N] [--ingredients A,B,...] [--out FILE] [--json FILE]
-    soup landscape ZOO --points A B C [--grid R] [--margin M] [--split val] [--bn recompute|interpolate|keep]
-                         [--soups uniform,greedy] [--max-samples N] [--resume FILE] [--json FILE]
-    soup path ZOO A B [--points N] [--range LO HI] [--split val] [--bn ...] [--json FILE]
-    soup pairs ZOO [--split test] [--ingredients A,B,...] [--json FILE]
-    soup point ZOO --plane A B C --xy X Y [--bn recompute|interpolate|keep] --out FILE [--json FILE]
-
-A, B, C name checkpoints, ``base`` (θ0), or a soup recipe (``greedy``, ``uniform``, ...).
-
-ZOO is a sample zoo's name or a path to a ``zoo.toml``. ``--json -`` writes JSON to stdout.
-Bad input ends with exit code 2 and one line on stderr, never a traceback.
+Arguments are parsed before anything heavy is imported, so ``--help`` and argument errors
+answer at once; torch and the library load when a command runs. The ``make`` flags come from
+the parameters the recipes declare (:mod:`soup_core.recipes`). Bad input ends with exit code 2
+and one line on stderr (``soup: error: ...``), never a traceback, and never changes a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
+import math
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
 from soup_core import __version__
-from soup_core.allocator import keep_freed_memory
-from soup_core.checkpoints import (CheckpointError, is_float, load_state_dict,
-                                   open_checkpoint, read_provenance, save_hf_directory, save_state_dict,
-                                   tied_groups, validate_state_dicts)
-from soup_core.evaluate import Metrics, metrics_to_json, shift_average
-from soup_core.geometry import pairwise_angles
-from soup_core.recipes import RECIPES, SoupOptions
-from soup_core.landscape import (BN_POLICIES, Landscape, interpolation_path, path_alphas, plane_landscape,
-                                 point_weights)
-from soup_core.models import is_hf_directory
-from soup_core.pairs import pair_analyses
-from soup_core.zoo import (BASE, Zoo, ZooError, make_soup, open_zoo, point_provenance, sample_zoos,
-                           soup_provenance, zoo_plane, zoo_point)
+from soup_core.errors import SoupError, UsageError
+from soup_core.policies import BN_POLICIES
+from soup_core.recipes import RECIPES, all_parameters
+
+MAX_GRID = 401          # points per side of a landscape: 160k evaluations is already hours
+MAX_PATH_POINTS = 10_001
+
+EXAMPLES = """examples:
+  soup zoo list
+  soup evaluate digits-finetune
+  soup make greedy digits-finetune --tie gt --out greedy.safetensors --json greedy.json
+  soup make learned digits-finetune --epochs 5 --learning-rate 0.05
+  soup landscape digits-finetune --points base ft-03 greedy --grid 21 --json plane.json
+  soup path digits-finetune base greedy --range 0 1
+  soup angles sample_data/digits-finetune/checkpoints/ft-0*.safetensors \\
+      --base sample_data/digits-finetune/base.safetensors --short-names
+
+A, B, C name checkpoints, `base` (θ0), or a soup recipe made from all checkpoints. ZOO is a
+sample zoo's name or a zoo.toml (or a folder). `--json -` writes JSON to stdout."""
 
 
-class CliError(Exception):
-    """Ends the command with one line on stderr and exit code 2."""
+# ---- argument types: every number from a flag is checked before any work ------------
 
 
-def _write_json(target: str | None, payload: Mapping[str, Any]) -> None:
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}" + (f" and at most {high}" if high else ""))
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors in one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default after its help (unless there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+# ---- output -------------------------------------------------------------------------
+
+
+def write_json(target: str | None, payload: Mapping[str, Any], inputs: Sequence[Path] = ()) -> None:
+    """JSON to stdout (``-``) or a file written atomically, never over an input checkpoint."""
     if target is None:
         return
     text = json.dumps(payload, indent=2, sort_keys=False)
     if target == "-":
         print(text)
-    else:
-        Path(target).write_text(text + "\n")
+        return
+    from soup_core.io import atomic_write, refuse_inputs
+    refuse_inputs(target, inputs)
+    atomic_write(target, text + "\n")
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
+def say(args: argparse.Namespace, text: str) -> None:
     """Human-readable output, unless JSON goes to stdout."""
     if getattr(args, "json", None) != "-":
         print(text)
 
 
-def _tqdm_progress(desc: str):
-    bar = tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr, leave=False,
-               disable=not sys.stderr.isatty())
+def progress_bar(desc: str):
+    from tqdm import tqdm
+    bar = tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
 
     def report(fraction: float, message: str) -> None:
         bar.n = int(fraction * 1000)
@@ -78,7 +122,8 @@ def _tqdm_progress(desc: str):
     return bar, report
 
 
-def _metrics_line(metrics: Mapping[str, Metrics], shifts: Sequence[str]) -> str:
+def metrics_line(metrics, shifts: Sequence[str]) -> str:
+    from soup_core.evaluate import shift_average
     parts = [f"{s} {metrics[s].accuracy:.2%}" for s in ("val", "test") if s in metrics]
     avg = shift_average(metrics, shifts)
     if avg is not None:
@@ -86,21 +131,64 @@ def _metrics_line(metrics: Mapping[str, Metrics], shifts: Sequence[str]) -> str:
     return "  ".join(parts)
 
 
-# ---- commands ---------------------------------------------------------------------------
+def check_device(device: str | None) -> str | None:
+    """``cpu``, ``cuda`` or ``cuda:N`` that exists here, else a clear error."""
+    if device is None:
+        return None
+    import torch
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    elif parsed.type != "cpu":
+        raise UsageError(f"--device {device!r}: only cpu and cuda are supported")
+    return device
+
+
+def open_zoo_for(args: argparse.Namespace):
+    from soup_core.zoo import open_zoo
+    return open_zoo(args.zoo, device=check_device(args.device))
+
+
+def zoo_inputs(zoo) -> list[Path]:
+    """Every checkpoint file of a zoo: outputs are never written over one."""
+    return [zoo.path(n) for n in zoo.all_names]
+
+
+def splits_of(zoo, text: str, what: str) -> list[str]:
+    evaluator = zoo.require_evaluator(what)
+    splits = [s for s in text.split(",") if s]
+    unknown = [s for s in splits if s not in evaluator.splits]
+    if unknown or not splits:
+        raise UsageError(f"unknown split(s) {', '.join(unknown) or '(none)'}; {zoo.name} has "
+                         f"{', '.join(evaluator.split_names)}")
+    return splits
+
+
+# ---- commands ------------------------------------------------------------------------
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> None:
+    from soup_core.zoo import open_zoo, sample_zoos
     rows = []
     for name, manifest in sample_zoos().items():
         zoo = open_zoo(manifest)
         rows.append({"name": name, "manifest": str(manifest), "checkpoints": len(zoo.names),
                      "base": zoo.has_base, "description": zoo.description})
-        _say(args, f"{name:18s} {len(zoo.names):3d} checkpoints  base={'yes' if zoo.has_base else 'no ':3s}  "
-                   f"{zoo.description}")
-    _write_json(args.json, {"zoos": rows})
+        say(args, f"{name:18s} {len(zoo.names):3d} checkpoints  base={'yes' if zoo.has_base else 'no ':3s}  "
+                  f"{zoo.description}")
+    write_json(args.json, {"zoos": rows})
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
+    from soup_core.io import load_state_dict, read_provenance, validate_state_dicts
+    from soup_core.state import is_float, tied_groups
     states, rows = {}, []
     for path in args.paths:
         state = load_state_dict(path)
@@ -112,34 +200,36 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                "tied": [list(g) for g in tied_groups(state)],
                "provenance": read_provenance(path) if str(path).endswith(".safetensors") else None}
         rows.append(row)
-        _say(args, f"{path}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
-                   f"dtypes {', '.join(row['dtypes'])}"
-                   + (f", integer {row['integer_keys']}" if row["integer_keys"] else "")
-                   + (f", tied {row['tied']}" if row["tied"] else ""))
+        say(args, f"{path}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
+                  f"dtypes {', '.join(row['dtypes'])}"
+                  + (f", integer {row['integer_keys']}" if row["integer_keys"] else "")
+                  + (f", tied {row['tied']}" if row["tied"] else ""))
     report = validate_state_dicts(states)
     for line in report.warnings:
-        _say(args, f"warning: {line}")
-    _write_json(args.json, {"checkpoints": rows, "errors": list(report.errors), "warnings": list(report.warnings)})
+        say(args, f"warning: {line}")
+    write_json(args.json, {"checkpoints": rows, "errors": list(report.errors), "warnings": list(report.warnings)},
+               [Path(p) for p in args.paths])
     if report.errors:
-        raise CliError(report.errors[0] + (f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""))
-    _say(args, f"{len(states)} checkpoint(s) compatible" if len(states) > 1 else "ok")
+        raise UsageError(report.errors[0] + (f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""))
+    say(args, f"{len(states)} checkpoint(s) compatible" if len(states) > 1 else "ok")
 
 
 def cmd_angles(args: argparse.Namespace) -> None:
+    from soup_core.geometry import pairwise_angles
+    from soup_core.io import open_checkpoint, validate_state_dicts
     if len(args.paths) < 2:
-        raise CliError("angles needs at least two checkpoints")
+        raise UsageError("angles needs at least two checkpoints")
     states = [open_checkpoint(p) for p in args.paths]
     base = open_checkpoint(args.base) if args.base else None
     named = {p: s for p, s in zip(args.paths, states)}
     if base is not None:
         named = {args.base: base, **named}
     validate_state_dicts(named, check_values=False).raise_for_errors()  # values stream below
-    bar, report = _tqdm_progress("angles")
+    bar, report = progress_bar("angles")
     with bar:
         angles = pairwise_angles(states, base, progress=report)
     names = [Path(p).stem if args.short_names else p for p in args.paths]
-    payload = {**angles.to_json(names), "relative_to": args.base}
-    _write_json(args.json, payload)
+    write_json(args.json, {**angles.to_json(names), "relative_to": args.base}, [Path(p) for p in named])
     if args.json != "-":
         width = max(len(n) for n in names)
         print(f"angle (degrees) between {'θi − θ0' if base is not None else 'θi'}:")
@@ -148,243 +238,272 @@ def cmd_angles(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    zoo = open_zoo(args.zoo, device=args.device)
+    from tqdm import tqdm
+
+    from soup_core.evaluate import metrics_to_json
+    zoo = open_zoo_for(args)
     zoo.validation.raise_for_errors()
     evaluator = zoo.require_evaluator("evaluate")
-    names = ((BASE,) if zoo.has_base else ()) + zoo.names
     rows = []
-    for name in tqdm(names, desc="evaluate", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()):
+    for name in tqdm(zoo.all_names, desc="evaluate", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()):
         metrics = evaluator.evaluate(zoo.state_dict(name))
-        hparams = dict(zoo.hparams(name)) if name != BASE else {}
+        hparams = dict(zoo.hparams(name)) if name in zoo.entries else {}
         rows.append({"name": name, "hparams": hparams, "metrics": metrics_to_json(metrics)})
-        _say(args, f"{name:12s} {_metrics_line(metrics, evaluator.shift_names)}")
-    _write_json(args.json, {"zoo": zoo.name, "splits": list(evaluator.split_names),
-                            "device": str(evaluator.device), "checkpoints": rows})
+        say(args, f"{name:12s} {metrics_line(metrics, evaluator.shift_names)}")
+    write_json(args.json, {"zoo": zoo.name, "splits": list(evaluator.split_names),
+                           "device": str(evaluator.device), "checkpoints": rows}, zoo_inputs(zoo))
+
+
+def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe parameters given as flags; a flag the recipe does not take is an error."""
+    given = {name: getattr(args, name) for name in all_parameters() if hasattr(args, name)}
+    recipe = RECIPES[args.recipe]
+    declared = {p.name for p in recipe.parameters}
+    unused = [name for name in given if name not in declared]
+    if unused:
+        flags = ", ".join(recipe.parameter(n).flag if n in declared else "--" + n.replace("_", "-") for n in unused)
+        takes = ", ".join(p.flag for p in recipe.parameters) or "no parameters"
+        raise UsageError(f"the {recipe.pretty_name} does not use {flags}; it takes {takes}")
+    return given
 
 
 def cmd_make(args: argparse.Namespace) -> None:
-    zoo = open_zoo(args.zoo, device=args.device)
-    options = SoupOptions(order=args.order, seed=args.seed, tie=args.tie, passes=args.passes,
-                          max_ingredients=args.max_ingredients)
-    chosen = args.ingredients.split(",") if args.ingredients else None
-    if chosen:
-        for name in chosen:
-            zoo.path(name)  # a clear error for an unknown name
-    result = make_soup(zoo, args.recipe, options, chosen)
-    command = "soup " + " ".join(shlex.quote(a) for a in args.argv)
+    from soup_core.evaluate import metrics_to_json
+    from soup_core.export import Candidate, plan_export
+    from soup_core.zoo import make_soup
+    params = recipe_params(args)
+    zoo = open_zoo_for(args)
+    chosen = [n for n in args.ingredients.split(",") if n] if args.ingredients else None
+    for name in chosen or ():
+        zoo.path(name)  # a clear error for an unknown name
+    result = make_soup(zoo, args.recipe, chosen, **params)
     payload = {"recipe": result.recipe, "zoo": zoo.name, "ingredients": list(result.ingredients),
                "weights": list(result.weights), "trace": [s.to_dict() for s in result.trace],
                "metrics": metrics_to_json(result.metrics), "options": dict(result.options),
                "extras": dict(result.extras)}
     if args.out:
         if result.state_dict is None:
-            raise CliError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
-                           "be written as a checkpoint; choose a soup recipe")
-        inputs = [zoo.path(n) for n in (*zoo.names, *((BASE,) if zoo.has_base else ()))]
-        source = zoo.path(zoo.names[0])
-        if is_hf_directory(source) and not args.out.endswith(".safetensors"):
-            # The input's own format: a folder from_pretrained loads, config and tokenizer copied.
-            save_hf_directory(result.state_dict, args.out, source=source,
-                              provenance=soup_provenance(zoo, result, command), inputs=inputs)
-        else:
-            save_state_dict(result.state_dict, args.out, provenance=soup_provenance(zoo, result, command),
-                            inputs=inputs)
+            raise UsageError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
+                             "be written as a checkpoint; choose a soup recipe")
+        candidate = Candidate.of_recipe(args.recipe, chosen, **params)
+        plan = plan_export(zoo, candidate, out=args.out, result=result)
+        written = plan.write(args.out, inputs=zoo_inputs(zoo))
         payload["out"] = args.out
-    _write_json(args.json, payload)
+        payload["model_card"] = str(written[1]) if len(written) > 1 else str(Path(written[0]) / "README.md")
+    write_json(args.json, payload, zoo_inputs(zoo))
     shifts = zoo.evaluator.shift_names if zoo.evaluator is not None else ()
-    _say(args, f"{RECIPES[result.recipe].pretty_name}: {len(result.ingredients)} ingredient(s) "
-               f"{', '.join(result.ingredients)}")
+    say(args, f"{RECIPES[result.recipe].pretty_name}: {len(result.ingredients)} ingredient(s) "
+              f"{', '.join(result.ingredients)}")
     if result.metrics:
-        _say(args, "  " + _metrics_line(result.metrics, shifts))
+        say(args, "  " + metrics_line(result.metrics, shifts))
     if args.out:
-        _say(args, f"  written to {args.out}")
-
-
-def _splits(zoo: Zoo, text: str, what: str) -> list[str]:
-    evaluator = zoo.require_evaluator(what)
-    splits = [s for s in text.split(",") if s]
-    unknown = [s for s in splits if s not in evaluator.splits]
-    if unknown or not splits:
-        raise CliError(f"unknown split(s) {', '.join(unknown) or '(none)'}; {zoo.name} has "
-                       f"{', '.join(evaluator.split_names)}")
-    return splits
+        say(args, f"  written to {args.out} (model card: {payload['model_card']})")
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:
-    zoo = open_zoo(args.zoo, device=args.device)
-    splits = _splits(zoo, args.split, "a landscape")
+    import numpy as np
+
+    from soup_core.landscape import Landscape, plane_landscape
+    from soup_core.zoo import zoo_plane, zoo_point
+    zoo = open_zoo_for(args)
+    splits = splits_of(zoo, args.split, "a landscape")
     plane = zoo_plane(zoo, args.points)
-    others = [n for n in ((BASE,) if zoo.has_base else ()) + zoo.names if n not in args.points]
+    others = [n for n in zoo.all_names if n not in args.points]
     others += [s for s in (args.soups.split(",") if args.soups else []) if s and s not in args.points]
     projections = [plane.project(zoo_point(zoo, n)[0], n) for n in others]
     resume = None
     if args.resume and Path(args.resume).exists():
-        resume = Landscape.from_json(json.loads(Path(args.resume).read_text()))
-    bar, report = _tqdm_progress("landscape")
+        try:
+            resume = Landscape.from_json(json.loads(Path(args.resume).read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{args.resume}: not a landscape JSON this command wrote ({exc})") from None
+    bar, report = progress_bar("landscape")
     with bar:
         result = plane_landscape(zoo.evaluator, plane, grid=args.grid, margin=args.margin, splits=splits,
                                  bn=args.bn, projections=projections, max_samples=args.max_samples,
                                  resume=resume, progress=report)
     payload = {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,
                **result.to_json()}
-    _write_json(args.json, payload)
+    write_json(args.json, payload, zoo_inputs(zoo))
     if args.resume:
-        Path(args.resume).write_text(json.dumps(payload) + "\n")
-    _say(args, f"plane through {', '.join(args.points)}  ({args.grid}×{args.grid}, BatchNorm: {result.bn})")
+        write_json(args.resume, payload, zoo_inputs(zoo))
+    say(args, f"plane through {', '.join(args.points)}  ({args.grid}×{args.grid}, BatchNorm: {result.bn})")
     for anchor in plane.anchors:
-        _say(args, f"  {anchor.name:12s} at ({anchor.xy[0]:9.4f}, {anchor.xy[1]:9.4f})")
+        say(args, f"  {anchor.name:12s} at ({anchor.xy[0]:9.4f}, {anchor.xy[1]:9.4f})")
     for s in splits:
-        _say(args, f"  {s}: error {np.nanmin(result.error[s]):.2%} … {np.nanmax(result.error[s]):.2%}, "
-                   f"loss {np.nanmin(result.loss[s]):.4f} … {np.nanmax(result.loss[s]):.4f}")
+        say(args, f"  {s}: error {np.nanmin(result.error[s]):.2%} … {np.nanmax(result.error[s]):.2%}, "
+                  f"loss {np.nanmin(result.loss[s]):.4f} … {np.nanmax(result.loss[s]):.4f}")
 
 
 def cmd_path(args: argparse.Namespace) -> None:
-    zoo = open_zoo(args.zoo, device=args.device)
-    splits = _splits(zoo, args.split, "a path")
-    if args.points < 2:
-        raise CliError("--points must be at least 2")
+    import numpy as np
+
+    from soup_core.landscape import interpolation_path, path_alphas
+    from soup_core.zoo import zoo_point
+    if args.range[0] >= args.range[1]:
+        raise UsageError(f"--range {args.range[0]} {args.range[1]}: LO must be below HI")
+    zoo = open_zoo_for(args)
+    splits = splits_of(zoo, args.split, "a path")
     a, b = zoo_point(zoo, args.a)[0], zoo_point(zoo, args.b)[0]
     path = interpolation_path(zoo.evaluator, a, b, path_alphas(args.points, *args.range), names=(args.a, args.b),
                               splits=splits, bn=args.bn)
     payload = {"zoo": zoo.name, **path.to_json()}
-    _write_json(args.json, payload)
-    _say(args, f"(1 − α)·{args.a} + α·{args.b}, α from {args.range[0]} to {args.range[1]} (BatchNorm: {path.bn})")
+    write_json(args.json, payload, zoo_inputs(zoo))
+    say(args, f"(1 − α)·{args.a} + α·{args.b}, α from {args.range[0]} to {args.range[1]} (BatchNorm: {path.bn})")
     for s in splits:
         barrier = payload["barrier"][s]
-        _say(args, f"  {s}: error barrier {barrier['error']:.2%}, loss barrier {barrier['loss']:.4f}, "
-                   f"best error {np.min(path.error[s]):.2%} at α = {path.alphas[np.argmin(path.error[s])]:.2f}")
+        say(args, f"  {s}: error barrier {barrier['error']:.2%}, loss barrier {barrier['loss']:.4f}, "
+                  f"best error {np.min(path.error[s]):.2%} at α = {path.alphas[np.argmin(path.error[s])]:.2f}")
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
-    zoo = open_zoo(args.zoo, device=args.device)
-    split = _splits(zoo, args.split, "pair analyses")[0]
-    bar, report = _tqdm_progress("pairs")
+    from soup_core.pairs import pair_analyses
+    zoo = open_zoo_for(args)
+    split = splits_of(zoo, args.split, "pair analyses")[0]
+    bar, report = progress_bar("pairs")
     with bar:
-        chosen = args.ingredients.split(",") if args.ingredients else None
-        result = pair_analyses(zoo.ingredients(chosen), zoo.evaluator, base=zoo.base, split=split,
-                               progress=report)
+        chosen = [n for n in args.ingredients.split(",") if n] if args.ingredients else None
+        result = pair_analyses(zoo.ingredients(chosen), zoo.evaluator, base=zoo.base, split=split, progress=report)
     payload = {"zoo": zoo.name, **result.to_json()}
-    _write_json(args.json, payload)
-    _say(args, f"{len(result.pairs)} pairs on {split}")
+    write_json(args.json, payload, zoo_inputs(zoo))
+    say(args, f"{len(result.pairs)} pairs on {split}")
     for key, value in payload["correlations"].items():
-        _say(args, f"  {key.replace('_', ' ')}: r = {'n/a' if value is None else f'{value:+.3f}'}")
+        say(args, f"  {key.replace('_', ' ')}: r = {'n/a' if value is None else f'{value:+.3f}'}")
 
 
 def cmd_point(args: argparse.Namespace) -> None:
-    zoo = open_zoo(args.zoo, device=args.device)
-    evaluator = zoo.require_evaluator("a landscape point")
-    plane = zoo_plane(zoo, args.plane)
-    state = point_weights(evaluator, plane, args.xy[0], args.xy[1], args.bn)
-    metrics = evaluator.evaluate(state)
-    command = "soup " + " ".join(shlex.quote(a) for a in args.argv)
-    inputs = [zoo.path(n) for n in (*zoo.names, *((BASE,) if zoo.has_base else ()))]
-    provenance = point_provenance(zoo, args.plane, args.xy, args.bn, metrics, command)
-    save_state_dict(state, args.out, provenance=provenance, inputs=inputs)
-    _write_json(args.json, {"zoo": zoo.name, "plane": list(args.plane), "xy": list(args.xy), "bn": args.bn,
-                            "metrics": metrics_to_json(metrics), "out": args.out})
-    _say(args, f"point ({args.xy[0]}, {args.xy[1]}) of the plane {', '.join(args.plane)}: "
-               f"{_metrics_line(metrics, evaluator.shift_names)}\n  written to {args.out}")
+    from soup_core.evaluate import metrics_to_json
+    from soup_core.export import Candidate, plan_export
+    zoo = open_zoo_for(args)
+    zoo.require_evaluator("a landscape point")
+    plan = plan_export(zoo, Candidate.point(args.plane, args.xy, args.bn), out=args.out)
+    written = plan.write(args.out, inputs=zoo_inputs(zoo))
+    write_json(args.json, {"zoo": zoo.name, "plane": list(args.plane), "xy": list(args.xy), "bn": args.bn,
+                           "metrics": metrics_to_json(plan.metrics), "out": args.out}, zoo_inputs(zoo))
+    say(args, f"point ({args.xy[0]}, {args.xy[1]}) of the plane {', '.join(args.plane)}: "
+              f"{metrics_line(plan.metrics, zoo.evaluator.shift_names)}\n  written to {args.out}"
+              + (f" (model card: {written[1]})" if len(written) > 1 else ""))
 
 
-# ---- argument parsing -------------------------------------------------------------------
+# ---- argument parsing ---------------------------------------------------------------
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per parameter the recipes declare, with its help, default and the recipes using it."""
+    group = parser.add_argument_group("recipe parameters (each recipe takes only its own)")
+    for name, (p, users) in all_parameters().items():
+        default = "no limit" if p.default is None else p.default
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": f"{p.help} (default: {default}; {', '.join(users)})"}
+        if p.choices:
+            kwargs["choices"] = p.choices
+        elif p.type in (int, float):
+            kwargs["type"] = int_in(int(p.minimum or 0)) if p.type is int else finite_float
+            kwargs["metavar"] = "N" if p.type is int else "X"
+        else:
+            kwargs["metavar"] = name.upper()
+        group.add_argument(p.flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soup", description="Model soups from the command line.")
+    parser = Parser(prog="soup", description="Model soups from the command line: average "
+                    "fine-tuned weights, explore their landscapes, export the soup.",
+                    epilog=EXAMPLES, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"soup {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    def zoo_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = command(name, help, func)
+        p.add_argument("zoo", metavar="ZOO", help="a sample zoo's name, a zoo.toml, or a folder of checkpoints")
+        return p
+
+    def common(p: argparse.ArgumentParser, device: bool = True) -> None:
+        if device:
+            p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+        p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE (- for stdout)")
 
     zoo = sub.add_parser("zoo", help="built-in sample zoos").add_subparsers(dest="zoo_command", required=True)
     zoo_list = zoo.add_parser("list", help="list the sample zoos")
-    zoo_list.add_argument("--json", metavar="FILE")
     zoo_list.set_defaults(func=cmd_zoo_list)
+    common(zoo_list, device=False)
 
-    inspect = sub.add_parser("inspect", help="show and validate checkpoints")
-    inspect.add_argument("paths", nargs="+", metavar="PATH")
-    inspect.add_argument("--json", metavar="FILE")
-    inspect.set_defaults(func=cmd_inspect)
+    inspect = command("inspect", "show and validate checkpoints", cmd_inspect)
+    inspect.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or Hugging Face folders")
+    common(inspect, device=False)
 
-    angles = sub.add_parser("angles", help="pairwise cosine, angle and distance (float64, streamed)")
-    angles.add_argument("paths", nargs="+", metavar="PATH")
+    angles = command("angles", "pairwise cosine, angle and distance (float64, streamed)", cmd_angles)
+    angles.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or Hugging Face folders")
     angles.add_argument("--base", metavar="PATH", help="θ0: measure θi − θ0 instead of θi")
     angles.add_argument("--short-names", action="store_true", help="name checkpoints by file stem")
-    angles.add_argument("--json", metavar="FILE")
-    angles.set_defaults(func=cmd_angles)
+    common(angles, device=False)
 
-    evaluate = sub.add_parser("evaluate", help="score every checkpoint of a zoo on every split")
-    evaluate.add_argument("zoo", metavar="ZOO")
-    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    evaluate.add_argument("--json", metavar="FILE")
-    evaluate.set_defaults(func=cmd_evaluate)
+    evaluate = zoo_command("evaluate", "score every checkpoint of a zoo on every split", cmd_evaluate)
+    common(evaluate)
 
-    make = sub.add_parser("make", help="make a soup with a recipe")
-    make.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
-    make.add_argument("zoo", metavar="ZOO")
-    make.add_argument("--order", choices=["sorted", "random"], default="sorted")
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--passes", type=int, default=1)
-    make.add_argument("--tie", choices=["ge", "gt"], default="ge")
-    make.add_argument("--max-ingredients", type=int, default=None)
-    make.add_argument("--ingredients", metavar="A,B,...", help="only these checkpoints")
-    make.add_argument("--device", default=None)
-    make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance")
-    make.add_argument("--json", metavar="FILE")
-    make.set_defaults(func=cmd_make)
+    make = command("make", "make a soup with a recipe", cmd_make)
+    make.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE",
+                      help=", ".join(f"{n} ({r.reference})" for n, r in RECIPES.items()))
+    make.add_argument("zoo", metavar="ZOO", help="a sample zoo's name, a zoo.toml, or a folder of checkpoints")
+    make.add_argument("--ingredients", metavar="A,B,...", help="only these checkpoints (default: all)")
+    make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance, and its "
+                      "model card as FILE's name with .md (a folder for Hugging Face zoos)")
+    common(make)
+    add_recipe_flags(make)
 
-    landscape = sub.add_parser("landscape", help="loss and error over the plane through three points")
-    landscape.add_argument("zoo", metavar="ZOO")
+    landscape = zoo_command("landscape", "loss and error over the plane through three points", cmd_landscape)
     landscape.add_argument("--points", nargs=3, required=True, metavar=("A", "B", "C"),
                            help="checkpoints, base, or soup recipes; A is the origin")
-    landscape.add_argument("--grid", type=int, default=21, help="points per side (default 21)")
-    landscape.add_argument("--margin", type=float, default=0.2, help="extra extent around the anchors")
+    landscape.add_argument("--grid", type=int_in(2, MAX_GRID), default=21, help="points per side")
+    landscape.add_argument("--margin", type=non_negative_float, default=0.2,
+                           help="extra extent around the anchors, as a fraction of their span")
     landscape.add_argument("--split", default="val", help="split(s), comma-separated")
     landscape.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
     landscape.add_argument("--soups", metavar="R1,R2", help="soup recipes to project onto the plane")
-    landscape.add_argument("--max-samples", type=int, default=None, help="seeded subsample of each split")
+    landscape.add_argument("--max-samples", type=int_in(1), default=None,
+                           help="a seeded subsample of each split (default: all samples)")
     landscape.add_argument("--resume", metavar="FILE", help="continue a partial run saved in FILE (and save to it)")
-    landscape.add_argument("--device", default=None)
-    landscape.add_argument("--json", metavar="FILE")
-    landscape.set_defaults(func=cmd_landscape)
+    common(landscape)
 
-    path = sub.add_parser("path", help="loss and error on the line through two points (error barriers)")
-    path.add_argument("zoo", metavar="ZOO")
-    path.add_argument("a", metavar="A")
-    path.add_argument("b", metavar="B")
-    path.add_argument("--points", type=int, default=41)
-    path.add_argument("--range", type=float, nargs=2, default=(-0.5, 1.5), metavar=("LO", "HI"))
-    path.add_argument("--split", default="val")
-    path.add_argument("--bn", choices=BN_POLICIES, default="recompute")
-    path.add_argument("--device", default=None)
-    path.add_argument("--json", metavar="FILE")
-    path.set_defaults(func=cmd_path)
+    path = zoo_command("path", "loss and error on the line through two points (error barriers)", cmd_path)
+    path.add_argument("a", metavar="A", help="start: a checkpoint, base, or a soup recipe")
+    path.add_argument("b", metavar="B", help="end: a checkpoint, base, or a soup recipe")
+    path.add_argument("--points", type=int_in(2, MAX_PATH_POINTS), default=41, help="values of α")
+    path.add_argument("--range", type=finite_float, nargs=2, default=(-0.5, 1.5), metavar=("LO", "HI"),
+                      help="α from LO to HI")
+    path.add_argument("--split", default="val", help="split(s), comma-separated")
+    path.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
+    common(path)
 
-    pairs = sub.add_parser("pairs", help="angle vs interpolation advantage, soup vs ensemble (Figures 3, 4)")
-    pairs.add_argument("zoo", metavar="ZOO")
-    pairs.add_argument("--split", default="test")
-    pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints")
-    pairs.add_argument("--device", default=None)
-    pairs.add_argument("--json", metavar="FILE")
-    pairs.set_defaults(func=cmd_pairs)
+    pairs = zoo_command("pairs", "angle vs interpolation advantage, soup vs ensemble (Figures 3, 4)", cmd_pairs)
+    pairs.add_argument("--split", default="test", help="the split reported (β is always fitted on val)")
+    pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints (default: all)")
+    common(pairs)
 
-    point = sub.add_parser("point", help="export the weights at one point of a landscape plane")
-    point.add_argument("zoo", metavar="ZOO")
-    point.add_argument("--plane", nargs=3, required=True, metavar=("A", "B", "C"))
-    point.add_argument("--xy", nargs=2, type=float, required=True, metavar=("X", "Y"))
-    point.add_argument("--bn", choices=BN_POLICIES, default="recompute")
-    point.add_argument("--out", required=True, metavar="FILE")
-    point.add_argument("--device", default=None)
-    point.add_argument("--json", metavar="FILE")
-    point.set_defaults(func=cmd_point)
+    point = zoo_command("point", "export the weights at one point of a landscape plane", cmd_point)
+    point.add_argument("--plane", nargs=3, required=True, metavar=("A", "B", "C"), help="the plane's three points")
+    point.add_argument("--xy", nargs=2, type=finite_float, required=True, metavar=("X", "Y"),
+                       help="coordinates in the plane (L2 units, as `soup landscape` reports them)")
+    point.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
+    point.add_argument("--out", required=True, metavar="FILE", help="where to write the safetensors file")
+    common(point)
     return parser
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp files are removed, outputs stay as they were
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
     try:
         args.func(args)
-    except (CliError, CheckpointError, ZooError, ValueError, OSError, KeyError) as exc:
+    except (SoupError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"soup: error: {message}", file=sys.stderr)
         return 2
@@ -396,8 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """The ``soup`` command: this process is ours, so freed memory stays for reuse (landscapes
-    page-fault without it; see :mod:`soup_core.allocator`)."""
+    page-fault without it; see :mod:`soup_core.allocator`), and SIGTERM unwinds like Ctrl-C."""
+    from soup_core.allocator import keep_freed_memory
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())
 
 

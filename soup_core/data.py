@@ -30,14 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from soup_core.errors import DataError
 from soup_core.evaluate import Evaluator, Split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("table", "images", "text")
-
-
-class DataError(ValueError):
-    """A data file or option that cannot be used; the message names it."""
 
 
 def _split_paths(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Path]:

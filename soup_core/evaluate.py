@@ -26,10 +26,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+
 import torch
 from torch.func import functional_call
 
-from soup_core.checkpoints import state_dict_digest
+from soup_core.errors import SoupError
+from soup_core.state import state_dict_digest
 
 ECE_BINS = 15
 VAL, TEST = "val", "test"
@@ -87,7 +89,7 @@ class Evaluator:
     """A model factory plus named splits; scores state dicts without mutating them.
 
     ``device`` defaults to CUDA when available. Results for the same content are cached
-    (LRU, keyed by :func:`~soup_core.checkpoints.state_dict_digest`), so re-scoring an
+    (LRU, keyed by :func:`~soup_core.state.state_dict_digest`), so re-scoring an
     ingredient after a toggle costs one hash, not one evaluation.
     """
 
@@ -103,7 +105,7 @@ class Evaluator:
         info: Mapping[str, object] | None = None,
     ) -> None:
         if VAL not in splits:
-            raise ValueError(f"an evaluator needs a held-out {VAL!r} split to drive recipe choices; "
+            raise SoupError(f"an evaluator needs a held-out {VAL!r} split to drive recipe choices; "
                              f"got splits {list(splits)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_factory = model_factory
@@ -140,7 +142,7 @@ class Evaluator:
         that will never be scored again.
         """
         if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; this evaluator has {list(self.splits)}")
+            raise SoupError(f"unknown split {split!r}; this evaluator has {list(self.splits)}")
         key = (digest or state_dict_digest(state), split) if cache else None
         if key in self._cache:
             self._cache.move_to_end(key)

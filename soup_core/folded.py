@@ -2,9 +2,9 @@
 
 ``torch.vmap`` over G weight points turns each Linear into a batched matmul and each Conv into
 a grouped convolution in channels-first memory. On a CPU, PyTorch runs float32 matmuls through
-MKL, which on this project's AMD CPU takes its AVX2 path, while oneDNN's channels-last
-convolutions use AVX-512 (2.5× the FLOP/s), and channels-first max-pooling is an order of
-magnitude slower than channels-last (RESULTS.md, "Landscape"). So :class:`FoldedForward` keeps
+MKL while channels-last convolutions run through oneDNN, which can use wider vector units, and
+channels-first max-pooling is much slower than channels-last (bench/RESULTS.md, "Landscape",
+has the figures for the machines measured). So :class:`FoldedForward` keeps
 every activation as one tensor ``[N, G·C, *spatial]`` in channels-last memory — sample n, then
 position, then point g, then channel c — and runs the model's layers on it directly:
 
@@ -46,6 +46,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from soup_core.errors import SoupError
+
 # Per-channel modules that run unchanged on the folded layout.
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
                nn.Hardswish, nn.Hardtanh, nn.ReLU6, nn.Mish, nn.Identity, nn.Dropout)
@@ -55,12 +57,12 @@ ELEMENTWISE_FUNCTIONS = {torch.relu, nn.functional.relu, nn.functional.gelu, nn.
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # oneDNN's grouped 1×1 convolution is slow for few outputs per group: a Linear with fewer
-# outputs per point than this (a classifier head) gets zero rows up to it, which measured a
-# little faster despite the extra FLOPs.
+# outputs per point than this (a classifier head) gets zero rows up to it, despite the extra
+# FLOPs (bench/RESULTS.md, "Landscape", "Variants").
 SMALL_LINEAR = 32
 
 
-class Unsupported(ValueError):
+class Unsupported(SoupError):
     """The model uses an operation the folded forward does not implement."""
 
 

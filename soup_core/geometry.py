@@ -22,18 +22,16 @@ distance from it. Random directions for slices around one model are filter-norma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from soup_core.checkpoints import is_float
-from soup_core.params import tied_aliases
+from soup_core.errors import SoupError
+from soup_core.state import Progress, is_float, tied_aliases
 
 GRAM_DTYPE = torch.float64
 CHUNK_ELEMENTS = 1 << 18  # per checkpoint: 256K float64 = 2 MiB, cache-friendly
-
-Progress = Callable[[float, str], None]
 
 
 def gram_matrix(
@@ -49,7 +47,7 @@ def gram_matrix(
     """
     k = len(states)
     if k == 0:
-        raise ValueError("need at least one state dict")
+        raise SoupError("need at least one state dict")
     reference = states[0]
     aliases = tied_aliases(reference)
     keys = [key for key, t in reference.items() if is_float(t) and key not in aliases]
@@ -209,7 +207,7 @@ def plane_basis(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
     db, dc = _delta(b, a, keys), _delta(c, a, keys)
     norm_b = _dot(db, db, keys) ** 0.5
     if norm_b == 0.0:
-        raise ValueError(f"{names[0]} and {names[1]} are the same point; a plane needs three distinct, "
+        raise SoupError(f"{names[0]} and {names[1]} are the same point; a plane needs three distinct, "
                          "non-collinear points")
     u = {k: t / norm_b for k, t in db.items()}
     cx = _dot(dc, u, keys)
@@ -220,7 +218,7 @@ def plane_basis(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
     cy = _dot(w, w, keys) ** 0.5
     # float32 checkpoints carry ~1e-7 relative rounding: closer than 1e-6 is on the line.
     if cy <= 1e-6 * max(norm_b, _dot(dc, dc, keys) ** 0.5):
-        raise ValueError(f"{', '.join(names)} are collinear; pick a third point off the line "
+        raise SoupError(f"{', '.join(names)} are collinear; pick a third point off the line "
                          "through the first two")
     v = {k: t / cy for k, t in w.items()}
     anchors = (Projection(names[0], (0.0, 0.0), 0.0), Projection(names[1], (norm_b, 0.0), 0.0),

@@ -50,14 +50,14 @@ from torch.func import functional_call
 
 from soup_core.evaluate import Evaluator, Split
 from soup_core.folded import Folded, FoldedForward, Unsupported
+from soup_core.errors import SoupError
 from soup_core.geometry import Direction, Plane, Projection, plane_keys
-from soup_core.params import tied_aliases
+from soup_core.policies import BN_POLICIES
+from soup_core.state import Progress, ShouldStop, tied_aliases
 
-BN_POLICIES = ("recompute", "interpolate", "keep")
 # Bytes of activations one vmapped call may touch. On a CPU, tiny calls drown in per-call
-# overhead and huge ones leave the cache; on this project's 2-core CPU vmap measures the same
-# at 8 and 32 MiB and 1.6× slower at 2 MiB (`bench/bench_landscape.py --strategy vmap
-# --working-set N`). A GPU wants large calls.
+# overhead and huge ones leave the cache (`bench/bench_landscape.py --strategy vmap
+# --working-set N` measures it; bench/RESULTS.md, "Landscape"). A GPU wants large calls.
 WORKING_SET = {"cpu": 32 << 20, "cuda": 1 << 30}
 # Points per folded call: oneDNN's grouped kernels gain from many groups, and each call has a
 # fixed dispatch cost (`bench/bench_landscape.py --fold-points N` compares).
@@ -78,8 +78,6 @@ PROBE_POINTS = 32
 PROBE_ROUNDS = 4
 STRATEGIES = ("auto", "fold", "vmap", "loop")
 
-Progress = Callable[[float, str], None]
-ShouldStop = Callable[[], bool]
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -234,13 +232,13 @@ class SliceEvaluator:
                  working_set: int | None = None, reuse_first_layer: bool = True, strategy: str = "auto",
                  bn_batch_size: int | None = None) -> None:
         if bn not in BN_POLICIES:
-            raise ValueError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
+            raise SoupError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
         if not directions:
-            raise ValueError("a slice needs at least one direction")
+            raise SoupError("a slice needs at least one direction")
         self.evaluator, self.device = evaluator, evaluator.device
         self.k = len(directions)
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+            raise SoupError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
         self.max_samples, self.sample_seed = max_samples, sample_seed
         # update_bn's loader batch size: it defines the recomputed statistics, so it is fixed
         # here and never shrunk for memory (chunks get fewer points instead).
@@ -251,7 +249,7 @@ class SliceEvaluator:
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.bn = bn if self.bn_modules else "none"
         if self.bn == "recompute" and evaluator.train is None:
-            raise ValueError("bn='recompute' re-estimates BatchNorm statistics on training data, and this "
+            raise SoupError("bn='recompute' re-estimates BatchNorm statistics on training data, and this "
                              "evaluator has none: pass train=Split(...) to the Evaluator, or use "
                              "bn='interpolate' or bn='keep'")
         for name in self.bn_modules:
@@ -298,7 +296,7 @@ class SliceEvaluator:
         except Unsupported as exc:
             self._folded, self.fold_unsupported = None, str(exc)
         if strategy == "fold" and self._folded is None:
-            raise ValueError(f"strategy='fold' cannot run this model ({self.fold_unsupported}); "
+            raise SoupError(f"strategy='fold' cannot run this model ({self.fold_unsupported}); "
                              "use 'vmap', 'loop' or 'auto'")
         self.strategy = "loop"  # measuring needs no batching, and every model runs in a loop
         self.activations_per_sample, self.largest_activation = self._activation_size()
@@ -496,7 +494,7 @@ class SliceEvaluator:
                 m.collect = []
             self._forward(p, c, x)
             if any(len(m.collect) != 1 for m in modules):
-                raise ValueError("bn='recompute' needs each BatchNorm module called once per forward; "
+                raise SoupError("bn='recompute' needs each BatchNorm module called once per forward; "
                                  "use bn='interpolate' or bn='keep' for this model")
             return [t for m in modules for t in m.collect[0]]
 
@@ -662,7 +660,7 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
     computes only the rest.
     """
     if grid < 2:
-        raise ValueError(f"grid must be at least 2 points per side, got {grid}")
+        raise SoupError(f"grid must be at least 2 points per side, got {grid}")
     engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
     if resume is not None:
         # Mixing two runs is only right when they computed the same function on the same plane.
@@ -670,7 +668,7 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
             [a.xy for a in resume.anchors], [a.xy for a in plane.anchors], rtol=1e-9, atol=1e-12)
         if (len(resume.xs) != grid or tuple(resume.splits) != tuple(splits) or resume.bn != engine.bn
                 or resume.max_samples != engine.max_samples or not same_plane):
-            raise ValueError("the partial landscape to resume was made with other settings (plane, grid, splits, "
+            raise SoupError("the partial landscape to resume was made with other settings (plane, grid, splits, "
                              "BatchNorm policy or samples); start a new one")
         xs, ys = resume.xs, resume.ys
     else:
@@ -756,7 +754,7 @@ def recompute_batchnorm(evaluator: Evaluator, state: Mapping[str, torch.Tensor],
     if not batchnorm_keys(model):
         return dict(state)
     if evaluator.train is None:
-        raise ValueError("recomputing BatchNorm statistics needs training data: pass train=Split(...) "
+        raise SoupError("recomputing BatchNorm statistics needs training data: pass train=Split(...) "
                          "to the Evaluator, or export with bn='interpolate' or bn='keep'")
     loader = torch.utils.data.DataLoader(evaluator.train.inputs, batch_size=batch_size or evaluator.batch_size)
     torch.optim.swa_utils.update_bn(loader, model, device=evaluator.device)
@@ -767,7 +765,7 @@ def recompute_batchnorm(evaluator: Evaluator, state: Mapping[str, torch.Tensor],
 def point_weights(evaluator: Evaluator, plane: Plane, x: float, y: float, bn: str = "recompute") -> dict[str, torch.Tensor]:
     """The weights at (x, y) of ``plane`` as the landscape scored them under ``bn``."""
     if bn not in BN_POLICIES:
-        raise ValueError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
+        raise SoupError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
     state = plane.point(x, y)
     keys = batchnorm_keys(evaluator.model)
     if bn == "keep":

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
+from soup_core.errors import ModelError
+
 HF_CONFIG = "config.json"
-
-
-class ModelError(ValueError):
-    """A model that cannot be built from what the checkpoint says."""
 
 
 def is_hf_directory(path: Path) -> bool:

@@ -32,12 +32,10 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch.func import functional_call, jvp
 
-from soup_core.checkpoints import is_float
 from soup_core.evaluate import VAL, Evaluator
 from soup_core.geometry import pairwise_angles
 from soup_core.params import interpolate
-
-Progress = Callable[[float, str], None]
+from soup_core.state import Progress, is_float
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from soup_core.checkpoints import StateDict, is_float, tied_groups
+from soup_core.state import StateDict, is_float, tied_aliases
 
 ACCUMULATE_DTYPE = torch.float64
 
@@ -81,13 +81,6 @@ class RunningSum:
         for key, total in self._sum.items():
             total.sub_(state[key].to(ACCUMULATE_DTYPE))
 
-    def copy(self) -> RunningSum:
-        other = RunningSum()
-        other._sum = {k: v.clone() for k, v in self._sum.items()}
-        other._members = dict(self._members)
-        other._aliases = dict(self._aliases)
-        return other
-
     def mean(self) -> StateDict:
         """The uniform soup of the current ingredients, in their own dtypes."""
         if not self._members:
@@ -115,10 +108,6 @@ class RunningSum:
         count = len(others)
         averaged = {k: (v - state[k].to(ACCUMULATE_DTYPE)) / count for k, v in self._sum.items()}
         return _assemble(others[0], averaged, self._aliases)
-
-
-def tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    return {a: g[0] for g in tied_groups(state) for a in g[1:]}
 
 
 def _assemble(reference: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor],

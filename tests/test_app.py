@@ -13,9 +13,9 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from soup_core.checkpoints import load_state_dict, read_provenance
+from soup_core.export import Candidate
+from soup_core.io import load_state_dict, read_provenance
 from soup_core.params import uniform_average
-from soup_core.recipes import SoupOptions
 from soup_core.zoo import make_soup, open_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_greedy_replay_steps_through_the_trace():
     at = _app()
     at.button(key="replay-run").click().run()
     assert not at.exception
-    trace = make_soup(open_zoo("digits-finetune"), "greedy", SoupOptions()).trace
+    trace = make_soup(open_zoo("digits-finetune"), "greedy").trace
     slider = at.slider(key="replay-step:greedy")
     assert slider.max == len(trace)
     slider.set_value(2).run()
@@ -171,24 +171,58 @@ def test_export_offers_the_ticked_soup_then_a_chosen_recipe():
     next(b for b in at.button if b.label == "Use for export").click().run()
     at.switch_page("pages/export.py").run()
     assert at.code[0].value.startswith("soup make greedy digits-finetune")
-    greedy = make_soup(open_zoo("digits-finetune"), "greedy", SoupOptions())
+    greedy = make_soup(open_zoo("digits-finetune"), "greedy")
     assert _metric(at, "test accuracy") == f"{100 * greedy.metrics['test'].accuracy:.2f}%"
 
 
-def test_a_landscape_point_exports_what_the_cli_makes(tmp_path):
+@pytest.mark.parametrize("candidate, argv", [
+    (Candidate.point(("base", "ft-00", "ft-01"), (1.0, 0.5), "interpolate"),
+     ["point", "digits-finetune", "--plane", "base", "ft-00", "ft-01", "--xy", "1", "0.5", "--bn", "interpolate",
+      "--out", "point.safetensors"]),
+    (Candidate.of_recipe("greedy", tie="gt"), ["make", "greedy", "digits-finetune", "--tie", "gt",
+                                              "--out", "greedy.safetensors"]),
+])
+def test_the_app_and_the_cli_export_the_same_bytes(tmp_path, monkeypatch, candidate, argv):
     from soup_core.cli import main
     at = _app()
-    at.session_state["workspace:export"] = {"kind": "point", "plane": ("base", "ft-00", "ft-01"),
-                                            "xy": (1.0, 0.5), "bn": "interpolate"}
+    at.session_state["workspace:export"] = candidate
     at.switch_page("pages/export.py").run()
     assert not at.exception
-    command = at.code[0].value
-    assert command.startswith("soup point digits-finetune --plane base ft-00 ft-01 --xy 1 0.5")
-    out = tmp_path / "point.safetensors"
-    assert main(["point", "digits-finetune", "--plane", "base", "ft-00", "ft-01", "--xy", "1", "0.5",
-                 "--bn", "interpolate", "--out", str(out)]) == 0
-    metrics = open_zoo("digits-finetune").evaluator.evaluate(load_state_dict(out))
+    assert at.code[0].value == "soup " + " ".join(argv)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0
+    # What the page's download buttons serve: the plan it drew, for this session's (upload-free) zoo.
+    from appkit.cache import export_plan
+    plan = export_plan(open_zoo("digits-finetune"), candidate, ())
+    assert plan.safetensors_bytes() == (tmp_path / argv[-1]).read_bytes()
+    card = (tmp_path / argv[-1]).with_suffix(".md").read_text()
+    assert plan.model_card() == card and "soup " + " ".join(argv) in card
+    metrics = open_zoo("digits-finetune").evaluator.evaluate(load_state_dict(tmp_path / argv[-1]))
     assert _metric(at, "val accuracy") == f"{100 * metrics['val'].accuracy:.2f}%"
+
+
+def test_export_returns_to_the_ticked_set_when_ticks_change():
+    at = _app()
+    at.session_state["workspace:export"] = Candidate.of_recipe("greedy")
+    at.switch_page("pages/export.py").run()
+    assert at.code[0].value.startswith("soup make greedy")
+    at.radio(key="export-choice").set_value(0).run()
+    assert at.code[0].value.startswith("soup make uniform digits-finetune --ingredients")
+    at.switch_page("pages/ingredients.py").run()
+    at.checkbox(key="tick:digits-finetune:ft-00").uncheck().run()
+    at.switch_page("pages/export.py").run()
+    assert not at.exception and len(at.radio(key="export-choice").options) == 1
+    assert "ft-00," not in at.code[0].value and "--ingredients ft-01," in at.code[0].value
+
+
+def test_a_shared_link_restores_the_ticks_on_the_export_page():
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["use"] = "ft-17,ft-22,ft-24"
+    at.switch_page("pages/export.py").run()
+    assert not at.exception and not at.error
+    assert at.code[0].value == ("soup make uniform digits-finetune --ingredients ft-17,ft-22,ft-24 "
+                                "--out uniform.safetensors")
+    assert at.query_params["use"] in (["ft-17,ft-22,ft-24"], "ft-17,ft-22,ft-24")
 
 
 def free_port() -> int:
@@ -347,7 +381,7 @@ def test_every_page_in_chromium_with_screenshots(server):
 
 def test_the_session_upload_folder_goes_away_with_the_session():
     import gc
-    from appkit.workspace import SessionFolder
+    from appkit.uploads import SessionFolder
     folder = SessionFolder()
     path = folder.path
     (path / "upload.safetensors").write_bytes(b"x")

@@ -10,9 +10,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from soup_core.checkpoints import (CheckpointError, load_state_dict, load_state_dict_bytes,
-                                   read_provenance, save_state_dict, state_dict_digest,
-                                   validate_state_dicts)
+from soup_core.errors import CheckpointError
+from soup_core.io import (load_state_dict, load_state_dict_bytes, read_provenance, save_state_dict,
+                          validate_state_dicts)
+from soup_core.state import state_dict_digest
 from tests.conftest import tree_digest
 
 

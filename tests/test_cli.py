@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from soup_core.checkpoints import load_state_dict, read_provenance
+from soup_core.io import load_state_dict, read_provenance
 from soup_core.zoo import open_zoo
 from tests.conftest import tree_digest
 

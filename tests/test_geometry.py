@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from soup_core.checkpoints import save_state_dict, open_checkpoint
+from soup_core.io import open_checkpoint, save_state_dict
 from soup_core.geometry import angles_from_gram, gram_matrix, pairwise_angles
 
 

@@ -5,7 +5,7 @@ import torch
 
 from soup_core.evaluate import ensemble_logits, metrics_from_logits
 from soup_core.params import uniform_average
-from soup_core.recipes import RECIPES, SoupOptions
+from soup_core.recipes import RECIPES
 from soup_core.recipes.model_stock import model_stock_ratio
 from soup_core.zoo import open_zoo
 
@@ -32,7 +32,7 @@ def replay(trace):
 @pytest.mark.parametrize("order,passes", [("sorted", 1), ("random", 1), ("random", 2)])
 def test_the_greedy_trace_reproduces_its_final_ingredient_set(finetune, order, passes):
     zoo, ingredients, evaluator = finetune
-    result = RECIPES["greedy"].make(ingredients, evaluator, options=SoupOptions(order=order, seed=3, passes=passes))
+    result = RECIPES["greedy"].make(ingredients, evaluator, order=order, seed=3, passes=passes)
     assert replay(result.trace) == list(result.ingredients)
     soup = uniform_average([ingredients[n] for n in result.ingredients])
     assert all(torch.equal(soup[k], result.state_dict[k]) for k in soup)
@@ -52,21 +52,21 @@ def test_the_pruned_soup_is_never_below_uniform_on_val(finetune):
     zoo, ingredients, evaluator = finetune
     uniform = RECIPES["uniform"].make(ingredients, evaluator)
     for order in ("sorted", "random"):
-        pruned = RECIPES["pruned"].make(ingredients, evaluator, options=SoupOptions(order=order, passes=2))
+        pruned = RECIPES["pruned"].make(ingredients, evaluator, order=order, passes=2)
         assert pruned.metrics["val"].accuracy >= uniform.metrics["val"].accuracy
         assert replay(pruned.trace) == list(pruned.ingredients)
 
 
 def test_the_tie_rule_decides_whether_an_equal_score_joins(tiny_evaluator, tiny_states):
     twin = {"a": tiny_states["m0"], "b": {k: v.clone() for k, v in tiny_states["m0"].items()}}
-    ge = RECIPES["greedy"].make(twin, tiny_evaluator, options=SoupOptions(tie="ge"))
-    gt = RECIPES["greedy"].make(twin, tiny_evaluator, options=SoupOptions(tie="gt"))
+    ge = RECIPES["greedy"].make(twin, tiny_evaluator, tie="ge")
+    gt = RECIPES["greedy"].make(twin, tiny_evaluator, tie="gt")
     assert ge.ingredients == ("a", "b") and gt.ingredients == ("a",)
 
 
 def test_max_ingredients_caps_the_greedy_soup(finetune):
     zoo, ingredients, evaluator = finetune
-    result = RECIPES["greedy"].make(ingredients, evaluator, options=SoupOptions(max_ingredients=1))
+    result = RECIPES["greedy"].make(ingredients, evaluator, max_ingredients=1)
     assert len(result.ingredients) == 1
 
 
@@ -85,7 +85,7 @@ def test_greedy_ensemble_trace_reproduces_its_members(finetune):
 
 @pytest.mark.parametrize("name", ["learned", "learned-by-layer"])
 def test_learned_soup_weights_are_a_distribution_and_training_is_recorded(tiny_evaluator, tiny_states, name):
-    result = RECIPES[name].make(tiny_states, tiny_evaluator, options=SoupOptions(epochs=2))
+    result = RECIPES[name].make(tiny_states, tiny_evaluator, epochs=2)
     assert sum(result.weights) == pytest.approx(1.0, abs=1e-9)
     assert all(w > 0 for w in result.weights)
     assert len(result.trace) == 2 and result.extras["temperature"] > 0

@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from soup_core.checkpoints import load_state_dict, read_provenance, save_hf_directory
+from soup_core.io import load_state_dict, read_provenance, save_hf_directory
 from soup_core.params import uniform_average
 from soup_core.zoo import ZooError, open_zoo
 from tests.conftest import tree_digest
@@ -222,8 +222,8 @@ def test_the_app_opens_a_hugging_face_folder_and_exports_it(monkeypatch, hf_zoo,
     # What that button serves: a zip of a folder from_pretrained loads, with the soup's weights.
     import io
     import zipfile
-    from appkit.workspace import hf_zip
-    data = hf_zip(soup_state, {"recipe": "uniform"}, zoo.path("ft-0"))
+    from soup_core.export import Candidate, plan_export
+    data = plan_export(zoo, Candidate.ticked(zoo.names)).hf_zip()
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "soup")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in soup_state.items() if k in model.state_dict())

@@ -1,62 +1,62 @@
-"""The recipe registry: every way to make a soup, with its name, pretty name and reference.
+"""The recipe registry: every way to make a soup — its id, pretty name, reference, parameters.
+
+Each recipe's function lives in a module of its own (``greedy.py``, ``pruned.py``, ...); its
+record lives here, the one place its id is spelled, with the parameters it declares (shared
+definitions in :mod:`~soup_core.recipes.parameters`). The ``soup make`` flags and the app's
+controls are derived from these records.
 
 >>> from soup_core.recipes import RECIPES
 >>> RECIPES["greedy"].pretty_name
 'Greedy soup'
+>>> [p.name for p in RECIPES["greedy"].parameters]
+['order', 'seed', 'tie', 'passes', 'max_ingredients', 'val_split']
 
-Every recipe is called as ``recipe.make(ingredients, evaluator, base=θ0, options=SoupOptions())``
+Every recipe is made as ``RECIPES[name].make(ingredients, evaluator, base=θ0, **parameters)``
 and returns a :class:`SoupResult`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from soup_core.errors import RecipeError
+from soup_core.recipes.base import Brew, Ingredients, Recipe, SoupResult, TraceStep
+from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, ORDER, PASSES, SEED,
+                                          TIE, VAL_SPLIT, Parameter, Params)
 
-from soup_core.recipes.base import Ingredients, SoupOptions, SoupResult, TraceStep
-from soup_core.recipes.best_individual import best_individual
-from soup_core.recipes.ensemble import logit_ensemble
-from soup_core.recipes.greedy import greedy_soup
-from soup_core.recipes.greedy_ensemble import greedy_ensemble
-from soup_core.recipes.learned import learned_soup
-from soup_core.recipes.model_stock import model_stock
-from soup_core.recipes.pruned import pruned_soup
-from soup_core.recipes.uniform import uniform_soup
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    pretty_name: str
-    reference: str
-    make: Callable[..., SoupResult]
-    needs_evaluator: bool
-    needs_base: bool = False
-    is_soup: bool = True  # False for ensembles: no single set of weights to export
-
+PAPER = "Wortsman et al. 2022"
+CHOOSING = (ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share
+LEARNING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, SEED, VAL_SPLIT)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("best", "Best individual model", "Wortsman et al. 2022, Table 3", best_individual, True),
-    Recipe("uniform", "Uniform soup", "Wortsman et al. 2022, §2 / Table 2", uniform_soup, False),
-    Recipe("greedy", "Greedy soup", "Wortsman et al. 2022, Recipe 1", greedy_soup, True),
-    Recipe("pruned", "Pruned soup", "Dansereau et al., Algorithm 2", pruned_soup, True),
-    Recipe("learned", "Learned soup", "Wortsman et al. 2022, Appendix I", learned_soup, True),
-    Recipe("learned-by-layer", "Learned soup (by layer)", "Wortsman et al. 2022, Appendix I",
-           partial(learned_soup, by_layer=True), True),
-    Recipe("ensemble", "Logit ensemble", "Wortsman et al. 2022, Table 3", logit_ensemble, True,
-           is_soup=False),
-    Recipe("greedy-ensemble", "Greedy ensemble", "Wortsman et al. 2022, Table 3", greedy_ensemble,
-           True, is_soup=False),
-    Recipe("model-stock", "Model Stock", "Jang et al. 2024, Model Stock", model_stock, False,
-           needs_base=True),
+    Recipe("best", "Best individual model", f"{PAPER}, Table 3", "best_individual:best_individual", (VAL_SPLIT,)),
+    Recipe("uniform", "Uniform soup", f"{PAPER}, §2 / Table 2", "uniform:uniform_soup", needs_evaluator=False),
+    Recipe("greedy", "Greedy soup", f"{PAPER}, Recipe 1", "greedy:greedy_soup",
+           (*CHOOSING, MAX_INGREDIENTS, VAL_SPLIT)),
+    Recipe("pruned", "Pruned soup", "Dansereau et al., Algorithm 2", "pruned:pruned_soup", (*CHOOSING, VAL_SPLIT)),
+    Recipe("learned", "Learned soup", f"{PAPER}, Appendix I", "learned:learned_soup", LEARNING),
+    Recipe("learned-by-layer", "Learned soup (by layer)", f"{PAPER}, Appendix I", "learned:learned_soup_by_layer",
+           LEARNING),
+    Recipe("ensemble", "Logit ensemble", f"{PAPER}, Table 3", "ensemble:logit_ensemble", is_soup=False),
+    Recipe("greedy-ensemble", "Greedy ensemble", f"{PAPER}, Table 3", "greedy_ensemble:greedy_ensemble",
+           (*CHOOSING, VAL_SPLIT), is_soup=False),
+    Recipe("model-stock", "Model Stock", "Jang et al. 2024, Model Stock", "model_stock:model_stock",
+           needs_evaluator=False, needs_base=True, min_ingredients=2),
 )}
 
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        raise RecipeError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "Ingredients", "Recipe", "SoupOptions", "SoupResult", "TraceStep", "get_recipe"]
+def all_parameters() -> dict[str, tuple[Parameter, tuple[str, ...]]]:
+    """Every declared parameter once, with the recipes that take it (for CLI flags and app controls)."""
+    out: dict[str, tuple[Parameter, tuple[str, ...]]] = {}
+    for recipe in RECIPES.values():
+        for p in recipe.parameters:
+            out[p.name] = (p, (*out.get(p.name, (p, ()))[1], recipe.name))
+    return out
+
+
+__all__ = ["RECIPES", "Brew", "Ingredients", "Parameter", "Params", "Recipe", "SoupResult", "TraceStep",
+           "all_parameters", "get_recipe"]

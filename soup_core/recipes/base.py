@@ -1,52 +1,32 @@
-"""What every recipe shares: options, the trace, the result, and ranking by val accuracy."""
+"""What every recipe shares: the :class:`Recipe` record, its result, the trace, val ranking.
+
+A recipe is a function ``(ingredients, evaluator, base, params) -> Brew`` in a module of its
+own, plus a :class:`Recipe` record in the registry that names it once, declares its parameters
+and points at the function (imported on first use, so that reading the registry — for
+``soup --help``, say — does not import torch). ``Recipe.make`` is the
+one entry point: it checks the parameters, the evaluator, θ0 and the number of ingredients
+(so the functions need not), runs the function, and finishes its :class:`Brew` into a
+:class:`SoupResult` (uniform weights unless the recipe chose others; metrics on every split).
+"""
 
 from __future__ import annotations
 
+import importlib
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from soup_core.errors import RecipeError
+from soup_core.recipes.parameters import Parameter, Params
 
-from soup_core.checkpoints import StateDict
-from soup_core.evaluate import VAL, Evaluator, Metrics
+if TYPE_CHECKING:  # the registry is read without importing torch
+    import torch
 
-Ingredients = Mapping[str, Mapping[str, torch.Tensor]]
+    from soup_core.evaluate import Evaluator, Metrics
+    from soup_core.state import StateDict
 
-
-@dataclass(frozen=True)
-class SoupOptions:
-    """Knobs of the recipes; each recipe reads the ones it documents and ignores the rest.
-
-    ``tie`` decides what greedy and pruned soups do when a candidate leaves val accuracy
-    exactly unchanged: ``"ge"`` accepts it, as the paper's Recipe 1 and the reproduction's
-    Algorithm 2 are written (the default); ``"gt"`` rejects it, as the official greedy-soup
-    code does. On small val sets ties are common, so the choice is visible.
-    """
-
-    order: Literal["sorted", "random"] = "sorted"
-    seed: int = 0
-    tie: Literal["ge", "gt"] = "ge"
-    passes: int = 1
-    max_ingredients: int | None = None
-    val_split: str = VAL
-    epochs: int = 3
-    learning_rate: float = 0.1
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.order not in ("sorted", "random"):
-            raise ValueError(f"order must be 'sorted' or 'random', not {self.order!r}")
-        if self.tie not in ("ge", "gt"):
-            raise ValueError(f"tie must be 'ge' (accept equal val accuracy) or 'gt', not {self.tie!r}")
-        if self.passes < 1:
-            raise ValueError(f"passes must be at least 1, not {self.passes}")
-        if self.max_ingredients is not None and self.max_ingredients < 1:
-            raise ValueError(f"max_ingredients must be at least 1, not {self.max_ingredients}")
-
-    def improves(self, score: float, baseline: float) -> bool:
-        return score >= baseline if self.tie == "ge" else score > baseline
+Ingredients = Mapping[str, Mapping[str, "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +45,21 @@ class TraceStep:
 
 
 @dataclass(frozen=True)
+class Brew:
+    """What a recipe function returns; :meth:`Recipe.make` turns it into a :class:`SoupResult`.
+
+    ``weights`` default to uniform; ``metrics`` default to the evaluator's on ``state_dict``
+    (ensembles, which have no state dict, give their own)."""
+
+    ingredients: tuple[str, ...]
+    state_dict: StateDict | None
+    trace: tuple[TraceStep, ...] | list[TraceStep] = ()
+    weights: tuple[float, ...] | None = None
+    metrics: Mapping[str, Metrics] | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SoupResult:
     """A finished soup. ``state_dict`` is None for ensembles, which are not one set of weights."""
 
@@ -78,35 +73,77 @@ class SoupResult:
     extras: Mapping[str, Any] = field(default_factory=dict)
 
 
-def require_evaluator(evaluator: Evaluator | None, recipe: str) -> Evaluator:
-    if evaluator is None:
-        raise ValueError(f"the {recipe} recipe scores candidates on a held-out val split and needs "
-                         "an evaluator; give the zoo one (uniform and Model Stock soups do not)")
-    return evaluator
+@dataclass(frozen=True)
+class Recipe:
+    """A way to make a soup: its id (the one place it is spelled), pretty name, paper reference,
+    declared parameters and requirements."""
 
+    name: str
+    pretty_name: str
+    reference: str
+    function_path: str  # "module:function" under soup_core.recipes
+    parameters: tuple[Parameter, ...] = ()
+    needs_evaluator: bool = True
+    needs_base: bool = False
+    is_soup: bool = True  # False for ensembles: no single set of weights to export
+    min_ingredients: int = 1
 
-def require_ingredients(ingredients: Ingredients, recipe: str, minimum: int = 1) -> None:
-    if len(ingredients) < minimum:
-        raise ValueError(f"the {recipe} recipe needs at least {minimum} ingredient(s), got {len(ingredients)}")
+    @property
+    def function(self) -> Callable[..., Brew]:
+        """The recipe's function ``(ingredients, evaluator, base, params) -> Brew``."""
+        module, _, name = self.function_path.partition(":")
+        return getattr(importlib.import_module(f"soup_core.recipes.{module}"), name)
+
+    def parameter(self, name: str) -> Parameter:
+        return next(p for p in self.parameters if p.name == name)
+
+    def resolve(self, values: Mapping[str, Any]) -> Params:
+        """Every declared parameter, from ``values`` or its default; anything else is an error."""
+        declared = {p.name: p for p in self.parameters}
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise RecipeError(f"the {self.pretty_name} takes no {', '.join(unknown)}; it takes "
+                              f"{', '.join(declared) or 'no parameters'}")
+        return Params({name: p.check(values.get(name, p.default)) for name, p in declared.items()})
+
+    def make(self, ingredients: Ingredients, evaluator: Evaluator | None = None, *,
+             base: Mapping[str, torch.Tensor] | None = None, **values: Any) -> SoupResult:
+        """Run the recipe on ``ingredients`` (name -> state dict) with parameters ``values``.
+
+        >>> import torch
+        >>> from soup_core.recipes import RECIPES
+        >>> soup = RECIPES["uniform"].make({"a": {"w": torch.zeros(2)}, "b": {"w": torch.ones(2)}})
+        >>> soup.state_dict["w"].tolist(), soup.weights
+        ([0.5, 0.5], (0.5, 0.5))
+        """
+        params = self.resolve(values)
+        if self.needs_evaluator and evaluator is None:
+            raise RecipeError(f"the {self.pretty_name} scores candidates on a held-out val split and needs an "
+                              "evaluator; give the zoo one (uniform and Model Stock soups do not)")
+        if self.needs_base and base is None:
+            raise RecipeError(f"the {self.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
+        if len(ingredients) < self.min_ingredients:
+            raise RecipeError(f"the {self.pretty_name} needs at least {self.min_ingredients} ingredient(s), "
+                              f"got {len(ingredients)}")
+        brew = self.function(ingredients, evaluator, base, params)
+        names = brew.ingredients
+        weights = brew.weights if brew.weights is not None else tuple(1.0 / len(names) for _ in names)
+        metrics = brew.metrics
+        if metrics is None:
+            metrics = evaluator.evaluate(brew.state_dict) if evaluator is not None else {}
+        return SoupResult(self.name, names, weights, tuple(brew.trace), metrics, brew.state_dict,
+                          dict(params), dict(brew.extras))
 
 
 def val_accuracies(ingredients: Ingredients, evaluator: Evaluator, split: str) -> dict[str, float]:
     return {name: evaluator.accuracy(state, split) for name, state in ingredients.items()}
 
 
-def candidate_order(ingredients: Ingredients, evaluator: Evaluator, options: SoupOptions) -> list[str]:
+def candidate_order(ingredients: Ingredients, evaluator: Evaluator, params: Params) -> list[str]:
     """Names sorted by decreasing val accuracy (stable: ties keep manifest order), or shuffled."""
     names = list(ingredients)
-    if options.order == "random":
-        random.Random(options.seed).shuffle(names)
+    if params.order == "random":
+        random.Random(params.seed).shuffle(names)
         return names
-    scores = val_accuracies(ingredients, evaluator, options.val_split)
+    scores = val_accuracies(ingredients, evaluator, params.val_split)
     return sorted(names, key=lambda n: -scores[n])
-
-
-def finish(recipe: str, ingredients: tuple[str, ...], weights: tuple[float, ...],
-           trace: list[TraceStep], state: StateDict | None, evaluator: Evaluator | None,
-           options: SoupOptions, option_names: tuple[str, ...] = (), **extras: Any) -> SoupResult:
-    metrics = evaluator.evaluate(state) if (evaluator is not None and state is not None) else {}
-    return SoupResult(recipe, ingredients, weights, tuple(trace), metrics, state,
-                      {name: getattr(options, name) for name in option_names}, extras)

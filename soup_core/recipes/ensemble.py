@@ -7,12 +7,12 @@ is no single state dict to export, so ``state_dict`` is None.
 
 from __future__ import annotations
 
-from soup_core.evaluate import Evaluator, ensemble_logits, metrics_from_logits
-from soup_core.recipes.base import (Ingredients, SoupOptions, SoupResult, require_evaluator,
-                                    require_ingredients)
+from soup_core.evaluate import Evaluator, Metrics, ensemble_logits, metrics_from_logits
+from soup_core.recipes.base import Brew, Ingredients
+from soup_core.recipes.parameters import Params
 
 
-def ensemble_metrics(ingredients: Ingredients, evaluator: Evaluator, names: tuple[str, ...]):
+def ensemble_metrics(ingredients: Ingredients, evaluator: Evaluator, names: tuple[str, ...]) -> dict[str, Metrics]:
     """Metrics of the logit ensemble of ``names`` on every split (ingredient logits are cached)."""
     return {split: metrics_from_logits(
                 ensemble_logits([evaluator.logits(ingredients[n], split) for n in names]),
@@ -20,10 +20,6 @@ def ensemble_metrics(ingredients: Ingredients, evaluator: Evaluator, names: tupl
             for split in evaluator.split_names}
 
 
-def logit_ensemble(ingredients: Ingredients, evaluator: Evaluator | None, *, base=None,
-                   options: SoupOptions = SoupOptions()) -> SoupResult:
-    evaluator = require_evaluator(evaluator, "ensemble")
-    require_ingredients(ingredients, "ensemble")
+def logit_ensemble(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
     names = tuple(ingredients)
-    return SoupResult("ensemble", names, tuple(1.0 / len(names) for _ in names), (),
-                      ensemble_metrics(ingredients, evaluator, names), None)
+    return Brew(names, None, metrics=ensemble_metrics(ingredients, evaluator, names))

@@ -14,29 +14,24 @@ from __future__ import annotations
 
 from soup_core.evaluate import Evaluator
 from soup_core.params import RunningSum
-from soup_core.recipes.base import (Ingredients, SoupOptions, SoupResult, TraceStep,
-                                    candidate_order, finish, require_evaluator, require_ingredients)
+from soup_core.recipes.base import Brew, Ingredients, TraceStep, candidate_order
+from soup_core.recipes.parameters import Params, improves
 
 
-def greedy_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=None,
-                options: SoupOptions = SoupOptions()) -> SoupResult:
-    evaluator = require_evaluator(evaluator, "greedy")
-    require_ingredients(ingredients, "greedy")
-    order = candidate_order(ingredients, evaluator, options)
+def greedy_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
+    order = candidate_order(ingredients, evaluator, params)
     soup, baseline, trace = RunningSum(), 0.0, []
-    for _ in range(options.passes):
+    for _ in range(params.passes):
         for name in order:
             if name in soup:
                 continue
-            if options.max_ingredients is not None and len(soup) >= options.max_ingredients:
+            if params.max_ingredients is not None and len(soup) >= params.max_ingredients:
                 break
-            score = evaluator.accuracy(soup.mean_with(name, ingredients[name]), options.val_split,
+            score = evaluator.accuracy(soup.mean_with(name, ingredients[name]), params.val_split,
                                        cache=len(soup) == 0)
-            accepted = options.improves(score, baseline)
+            accepted = improves(score, baseline, params.tie)
             if accepted:
                 soup.add(name, ingredients[name])
                 baseline = score
             trace.append(TraceStep(name, "add", score, accepted, soup.names))
-    names = soup.names
-    return finish("greedy", names, tuple(1.0 / len(names) for _ in names), trace, soup.mean(),
-                  evaluator, options, ("order", "seed", "tie", "passes", "max_ingredients", "val_split"))
+    return Brew(soup.names, soup.mean(), trace)

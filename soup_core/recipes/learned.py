@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from soup_core.checkpoints import StateDict, is_float
 from soup_core.evaluate import Evaluator
-from soup_core.params import ACCUMULATE_DTYPE, tied_aliases
-from soup_core.recipes.base import (Ingredients, SoupOptions, SoupResult, TraceStep, finish,
-                                    require_evaluator, require_ingredients)
+from soup_core.params import ACCUMULATE_DTYPE
+from soup_core.recipes.base import Brew, Ingredients, TraceStep
+from soup_core.recipes.parameters import Params
+from soup_core.state import StateDict, is_float, tied_aliases
 
 
 def layer_of(key: str) -> str:
@@ -28,11 +28,8 @@ def layer_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else key
 
 
-def learned_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=None,
-                 options: SoupOptions = SoupOptions(), by_layer: bool = False) -> SoupResult:
-    recipe = "learned-by-layer" if by_layer else "learned"
-    evaluator = require_evaluator(evaluator, recipe)
-    require_ingredients(ingredients, recipe)
+def learned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Params, *,
+                 by_layer: bool = False) -> Brew:
     names = tuple(ingredients)
     states = [ingredients[n] for n in names]
     reference = states[0]
@@ -48,32 +45,34 @@ def learned_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=
 
     logits = torch.zeros(len(layers), len(names), device=device, requires_grad=True)
     temperature = torch.ones((), device=device, requires_grad=True)
-    optimiser = torch.optim.AdamW([logits, temperature], lr=options.learning_rate)
+    optimiser = torch.optim.AdamW([logits, temperature], lr=params.learning_rate)
     trace = []
-    for epoch in range(options.epochs):
-        for x, y in evaluator.batches(options.val_split, options.batch_size, shuffle=True,
-                                      seed=options.seed + epoch):
+    for epoch in range(params.epochs):
+        for x, y in evaluator.batches(params.val_split, params.batch_size, shuffle=True,
+                                      seed=params.seed + epoch):
             alpha = logits.softmax(dim=1)
             # Buffers (BatchNorm running statistics) follow the mix but carry no gradient.
-            params = {k: torch.tensordot((alpha.detach() if k in buffers else alpha)[row[k]], w, dims=1)
-                      for k, w in stacked.items()}
-            params.update({a: params[t] for a, t in aliases.items()})
-            output = functional_call(model, {**fixed, **params}, (x,))
+            mixed = {k: torch.tensordot((alpha.detach() if k in buffers else alpha)[row[k]], w, dims=1)
+                     for k, w in stacked.items()}
+            mixed.update({a: mixed[t] for a, t in aliases.items()})
+            output = functional_call(model, {**fixed, **mixed}, (x,))
             loss = torch.nn.functional.cross_entropy(temperature * output, y)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
         state = _mix(states, logits.detach().cpu().to(ACCUMULATE_DTYPE).softmax(dim=1), row, reference, aliases)
         trace.append(TraceStep(f"epoch {epoch + 1}", "train",
-                               evaluator.accuracy(state, options.val_split), True, names))
+                               evaluator.accuracy(state, params.val_split), True, names))
     alpha = logits.detach().cpu().to(ACCUMULATE_DTYPE).softmax(dim=1)
     state = _mix(states, alpha, row, reference, aliases)
     extras = {"temperature": float(temperature.detach())}
     if by_layer:
         extras["layer_weights"] = {layer: alpha[i].tolist() for i, layer in enumerate(layers)}
-    weights = tuple(alpha.mean(dim=0).tolist())
-    return finish(recipe, names, weights, trace, state, evaluator, options,
-                  ("epochs", "learning_rate", "batch_size", "seed", "val_split"), **extras)
+    return Brew(names, state, trace, weights=tuple(alpha.mean(dim=0).tolist()), extras=extras)
+
+
+def learned_soup_by_layer(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
+    return learned_soup(ingredients, evaluator, base, params, by_layer=True)
 
 
 def _mix(states, alpha: torch.Tensor, row: dict[str, int], reference, aliases) -> StateDict:

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 
 import torch
 
-from soup_core.checkpoints import is_float
-from soup_core.evaluate import Evaluator
-from soup_core.params import ACCUMULATE_DTYPE, tied_aliases, uniform_average
-from soup_core.recipes.base import Ingredients, SoupOptions, SoupResult, finish, require_ingredients
+from soup_core.params import ACCUMULATE_DTYPE, uniform_average
+from soup_core.recipes.base import Brew, Ingredients
+from soup_core.recipes.parameters import Params
+from soup_core.state import is_float, tied_aliases
 
 
 def model_stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
@@ -36,13 +36,7 @@ def model_stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
     return cos, k * cos / (1 + (k - 1) * cos)
 
 
-def model_stock(ingredients: Ingredients, evaluator: Evaluator | None, *,
-                base: Mapping[str, torch.Tensor] | None = None,
-                options: SoupOptions = SoupOptions()) -> SoupResult:
-    require_ingredients(ingredients, "Model Stock", minimum=2)
-    if base is None:
-        raise ValueError("Model Stock interpolates between the fine-tuned mean and θ0: "
-                         "give the zoo a base checkpoint (`base = ...` in zoo.toml)")
+def model_stock(ingredients: Ingredients, evaluator, base: Mapping[str, torch.Tensor], params: Params) -> Brew:
     names = tuple(ingredients)
     states = [ingredients[n] for n in names]
     merged = uniform_average(states)
@@ -57,5 +51,4 @@ def model_stock(ingredients: Ingredients, evaluator: Evaluator | None, *,
         ratios[key] = t
         merged[key] = (t * mean.to(ACCUMULATE_DTYPE) + (1 - t) * theta0).to(mean.dtype)
     merged.update({alias: merged[target] for alias, target in aliases.items()})
-    return finish("model-stock", names, tuple(1.0 / len(names) for _ in names), [], merged,
-                  evaluator, options, ratios=ratios)
+    return Brew(names, merged, extras={"ratios": ratios})

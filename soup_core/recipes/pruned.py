@@ -10,30 +10,25 @@ from __future__ import annotations
 
 from soup_core.evaluate import Evaluator
 from soup_core.params import RunningSum
-from soup_core.recipes.base import (Ingredients, SoupOptions, SoupResult, TraceStep,
-                                    candidate_order, finish, require_evaluator, require_ingredients)
+from soup_core.recipes.base import Brew, Ingredients, TraceStep, candidate_order
+from soup_core.recipes.parameters import Params, improves
 
 
-def pruned_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=None,
-                options: SoupOptions = SoupOptions()) -> SoupResult:
-    evaluator = require_evaluator(evaluator, "pruned")
-    require_ingredients(ingredients, "pruned")
-    order = candidate_order(ingredients, evaluator, options)
+def pruned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
+    order = candidate_order(ingredients, evaluator, params)
     soup = RunningSum()
     for name in ingredients:
         soup.add(name, ingredients[name])
-    baseline = evaluator.accuracy(soup.mean(), options.val_split)
+    baseline = evaluator.accuracy(soup.mean(), params.val_split)
     trace = [TraceStep("uniform", "start", baseline, True, soup.names)]
-    for _ in range(options.passes):
+    for _ in range(params.passes):
         for name in order:
             if name not in soup or len(soup) == 1:
                 continue
-            score = evaluator.accuracy(soup.mean_without(name), options.val_split, cache=False)
-            accepted = options.improves(score, baseline)
+            score = evaluator.accuracy(soup.mean_without(name), params.val_split, cache=False)
+            accepted = improves(score, baseline, params.tie)
             if accepted:
                 soup.remove(name)
                 baseline = score
             trace.append(TraceStep(name, "remove", score, accepted, soup.names))
-    names = soup.names
-    return finish("pruned", names, tuple(1.0 / len(names) for _ in names), trace, soup.mean(),
-                  evaluator, options, ("order", "seed", "tie", "passes", "val_split"))
+    return Brew(soup.names, soup.mean(), trace)

@@ -6,14 +6,11 @@ the basin) joins — the reason greedy and pruned soups exist (paper §3.3.1).
 
 from __future__ import annotations
 
-from soup_core.evaluate import Evaluator
 from soup_core.params import uniform_average
-from soup_core.recipes.base import Ingredients, SoupOptions, SoupResult, finish, require_ingredients
+from soup_core.recipes.base import Brew, Ingredients
+from soup_core.recipes.parameters import Params
 
 
-def uniform_soup(ingredients: Ingredients, evaluator: Evaluator | None, *, base=None,
-                 options: SoupOptions = SoupOptions()) -> SoupResult:
-    require_ingredients(ingredients, "uniform")
+def uniform_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
     names = tuple(ingredients)
-    state = uniform_average([ingredients[n] for n in names])
-    return finish("uniform", names, tuple(1.0 / len(names) for _ in names), [], state, evaluator, options)
+    return Brew(names, uniform_average([ingredients[n] for n in names]))

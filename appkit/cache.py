@@ -1,0 +1,121 @@
+"""Results shared by every session of the server, keyed by what they depend on (zoo, settings).
+
+Cached resources are shared between sessions: never mutate what these functions return.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
+from soup_core.evaluate import TEST, VAL, shift_average
+from soup_core.export import Candidate, ExportPlan, plan_export
+from soup_core.geometry import pairwise_angles
+from soup_core.landscape import interpolation_path, plane_landscape
+from soup_core.pairs import pair_analyses
+from soup_core.recipes import SoupResult
+from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
+
+
+@st.cache_resource(show_spinner="Opening the zoo…")
+def load_zoo(name: str) -> Zoo:
+    """One Zoo per server (checkpoints memory-mapped, evaluator built once). Never mutate it."""
+    return open_zoo(name)
+
+
+def zoo_key(zoo: Zoo) -> tuple:
+    """What identifies a session's zoo for caching: its name and checkpoint files."""
+    return (zoo.name, *(str(zoo.path(n)) for n in zoo.names))
+
+
+def report_columns(evaluator) -> list[str]:
+    """val, test (when the data has it) and "shifts" (when there are any)."""
+    return [s for s in (VAL, TEST) if s in evaluator.splits] + (["shifts"] if evaluator.shift_names else [])
+
+
+def accuracy_row(metrics, evaluator) -> dict[str, float]:
+    """Accuracy (fraction) on each report column of :func:`report_columns`."""
+    out = {s: metrics[s].accuracy for s in report_columns(evaluator) if s in metrics}
+    if evaluator.shift_names:
+        out["shifts"] = shift_average(metrics, evaluator.shift_names)
+    return out
+
+
+def checkpoint_table(zoo: Zoo) -> pd.DataFrame:
+    """Hyperparameters and accuracy (percent) on val, test and the shifts' mean, when scored."""
+    return _checkpoint_table(zoo, zoo_key(zoo))
+
+
+@st.cache_data(show_spinner="Scoring checkpoints…", max_entries=16)
+def _checkpoint_table(_zoo: Zoo, key: tuple) -> pd.DataFrame:
+    rows = []
+    for ckpt in _zoo.names:
+        row = {"checkpoint": ckpt, **dict(_zoo.hparams(ckpt))}
+        if _zoo.evaluator is not None:
+            row.update({s: 100 * v for s, v in accuracy_row(_zoo.metrics(ckpt), _zoo.evaluator).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@st.cache_resource(show_spinner="Cooking…", max_entries=64)
+def recipe_result(_zoo: Zoo, key: tuple, recipe: str, ingredients: tuple[str, ...] | None = None,
+                  params: tuple[tuple[str, Any], ...] = ()) -> SoupResult:
+    """A recipe's result on the session's zoo (cached per zoo, ingredients and parameters; never mutate)."""
+    return make_soup(_zoo, recipe, ingredients, **dict(params))
+
+
+def live_soup(zoo: Zoo, names: list[str]) -> dict:
+    """Uniform soup, best individual (chosen on val) and logit ensemble of ``names``: accuracy per
+    report column, from the recipes themselves."""
+    key, chosen = zoo_key(zoo), tuple(names)
+    results = {r: recipe_result(zoo, key, r, chosen) for r in ("uniform", "best", "ensemble")}
+    rows = {r: accuracy_row(result.metrics, zoo.evaluator) for r, result in results.items()}
+    return {"soup": rows["uniform"], "best": rows["best"], "best_name": results["best"].ingredients[0],
+            "ensemble": rows["ensemble"]}
+
+
+def export_plan(zoo: Zoo, candidate: Candidate, local_names: tuple[str, ...]) -> ExportPlan:
+    """The plan for a candidate, reusing the cached recipe result when there is one."""
+    result = None
+    if candidate.kind == "recipe":
+        result = recipe_result(zoo, zoo_key(zoo), candidate.recipe, candidate.ingredients, candidate.params)
+    return _export_plan(zoo, zoo_key(zoo), candidate, local_names, result)
+
+
+@st.cache_resource(show_spinner="Preparing the export…", max_entries=32)
+def _export_plan(_zoo: Zoo, key: tuple, candidate: Candidate, local_names: tuple[str, ...],
+                 _result: SoupResult | None) -> ExportPlan:
+    return plan_export(_zoo, candidate, result=_result, local_names=local_names)
+
+
+@st.cache_data(show_spinner="Running the ablations…", max_entries=16)
+def cached_ablations(_zoo: Zoo, key: tuple) -> tuple[list[dict], list[dict]]:
+    ingredients = _zoo.ingredients()
+    return (greedy_vs_models_considered(ingredients, _zoo.evaluator),
+            pruned_vs_passes(ingredients, _zoo.evaluator))
+
+
+@st.cache_data(show_spinner="Measuring angles…", max_entries=16)
+def cached_angles(_zoo: Zoo, key: tuple) -> dict:
+    return pairwise_angles([_zoo.state_dict(n) for n in _zoo.names], _zoo.base).to_json(_zoo.names)
+
+
+@st.cache_data(show_spinner="Analysing pairs…", max_entries=16)
+def cached_pairs(_zoo: Zoo, key: tuple, names: tuple[str, ...], split: str) -> dict:
+    return pair_analyses(_zoo.ingredients(list(names)), _zoo.evaluator, base=_zoo.base, split=split).to_json()
+
+
+@st.cache_data(show_spinner="Walking the line…", max_entries=64)
+def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str) -> dict:
+    splits = [s for s in (VAL, TEST) if s in _zoo.evaluator.splits]
+    return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0], names=(a, b),
+                              splits=splits, bn=bn).to_json()
+
+
+@st.cache_data(show_spinner="Computing the landscape…", max_entries=32)
+def cached_landscape(_zoo: Zoo, key: tuple, points: tuple[str, str, str], grid: int, split: str, bn: str) -> dict:
+    """A plane's landscape as JSON (what ``soup landscape`` writes)."""
+    return plane_landscape(_zoo.evaluator, zoo_plane(_zoo, points), grid=grid, splits=[split], bn=bn).to_json()

@@ -1,0 +1,78 @@
+"""The sidebar every page draws: pick a sample zoo or a server folder, add uploads, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from appkit.cache import load_zoo
+from appkit.uploads import add_uploads, with_uploads
+from appkit.workspace import keep, recall
+from soup_core.errors import SoupError
+from soup_core.params import num_parameters
+from soup_core.zoo import ALLOWED_ROOTS_ENV, Zoo, allowed_roots_from_env, open_zoo, sample_root, sample_zoos
+
+DEFAULT_ZOO = "digits-finetune"
+
+
+def app_allowed_roots() -> list[Path]:
+    """Folders the app may open: ``SOUP_ALLOWED_ROOTS``, else only the built-in sample zoos."""
+    return allowed_roots_from_env() or [sample_root()]
+
+
+@st.cache_resource(show_spinner="Opening the folder…", max_entries=16)
+def load_folder_zoo(path: str, roots: tuple[Path, ...]) -> Zoo:
+    zoo = open_zoo(path, allowed_roots=list(roots))
+    zoo.validation.raise_for_errors()  # refuse it here, with the message, rather than fail on a page
+    zoo.evaluator  # imports the manifest's model and data now: a missing module is an error here too
+    return zoo
+
+
+def _open_folder() -> Zoo | None:
+    roots = tuple(app_allowed_roots())
+    recall("folder", st.query_params.get("folder", ""))
+    folder = st.sidebar.text_input("Folder on this server (zoo.toml or checkpoint files)", key="folder",
+                                   on_change=keep, args=("folder",),
+                                   help="Allowed: " + ", ".join(map(str, roots)) + f" (set {ALLOWED_ROOTS_ENV})")
+    if not folder:
+        return None
+    try:
+        zoo = load_folder_zoo(folder, roots)
+    except (SoupError, OSError) as exc:
+        st.sidebar.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    st.query_params["folder"] = folder
+    return zoo
+
+
+def sidebar() -> Zoo:
+    """Open a sample zoo (default; the URL's ``?zoo=``) or a server folder; add uploads; report."""
+    names = list(sample_zoos())
+    wanted = st.query_params.get("zoo", DEFAULT_ZOO)
+    recall("zoo", wanted if wanted in names else DEFAULT_ZOO)
+    name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=keep, args=("zoo",))
+    st.query_params["zoo"] = name
+    opened = _open_folder() or load_zoo(name)
+    whole_folder = st.sidebar.toggle("Upload a whole folder", key="upload-folder")
+    limit_mb = int(st.get_option("server.maxUploadSize"))
+    files = st.sidebar.file_uploader(f"Add checkpoints (.safetensors, .pt, .pth, .bin; up to {limit_mb} MB each)",
+                                     accept_multiple_files="directory" if whole_folder else True,
+                                     key=f"upload:{opened.name}:{whole_folder}")
+    for problem in add_uploads(opened, files, limit_mb << 20, skip_other_files=whole_folder):
+        st.sidebar.error(problem)
+    zoo = with_uploads(opened)
+    st.sidebar.caption(zoo.description)
+    base = " + base θ0" if zoo.has_base else " (no base θ0)"
+    st.sidebar.write(f"**{len(zoo.names)} checkpoints**{base}, "
+                     f"{num_parameters(zoo.state_dict(zoo.names[0])):,} parameters each")
+    if zoo.evaluator is None:
+        st.sidebar.info("Weights only (no model or data in the manifest): angles, uniform and Model Stock "
+                        "soups and export work; scores, greedy/pruned/learned soups and landscapes need an "
+                        "evaluator.")
+    report = zoo.validation
+    for message in report.errors:
+        st.sidebar.error(message)
+    for message in report.warnings:
+        st.sidebar.warning(message)
+    return zoo

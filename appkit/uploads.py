@@ -1,0 +1,89 @@
+"""Uploaded checkpoints: validated against the zoo, kept in a per-session folder, never run."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import streamlit as st
+
+from soup_core.errors import SoupError
+from soup_core.io import CHECKPOINT_SUFFIXES, load_state_dict_bytes, save_state_dict, validate_state_dicts
+from soup_core.zoo import Zoo
+
+
+class SessionFolder:
+    """A per-session temporary folder for uploads, removed when the session goes away."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="soup-uploads-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+
+def _session_folder() -> Path:
+    if "workspace:session-folder" not in st.session_state:
+        st.session_state["workspace:session-folder"] = SessionFolder()
+    return st.session_state["workspace:session-folder"].path
+
+
+def _safe_stem(filename: str) -> str:
+    stem = Path(filename).name.split(".")[0] or "upload"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:64]
+
+
+def uploads_of(zoo_name: str) -> dict[str, dict]:
+    """This session's accepted uploads for a zoo: name -> {path, sha256, file}."""
+    return st.session_state.setdefault(f"workspace:uploads:{zoo_name}", {})
+
+
+def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = False) -> list[str]:
+    """Validate uploaded checkpoints against the zoo; keep the good ones in the session folder.
+
+    Returns one message per refused file. Nothing is ever unpickled beyond
+    ``weights_only=True``, no upload is ever run as code, and nothing outside the session
+    folder is written.
+    """
+    uploads = uploads_of(zoo.name)
+    problems = []
+    reference_name = zoo.names[0]
+    for file in files or []:
+        if skip_other_files and not file.name.endswith(CHECKPOINT_SUFFIXES):
+            continue  # a folder upload brings configs and notes along
+        if file.size > limit_bytes:
+            problems.append(f"{file.name}: {file.size / 2**20:.1f} MB is over the upload limit of "
+                            f"{limit_bytes >> 20} MB (server.maxUploadSize)")
+            continue
+        data = file.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        if any(u["sha256"] == digest for u in uploads.values()):
+            continue
+        try:
+            state = load_state_dict_bytes(data, file.name)
+            validate_state_dicts({reference_name: zoo.state_dict(reference_name), file.name: state}).raise_for_errors()
+        except SoupError as exc:
+            message = str(exc)
+            problems.append(message if message.startswith(file.name) else f"{file.name}: {message}")
+            continue
+        name = _safe_stem(file.name)
+        while name in zoo.entries or name in uploads:
+            name += "-upload"
+        path = save_state_dict(state, _session_folder() / f"{name}.safetensors")
+        uploads[name] = {"path": str(path), "sha256": digest, "file": file.name}
+    return problems
+
+
+def with_uploads(base: Zoo) -> Zoo:
+    """The open zoo plus this session's uploaded checkpoints (built once per set of uploads)."""
+    uploads = uploads_of(base.name)
+    if not uploads:
+        return base
+    key = (id(base), tuple(uploads))
+    cached = st.session_state.get("workspace:extended")
+    if cached is None or cached[0] != key:
+        cached = (key, base.extended({n: u["path"] for n, u in uploads.items()}))
+        st.session_state["workspace:extended"] = cached
+    return cached[1]

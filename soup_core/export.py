@@ -1,0 +1,233 @@
+"""One way out: a candidate (a recipe's soup, a ticked set, a landscape point) becomes an
+:class:`ExportPlan` — weights, metrics, provenance, model card and the ``soup`` command that
+remakes it — and the plan is written as safetensors or a Hugging Face folder.
+
+The ``soup`` command and the app build their exports here and nowhere else, so the same
+candidate gives the same bytes from either (the command line's ``--out`` aside).
+
+>>> from soup_core.zoo import open_zoo
+>>> from soup_core.export import Candidate, plan_export
+>>> zoo = open_zoo("digits-finetune", device="cpu")
+>>> plan = plan_export(zoo, Candidate.ticked(["ft-00", "ft-01"]))
+>>> plan.command_line
+'soup make uniform digits-finetune --ingredients ft-00,ft-01 --out uniform.safetensors'
+>>> plan.weights
+(0.5, 0.5)
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import tempfile
+import zipfile
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from soup_core import __version__
+from soup_core.errors import SoupError
+from soup_core.evaluate import Metrics, metrics_to_json
+from soup_core.io import atomic_write, refuse_inputs, save_hf_directory, save_state_dict, state_dict_bytes
+from soup_core.landscape import point_weights
+from soup_core.models import is_hf_directory
+from soup_core.recipes import RECIPES, SoupResult, get_recipe
+from soup_core.state import StateDict
+from soup_core.zoo import BASE, Zoo, make_soup, zoo_plane
+
+POINT_REFERENCE = "Wortsman et al. 2022, Figure 2 (plane through three points)"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a user chose to export. ``ingredients=None`` means all of the zoo's checkpoints."""
+
+    kind: Literal["recipe", "point"] = "recipe"
+    recipe: str = "uniform"
+    ingredients: tuple[str, ...] | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+    plane: tuple[str, str, str] | None = None
+    xy: tuple[float, float] | None = None
+    bn: str = "recompute"
+
+    @classmethod
+    def ticked(cls, names: Sequence[str]) -> Candidate:
+        """The uniform soup of a hand-picked set."""
+        return cls("recipe", "uniform", tuple(names))
+
+    @classmethod
+    def of_recipe(cls, recipe: str, ingredients: Sequence[str] | None = None, **params: Any) -> Candidate:
+        return cls("recipe", recipe, tuple(ingredients) if ingredients is not None else None,
+                   tuple(sorted(params.items())))
+
+    @classmethod
+    def point(cls, plane: Sequence[str], xy: Sequence[float], bn: str) -> Candidate:
+        a, b, c = plane
+        return cls("point", plane=(a, b, c), xy=(float(xy[0]), float(xy[1])), bn=bn)
+
+    def title(self) -> str:
+        if self.kind == "point":
+            (a, b, c), (x, y) = self.plane, self.xy
+            return f"Landscape point ({x:.3f}, {y:.3f}) of the plane {a}, {b}, {c}"
+        if self.recipe == "uniform" and self.ingredients is not None:
+            return f"Uniform soup of the {len(self.ingredients)} ticked ingredient(s)"
+        return get_recipe(self.recipe).pretty_name
+
+    def file_name(self) -> str:
+        return "point.safetensors" if self.kind == "point" else f"{self.recipe}.safetensors"
+
+    def command(self, zoo: str, out: str | None = None) -> list[str]:
+        """The ``soup`` command line (as an argument list) that remakes this candidate."""
+        out = out or self.file_name()
+        if self.kind == "point":
+            (a, b, c), (x, y) = self.plane, self.xy
+            return ["soup", "point", zoo, "--plane", a, b, c, "--xy", _number(x), _number(y),
+                    "--bn", self.bn, "--out", out]
+        argv = ["soup", "make", self.recipe, zoo]
+        if self.ingredients is not None:
+            argv += ["--ingredients", ",".join(self.ingredients)]
+        for name, value in self.params:
+            argv += [RECIPES[self.recipe].parameter(name).flag, str(value)]
+        return argv + ["--out", out]
+
+    def names_used(self, zoo: Zoo) -> set[str]:
+        """The checkpoints the candidate's weights come from."""
+        if self.kind == "point":
+            used = {n for n in self.plane if n in zoo.entries or n == BASE}
+            return used | (set(zoo.names) if any(n in RECIPES for n in self.plane) else set())
+        return set(self.ingredients if self.ingredients is not None else zoo.names)
+
+
+def _number(value: float) -> str:
+    """The shortest text that reads back as exactly ``value`` (``1``, ``0.5``, ``0.1``)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """A soup ready to write: weights, metrics, provenance, the remaking command, a model card."""
+
+    title: str
+    state_dict: StateDict
+    metrics: Mapping[str, Metrics]
+    provenance: Mapping[str, Any]
+    command: tuple[str, ...] | None  # None: made from checkpoints the manifest does not list
+    ingredients: tuple[str, ...]
+    weights: tuple[float, ...]
+    file_name: str
+    hf_source: Path | None = None  # the zoo's first checkpoint, when it is a Hugging Face folder
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def command_line(self) -> str | None:
+        return shlex.join(self.command) if self.command else None
+
+    def safetensors_bytes(self) -> bytes:
+        return state_dict_bytes(self.state_dict, self.provenance)
+
+    def model_card(self) -> str:
+        return model_card(self)
+
+    def write(self, out: str | Path, *, inputs: Iterable[str | Path] = (), hf: bool | None = None) -> list[Path]:
+        """Write the weights to ``out`` and the model card beside them; returns what was written.
+
+        ``hf=None`` writes a Hugging Face folder when the zoo's checkpoints are Hugging Face
+        folders and ``out`` does not end in ``.safetensors``; the card is then the folder's
+        ``README.md``. A safetensors file gets its card as ``<out without suffix>.md``.
+        """
+        out, inputs = Path(out), list(inputs)
+        if hf is None:
+            hf = self.hf_source is not None and not out.name.endswith(".safetensors")
+        if hf:
+            if self.hf_source is None:
+                raise SoupError("a Hugging Face folder needs a Hugging Face source checkpoint")
+            folder = save_hf_directory(self.state_dict, out, source=self.hf_source, provenance=self.provenance,
+                                       inputs=inputs, extra_files={"README.md": self.model_card()})
+            return [folder]
+        card = out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md")
+        refuse_inputs(card, inputs)
+        written = [save_state_dict(self.state_dict, out, provenance=self.provenance, inputs=inputs)]
+        return written + [atomic_write(card, self.model_card())]
+
+    def hf_zip(self) -> bytes:
+        """A zip of the Hugging Face folder :meth:`write` would make (for downloads)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.write(Path(tmp) / "soup", hf=True)[0]
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+                for file in sorted(folder.iterdir()):
+                    archive.write(file, f"soup/{file.name}")
+            return buffer.getvalue()
+
+
+def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, result: SoupResult | None = None,
+                local_names: Collection[str] = ()) -> ExportPlan:
+    """Build the plan for ``candidate`` on ``zoo``.
+
+    ``result`` reuses a recipe result already made for this candidate (the app caches them);
+    ``local_names`` are checkpoints the manifest does not list (the app's uploads): a soup made
+    from any of them has no remaking command, only their sha256 in the provenance.
+    """
+    remakeable = not (candidate.names_used(zoo) & set(local_names))
+    command = candidate.command(zoo.name, out) if remakeable else None
+    source = zoo.path(zoo.names[0])
+    hf_source = source if is_hf_directory(source) else None
+    common = {"zoo": zoo.name, "manifest": str(zoo.manifest),
+              "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
+              "library_version": __version__, "command": shlex.join(command) if command else None}
+    if candidate.kind == "point":
+        evaluator = zoo.require_evaluator("a landscape point")
+        (x, y) = candidate.xy
+        state = point_weights(evaluator, zoo_plane(zoo, candidate.plane), x, y, candidate.bn)
+        metrics = evaluator.evaluate(state)
+        provenance = {"recipe": "landscape-point", "recipe_name": "Landscape point", "reference": POINT_REFERENCE,
+                      "plane": list(candidate.plane), "xy": list(candidate.xy), "bn": candidate.bn,
+                      "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in candidate.plane
+                                      if n in zoo.sha256],
+                      "metrics": metrics_to_json(metrics), **common}
+        return ExportPlan(candidate.title(), state, metrics, provenance, tuple(command) if command else None,
+                          candidate.plane, (), candidate.file_name(), hf_source)
+    if result is None:
+        result = make_soup(zoo, candidate.recipe, candidate.ingredients, **dict(candidate.params))
+    recipe = get_recipe(result.recipe)
+    if result.state_dict is None:
+        raise SoupError(f"{recipe.pretty_name} is not one set of weights and cannot be written as a "
+                         "checkpoint; choose a soup recipe")
+    provenance = {"recipe": result.recipe, "recipe_name": recipe.pretty_name, "reference": recipe.reference,
+                  "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in result.ingredients],
+                  "weights": list(result.weights), "options": dict(result.options),
+                  "metrics": metrics_to_json(result.metrics), **common}
+    return ExportPlan(candidate.title(), result.state_dict, result.metrics, provenance,
+                      tuple(command) if command else None, result.ingredients, result.weights,
+                      candidate.file_name(), hf_source, dict(result.extras))
+
+
+def model_card(plan: ExportPlan) -> str:
+    """A Markdown model card (after mergekit's): what was mixed, how, how well, how to remake it."""
+    p = plan.provenance
+    lines = ["---", "library_name: model-soup-lab", "tags:", "- model-soup", "- merge", "---", "",
+             f"# {plan.title} — {p['zoo']}", "",
+             f"Made with Model Soup Lab {p['library_version']}: **{p['recipe_name']}** ({p['reference']}).", ""]
+    if plan.weights:
+        lines += ["## Ingredients", "", "| checkpoint | weight | sha256 |", "|---|---:|---|"]
+        digests = {i["name"]: i["sha256"] for i in p["ingredients"]}
+        lines += [f"| {n} | {w:.4f} | `{digests.get(n, '')}` |" for n, w in zip(plan.ingredients, plan.weights)]
+    else:
+        lines += ["## Plane", "", f"Plane through {', '.join(p['plane'])} (origin {p['plane'][0]}); point "
+                  f"({p['xy'][0]:.6g}, {p['xy'][1]:.6g}) in parameter-space L2 units; BatchNorm: {p['bn']}."]
+    if p.get("options"):
+        lines += ["", "## Parameters", "", *[f"- `{k}`: {v}" for k, v in p["options"].items()]]
+    if plan.metrics:
+        lines += ["", "## Metrics", "", "Every choice was made on `val`; the other splits are reports.", "",
+                  "| split | accuracy | loss | ECE |", "|---|---:|---:|---:|"]
+        lines += [f"| {s} | {100 * m.accuracy:.2f}% | {m.loss:.4f} | {m.ece:.4f} |" for s, m in plan.metrics.items()]
+    lines += ["", "## Remake it", ""]
+    if plan.command_line:
+        lines += ["```sh", plan.command_line, "```"]
+    else:
+        lines += ["No single `soup` command remakes it: it uses checkpoints that the zoo's manifest does not "
+                  "list (their sha256 is above)."]
+    lines += ["", "The full provenance is in the weights file's metadata (`soup_provenance`)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,289 @@
+"""Read checkpoints — safely — into plain state dicts.
+
+Formats read (all into a ``dict[str, torch.Tensor]``):
+
+* ``.safetensors`` — memory-mapped, never executes code;
+* ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` / ``.pth.tar`` — ``torch.load(weights_only=True,
+  mmap=True)``; there is **no** fallback to unrestricted unpickling, so a malicious pickle is
+  refused, not run;
+* nested training checkpoints — ``{"state_dict": ...}``, ``{"model": ...}``, EMA weights
+  (``state_dict_ema`` / ``model_ema``, preferred as timm does), ``module.`` prefixes from
+  ``DataParallel``/DDP stripped;
+* Hugging Face style directories — ``model.safetensors``, ``pytorch_model.bin`` and sharded
+  ``*.index.json`` checkpoints;
+* raw bytes (browser uploads) with :func:`load_state_dict_bytes`.
+
+>>> import safetensors.torch, torch
+>>> from soup_core.io import load_state_dict_bytes
+>>> blob = safetensors.torch.save({"w": torch.zeros(3)})
+>>> load_state_dict_bytes(blob, "upload.safetensors")["w"].shape
+torch.Size([3])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from soup_core.errors import CheckpointError
+from soup_core.state import StateDict, names_list
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
+CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+# Keys under which training scripts nest the weights; EMA first because timm prefers it.
+NESTED_KEYS_EMA = ("state_dict_ema", "model_ema")
+NESTED_KEYS = ("state_dict", "model", "module", "net", "network")
+# Metadata keys of the safetensors files we write (see soup_core.io.write).
+PROVENANCE_KEY = "soup_provenance"
+TIED_KEY = "soup_tied"
+
+
+def load_state_dict(path: str | os.PathLike[str], *, prefer_ema: bool = True) -> StateDict:
+    """Read a checkpoint file or Hugging Face directory into a state dict.
+
+    Tensors from safetensors and new-style torch files are memory-mapped: nothing is read
+    until it is used, and the returned tensors must be treated as read-only.
+
+    >>> from soup_core.io import load_state_dict
+    >>> from soup_core.zoo import sample_zoos
+    >>> sd = load_state_dict(sample_zoos()["digits-finetune"].parent / "base.safetensors")
+    >>> sorted(sd)[:2]
+    ['body.0.bias', 'body.0.weight']
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_directory(path, prefer_ema=prefer_ema)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    if _is_safetensors(path):
+        return _read_safetensors_file(path)
+    return _finish_pickle(_torch_load(path, str(path)), str(path), prefer_ema)
+
+
+def load_state_dict_bytes(data: bytes, name: str, *, prefer_ema: bool = True) -> StateDict:
+    """Read an uploaded checkpoint held in memory; ``name`` is used for the format and errors."""
+    if not data:
+        raise CheckpointError(f"{name}: the file is empty")
+    if name.endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(data[:8 + 2]):
+        try:
+            state = safetensors.torch.load(data)
+        except Exception as exc:  # SafetensorError, json errors, ...
+            raise CheckpointError(f"{name}: not a valid safetensors file ({short(exc)})") from None
+        return _retie(state, _safetensors_metadata_from_bytes(data), name)
+    return _finish_pickle(_torch_load(io.BytesIO(data), name), name, prefer_ema)
+
+
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only mapping that reads one tensor per lookup.
+
+    For streaming work (angles of large models): memory holds only the tensors in use.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        try:
+            self._handle = safetensors.safe_open(self.path, framework="pt")
+            self._keys = list(self._handle.keys())
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: cannot read {key!r} ({short(exc)})") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
+    """A lazy view for safetensors files, :func:`load_state_dict` (memory-mapped) otherwise."""
+    path = Path(path)
+    if path.is_file() and _is_safetensors(path) and path.stat().st_size > 0:
+        return LazySafetensors(path)
+    return load_state_dict(path)
+
+
+def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The provenance manifest that :func:`soup_core.io.save_state_dict` stored in a safetensors
+    file (or in the first weights file of a Hugging Face directory)."""
+    if Path(path).is_dir():
+        files = sorted(Path(path).glob("model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no model*.safetensors in this folder")
+        path = files[0]
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
+    return json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file (or of every file of a directory, in name order), read in 1 MiB blocks.
+
+    Hashed once per process: the result is cached by path, size and modification time, so a
+    file that changes is hashed again and one that does not is never read twice.
+    """
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _sha256_of(stamp)
+
+
+@lru_cache(maxsize=4096)
+def _sha256_of(stamp: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for file, _, _ in stamp:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def short(exc: BaseException) -> str:
+    """An exception's first line, at most 200 characters (for one-line error messages)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.name.endswith(SAFETENSORS_SUFFIXES):
+        return True
+    if path.name.endswith(PICKLE_SUFFIXES):
+        return False
+    with open(path, "rb") as handle:
+        return _looks_like_safetensors(handle.read(10))
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    # 8-byte little-endian header length, then a JSON object.
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+def _read_safetensors_file(path: Path) -> StateDict:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
+    return _retie(state, meta, str(path))
+
+
+def _safetensors_metadata_from_bytes(data: bytes) -> dict[str, str]:
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    return header.get("__metadata__", {}) or {}
+
+
+def _retie(state: StateDict, meta: Mapping[str, str], name: str) -> StateDict:
+    """Restore tied tensors that ``save_state_dict`` stored once (safetensors cannot alias)."""
+    if TIED_KEY not in meta:
+        return state
+    for alias, target in json.loads(meta[TIED_KEY]).items():
+        if target not in state:
+            raise CheckpointError(f"{name}: tied key {alias!r} points at missing key {target!r}")
+        state[alias] = state[target]
+    return state
+
+
+def _torch_load(source: Path | io.BytesIO, name: str) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; never runs pickled code."""
+    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
+    is_zip = zipfile.is_zipfile(source)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    elif is_zip:
+        kwargs["mmap"] = True  # only the zip format can be memory-mapped
+    try:
+        return torch.load(source, **kwargs)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line), None)
+        if detail is None:  # not a refusal: the bytes are simply not a pickle
+            raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({short(exc)})") from None
+        raise CheckpointError(
+            f"{name}: refused to unpickle — the file holds Python objects other than tensors "
+            f"and is only ever loaded with weights_only=True ({detail})") from None
+    except Exception as exc:  # truncated zips, garbage bytes, ...
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({short(exc)})") from None
+
+
+def _finish_pickle(obj: Any, name: str, prefer_ema: bool) -> StateDict:
+    obj = _unnest(obj, prefer_ema)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name}: expected a state dict (a mapping of names to tensors), "
+                              f"found {type(obj).__name__}")
+    bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(f"{name}: entries that are not tensors: {names_list(bad)}")
+    return _strip_prefix({str(k): v for k, v in obj.items()}, "module.")
+
+
+def _unnest(obj: Any, prefer_ema: bool) -> Any:
+    order = NESTED_KEYS_EMA + NESTED_KEYS if prefer_ema else NESTED_KEYS + NESTED_KEYS_EMA
+    while isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[key] for key in order if isinstance(obj.get(key), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _strip_prefix(state: StateDict, prefix: str) -> StateDict:
+    if state and all(key.startswith(prefix) for key in state):
+        return {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def _load_directory(path: Path, *, prefer_ema: bool) -> StateDict:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            return _load_sharded(index, prefer_ema=prefer_ema)
+    for file_name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / file_name).exists():
+            return load_state_dict(path / file_name, prefer_ema=prefer_ema)
+    raise CheckpointError(
+        f"{path}: a directory without model.safetensors, pytorch_model.bin or a sharded index")
+
+
+def _load_sharded(index: Path, *, prefer_ema: bool) -> StateDict:
+    try:
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index ({short(exc)})") from None
+    state: StateDict = {}
+    root = index.parent.resolve()
+    for shard in sorted(set(weight_map.values())):
+        shard_path = (root / shard).resolve()
+        if root not in shard_path.parents:
+            raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint directory")
+        state.update(load_state_dict(shard_path, prefer_ema=prefer_ema))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{index}: keys listed in the index but in no shard: {names_list(missing)}")
+    return state

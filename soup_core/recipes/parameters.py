@@ -1,0 +1,106 @@
+"""The knobs recipes declare (after mergekit's ``ConfigParameterDef``): name, type, default, help.
+
+A recipe lists the parameters it reads; :class:`~soup_core.recipes.base.Recipe` checks what it
+is given against that list, and the ``soup make`` flags and the app's controls are derived
+from the same declarations, so a knob has one name, one default and one help text.
+
+>>> from soup_core.recipes.parameters import PASSES
+>>> PASSES.check(2)
+2
+>>> PASSES.check(0)
+Traceback (most recent call last):
+...
+soup_core.errors.RecipeError: passes must be at least 1, not 0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from soup_core.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One declared knob. ``default=None`` with ``type`` int means "no limit"."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    reference: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted to the declared type, or a :class:`RecipeError` saying why not."""
+        if value is None and self.default is None:
+            return None
+        try:
+            converted = self.type(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{self.name} must be a {self.type.__name__}, not {value!r}") from None
+        if isinstance(converted, float) and not math.isfinite(converted):
+            raise RecipeError(f"{self.name} must be a finite number, not {value!r}")
+        if self.choices is not None and converted not in self.choices:
+            raise RecipeError(f"{self.name} must be one of {', '.join(self.choices)}, not {value!r}")
+        if self.minimum is not None and converted < self.minimum:
+            raise RecipeError(f"{self.name} must be at least {self.minimum:g}, not {value!r}")
+        return converted
+
+
+class Params(Mapping[str, Any]):
+    """A recipe's resolved parameters: every declared one, given or default; read as attributes."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no parameter {name!r} (declared: {', '.join(self._values) or 'none'})") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Params({self._values!r})"
+
+
+ORDER = Parameter("order", str, "sorted",
+                  "order in which candidates are tried: by decreasing val accuracy (sorted, so the soup is "
+                  "never below the best model on val) or seeded random", choices=("sorted", "random"),
+                  reference="Wortsman et al. 2022, Recipe 1")
+SEED = Parameter("seed", int, 0, "seed of the random order and of the learned soup's batches")
+TIE = Parameter("tie", str, "ge",
+                "a candidate that leaves val accuracy unchanged: ge keeps it (as Recipe 1 and Algorithm 2 are "
+                "written), gt rejects it (as the official greedy-soup code compares)", choices=("ge", "gt"))
+PASSES = Parameter("passes", int, 1, "passes over the candidates; rejected ones are offered again",
+                   minimum=1, reference="Dansereau et al., Algorithm 2")
+MAX_INGREDIENTS = Parameter("max_ingredients", int, None, "stop the soup growing past this many ingredients",
+                            minimum=1)
+VAL_SPLIT = Parameter("val_split", str, "val", "the held-out split every choice is made on (never test)")
+EPOCHS = Parameter("epochs", int, 3, "epochs of AdamW over the val split", minimum=1,
+                   reference="Wortsman et al. 2022, App. I")
+LEARNING_RATE = Parameter("learning_rate", float, 0.1, "AdamW learning rate of the mixing weights",
+                          minimum=1e-12, reference="Wortsman et al. 2022, App. I")
+BATCH_SIZE = Parameter("batch_size", int, 64, "val samples per AdamW step", minimum=1)
+
+
+def improves(score: float, baseline: float, tie: str) -> bool:
+    """Whether a candidate's val score beats the baseline under the tie rule (``ge`` or ``gt``)."""
+    return score >= baseline if tie == "ge" else score > baseline

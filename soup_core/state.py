@@ -1,0 +1,78 @@
+"""The basic vocabulary: state dicts, which tensors are parameters, tied groups, a content digest.
+
+A *state dict* maps names to tensors, as ``nn.Module.state_dict()`` does. Two facts about its
+tensors matter everywhere in the library:
+
+* **Float or integer.** Float (and complex) tensors are parameters and running statistics, and
+  are averaged; integer tensors (``num_batches_tracked``, ``position_ids``) are counters and
+  tables, and never are (see :mod:`soup_core.params`).
+* **Tied groups.** Keys whose tensors share storage (an embedding and an output head) are one
+  parameter: averaged once, written once, counted once.
+
+>>> import torch
+>>> from soup_core.state import tied_aliases
+>>> w = torch.ones(2, 2)
+>>> tied_aliases({"embed.weight": w, "head.weight": w, "head.bias": torch.zeros(2)})
+{'head.weight': 'embed.weight'}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+# Long work reports progress as (fraction done, message) and may be asked to stop early.
+Progress = Callable[[float, str], None]
+ShouldStop = Callable[[], bool]
+
+
+def is_float(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is averaged (float or complex) or copied (integer, bool)."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def tied_groups(state: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], ...]:
+    """Groups of keys whose tensors share storage (tied weights, e.g. embeddings and head)."""
+    groups: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    for key, tensor in state.items():
+        if tensor.numel() == 0:
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                 tuple(tensor.shape), tuple(tensor.stride()))
+        groups.setdefault(ident, []).append(key)
+    return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+
+
+def tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Each tied key but the first of its group, mapped to that first key."""
+    return {alias: group[0] for group in tied_groups(state) for alias in group[1:]}
+
+
+def parameter_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys that are averaged: float tensors, each tied group once."""
+    aliases = tied_aliases(state)
+    return [key for key, tensor in state.items() if is_float(tensor) and key not in aliases]
+
+
+def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict: keys, dtypes, shapes and values (the metric-cache key)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def names_list(keys: list[str], limit: int = 8) -> str:
+    """``'a', 'b' and 3 more``: key lists in error messages, kept to one line."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+__all__ = ["Progress", "ShouldStop", "StateDict", "is_float", "names_list", "parameter_keys",
+           "state_dict_digest", "tied_aliases", "tied_groups"]

@@ -1,0 +1,142 @@
+"""How the house holds together: one error family, declared recipe parameters, one export path,
+reproducible files, a command that answers before torch loads, sample zoos found as package data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import soup_core.errors as errors
+from soup_core.io import file_sha256, save_state_dict, state_dict_bytes
+from soup_core.recipes import RECIPES, all_parameters
+from tests.test_cli import ROOT, ok_json, soup
+
+
+def test_every_error_the_library_raises_on_purpose_is_a_soup_error():
+    from soup_core.folded import Unsupported
+    family = [errors.CheckpointError, errors.ZooError, errors.ModelError, errors.DataError, errors.RecipeError,
+              errors.UsageError, Unsupported]
+    assert all(issubclass(e, errors.SoupError) and issubclass(e, ValueError) for e in family)
+
+
+def test_the_command_parses_its_arguments_before_importing_torch():
+    code = ("import sys; from soup_core.cli import build_parser; build_parser().parse_args(['make', 'greedy', 'z']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+def test_soup_make_has_one_flag_per_declared_parameter_with_its_help_and_default():
+    result = soup("make", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name, (parameter, users) in all_parameters().items():
+        assert parameter.flag in text and " ".join(parameter.help.split()[:4]) in text
+        default = "no limit" if parameter.default is None else str(parameter.default)
+        assert f"(default: {default}; {', '.join(users)})" in text.replace("learned- by-layer", "learned-by-layer")
+    assert "examples:" in soup("--help").stdout
+
+
+def test_a_recipe_refuses_a_parameter_it_does_not_declare():
+    result = soup("make", "uniform", "digits-finetune", "--tie", "gt")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "soup: error: the Uniform soup does not use --tie; it takes no parameters"
+    with pytest.raises(errors.RecipeError, match="takes no epochs"):
+        RECIPES["greedy"].make({"a": {"w": torch.ones(1)}}, None, epochs=3)
+
+
+def test_the_learned_soups_knobs_reach_it_from_the_command_line():
+    payload = ok_json("make", "learned", "digits-finetune", "--ingredients", "ft-00,ft-01", "--epochs", "1",
+                      "--learning-rate", "0.05", "--device", "cpu")
+    assert payload["options"]["epochs"] == 1 and payload["options"]["learning_rate"] == 0.05
+    assert [s["candidate"] for s in payload["trace"]] == ["epoch 1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("make", "greedy", "digits-finetune", "--passes", "0"), "--passes: 0 must be at least 1"),
+    (("make", "learned", "digits-finetune", "--learning-rate", "nan"), "not a finite number"),
+    (("point", "digits-finetune", "--plane", "base", "ft-00", "ft-01", "--xy", "nan", "inf", "--out", "x"),
+     "not a finite number"),
+    (("path", "digits-finetune", "base", "ft-00", "--range", "1", "0"), "LO must be below HI"),
+    (("evaluate", "digits-finetune", "--device", "bogus"), "not a device"),
+    (("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01", "--max-samples", "0"),
+     "must be at least 1"),
+])
+def test_flags_out_of_range_end_in_one_line(args, message):
+    result = soup(*args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr
+
+
+def test_the_same_soup_is_the_same_bytes(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    provenance = {"recipe": "uniform", "zoo": "z", "ingredients": ["a", "b"]}
+    blobs = {state_dict_bytes(state, provenance) for _ in range(8)}
+    files = {save_state_dict(state, tmp_path / f"{i}.safetensors", provenance=provenance).read_bytes()
+             for i in range(8)}
+    assert len(blobs) == 1 and files == blobs
+
+
+def test_a_file_is_hashed_once_until_it_changes(tmp_path):
+    from soup_core.io.read import _sha256_of
+    path = save_state_dict({"w": torch.ones(3)}, tmp_path / "w.safetensors")
+    first = file_sha256(path)
+    misses = _sha256_of.cache_info().misses
+    assert file_sha256(path) == first and _sha256_of.cache_info().misses == misses
+    save_state_dict({"w": torch.zeros(3)}, path)
+    assert file_sha256(path) != first
+
+
+def test_make_writes_the_model_card_beside_the_soup(tmp_path):
+    out = tmp_path / "greedy.safetensors"
+    payload = ok_json("make", "greedy", "digits-finetune", "--out", str(out))
+    card = (tmp_path / "greedy.md").read_text()
+    assert payload["model_card"] == str(tmp_path / "greedy.md")
+    assert "# Greedy soup — digits-finetune" in card and "Wortsman et al. 2022, Recipe 1" in card
+    for name, weight in zip(payload["ingredients"], payload["weights"]):
+        assert f"| {name} | {weight:.4f} |" in card
+    assert f"{100 * payload['metrics']['test']['accuracy']:.2f}%" in card
+    assert f"soup make greedy digits-finetune --out {out}" in card
+
+
+def test_the_sample_zoos_are_package_data():
+    from soup_core.zoo import sample_root, sample_zoos
+    import sample_data
+    assert sample_root() == (ROOT / "sample_data").resolve() == sample_root().parent / "sample_data"
+    assert set(sample_zoos()) == {"digits-bn", "digits-finetune", "digits-scratch"}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"*/checkpoints/*.safetensors"' in pyproject and sample_data.__file__
+
+
+def test_json_is_never_written_over_an_input(tmp_path):
+    victim = ROOT / "sample_data" / "digits-finetune" / "checkpoints" / "ft-00.safetensors"
+    before = victim.read_bytes()
+    result = soup("evaluate", "digits-finetune", "--json", str(victim))
+    assert result.returncode == 2 and "refusing to write over an input" in result.stderr
+    assert victim.read_bytes() == before
+    assert json.loads(json.dumps(ok_json("zoo", "list")))["zoos"]
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_opens_the_sample_zoos_outside_the_checkout(tmp_path):
+    """The wheel carries the sample zoos as package data and declares what it imports."""
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(tmp_path / "dist")],
+                   check=True, cwd=tmp_path, timeout=300)
+    wheel = next((tmp_path / "dist").glob("model_soup_lab-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    code = ("import soup_core; zoo = soup_core.zoo.open_zoo('digits-finetune'); "
+            "print(soup_core.__file__); print(zoo.manifest); print(len(zoo.names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300)
+    module, manifest, count = out.stdout.split()
+    assert module.startswith(str(site)) and manifest.startswith(str(site)) and count == "32"
+    from importlib.metadata import PathDistribution
+    requires = PathDistribution(next(site.glob("model_soup_lab-*.dist-info"))).requires
+    assert {"torch", "safetensors", "numpy", "scipy", "scikit-learn", "tqdm"} <= {r.split(">")[0].split("<")[0]
+                                                                                   for r in requires}
