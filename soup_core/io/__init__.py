@@ -10,11 +10,18 @@ check happens before any math, and every write is atomic and never lands on an i
 ('fresh is an exact duplicate of saved: it would count twice in a uniform soup',)
 """
 
-from soup_core.io.read import (CHECKPOINT_SUFFIXES, PROVENANCE_KEY, LazySafetensors, file_sha256,
-                               load_state_dict, load_state_dict_bytes, open_checkpoint, read_provenance)
+from soup_core.io.read import (
+                               CHECKPOINT_SUFFIXES,
+                               PROVENANCE_KEY,
+                               LazySafetensors,
+                               file_sha256,
+                               load_state_dict,
+                               load_state_dict_bytes,
+                               open_checkpoint,
+                               read_provenance,
+)
 from soup_core.io.validate import ValidationReport, validate_state_dicts
-from soup_core.io.write import (atomic_write, refuse_inputs, save_hf_directory, save_state_dict,
-                                state_dict_bytes)
+from soup_core.io.write import atomic_write, refuse_inputs, save_hf_directory, save_state_dict, state_dict_bytes
 
 __all__ = ["CHECKPOINT_SUFFIXES", "PROVENANCE_KEY", "LazySafetensors", "ValidationReport", "atomic_write",
            "file_sha256", "load_state_dict", "load_state_dict_bytes", "open_checkpoint", "read_provenance",

@@ -28,7 +28,7 @@ import torch
 
 from soup_core.errors import CheckpointError
 from soup_core.io.read import PROVENANCE_KEY, TIED_KEY
-from soup_core.state import StateDict, tied_aliases
+from soup_core.state import tied_aliases
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 HF_SHARD_BYTES = 5 << 30  # transformers' default max_shard_size

@@ -19,8 +19,19 @@ from __future__ import annotations
 
 from soup_core.errors import RecipeError
 from soup_core.recipes.base import Brew, Ingredients, Recipe, SoupResult, TraceStep
-from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, ORDER, PASSES, SEED,
-                                          TIE, VAL_SPLIT, Parameter, Params)
+from soup_core.recipes.parameters import (
+    BATCH_SIZE,
+    EPOCHS,
+    LEARNING_RATE,
+    MAX_INGREDIENTS,
+    ORDER,
+    PASSES,
+    SEED,
+    TIE,
+    VAL_SPLIT,
+    Parameter,
+    Params,
+)
 
 PAPER = "Wortsman et al. 2022"
 CHOOSING = (ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share

@@ -10,8 +10,17 @@ Sample zoos and user zoos are the same thing: the built-in ones are ordinary man
 """
 
 from soup_core.errors import ZooError
-from soup_core.zoo.manifest import (ALLOWED_ROOTS_ENV, BASE, CheckpointEntry, Manifest, allowed_roots_from_env,
-                                    read_manifest, sample_root, sample_zoos, within_roots)
+from soup_core.zoo.manifest import (
+                                    ALLOWED_ROOTS_ENV,
+                                    BASE,
+                                    CheckpointEntry,
+                                    Manifest,
+                                    allowed_roots_from_env,
+                                    read_manifest,
+                                    sample_root,
+                                    sample_zoos,
+                                    within_roots,
+)
 from soup_core.zoo.points import make_soup, zoo_plane, zoo_point
 from soup_core.zoo.zoo import Zoo, open_zoo
 

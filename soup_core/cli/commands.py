@@ -1,134 +1,19 @@
-"""The ``soup`` command (also ``python -m soup_core``); ``soup --help`` lists the commands.
+"""The ``soup`` commands: each adapts its arguments, calls the library, and reports.
 
-Arguments are parsed before anything heavy is imported, so ``--help`` and argument errors
-answer at once; torch and the library load when a command runs. The ``make`` flags come from
-the parameters the recipes declare (:mod:`soup_core.recipes`). Bad input ends with exit code 2
-and one line on stderr (``soup: error: ...``), never a traceback, and never changes a file.
+Heavy modules are imported inside the commands, so that parsing the command line stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from soup_core import __version__
-from soup_core.errors import SoupError, UsageError
-from soup_core.policies import BN_POLICIES
+from soup_core.cli.output import metrics_line, progress_bar, say, write_json
+from soup_core.errors import UsageError
 from soup_core.recipes import RECIPES, all_parameters
-
-MAX_GRID = 401          # points per side of a landscape: 160k evaluations is already hours
-MAX_PATH_POINTS = 10_001
-
-EXAMPLES = """examples:
-  soup zoo list
-  soup evaluate digits-finetune
-  soup make greedy digits-finetune --tie gt --out greedy.safetensors --json greedy.json
-  soup make learned digits-finetune --epochs 5 --learning-rate 0.05
-  soup landscape digits-finetune --points base ft-03 greedy --grid 21 --json plane.json
-  soup path digits-finetune base greedy --range 0 1
-  soup angles sample_data/digits-finetune/checkpoints/ft-0*.safetensors \\
-      --base sample_data/digits-finetune/base.safetensors --short-names
-
-A, B, C name checkpoints, `base` (θ0), or a soup recipe made from all checkpoints. ZOO is a
-sample zoo's name or a zoo.toml (or a folder). `--json -` writes JSON to stdout."""
-
-
-# ---- argument types: every number from a flag is checked before any work ------------
-
-
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} must be at least {low}" + (f" and at most {high}" if high else ""))
-        return value
-    parse.__name__ = "int"
-    return parse
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """Argument errors in one line, like every other error of the command."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default after its help (unless there is none to show)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
-
-
-# ---- output -------------------------------------------------------------------------
-
-
-def write_json(target: str | None, payload: Mapping[str, Any], inputs: Sequence[Path] = ()) -> None:
-    """JSON to stdout (``-``) or a file written atomically, never over an input checkpoint."""
-    if target is None:
-        return
-    text = json.dumps(payload, indent=2, sort_keys=False)
-    if target == "-":
-        print(text)
-        return
-    from soup_core.io import atomic_write, refuse_inputs
-    refuse_inputs(target, inputs)
-    atomic_write(target, text + "\n")
-
-
-def say(args: argparse.Namespace, text: str) -> None:
-    """Human-readable output, unless JSON goes to stdout."""
-    if getattr(args, "json", None) != "-":
-        print(text)
-
-
-def progress_bar(desc: str):
-    from tqdm import tqdm
-    bar = tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
-
-    def report(fraction: float, message: str) -> None:
-        bar.n = int(fraction * 1000)
-        bar.set_postfix_str(message[-30:], refresh=True)
-
-    return bar, report
-
-
-def metrics_line(metrics, shifts: Sequence[str]) -> str:
-    from soup_core.evaluate import shift_average
-    parts = [f"{s} {metrics[s].accuracy:.2%}" for s in ("val", "test") if s in metrics]
-    avg = shift_average(metrics, shifts)
-    if avg is not None:
-        parts.append(f"shifts {avg:.2%}")
-    return "  ".join(parts)
 
 
 def check_device(device: str | None) -> str | None:
@@ -169,9 +54,6 @@ def splits_of(zoo, text: str, what: str) -> list[str]:
         raise UsageError(f"unknown split(s) {', '.join(unknown) or '(none)'}; {zoo.name} has "
                          f"{', '.join(evaluator.split_names)}")
     return splits
-
-
-# ---- commands ------------------------------------------------------------------------
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> None:
@@ -383,144 +265,3 @@ def cmd_point(args: argparse.Namespace) -> None:
     say(args, f"point ({args.xy[0]}, {args.xy[1]}) of the plane {', '.join(args.plane)}: "
               f"{metrics_line(plan.metrics, zoo.evaluator.shift_names)}\n  written to {args.out}"
               + (f" (model card: {written[1]})" if len(written) > 1 else ""))
-
-
-# ---- argument parsing ---------------------------------------------------------------
-
-
-def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per parameter the recipes declare, with its help, default and the recipes using it."""
-    group = parser.add_argument_group("recipe parameters (each recipe takes only its own)")
-    for name, (p, users) in all_parameters().items():
-        default = "no limit" if p.default is None else p.default
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
-                                  "help": f"{p.help} (default: {default}; {', '.join(users)})"}
-        if p.choices:
-            kwargs["choices"] = p.choices
-        elif p.type in (int, float):
-            kwargs["type"] = int_in(int(p.minimum or 0)) if p.type is int else finite_float
-            kwargs["metavar"] = "N" if p.type is int else "X"
-        else:
-            kwargs["metavar"] = name.upper()
-        group.add_argument(p.flag, **kwargs)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="soup", description="Model soups from the command line: average "
-                    "fine-tuned weights, explore their landscapes, export the soup.",
-                    epilog=EXAMPLES, formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"soup {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-        p.set_defaults(func=func)
-        return p
-
-    def zoo_command(name: str, help: str, func) -> argparse.ArgumentParser:
-        p = command(name, help, func)
-        p.add_argument("zoo", metavar="ZOO", help="a sample zoo's name, a zoo.toml, or a folder of checkpoints")
-        return p
-
-    def common(p: argparse.ArgumentParser, device: bool = True) -> None:
-        if device:
-            p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-        p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE (- for stdout)")
-
-    zoo = sub.add_parser("zoo", help="built-in sample zoos").add_subparsers(dest="zoo_command", required=True)
-    zoo_list = zoo.add_parser("list", help="list the sample zoos")
-    zoo_list.set_defaults(func=cmd_zoo_list)
-    common(zoo_list, device=False)
-
-    inspect = command("inspect", "show and validate checkpoints", cmd_inspect)
-    inspect.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or Hugging Face folders")
-    common(inspect, device=False)
-
-    angles = command("angles", "pairwise cosine, angle and distance (float64, streamed)", cmd_angles)
-    angles.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or Hugging Face folders")
-    angles.add_argument("--base", metavar="PATH", help="θ0: measure θi − θ0 instead of θi")
-    angles.add_argument("--short-names", action="store_true", help="name checkpoints by file stem")
-    common(angles, device=False)
-
-    evaluate = zoo_command("evaluate", "score every checkpoint of a zoo on every split", cmd_evaluate)
-    common(evaluate)
-
-    make = command("make", "make a soup with a recipe", cmd_make)
-    make.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE",
-                      help=", ".join(f"{n} ({r.reference})" for n, r in RECIPES.items()))
-    make.add_argument("zoo", metavar="ZOO", help="a sample zoo's name, a zoo.toml, or a folder of checkpoints")
-    make.add_argument("--ingredients", metavar="A,B,...", help="only these checkpoints (default: all)")
-    make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance, and its "
-                      "model card as FILE's name with .md (a folder for Hugging Face zoos)")
-    common(make)
-    add_recipe_flags(make)
-
-    landscape = zoo_command("landscape", "loss and error over the plane through three points", cmd_landscape)
-    landscape.add_argument("--points", nargs=3, required=True, metavar=("A", "B", "C"),
-                           help="checkpoints, base, or soup recipes; A is the origin")
-    landscape.add_argument("--grid", type=int_in(2, MAX_GRID), default=21, help="points per side")
-    landscape.add_argument("--margin", type=non_negative_float, default=0.2,
-                           help="extra extent around the anchors, as a fraction of their span")
-    landscape.add_argument("--split", default="val", help="split(s), comma-separated")
-    landscape.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
-    landscape.add_argument("--soups", metavar="R1,R2", help="soup recipes to project onto the plane")
-    landscape.add_argument("--max-samples", type=int_in(1), default=None,
-                           help="a seeded subsample of each split (default: all samples)")
-    landscape.add_argument("--resume", metavar="FILE", help="continue a partial run saved in FILE (and save to it)")
-    common(landscape)
-
-    path = zoo_command("path", "loss and error on the line through two points (error barriers)", cmd_path)
-    path.add_argument("a", metavar="A", help="start: a checkpoint, base, or a soup recipe")
-    path.add_argument("b", metavar="B", help="end: a checkpoint, base, or a soup recipe")
-    path.add_argument("--points", type=int_in(2, MAX_PATH_POINTS), default=41, help="values of α")
-    path.add_argument("--range", type=finite_float, nargs=2, default=(-0.5, 1.5), metavar=("LO", "HI"),
-                      help="α from LO to HI")
-    path.add_argument("--split", default="val", help="split(s), comma-separated")
-    path.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
-    common(path)
-
-    pairs = zoo_command("pairs", "angle vs interpolation advantage, soup vs ensemble (Figures 3, 4)", cmd_pairs)
-    pairs.add_argument("--split", default="test", help="the split reported (β is always fitted on val)")
-    pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints (default: all)")
-    common(pairs)
-
-    point = zoo_command("point", "export the weights at one point of a landscape plane", cmd_point)
-    point.add_argument("--plane", nargs=3, required=True, metavar=("A", "B", "C"), help="the plane's three points")
-    point.add_argument("--xy", nargs=2, type=finite_float, required=True, metavar=("X", "Y"),
-                       help="coordinates in the plane (L2 units, as `soup landscape` reports them)")
-    point.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
-    point.add_argument("--out", required=True, metavar="FILE", help="where to write the safetensors file")
-    common(point)
-    return parser
-
-
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp files are removed, outputs stay as they were
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (SoupError, OSError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"soup: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("soup: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-def run() -> None:
-    """The ``soup`` command: this process is ours, so freed memory stays for reuse (landscapes
-    page-fault without it; see :mod:`soup_core.allocator`), and SIGTERM unwinds like Ctrl-C."""
-    from soup_core.allocator import keep_freed_memory
-    keep_freed_memory()
-    signal.signal(signal.SIGTERM, _terminate)
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()

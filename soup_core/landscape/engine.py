@@ -1,39 +1,7 @@
-"""Loss and error landscapes: many weight points per forward pass, exact at the anchors.
+"""The slice engine: many weight points of θ(c) = origin + Σ_k c_k d_k scored per forward pass.
 
-A slice is an affine subspace θ(c) = origin + Σ_k c_k d_k of weight space: a line (k = 1) for
-interpolation paths and error barriers (paper App. J.1) or the θ0 → soup curve (WiSE-FT,
-App. D); a plane (k = 2) for the paper's Figure 2 (see :func:`soup_core.geometry.plane_basis`)
-or filter-normalised random slices. :class:`SliceEvaluator` scores many points c at once:
-
-* **Stacked weights.** A chunk of G points becomes one batched state dict (one GEMM per
-  tensor: origin + C·D) and runs in one pass instead of G Python-level forwards: through
-  :class:`soup_core.folded.FoldedForward` (points folded into the channels of channels-last
-  activations, for models built from standard layers) or one ``torch.vmap`` of
-  ``torch.func.functional_call`` (any model vmap can run). A per-point loop on a private copy
-  is the third way; the engine times all three on the spot and keeps the fastest that agrees
-  with the loop.
-* **The first layer is linear in its weights.** Its input does not depend on the point, so
-  the layer runs once for the origin and once per direction, and each point only mixes those
-  k + 1 outputs with its coefficients (exact: Linear/Conv are linear in (weight, bias)).
-* **Bounded memory.** Points and data are chunked from a measured activation size and a byte
-  budget; the evaluation data may be subsampled (a fixed, seeded subset, the same for every
-  point — never chosen by results).
-* **Progress and cancellation.** A callback reports progress; ``should_stop`` ends the run
-  between chunks and what was computed is kept (NaN elsewhere), ordered coarse-to-fine so a
-  cancelled grid is already a usable low-resolution map, and ``resume`` continues it.
-
-BatchNorm — the pitfall users meet here. A BatchNorm network's running statistics belong to
-the weights they were measured with; at an interpolated or extrapolated point neither end's
-statistics fit, and the reproduction saw ResNet/EfficientNet soups collapse for that suspected
-reason. Three policies (``bn=``):
-
-* ``"recompute"`` (default): at every point, re-estimate running mean and variance on the
-  evaluator's training data exactly as ``torch.optim.swa_utils.update_bn`` does (train-mode
-  forward, cumulative average over the same batches; only BatchNorm switches to train mode,
-  so dropout stays off). This is what the point's weights would really be deployed with.
-* ``"interpolate"``: treat the statistics like weights (their affine combination; variances
-  clamped at 0 when extrapolating). Cheap, and what a plain soup does.
-* ``"keep"``: use the origin's statistics everywhere (θ0's when θ0 is the first point).
+See :mod:`soup_core.landscape` for what it does and why; this module holds
+:class:`SliceEvaluator` and the chunk sizes it works with.
 """
 
 from __future__ import annotations
@@ -41,17 +9,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from soup_core.evaluate import Evaluator, Split
-from soup_core.folded import Folded, FoldedForward, Unsupported
 from soup_core.errors import SoupError
-from soup_core.geometry import Direction, Plane, Projection, plane_keys
+from soup_core.evaluate import Evaluator, Split
+from soup_core.geometry import Direction, plane_keys
+from soup_core.landscape.batchnorm import BatchNormSlice
+from soup_core.landscape.first_layer import AFFINE_LAYERS, AffineFirstLayer, folded_first_layer
+from soup_core.landscape.folded import FoldedForward, Unsupported
 from soup_core.policies import BN_POLICIES
 from soup_core.state import Progress, ShouldStop, tied_aliases
 
@@ -77,113 +47,6 @@ PROBE_SAMPLES = 128
 PROBE_POINTS = 32
 PROBE_ROUNDS = 4
 STRATEGIES = ("auto", "fold", "vmap", "loop")
-
-AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class _AffineFirstLayer(nn.Module):
-    """Runs a Linear/Conv once for the origin and each direction; mixes per point.
-
-    ``coefficients`` ([1, c_1, …, c_k], batched under vmap) is set just before each call.
-    """
-
-    def __init__(self, layer: nn.Module, weights: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        super().__init__()
-        self.layer = layer
-        self.channel_dim = -1 if isinstance(layer, nn.Linear) else 1
-        self.terms = len(weights)
-        self.stacked = {name: torch.cat([w[name] for w in weights]) for name in weights[0]}
-        self.coefficients: torch.Tensor | None = None
-        self._input: torch.Tensor | None = None
-        self._terms: torch.Tensor | None = None
-        self._folded_terms: torch.Tensor | None = None
-
-    def _same_input(self, x: torch.Tensor) -> bool:
-        # Views (x.flatten(1) in a forward) are new objects over the same memory. Holding the
-        # cached input keeps its storage alive, so an equal address means the same data.
-        cached = self._input
-        return cached is not None and (x is cached or (
-            x.data_ptr() == cached.data_ptr() and x.shape == cached.shape and x.stride() == cached.stride()
-            and x.dtype == cached.dtype and x._version == cached._version))
-
-    def forget(self) -> None:
-        self._input = self._terms = self._folded_terms = None
-
-    def _terms_for(self, x: torch.Tensor) -> torch.Tensor:
-        """[k+1, *out]: the layer's output for the origin and each direction."""
-        if not self._same_input(x):  # a loop over points feeds the same batch every time
-            y = functional_call(self.layer, self.stacked, (x,))  # (k+1)·C outputs, computed once
-            dim = self.channel_dim % y.dim()
-            self._input, self._terms = x, y.unflatten(dim, (self.terms, -1)).movedim(dim, 0).contiguous()
-            self._folded_terms = None
-        return self._terms
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        terms = self._terms_for(x)
-        # A vector–matrix product per point; under vmap one GEMM [G, k+1] × [k+1, out] whose
-        # result is already in the batch-first layout the next layer wants.
-        return (self.coefficients @ terms.flatten(1)).view(terms.shape[1:])
-
-    def folded(self, x: torch.Tensor) -> torch.Tensor:
-        """All points' outputs in :mod:`soup_core.folded`'s layout, [N, G·C, *spatial]."""
-        terms = self._terms_for(x)
-        if self._folded_terms is None:  # [N, *spatial, k+1, C]: samples outermost, like the output
-            self._folded_terms = terms.permute(1, *range(3, terms.dim()), 0, 2).contiguous()
-        n, *spatial, _, c = self._folded_terms.shape
-        # [G, k+1] × [k+1, C] for each sample and position: each point's C channels side by side.
-        mixed = torch.matmul(self.coefficients, self._folded_terms).view(n, *spatial, -1)
-        return mixed.permute(0, mixed.dim() - 1, *range(1, mixed.dim() - 1)) if spatial else mixed
-
-
-class _BatchNormSlice(nn.Module):
-    """A BatchNorm that can record batch statistics (``collect``) or use given running ones.
-
-    Same parameter and buffer names as the module it replaces, so state-dict keys still apply.
-    """
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        super().__init__()
-        self.eps = bn.eps
-        self.weight = bn.weight
-        self.bias = bn.bias
-        self.register_buffer("running_mean", bn.running_mean.clone())
-        self.register_buffer("running_var", bn.running_var.clone())
-        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.clone())
-        self.collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.batched = True  # set by SliceEvaluator: True while running under vmap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        if self.collect is not None and not self.batched:
-            # update_bn's own step with momentum 1: the fused kernel normalises with the batch
-            # statistics and leaves the batch mean and unbiased variance in the buffers.
-            mean, var = torch.zeros_like(self.running_mean), torch.ones_like(self.running_var)
-            y = nn.functional.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
-            self.collect.append((mean, var))
-            return y
-        if self.collect is not None:  # the same under vmap, where buffers cannot be updated in place
-            dims = [0] + list(range(2, x.dim()))
-            mean, var = x.mean(dims), x.var(dims, correction=0)
-            n = x.numel() // x.shape[1]
-            self.collect.append((mean, var * (n / max(n - 1, 1))))  # running_var is unbiased
-        else:  # eval mode: the fused kernel
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                            False, 0.0, self.eps)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
-
-
-def _folded_first_layer(folded: FoldedForward, module: _AffineFirstLayer, x: torch.Tensor):
-    """The cached first layer under :class:`FoldedForward`: mixed outputs, or per-point weights."""
-    if isinstance(module.layer, nn.Linear):
-        return Folded(module.folded(x), len(module.coefficients))
-    # A convolution has many positions per output channel: mixing k+1 outputs at each costs
-    # more than convolving once with every point's own filters (k+1 tiny GEMMs for those).
-    weights = {n: (module.coefficients @ t.unflatten(0, (module.terms, -1)).flatten(1)).view(
-               len(module.coefficients), -1, *t.shape[1:]) for n, t in module.stacked.items()}
-    return module.layer, weights["weight"], weights.get("bias")
 
 
 @dataclass(frozen=True)
@@ -253,7 +116,7 @@ class SliceEvaluator:
                              "evaluator has none: pass train=Split(...) to the Evaluator, or use "
                              "bn='interpolate' or bn='keep'")
         for name in self.bn_modules:
-            model.set_submodule(name, _BatchNormSlice(model.get_submodule(name)))
+            model.set_submodule(name, BatchNormSlice(model.get_submodule(name)))
         stat_keys = {f"{m}.{b}" for m in self.bn_modules for b in ("running_mean", "running_var")}
 
         keys = plane_keys(origin)
@@ -265,7 +128,7 @@ class SliceEvaluator:
             names = [n for n, _ in module.named_parameters()]
             weights = [{n: origin[f"{name}.{n}"].to(self.device, torch.float32) for n in names}]
             weights += [{n: d[f"{name}.{n}"].to(self.device, torch.float32) for n in names} for d in directions]
-            self._affine = _AffineFirstLayer(module, weights)
+            self._affine = AffineFirstLayer(module, weights)
             model.set_submodule(name, self._affine)
             moving = [k for k in moving if not k.startswith(name + ".")]
         self.model = model.to(self.device)
@@ -291,7 +154,7 @@ class SliceEvaluator:
                     self._tensors[key].copy_(value)
         try:
             self._folded: FoldedForward | None = FoldedForward(
-                self.model, {_AffineFirstLayer: _folded_first_layer}, batchnorms=(_BatchNormSlice,))
+                self.model, {AffineFirstLayer: folded_first_layer}, batchnorms=(BatchNormSlice,))
             self.fold_unsupported = ""
         except Unsupported as exc:
             self._folded, self.fold_unsupported = None, str(exc)
@@ -564,214 +427,3 @@ class SliceEvaluator:
 
 
 # ---- 2D grids -----------------------------------------------------------------------------
-
-
-def coarse_to_fine(size: int) -> list[int]:
-    """Flat indices of a size×size grid, coarsest lattice first (stride halves each level).
-
-    Every level includes the last row and column, so each prefix covers the whole extent.
-    """
-    order: list[int] = []
-    seen = np.zeros(size * size, dtype=bool)
-    stride = 1 << max(0, math.ceil(math.log2(max(size - 1, 1))))
-    while stride >= 1:
-        lattice = sorted(set(range(0, size, stride)) | {size - 1})
-        for iy in lattice:
-            for ix in lattice:
-                flat = iy * size + ix
-                if not seen[flat]:
-                    seen[flat] = True
-                    order.append(flat)
-        stride //= 2
-    return order
-
-
-def grid_extent(points: Sequence[tuple[float, float]], margin: float = 0.2) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The anchors' bounding box widened by ``margin`` × its larger side on every side."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    span = max(max(xs) - min(xs), max(ys) - min(ys), 1e-12)
-    pad = margin * span
-    return (min(xs) - pad, max(xs) + pad), (min(ys) - pad, max(ys) + pad)
-
-
-@dataclass
-class Landscape:
-    """Loss and error over an R×R grid of a plane. Arrays are indexed [row = y, column = x]
-    (Plotly's ``z`` convention); NaN marks points not computed yet (a cancelled run)."""
-
-    xs: np.ndarray
-    ys: np.ndarray
-    splits: tuple[str, ...]
-    loss: dict[str, np.ndarray]
-    error: dict[str, np.ndarray]
-    bn: str
-    anchors: list[Projection] = field(default_factory=list)
-    projections: list[Projection] = field(default_factory=list)
-    max_samples: int | None = None
-
-    @property
-    def done(self) -> np.ndarray:
-        return ~np.isnan(self.loss[self.splits[0]])
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.done.all())
-
-    def preview(self, values: np.ndarray) -> np.ndarray:
-        """A partial grid filled from the nearest computed point (for drawing while computing)."""
-        done = ~np.isnan(values)
-        if done.all() or not done.any():
-            return values
-        from scipy.ndimage import distance_transform_edt
-        _, (iy, ix) = distance_transform_edt(~done, return_indices=True)
-        return values[iy, ix]
-
-    def to_json(self) -> dict:
-        def grid(a: np.ndarray) -> list:
-            return [[None if math.isnan(v) else float(v) for v in row] for row in a]
-        return {"axes": {"x": self.xs.tolist(), "y": self.ys.tolist()}, "bn": self.bn,
-                "max_samples": self.max_samples, "splits": list(self.splits), "complete": self.complete,
-                "loss": {s: grid(a) for s, a in self.loss.items()},
-                "error": {s: grid(a) for s, a in self.error.items()},
-                "anchors": [{"name": a.name, "xy": list(a.xy)} for a in self.anchors],
-                "projections": [p.to_json() for p in self.projections]}
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> Landscape:
-        def array(rows: list) -> np.ndarray:
-            return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
-        return cls(np.array(data["axes"]["x"]), np.array(data["axes"]["y"]), tuple(data["splits"]),
-                   {s: array(a) for s, a in data["loss"].items()}, {s: array(a) for s, a in data["error"].items()},
-                   data["bn"], [Projection(a["name"], tuple(a["xy"]), 0.0) for a in data["anchors"]],
-                   [Projection(p["name"], tuple(p["xy"]), p["off_plane"]) for p in data["projections"]],
-                   data.get("max_samples"))
-
-
-def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margin: float = 0.2,
-                    splits: Sequence[str] = ("val",), bn: str = "recompute",
-                    extent: tuple[tuple[float, float], tuple[float, float]] | None = None,
-                    projections: Sequence[Projection] = (), max_samples: int | None = None,
-                    resume: Landscape | None = None, progress: Progress | None = None,
-                    should_stop: ShouldStop | None = None, engine: SliceEvaluator | None = None) -> Landscape:
-    """Loss and error on a grid×grid lattice of ``plane`` (paper Figure 2).
-
-    The extent is the anchors' bounding box plus ``margin`` unless given. Points run coarse to
-    fine; ``should_stop`` keeps what was done and ``resume`` (a partial result of the same grid)
-    computes only the rest.
-    """
-    if grid < 2:
-        raise SoupError(f"grid must be at least 2 points per side, got {grid}")
-    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
-    if resume is not None:
-        # Mixing two runs is only right when they computed the same function on the same plane.
-        same_plane = [a.name for a in resume.anchors] == [a.name for a in plane.anchors] and np.allclose(
-            [a.xy for a in resume.anchors], [a.xy for a in plane.anchors], rtol=1e-9, atol=1e-12)
-        if (len(resume.xs) != grid or tuple(resume.splits) != tuple(splits) or resume.bn != engine.bn
-                or resume.max_samples != engine.max_samples or not same_plane):
-            raise SoupError("the partial landscape to resume was made with other settings (plane, grid, splits, "
-                             "BatchNorm policy or samples); start a new one")
-        xs, ys = resume.xs, resume.ys
-    else:
-        (x0, x1), (y0, y1) = extent or grid_extent([a.xy for a in plane.anchors], margin)
-        xs, ys = np.linspace(x0, x1, grid), np.linspace(y0, y1, grid)
-    result = resume or Landscape(xs, ys, tuple(splits), {s: np.full((grid, grid), np.nan) for s in splits},
-                                 {s: np.full((grid, grid), np.nan) for s in splits}, engine.bn,
-                                 max_samples=engine.max_samples)
-    result.anchors, result.projections = list(plane.anchors), list(projections)
-    todo = [f for f in coarse_to_fine(grid) if not result.done.reshape(-1)[f]]
-    coords = torch.tensor([[xs[f % grid], ys[f // grid]] for f in todo], dtype=torch.float64).reshape(-1, 2)
-    values = engine.evaluate(coords, splits, progress=progress, should_stop=should_stop)
-    for s in splits:
-        result.loss[s].reshape(-1)[todo] = values.loss[s]
-        result.error[s].reshape(-1)[todo] = values.error[s]
-    return result
-
-
-# ---- 1D paths -----------------------------------------------------------------------------
-
-
-@dataclass
-class Path:
-    """Loss and error along (1 − α)·a + α·b for each α, with the barrier between the ends."""
-
-    names: tuple[str, str]
-    alphas: np.ndarray
-    loss: dict[str, np.ndarray]
-    error: dict[str, np.ndarray]
-    bn: str
-
-    def barrier(self, values: np.ndarray) -> float:
-        """max over α ∈ [0, 1] of value(α) − ((1 − α)·value(0) + α·value(1)) (Frankle et al. 2020)."""
-        inside = (self.alphas >= 0) & (self.alphas <= 1)
-        a, v = self.alphas[inside], values[inside]
-        straight = (1 - a) * v[0] + a * v[-1]
-        return float(np.max(v - straight))
-
-    def to_json(self) -> dict:
-        return {"names": list(self.names), "alphas": self.alphas.tolist(), "bn": self.bn,
-                "loss": {s: a.tolist() for s, a in self.loss.items()},
-                "error": {s: a.tolist() for s, a in self.error.items()},
-                "barrier": {s: {"loss": self.barrier(self.loss[s]), "error": self.barrier(self.error[s])}
-                            for s in self.loss}}
-
-
-def path_alphas(points: int = 41, low: float = -0.5, high: float = 1.5) -> np.ndarray:
-    """``points`` evenly spaced α in [low, high], with 0 and 1 always included (the ends)."""
-    alphas = np.union1d(np.linspace(low, high, points), [0.0, 1.0])
-    return alphas
-
-
-def interpolation_path(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                       alphas: Sequence[float] | np.ndarray | None = None, *, names: tuple[str, str] = ("a", "b"),
-                       splits: Sequence[str] = ("val",), bn: str = "recompute", max_samples: int | None = None,
-                       progress: Progress | None = None) -> Path:
-    """Loss and error on the line through ``a`` and ``b``, past both ends (paper App. J.1).
-
-    With ``a`` = θ0 and ``b`` a soup or fine-tuned model this is the WiSE-FT curve (App. D).
-    """
-    alphas = path_alphas() if alphas is None else np.asarray(alphas, dtype=np.float64)
-    keys = plane_keys(a)
-    direction = {k: b[k].to(torch.float64) - a[k].to(torch.float64) for k in keys}
-    engine = SliceEvaluator(evaluator, a, [direction], bn=bn, max_samples=max_samples)
-    values = engine.evaluate(torch.tensor(alphas).reshape(-1, 1), splits, progress=progress)
-    return Path(names, alphas, values.loss, values.error, engine.bn)
-
-
-def batchnorm_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the running statistics of a model's BatchNorm layers."""
-    return [f"{name}.{buffer}" for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            for buffer in ("running_mean", "running_var")]
-
-
-def recompute_batchnorm(evaluator: Evaluator, state: Mapping[str, torch.Tensor],
-                        batch_size: int | None = None) -> dict[str, torch.Tensor]:
-    """``state`` with BatchNorm statistics re-estimated on the evaluator's training data, exactly
-    as ``torch.optim.swa_utils.update_bn`` does with batches of ``batch_size`` (default: the
-    evaluator's). The input is not modified."""
-    model = evaluator.model_copy()
-    model.load_state_dict(state)
-    if not batchnorm_keys(model):
-        return dict(state)
-    if evaluator.train is None:
-        raise SoupError("recomputing BatchNorm statistics needs training data: pass train=Split(...) "
-                         "to the Evaluator, or export with bn='interpolate' or bn='keep'")
-    loader = torch.utils.data.DataLoader(evaluator.train.inputs, batch_size=batch_size or evaluator.batch_size)
-    torch.optim.swa_utils.update_bn(loader, model, device=evaluator.device)
-    fresh = model.state_dict()
-    return {k: (fresh[k].detach().cpu().to(t.dtype) if k in fresh else t) for k, t in state.items()}
-
-
-def point_weights(evaluator: Evaluator, plane: Plane, x: float, y: float, bn: str = "recompute") -> dict[str, torch.Tensor]:
-    """The weights at (x, y) of ``plane`` as the landscape scored them under ``bn``."""
-    if bn not in BN_POLICIES:
-        raise SoupError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
-    state = plane.point(x, y)
-    keys = batchnorm_keys(evaluator.model)
-    if bn == "keep":
-        state.update({k: plane.origin[k] for k in keys})
-    elif bn == "interpolate":
-        state.update({k: state[k].clamp_min(0) for k in keys if k.endswith("running_var")})
-    else:
-        state = recompute_batchnorm(evaluator, state)
-    return state

@@ -1,0 +1,49 @@
+"""The ``soup`` command (also ``python -m soup_core``); ``soup --help`` lists the commands.
+
+Arguments are parsed before anything heavy is imported (:mod:`~soup_core.cli.arguments`), so
+``--help`` and argument errors answer at once; torch and the library load when a command
+(:mod:`~soup_core.cli.commands`) runs. The ``make`` flags come from the parameters the recipes
+declare (:mod:`soup_core.recipes`). Bad input ends with exit code 2 and one line on stderr
+(``soup: error: ...``), never a traceback, and never changes a file.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+
+from soup_core.cli.arguments import build_parser
+from soup_core.errors import SoupError
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp files are removed, outputs stay as they were
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (SoupError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"soup: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soup: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run() -> None:
+    """The ``soup`` command: this process is ours, so freed memory stays for reuse (landscapes
+    page-fault without it; see :mod:`soup_core.allocator`), and SIGTERM unwinds like Ctrl-C."""
+    from soup_core.allocator import keep_freed_memory
+    keep_freed_memory()
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,137 @@
+"""Planes: an R×R grid of a plane through three points, computed coarse to fine (paper Figure 2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from soup_core.errors import SoupError
+from soup_core.evaluate import Evaluator
+from soup_core.geometry import Plane, Projection
+from soup_core.landscape.engine import SliceEvaluator
+from soup_core.state import Progress, ShouldStop
+
+
+def coarse_to_fine(size: int) -> list[int]:
+    """Flat indices of a size×size grid, coarsest lattice first (stride halves each level).
+
+    Every level includes the last row and column, so each prefix covers the whole extent.
+    """
+    order: list[int] = []
+    seen = np.zeros(size * size, dtype=bool)
+    stride = 1 << max(0, math.ceil(math.log2(max(size - 1, 1))))
+    while stride >= 1:
+        lattice = sorted(set(range(0, size, stride)) | {size - 1})
+        for iy in lattice:
+            for ix in lattice:
+                flat = iy * size + ix
+                if not seen[flat]:
+                    seen[flat] = True
+                    order.append(flat)
+        stride //= 2
+    return order
+
+
+def grid_extent(points: Sequence[tuple[float, float]], margin: float = 0.2) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The anchors' bounding box widened by ``margin`` × its larger side on every side."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    span = max(max(xs) - min(xs), max(ys) - min(ys), 1e-12)
+    pad = margin * span
+    return (min(xs) - pad, max(xs) + pad), (min(ys) - pad, max(ys) + pad)
+
+
+@dataclass
+class Landscape:
+    """Loss and error over an R×R grid of a plane. Arrays are indexed [row = y, column = x]
+    (Plotly's ``z`` convention); NaN marks points not computed yet (a cancelled run)."""
+
+    xs: np.ndarray
+    ys: np.ndarray
+    splits: tuple[str, ...]
+    loss: dict[str, np.ndarray]
+    error: dict[str, np.ndarray]
+    bn: str
+    anchors: list[Projection] = field(default_factory=list)
+    projections: list[Projection] = field(default_factory=list)
+    max_samples: int | None = None
+
+    @property
+    def done(self) -> np.ndarray:
+        return ~np.isnan(self.loss[self.splits[0]])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def preview(self, values: np.ndarray) -> np.ndarray:
+        """A partial grid filled from the nearest computed point (for drawing while computing)."""
+        done = ~np.isnan(values)
+        if done.all() or not done.any():
+            return values
+        from scipy.ndimage import distance_transform_edt
+        _, (iy, ix) = distance_transform_edt(~done, return_indices=True)
+        return values[iy, ix]
+
+    def to_json(self) -> dict:
+        def grid(a: np.ndarray) -> list:
+            return [[None if math.isnan(v) else float(v) for v in row] for row in a]
+        return {"axes": {"x": self.xs.tolist(), "y": self.ys.tolist()}, "bn": self.bn,
+                "max_samples": self.max_samples, "splits": list(self.splits), "complete": self.complete,
+                "loss": {s: grid(a) for s, a in self.loss.items()},
+                "error": {s: grid(a) for s, a in self.error.items()},
+                "anchors": [{"name": a.name, "xy": list(a.xy)} for a in self.anchors],
+                "projections": [p.to_json() for p in self.projections]}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Landscape:
+        def array(rows: list) -> np.ndarray:
+            return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+        return cls(np.array(data["axes"]["x"]), np.array(data["axes"]["y"]), tuple(data["splits"]),
+                   {s: array(a) for s, a in data["loss"].items()}, {s: array(a) for s, a in data["error"].items()},
+                   data["bn"], [Projection(a["name"], tuple(a["xy"]), 0.0) for a in data["anchors"]],
+                   [Projection(p["name"], tuple(p["xy"]), p["off_plane"]) for p in data["projections"]],
+                   data.get("max_samples"))
+
+
+def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margin: float = 0.2,
+                    splits: Sequence[str] = ("val",), bn: str = "recompute",
+                    extent: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                    projections: Sequence[Projection] = (), max_samples: int | None = None,
+                    resume: Landscape | None = None, progress: Progress | None = None,
+                    should_stop: ShouldStop | None = None, engine: SliceEvaluator | None = None) -> Landscape:
+    """Loss and error on a grid×grid lattice of ``plane`` (paper Figure 2).
+
+    The extent is the anchors' bounding box plus ``margin`` unless given. Points run coarse to
+    fine; ``should_stop`` keeps what was done and ``resume`` (a partial result of the same grid)
+    computes only the rest.
+    """
+    if grid < 2:
+        raise SoupError(f"grid must be at least 2 points per side, got {grid}")
+    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
+    if resume is not None:
+        # Mixing two runs is only right when they computed the same function on the same plane.
+        same_plane = [a.name for a in resume.anchors] == [a.name for a in plane.anchors] and np.allclose(
+            [a.xy for a in resume.anchors], [a.xy for a in plane.anchors], rtol=1e-9, atol=1e-12)
+        if (len(resume.xs) != grid or tuple(resume.splits) != tuple(splits) or resume.bn != engine.bn
+                or resume.max_samples != engine.max_samples or not same_plane):
+            raise SoupError("the partial landscape to resume was made with other settings (plane, grid, splits, "
+                             "BatchNorm policy or samples); start a new one")
+        xs, ys = resume.xs, resume.ys
+    else:
+        (x0, x1), (y0, y1) = extent or grid_extent([a.xy for a in plane.anchors], margin)
+        xs, ys = np.linspace(x0, x1, grid), np.linspace(y0, y1, grid)
+    result = resume or Landscape(xs, ys, tuple(splits), {s: np.full((grid, grid), np.nan) for s in splits},
+                                 {s: np.full((grid, grid), np.nan) for s in splits}, engine.bn,
+                                 max_samples=engine.max_samples)
+    result.anchors, result.projections = list(plane.anchors), list(projections)
+    todo = [f for f in coarse_to_fine(grid) if not result.done.reshape(-1)[f]]
+    coords = torch.tensor([[xs[f % grid], ys[f // grid]] for f in todo], dtype=torch.float64).reshape(-1, 2)
+    values = engine.evaluate(coords, splits, progress=progress, should_stop=should_stop)
+    for s in splits:
+        result.loss[s].reshape(-1)[todo] = values.loss[s]
+        result.error[s].reshape(-1)[todo] = values.error[s]
+    return result

@@ -1,0 +1,61 @@
+"""Lines: loss and error along (1 − α)·a + α·b and the barrier between the ends (paper App. J.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from soup_core.evaluate import Evaluator
+from soup_core.geometry import plane_keys
+from soup_core.landscape.engine import SliceEvaluator
+from soup_core.state import Progress
+
+
+@dataclass
+class Path:
+    """Loss and error along (1 − α)·a + α·b for each α, with the barrier between the ends."""
+
+    names: tuple[str, str]
+    alphas: np.ndarray
+    loss: dict[str, np.ndarray]
+    error: dict[str, np.ndarray]
+    bn: str
+
+    def barrier(self, values: np.ndarray) -> float:
+        """max over α ∈ [0, 1] of value(α) − ((1 − α)·value(0) + α·value(1)) (Frankle et al. 2020)."""
+        inside = (self.alphas >= 0) & (self.alphas <= 1)
+        a, v = self.alphas[inside], values[inside]
+        straight = (1 - a) * v[0] + a * v[-1]
+        return float(np.max(v - straight))
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), "alphas": self.alphas.tolist(), "bn": self.bn,
+                "loss": {s: a.tolist() for s, a in self.loss.items()},
+                "error": {s: a.tolist() for s, a in self.error.items()},
+                "barrier": {s: {"loss": self.barrier(self.loss[s]), "error": self.barrier(self.error[s])}
+                            for s in self.loss}}
+
+
+def path_alphas(points: int = 41, low: float = -0.5, high: float = 1.5) -> np.ndarray:
+    """``points`` evenly spaced α in [low, high], with 0 and 1 always included (the ends)."""
+    alphas = np.union1d(np.linspace(low, high, points), [0.0, 1.0])
+    return alphas
+
+
+def interpolation_path(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                       alphas: Sequence[float] | np.ndarray | None = None, *, names: tuple[str, str] = ("a", "b"),
+                       splits: Sequence[str] = ("val",), bn: str = "recompute", max_samples: int | None = None,
+                       progress: Progress | None = None) -> Path:
+    """Loss and error on the line through ``a`` and ``b``, past both ends (paper App. J.1).
+
+    With ``a`` = θ0 and ``b`` a soup or fine-tuned model this is the WiSE-FT curve (App. D).
+    """
+    alphas = path_alphas() if alphas is None else np.asarray(alphas, dtype=np.float64)
+    keys = plane_keys(a)
+    direction = {k: b[k].to(torch.float64) - a[k].to(torch.float64) for k in keys}
+    engine = SliceEvaluator(evaluator, a, [direction], bn=bn, max_samples=max_samples)
+    values = engine.evaluate(torch.tensor(alphas).reshape(-1, 1), splits, progress=progress)
+    return Path(names, alphas, values.loss, values.error, engine.bn)
