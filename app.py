@@ -2,9 +2,19 @@
 
 import streamlit as st
 
+from appkit.uploads import sweep_dead_servers
 from soup_core.allocator import keep_freed_memory
 
-keep_freed_memory()  # the server is this process: landscapes reuse freed memory (soup_core/allocator.py)
+
+@st.cache_resource
+def start_server() -> None:
+    """Once per server process: keep freed memory (the server is this process; landscapes reuse
+    it, see soup_core/allocator.py) and remove upload folders that killed servers left behind."""
+    keep_freed_memory()
+    sweep_dead_servers()
+
+
+start_server()
 st.set_page_config(page_title="Model Soup Lab", page_icon="🥣", layout="wide")
 navigation = st.navigation([
     st.Page("pages/ingredients.py", title="Ingredients", default=True),

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from appkit.cache import load_zoo
-from appkit.uploads import add_uploads, with_uploads
+from appkit.uploads import add_uploads, uploads_of, with_uploads
 from appkit.workspace import keep, recall
 from soup_core.errors import SoupError
 from soup_core.params import num_parameters
@@ -61,6 +61,9 @@ def sidebar() -> Zoo:
                                      key=f"upload:{opened.name}:{whole_folder}")
     for problem in add_uploads(opened, files, limit_mb << 20, skip_other_files=whole_folder):
         st.sidebar.error(problem)
+    for upload in uploads_of(opened.name).values():
+        if upload["note"]:
+            st.sidebar.info(upload["note"])
     zoo = with_uploads(opened)
     st.sidebar.caption(zoo.description)
     base = " + base θ0" if zoo.has_base else " (no base θ0)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -13,15 +14,42 @@ import streamlit as st
 
 from soup_core.errors import SoupError
 from soup_core.io import CHECKPOINT_SUFFIXES, load_state_dict_bytes, save_state_dict, validate_state_dicts
-from soup_core.zoo import Zoo
+from soup_core.recipes import RECIPES
+from soup_core.zoo import BASE, Zoo
+
+FOLDER_PREFIX = "soup-uploads-"
 
 
 class SessionFolder:
-    """A per-session temporary folder for uploads, removed when the session goes away."""
+    """A per-session temporary folder for uploads, removed when the session goes away.
+
+    Its name carries the server's process id, so that a server started later can sweep the
+    folders of one that was killed (:func:`sweep_dead_servers`)."""
 
     def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="soup-uploads-"))
+        self.path = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+
+def sweep_dead_servers(root: Path | None = None) -> list[Path]:
+    """Remove upload folders left by servers that are no longer running; returns what went."""
+    swept = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(FOLDER_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            swept.append(folder)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _session_folder() -> Path:
@@ -40,14 +68,23 @@ def uploads_of(zoo_name: str) -> dict[str, dict]:
     return st.session_state.setdefault(f"workspace:uploads:{zoo_name}", {})
 
 
+def taken_names(zoo: Zoo) -> set[str]:
+    """Names an upload may not take: the zoo's checkpoints, ``base`` and the recipes (which name
+    points of weight space too)."""
+    return {*zoo.entries, BASE, *RECIPES}
+
+
 def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = False) -> list[str]:
     """Validate uploaded checkpoints against the zoo; keep the good ones in the session folder.
 
-    Returns one message per refused file. Nothing is ever unpickled beyond
-    ``weights_only=True``, no upload is ever run as code, and nothing outside the session
-    folder is written.
+    Returns one message per refused file; a renamed upload keeps a ``note`` saying so. Files no longer in
+    the uploader leave the zoo. Nothing is ever unpickled beyond ``weights_only=True``, no
+    upload is ever run as code, and nothing outside the session folder is written.
     """
     uploads = uploads_of(zoo.name)
+    present = {file.file_id for file in files or []}
+    for name in [n for n, u in uploads.items() if u["file_id"] not in present]:
+        Path(uploads.pop(name)["path"]).unlink(missing_ok=True)
     problems = []
     reference_name = zoo.names[0]
     for file in files or []:
@@ -59,20 +96,24 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
             continue
         data = file.getvalue()
         digest = hashlib.sha256(data).hexdigest()
-        if any(u["sha256"] == digest for u in uploads.values()):
+        if any(u["sha256"] == digest or u["file_id"] == file.file_id for u in uploads.values()):
             continue
+        label = file.name if file.name != reference_name else f"{file.name} (upload)"
         try:
             state = load_state_dict_bytes(data, file.name)
-            validate_state_dicts({reference_name: zoo.state_dict(reference_name), file.name: state}).raise_for_errors()
+            validate_state_dicts({reference_name: zoo.state_dict(reference_name), label: state}).raise_for_errors()
         except SoupError as exc:
             message = str(exc)
             problems.append(message if message.startswith(file.name) else f"{file.name}: {message}")
             continue
-        name = _safe_stem(file.name)
-        while name in zoo.entries or name in uploads:
+        name = wanted = _safe_stem(file.name)
+        while name in taken_names(zoo) or name in uploads:
             name += "-upload"
+        note = (f"{file.name} joined as {name!r}: {wanted!r} already names a checkpoint, θ0 or a recipe"
+                if name != wanted else None)
         path = save_state_dict(state, _session_folder() / f"{name}.safetensors")
-        uploads[name] = {"path": str(path), "sha256": digest, "file": file.name}
+        uploads[name] = {"path": str(path), "sha256": digest, "file": file.name, "file_id": file.file_id,
+                         "note": note}
     return problems
 
 

@@ -106,10 +106,13 @@ class Evaluator:
     ) -> None:
         if VAL not in splits:
             raise SoupError(f"an evaluator needs a held-out {VAL!r} split to drive recipe choices; "
-                             f"got splits {list(splits)}")
+                            f"got splits {list(splits)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_factory = model_factory
-        self.model = model_factory().to(self.device).eval()
+        model = model_factory()
+        if not isinstance(model, torch.nn.Module):
+            raise SoupError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+        self.model = model.to(self.device).eval()
         self.splits = {name: Split(s.inputs.to(self.device), s.labels.to(self.device).long())
                        for name, s in splits.items()}
         # Training data is never scored; it is there for BatchNorm statistics (landscapes).

@@ -194,7 +194,7 @@ def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, resul
     recipe = get_recipe(result.recipe)
     if result.state_dict is None:
         raise SoupError(f"{recipe.pretty_name} is not one set of weights and cannot be written as a "
-                         "checkpoint; choose a soup recipe")
+                        "checkpoint; choose a soup recipe")
     provenance = {"recipe": result.recipe, "recipe_name": recipe.pretty_name, "reference": recipe.reference,
                   "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in result.ingredients],
                   "weights": list(result.weights), "options": dict(result.options),

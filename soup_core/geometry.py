@@ -208,7 +208,7 @@ def plane_basis(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
     norm_b = _dot(db, db, keys) ** 0.5
     if norm_b == 0.0:
         raise SoupError(f"{names[0]} and {names[1]} are the same point; a plane needs three distinct, "
-                         "non-collinear points")
+                        "non-collinear points")
     u = {k: t / norm_b for k, t in db.items()}
     cx = _dot(dc, u, keys)
     # Gram–Schmidt twice ("twice is enough", Giraud et al. 2005): orthogonal to 1e-16, not 1e-8.
@@ -219,7 +219,7 @@ def plane_basis(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
     # float32 checkpoints carry ~1e-7 relative rounding: closer than 1e-6 is on the line.
     if cy <= 1e-6 * max(norm_b, _dot(dc, dc, keys) ** 0.5):
         raise SoupError(f"{', '.join(names)} are collinear; pick a third point off the line "
-                         "through the first two")
+                        "through the first two")
     v = {k: t / cy for k, t in w.items()}
     anchors = (Projection(names[0], (0.0, 0.0), 0.0), Projection(names[1], (norm_b, 0.0), 0.0),
                Projection(names[2], (cx, cy), 0.0))

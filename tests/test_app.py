@@ -388,3 +388,49 @@ def test_the_session_upload_folder_goes_away_with_the_session():
     del folder
     gc.collect()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("file_name, joins_as", [("base.safetensors", "base-upload"), ("greedy.pt", "greedy-upload"),
+                                                 ("ft-00", "ft-00-upload")])
+def test_an_upload_never_takes_a_name_the_zoo_uses(file_name, joins_as):
+    zoo = open_zoo("digits-finetune")
+    at = _app()
+    at.file_uploader(key="upload:digits-finetune:False").set_value(
+        [(file_name, zoo.path("ft-05").read_bytes(), "application/octet-stream")]).run()
+    assert not at.exception and not at.error
+    assert at.checkbox(key=f"tick:digits-finetune:{joins_as}").value is False
+    assert any(f"joined as '{joins_as}'" in i.value for i in at.sidebar.info)
+    for page in ("landscape", "export", "geometry"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, page
+
+
+def test_an_upload_of_another_architecture_named_like_the_reference_is_refused():
+    import safetensors.torch
+    at = _app()
+    blob = safetensors.torch.save({"other.weight": torch.zeros(3)})
+    at.file_uploader(key="upload:digits-finetune:False").set_value([("ft-00", blob, "application/octet-stream")]).run()
+    assert not at.exception and "missing keys" in at.sidebar.error[0].value
+    assert _metric(at, "Checkpoints") == "32"
+
+
+def test_removing_a_file_from_the_uploader_removes_its_checkpoint():
+    zoo = open_zoo("digits-finetune")
+    at = _app()
+    uploader = at.file_uploader(key="upload:digits-finetune:False")
+    uploader.set_value([("mine.safetensors", zoo.path("ft-05").read_bytes(), "application/octet-stream")]).run()
+    assert _metric(at, "Checkpoints") == "33"
+    at.file_uploader(key="upload:digits-finetune:False").set_value([]).run()
+    assert not at.exception and _metric(at, "Checkpoints") == "32"
+
+
+def test_a_new_server_sweeps_the_upload_folders_of_dead_ones(tmp_path):
+    from appkit.uploads import FOLDER_PREFIX, sweep_dead_servers
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{FOLDER_PREFIX}{dead.stdout.strip()}-abc"
+    live = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "x.safetensors").write_bytes(b"x")
+    assert sweep_dead_servers(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()

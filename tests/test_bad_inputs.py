@@ -27,6 +27,20 @@ CLI_CASES = {
     "single checkpoint": (["angles", "single/only.safetensors"], "at least two"),
     "manifest outside the allowed roots": (["make", "uniform", "outside-roots"], "outside the allowed folders"),
     "missing module": (["evaluate", "missing-module"], "cannot import 'nowhere'"),
+    "duplicate header keys": (["inspect", "duplicate-header-keys.safetensors"], "more than once"),
+    "tie metadata that contradicts the data": (["inspect", "tied-hint-lies.safetensors"], "holds different values"),
+    "tie metadata that is a list": (["inspect", "tied-hint-list.safetensors"], "not a mapping of names"),
+    "pickle keys that collide as strings": (["inspect", "colliding-keys.pt"], "keys 1 and '1' are both '1'"),
+    "fp8 weights": (["inspect", "fp8.safetensors"], "dtype float8_e4m3fn, which is not supported"),
+    "complex weights": (["inspect", "complex.pt"], "dtype complex64, which is not supported"),
+    "sparse tensor": (["inspect", "sparse.pt"], "is sparse_coo"),
+    "meta tensor": (["inspect", "meta.pt"], "on the meta device"),
+    "nested tensor": (["inspect", "nested.pt"], "is a nested tensor"),
+    "stride-0 expansion": (["inspect", "expanded.pt"], "expanded view (1,073,741,824 elements over 1 stored)"),
+    "shard index that is a list": (["inspect", "index-list"], "not a valid shard index"),
+    "weight_map that is a list": (["inspect", "index-map-list"], "not a valid shard index"),
+    "manifest field of the wrong type": (["evaluate", "wrong-types"], "`checkpoints` must be a list, not int"),
+    "manifest naming os:system": (["evaluate", "os-system"], "`evaluator = 'os:system'` failed"),
 }
 
 
@@ -53,6 +67,45 @@ def test_the_cli_ends_with_one_clear_line(case):
     assert result.returncode == 2, (case, stderr)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("soup: error: ") and message in lines[0], (case, stderr)
+
+
+@pytest.mark.parametrize("path, prefix", [("trainers/timm-train.pth.tar", ""), ("trainers/lightning.ckpt", "model."),
+                                          ("trainers/hf-trainer", "")])
+def test_checkpoints_written_by_trainers_load_with_their_plain_data_ignored(path, prefix):
+    """timm's train.py (argparse.Namespace args, numpy metric and RNG state), Lightning (its module's
+    own key prefix kept), the Hugging Face Trainer."""
+    import torch
+    from soup_core.io import load_state_dict
+    result = soup(["inspect", path], CORPUS)
+    assert result.returncode == 0, result.stderr
+    state, good = load_state_dict(CORPUS / path), load_state_dict(CORPUS / "single" / "only.safetensors")
+    assert sorted(state) == sorted(prefix + k for k in good)
+    assert all(torch.equal(state[prefix + k], v) for k, v in good.items())
+
+
+def test_a_decompression_bomb_is_refused_before_it_inflates(tmp_path):
+    """A small .pt whose zip holds a deflated record of 256 MiB of zeros."""
+    import zipfile
+    bomb = tmp_path / "bomb.pt"
+    torch_save = tmp_path / "real.pt"
+    import torch
+    torch.save({"w": torch.zeros(4)}, torch_save)
+    with zipfile.ZipFile(torch_save) as real, zipfile.ZipFile(bomb, "w") as out:
+        for info in real.infolist():
+            data = real.read(info)
+            if info.filename.endswith("/data/0"):
+                data = bytes(256 << 20)
+            out.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 1 << 20
+    code = ("import resource, sys; from soup_core.io import load_state_dict\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    load_state_dict(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    message, growth_kib = out.stdout.strip().splitlines()
+    assert "256 MiB of compressed data" in message and "refused" in message
+    assert int(growth_kib) < 32 << 10  # peak memory grew by less than 32 MiB: nothing was inflated
 
 
 def test_duplicates_are_reported_not_refused():
@@ -83,6 +136,11 @@ UPLOADS = {
     "lying-header.safetensors": "not a valid safetensors file",
     "nan-weights.safetensors": "missing keys",  # another architecture than the digits MLP
     "mismatched/b.safetensors": "missing keys",
+    "expanded.pt": "expanded view",
+    "fp8.safetensors": "float8_e4m3fn",
+    "sparse.pt": "sparse_coo",
+    "duplicate-header-keys.safetensors": "more than once",
+    "colliding-keys.pt": "both '1'",
 }
 
 

@@ -28,7 +28,7 @@ import json
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ import safetensors.torch
 import torch
 
 from soup_core.errors import CheckpointError
+from soup_core.io.safety import (TRAINER_GLOBALS, check_header, check_keys, check_tensors, check_zip,
+                                 safetensors_header)
 from soup_core.state import StateDict, names_list
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -51,11 +53,14 @@ PROVENANCE_KEY = "soup_provenance"
 TIED_KEY = "soup_tied"
 
 
-def load_state_dict(path: str | os.PathLike[str], *, prefer_ema: bool = True) -> StateDict:
+def load_state_dict(path: str | os.PathLike[str], *, prefer_ema: bool = True,
+                    roots: Sequence[Path] | None = None) -> StateDict:
     """Read a checkpoint file or Hugging Face directory into a state dict.
 
     Tensors from safetensors and new-style torch files are memory-mapped: nothing is read
-    until it is used, and the returned tensors must be treated as read-only.
+    until it is used, and the returned tensors must be treated as read-only. With ``roots``,
+    every file read (a folder's weights and shards too, symlinks followed) must lie inside one
+    of them.
 
     >>> from soup_core.io import load_state_dict
     >>> from soup_core.zoo import sample_zoos
@@ -64,8 +69,10 @@ def load_state_dict(path: str | os.PathLike[str], *, prefer_ema: bool = True) ->
     ['body.0.bias', 'body.0.weight']
     """
     path = Path(path)
+    if roots is not None:
+        inside_roots(path, roots)
     if path.is_dir():
-        return _load_directory(path, prefer_ema=prefer_ema)
+        return _load_directory(path, prefer_ema=prefer_ema, roots=roots)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -80,11 +87,14 @@ def load_state_dict_bytes(data: bytes, name: str, *, prefer_ema: bool = True) ->
     if not data:
         raise CheckpointError(f"{name}: the file is empty")
     if name.endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(data[:8 + 2]):
+        header = safetensors_header(data[:8], lambda size: data[8:8 + size], name)
+        check_header(header, name)
         try:
             state = safetensors.torch.load(data)
         except Exception as exc:  # SafetensorError, json errors, ...
             raise CheckpointError(f"{name}: not a valid safetensors file ({short(exc)})") from None
-        return _retie(state, _safetensors_metadata_from_bytes(data), name)
+        check_tensors(state, name)
+        return _retie(state, json.loads(header).get("__metadata__") or {}, name)
     return _finish_pickle(_torch_load(io.BytesIO(data), name), name, prefer_ema)
 
 
@@ -184,28 +194,42 @@ def _looks_like_safetensors(head: bytes) -> bool:
 
 
 def _read_safetensors_file(path: Path) -> StateDict:
+    with open(path, "rb") as raw:
+        check_header(safetensors_header(raw.read(8), raw.read, str(path)), str(path))
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
+    check_tensors(state, str(path))
     return _retie(state, meta, str(path))
 
 
-def _safetensors_metadata_from_bytes(data: bytes) -> dict[str, str]:
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    return header.get("__metadata__", {}) or {}
-
-
 def _retie(state: StateDict, meta: Mapping[str, str], name: str) -> StateDict:
-    """Restore tied tensors that ``save_state_dict`` stored once (safetensors cannot alias)."""
+    """Restore tied tensors that ``save_state_dict`` stored once (safetensors cannot alias).
+
+    The metadata is a hint, checked against the data: an alias absent from the file is
+    restored as its target (same shape, by construction); an alias the file does hold is tied
+    only if its values equal the target's, never replaced.
+    """
     if TIED_KEY not in meta:
         return state
-    for alias, target in json.loads(meta[TIED_KEY]).items():
-        if target not in state:
+    try:
+        ties = json.loads(meta[TIED_KEY])
+    except ValueError:
+        ties = None
+    if not isinstance(ties, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()):
+        raise CheckpointError(f"{name}: its {TIED_KEY!r} metadata is not a mapping of names to names")
+    for alias, target in ties.items():
+        if target not in state or target in ties:
             raise CheckpointError(f"{name}: tied key {alias!r} points at missing key {target!r}")
+        if alias in state:
+            same = state[alias].shape == state[target].shape and state[alias].dtype == state[target].dtype \
+                and bool(torch.equal(state[alias], state[target]))
+            if not same:
+                raise CheckpointError(f"{name}: metadata ties {alias!r} to {target!r}, but the file holds "
+                                      "different values for them; the file is inconsistent")
         state[alias] = state[target]
     return state
 
@@ -214,12 +238,20 @@ def _torch_load(source: Path | io.BytesIO, name: str) -> Any:
     """``torch.load`` restricted to tensors and plain containers; never runs pickled code."""
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
     is_zip = zipfile.is_zipfile(source)
+    if is_zip:
+        size = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else source.stat().st_size
+        if isinstance(source, io.BytesIO):
+            check_zip(source, name, size)
+        else:
+            with open(source, "rb") as handle:
+                check_zip(handle, name, size)
     if isinstance(source, io.BytesIO):
         source.seek(0)
     elif is_zip:
         kwargs["mmap"] = True  # only the zip format can be memory-mapped
     try:
-        return torch.load(source, **kwargs)
+        with torch.serialization.safe_globals(TRAINER_GLOBALS):
+            return torch.load(source, **kwargs)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines()]
         detail = next((line for line in lines if "GLOBAL" in line), None)
@@ -240,7 +272,10 @@ def _finish_pickle(obj: Any, name: str, prefer_ema: bool) -> StateDict:
     bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise CheckpointError(f"{name}: entries that are not tensors: {names_list(bad)}")
-    return _strip_prefix({str(k): v for k, v in obj.items()}, "module.")
+    check_keys(obj, name)
+    state = _strip_prefix({str(k): v for k, v in obj.items()}, "module.")
+    check_tensors(state, name)
+    return state
 
 
 def _unnest(obj: Any, prefer_ema: bool) -> Any:
@@ -259,30 +294,42 @@ def _strip_prefix(state: StateDict, prefix: str) -> StateDict:
     return state
 
 
-def _load_directory(path: Path, *, prefer_ema: bool) -> StateDict:
+def inside_roots(path: Path, roots: Sequence[Path]) -> Path:
+    """``path`` with symlinks resolved, if it lies inside one of ``roots``; else an error."""
+    real = Path(path).expanduser().resolve()
+    if any(real == root or real.is_relative_to(root) for root in roots):
+        return real
+    raise CheckpointError(f"{path} is outside the allowed folders ({', '.join(map(str, roots))})")
+
+
+def _load_directory(path: Path, *, prefer_ema: bool, roots: Sequence[Path] | None) -> StateDict:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
-            return _load_sharded(index, prefer_ema=prefer_ema)
+            return _load_sharded(index, prefer_ema=prefer_ema, roots=roots)
     for file_name in ("model.safetensors", "pytorch_model.bin"):
         if (path / file_name).exists():
-            return load_state_dict(path / file_name, prefer_ema=prefer_ema)
+            return load_state_dict(path / file_name, prefer_ema=prefer_ema, roots=roots)
     raise CheckpointError(
         f"{path}: a directory without model.safetensors, pytorch_model.bin or a sharded index")
 
 
-def _load_sharded(index: Path, *, prefer_ema: bool) -> StateDict:
+def _load_sharded(index: Path, *, prefer_ema: bool, roots: Sequence[Path] | None) -> StateDict:
     try:
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError) as exc:
+        data = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{index}: not a valid shard index ({short(exc)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid shard index (`weight_map` must map tensor names to "
+                              "shard file names)")
     state: StateDict = {}
     root = index.parent.resolve()
     for shard in sorted(set(weight_map.values())):
         shard_path = (root / shard).resolve()
         if root not in shard_path.parents:
             raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint directory")
-        state.update(load_state_dict(shard_path, prefer_ema=prefer_ema))
+        state.update(load_state_dict(shard_path, prefer_ema=prefer_ema, roots=roots))
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise CheckpointError(f"{index}: keys listed in the index but in no shard: {names_list(missing)}")

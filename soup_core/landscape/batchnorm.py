@@ -86,7 +86,7 @@ def recompute_batchnorm(evaluator: Evaluator, state: Mapping[str, torch.Tensor],
         return dict(state)
     if evaluator.train is None:
         raise SoupError("recomputing BatchNorm statistics needs training data: pass train=Split(...) "
-                         "to the Evaluator, or export with bn='interpolate' or bn='keep'")
+                        "to the Evaluator, or export with bn='interpolate' or bn='keep'")
     loader = torch.utils.data.DataLoader(evaluator.train.inputs, batch_size=batch_size or evaluator.batch_size)
     torch.optim.swa_utils.update_bn(loader, model, device=evaluator.device)
     fresh = model.state_dict()

@@ -113,8 +113,8 @@ class SliceEvaluator:
         self.bn = bn if self.bn_modules else "none"
         if self.bn == "recompute" and evaluator.train is None:
             raise SoupError("bn='recompute' re-estimates BatchNorm statistics on training data, and this "
-                             "evaluator has none: pass train=Split(...) to the Evaluator, or use "
-                             "bn='interpolate' or bn='keep'")
+                            "evaluator has none: pass train=Split(...) to the Evaluator, or use "
+                            "bn='interpolate' or bn='keep'")
         for name in self.bn_modules:
             model.set_submodule(name, BatchNormSlice(model.get_submodule(name)))
         stat_keys = {f"{m}.{b}" for m in self.bn_modules for b in ("running_mean", "running_var")}
@@ -160,7 +160,7 @@ class SliceEvaluator:
             self._folded, self.fold_unsupported = None, str(exc)
         if strategy == "fold" and self._folded is None:
             raise SoupError(f"strategy='fold' cannot run this model ({self.fold_unsupported}); "
-                             "use 'vmap', 'loop' or 'auto'")
+                            "use 'vmap', 'loop' or 'auto'")
         self.strategy = "loop"  # measuring needs no batching, and every model runs in a loop
         self.activations_per_sample, self.largest_activation = self._activation_size()
         self.strategy = self._fastest_strategy() if strategy == "auto" else strategy
@@ -358,7 +358,7 @@ class SliceEvaluator:
             self._forward(p, c, x)
             if any(len(m.collect) != 1 for m in modules):
                 raise SoupError("bn='recompute' needs each BatchNorm module called once per forward; "
-                                 "use bn='interpolate' or bn='keep' for this model")
+                                "use bn='interpolate' or bn='keep' for this model")
             return [t for m in modules for t in m.collect[0]]
 
         try:

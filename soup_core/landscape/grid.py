@@ -119,7 +119,7 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
         if (len(resume.xs) != grid or tuple(resume.splits) != tuple(splits) or resume.bn != engine.bn
                 or resume.max_samples != engine.max_samples or not same_plane):
             raise SoupError("the partial landscape to resume was made with other settings (plane, grid, splits, "
-                             "BatchNorm policy or samples); start a new one")
+                            "BatchNorm policy or samples); start a new one")
         xs, ys = resume.xs, resume.ys
     else:
         (x0, x1), (y0, y1) = extent or grid_extent([a.xy for a in plane.anchors], margin)

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soup_core.errors import ZooError
-from soup_core.io.read import CHECKPOINT_SUFFIXES
+from soup_core.errors import CheckpointError, ZooError
+from soup_core.io.read import CHECKPOINT_SUFFIXES, inside_roots
 
 BASE = "base"
 GENERIC_STEMS = {"model", "pytorch_model", "checkpoint", "weights", "last", "best", "model_best"}
@@ -99,11 +99,13 @@ def within_roots(path: Path, roots: Sequence[Path] | None, what: str) -> Path:
 
     Resolving first is what stops both ``..`` traversal and symlinks that point outside.
     """
-    real = Path(path).expanduser().resolve()
-    if roots is None or any(real == root or real.is_relative_to(root) for root in roots):
-        return real
-    raise ZooError(f"{what} {path} is outside the allowed folders ({', '.join(map(str, roots))}); "
-                   f"add its folder to {ALLOWED_ROOTS_ENV} to use it")
+    if roots is None:
+        return Path(path).expanduser().resolve()
+    try:
+        return inside_roots(path, roots)
+    except CheckpointError:
+        raise ZooError(f"{what} {path} is outside the allowed folders ({', '.join(map(str, roots))}); "
+                       f"add its folder to {ALLOWED_ROOTS_ENV} to use it") from None
 
 
 def resolve_manifest(zoo: str | Path) -> Path:
@@ -162,6 +164,8 @@ def read_manifest(zoo: str | Path, allowed_roots: Sequence[Path] | None = None) 
     """Read a sample zoo's name, a ``zoo.toml``, or a folder (with or without one)."""
     roots = tuple(allowed_roots) if allowed_roots is not None else None
     given = Path(zoo) if not (isinstance(zoo, str) and zoo in sample_zoos()) else None
+    if given is not None and roots is not None:
+        within_roots(given, roots, "folder")  # the same answer whether or not it exists
     if given is not None and given.is_dir() and not (given / "zoo.toml").is_file():
         folder = within_roots(given, roots, "folder")
         path, root, data = folder, folder, folder_manifest(folder)

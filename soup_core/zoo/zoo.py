@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from soup_core.data import data_evaluator
-from soup_core.errors import CheckpointError, DataError, ModelError, ZooError
+from soup_core.errors import CheckpointError, DataError, ModelError, SoupError, ZooError
 from soup_core.evaluate import Evaluator, Metrics
 from soup_core.io import ValidationReport, file_sha256, load_state_dict, validate_state_dicts
+from soup_core.io.read import short
 from soup_core.models import detect_model_factory
 from soup_core.state import StateDict
 from soup_core.zoo.manifest import (
@@ -77,7 +78,7 @@ class Zoo:
     def state_dict(self, name: str) -> StateDict:
         """The checkpoint's tensors (memory-mapped, shared: never modify them)."""
         if name not in self._states:
-            self._states[name] = load_state_dict(self.path(name))
+            self._states[name] = load_state_dict(self.path(name), roots=self.allowed_roots)
         return self._states[name]
 
     @property
@@ -107,6 +108,8 @@ class Zoo:
             raise ZooError(f"{self.name}: checkpoint name(s) already used: {', '.join(clash)}")
         other = copy.copy(self)  # shares the evaluator and loaded tensors, never changes them
         other.entries = {**self.entries, **{n: CheckpointEntry(n, Path(p), {}) for n, p in extra.items()}}
+        if self.allowed_roots is not None:  # the added files' own folders (the app's upload folder)
+            other.allowed_roots = (*self.allowed_roots, *{Path(p).resolve().parent for p in extra.values()})
         other._states = dict(self._states)
         for derived in ("validation", "sha256"):
             other.__dict__.pop(derived, None)
@@ -136,7 +139,17 @@ class Zoo:
             return None
         if self.spec.evaluator_spec:
             make = load_callable(self.spec.evaluator_spec, self.root, self.allowed_roots)
-            return make(self.model_factory, device=self.device)
+            try:
+                evaluator = make(self.model_factory, device=self.device)
+            except SoupError:
+                raise
+            except Exception as exc:  # the manifest's own code: report it, do not crash the caller
+                raise ZooError(f"{self.manifest}: `evaluator = {self.spec.evaluator_spec!r}` failed "
+                               f"({type(exc).__name__}: {short(exc)})") from None
+            if not isinstance(evaluator, Evaluator):
+                raise ZooError(f"{self.manifest}: `evaluator = {self.spec.evaluator_spec!r}` returned "
+                               f"{type(evaluator).__name__}, not an Evaluator")
+            return evaluator
         if self.spec.data_spec:
             folders = [p for p in (self.base_path, *(e.path for e in self.entries.values()))
                        if p is not None and p.is_dir()]

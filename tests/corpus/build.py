@@ -32,6 +32,36 @@ def lying_header(data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data[8 + size:]
 
 
+def duplicate_keys(data: bytes) -> bytes:
+    """The same tensor name twice in the JSON header (a JSON parser keeps the last)."""
+    size = struct.unpack("<Q", data[:8])[0]
+    header = data[8:8 + size].decode().rstrip()
+    key = next(k for k in json.loads(header) if k != "__metadata__")
+    entry = json.dumps(json.loads(header)[key], separators=(",", ":"))
+    raw = (header[:-1] + f',"{key}":{entry}}}').encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + size:]
+
+
+def trainer_checkpoints(good: dict) -> None:
+    """Checkpoints written the way trainers write them: loaded, their plain data ignored."""
+    import argparse
+    import numpy as np
+    timm_args = argparse.Namespace(model="mlp", lr=0.1, epochs=3, amp=True, model_ema=True, opt="sgd")
+    torch.save({"epoch": 2, "arch": "mlp", "state_dict": dict(good), "state_dict_ema": dict(good),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}, "version": 2,
+                "args": timm_args, "metric": np.float64(0.93), "rng_state": np.random.RandomState(0).get_state(),
+                "torch_version": torch.__version__}, HERE / "trainers" / "timm-train.pth.tar")
+    torch.save({"epoch": 2, "global_step": 60, "pytorch-lightning_version": "2.4.0",
+                "state_dict": {f"model.{k}": v for k, v in good.items()}, "loops": {"fit_loop": {"epoch_progress": {}}},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val_acc'}": {"best_model_score": torch.tensor(0.9)}},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}],
+                "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1, "width": 4}},
+               HERE / "trainers" / "lightning.ckpt")
+    torch.save(dict(good), HERE / "trainers" / "hf-trainer" / "pytorch_model.bin")
+    (HERE / "trainers" / "hf-trainer" / "config.json").write_text('{"architectures": ["Unknown"]}\n')
+
+
 def build() -> None:
     torch.manual_seed(0)
     good = {"layer.weight": torch.randn(4, 4), "layer.bias": torch.randn(4)}
@@ -41,8 +71,28 @@ def build() -> None:
     (HERE / "lying-header.safetensors").write_bytes(lying_header(blob))
     safetensors.torch.save_file({k: torch.full_like(v, float("nan")) for k, v in good.items()},
                                 HERE / "nan-weights.safetensors")
-    for folder in ("mismatched", "mixed-dtype", "duplicates", "single", "outside-roots", "missing-module"):
-        (HERE / folder).mkdir(exist_ok=True)
+    for folder in ("mismatched", "mixed-dtype", "duplicates", "single", "outside-roots", "missing-module",
+                   "trainers/hf-trainer", "index-list", "index-map-list", "wrong-types", "os-system"):
+        (HERE / folder).mkdir(parents=True, exist_ok=True)
+    trainer_checkpoints(good)
+    (HERE / "duplicate-header-keys.safetensors").write_bytes(duplicate_keys(blob))
+    safetensors.torch.save_file({"w": good["layer.weight"], "v": torch.zeros(4, 4)}, HERE / "tied-hint-lies.safetensors",
+                                metadata={"soup_tied": json.dumps({"v": "w"})})
+    safetensors.torch.save_file(good, HERE / "tied-hint-list.safetensors", metadata={"soup_tied": '["layer.bias"]'})
+    torch.save({1: torch.zeros(2), "1": torch.ones(2)}, HERE / "colliding-keys.pt")
+    safetensors.torch.save_file({k: v.to(torch.float8_e4m3fn) for k, v in good.items()}, HERE / "fp8.safetensors")
+    torch.save({k: v.to(torch.complex64) for k, v in good.items()}, HERE / "complex.pt")
+    torch.save({"layer.weight": good["layer.weight"].to_sparse()}, HERE / "sparse.pt")
+    torch.save({"layer.weight": torch.empty(4, 4, device="meta")}, HERE / "meta.pt")
+    torch.save({"layer.weight": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])}, HERE / "nested.pt")
+    torch.save({"layer.weight": torch.zeros(1).expand(1 << 30)}, HERE / "expanded.pt")
+    for folder, index in (("index-list", []), ("index-map-list", {"weight_map": ["a.safetensors"]})):
+        (HERE / folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (HERE / "wrong-types" / "zoo.toml").write_text('name = "wrong-types"\ncheckpoints = 5\n')
+    safetensors.torch.save_file(good, HERE / "os-system" / "a.safetensors")
+    safetensors.torch.save_file(good, HERE / "os-system" / "b.safetensors")
+    (HERE / "os-system" / "zoo.toml").write_text('name = "os-system"\nmodel = "os:getcwd"\nevaluator = "os:system"\n'
+                                                 'checkpoints = ["*.safetensors"]\n')
     safetensors.torch.save_file(good, HERE / "mismatched" / "a.safetensors")
     safetensors.torch.save_file({"layer.weight": torch.randn(8, 4), "layer.bias": torch.randn(8)},
                                 HERE / "mismatched" / "b.safetensors")

@@ -1,0 +1,128 @@
+"""What a checkpoint file may hold, checked before and right after it is read.
+
+Reading never runs code (safetensors are parsed; pickles load with ``weights_only=True``), but
+data alone can still hurt a shared server or a soup. The checks here refuse, with a message
+naming the key:
+
+* **Plain data from trainers, nothing else.** timm's ``train.py`` saves its ``args`` as an
+  ``argparse.Namespace``; trainers store metrics and RNG states as numpy scalars and arrays and
+  the torch version as ``TorchVersion``. :data:`TRAINER_GLOBALS` admits exactly these (reviewed:
+  none can run code) through ``torch.serialization.safe_globals``; every other global is refused.
+* **No decompression bombs.** ``torch.save`` stores tensor data uncompressed in its zip; a
+  compressed member or more data than the file could hold is refused before anything is
+  inflated.
+* **No tensors that expand.** A tensor saved as a broadcast view (stride 0) stores one value
+  for billions of elements; a soup would materialise them all. Meta, sparse and nested tensors
+  hold no plain values to average.
+* **dtypes by name.** Soups average float32/float16/bfloat16/float64 exactly (in float64);
+  integer and bool tensors are copied. fp8 and complex weights are refused, not silently cast.
+* **One value per key.** Duplicate keys in a safetensors header, or keys that collide as
+  strings in a pickle (``1`` and ``"1"``), would silently keep one of two tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from collections.abc import Mapping
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torch.torch_version
+from numpy._core import multiarray
+
+from soup_core.errors import CheckpointError
+from soup_core.state import names_list
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+_NUMPY_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+                 np.float16, np.float32, np.float64)
+TRAINER_GLOBALS = [argparse.Namespace, torch.torch_version.TorchVersion, multiarray.scalar, multiarray._reconstruct,
+                   np.ndarray, np.dtype, *(type(np.dtype(t)) for t in _NUMPY_DTYPES)]
+# A safetensors header is JSON about the tensors; safetensors itself refuses more than 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+# Zip members of a torch.save file are stored, not compressed: allow small compressed ones
+# (e.g. written by a re-zipping tool) but never let inflation exceed this.
+MAX_INFLATED_BYTES = 64 << 20
+
+
+def check_zip(source: IO[bytes], name: str, file_size: int) -> None:
+    """Refuse zip members that would inflate past what the file holds (checked before reading)."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({exc})") from None
+    inflated = sum(m.file_size for m in members if m.compress_type != zipfile.ZIP_STORED)
+    if inflated > MAX_INFLATED_BYTES:
+        raise CheckpointError(f"{name}: holds {inflated / 2**20:.0f} MiB of compressed data in a "
+                              f"{file_size / 2**20:.1f} MiB file; torch.save stores tensors uncompressed, so this "
+                              "file is refused (re-save it with torch.save)")
+    stored = sum(m.file_size for m in members if m.compress_type == zipfile.ZIP_STORED)
+    if stored > file_size:
+        raise CheckpointError(f"{name}: its zip directory claims more data ({stored:,} bytes) than the file "
+                              f"holds ({file_size:,} bytes); the file is damaged or crafted")
+
+
+def check_header(header: bytes, name: str) -> None:
+    """Refuse a safetensors header with duplicate keys (the reader would keep only the last)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise CheckpointError(f"{name}: the header names {names_list(repeated)} more than once; "
+                                  "each tensor must appear once")
+        return dict(items)
+    try:
+        json.loads(header, object_pairs_hook=pairs)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{name}: not a valid safetensors file (header: {str(exc)[:120]})") from None
+
+
+def safetensors_header(head: bytes, read_more, name: str) -> bytes:
+    """The JSON header of a safetensors file, its length checked before it is read."""
+    if len(head) < 8:
+        raise CheckpointError(f"{name}: not a valid safetensors file (shorter than its 8-byte header length)")
+    size = int.from_bytes(head[:8], "little")
+    if size > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{name}: not a valid safetensors file (a {size:,}-byte header)")
+    return read_more(size)
+
+
+def check_keys(obj: Mapping[Any, Any], name: str) -> None:
+    """Refuse pickled state dicts whose keys collide once turned into strings."""
+    seen: dict[str, Any] = {}
+    for key in obj:
+        text = str(key)
+        if text in seen:
+            raise CheckpointError(f"{name}: keys {seen[text]!r} and {key!r} are both {text!r}; "
+                                  "a state dict needs one tensor per name")
+        seen[text] = key
+
+
+def check_tensors(state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse tensors a soup cannot average: unknown dtypes, meta/sparse/nested, expanded views."""
+    for key, tensor in state.items():
+        if tensor.is_nested:
+            raise CheckpointError(f"{name}: tensor {key!r} is a nested tensor; soups need plain tensors — "
+                                  "save its components as separate tensors")
+        if tensor.layout != torch.strided:
+            raise CheckpointError(f"{name}: tensor {key!r} is {str(tensor.layout).removeprefix('torch.')}; soups "
+                                  "need plain (strided) tensors — save it with .to_dense()")
+        if tensor.is_meta:
+            raise CheckpointError(f"{name}: tensor {key!r} is on the meta device and holds no values; "
+                                  "save the materialised weights")
+        if tensor.dtype not in FLOAT_DTYPES + INTEGER_DTYPES:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            advice = ("soups average real weights; save the real part or convert" if tensor.is_complex()
+                      else "convert to bfloat16, float16 or float32 before souping")
+            raise CheckpointError(f"{name}: tensor {key!r} has dtype {dtype}, which is not supported ({advice})")
+        stored = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > max(stored, 1):
+            raise CheckpointError(f"{name}: tensor {key!r} is an expanded view ({tensor.numel():,} elements over "
+                                  f"{stored:,} stored); save it with .contiguous() or .clone()")
