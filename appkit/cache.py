@@ -17,6 +17,7 @@ from soup_core.geometry import pairwise_angles
 from soup_core.landscape import interpolation_path, plane_landscape
 from soup_core.pairs import pair_analyses
 from soup_core.recipes import SoupResult
+from soup_core.significance import versus_best
 from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
 
 
@@ -73,8 +74,17 @@ def live_soup(zoo: Zoo, names: list[str]) -> dict:
     key, chosen = zoo_key(zoo), tuple(names)
     results = {r: recipe_result(zoo, key, r, chosen) for r in ("uniform", "best", "ensemble")}
     rows = {r: accuracy_row(result.metrics, zoo.evaluator) for r, result in results.items()}
+    ingredients = zoo.ingredients(chosen)
+    versus = {r: next(iter(versus_best(results[r], ingredients, zoo.evaluator)), None) for r in ("uniform", "ensemble")}
     return {"soup": rows["uniform"], "best": rows["best"], "best_name": results["best"].ingredients[0],
-            "ensemble": rows["ensemble"]}
+            "ensemble": rows["ensemble"], "versus": versus}
+
+
+@st.cache_data(show_spinner="Testing the differences…", max_entries=64)
+def recipe_significance(_zoo: Zoo, key: tuple, recipe: str) -> list[dict]:
+    """A recipe's result against the best individual model on every report split (JSON)."""
+    result = recipe_result(_zoo, key, recipe)
+    return [c.to_json() | {"sentence": c.sentence()} for c in versus_best(result, _zoo.ingredients(), _zoo.evaluator)]
 
 
 def export_plan(zoo: Zoo, candidate: Candidate, local_names: tuple[str, ...]) -> ExportPlan:

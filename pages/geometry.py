@@ -58,8 +58,14 @@ if "geometry:pairs" in st.session_state:
         .update_layout(title="Two-model soup vs two-model ensemble", xaxis_title=f"ensemble {pair_split} accuracy (%)",
                        yaxis_title=f"soup {pair_split} accuracy (%)", height=420), key="geometry-fig4")
     r_loss = report["correlations"]["approximation_vs_loss_difference"]
-    st.caption(f"§4 approximation of the soup − ensemble loss difference vs the measured one: r = "
-               f"{'n/a' if r_loss is None else f'{r_loss:+.2f}'} over {len(pairs)} pairs (β fitted on val).")
+    methods = {p["curvature_method"] for p in pairs}
+    how = "a quadratic fit of the loss curve (the network has kinks)" if methods == {"fit"} else "jvp"
+    strength = ("n/a" if r_loss is None else
+                f"{r_loss:+.2f}: " + ("the approximation tracks the measured difference" if r_loss >= 0.5 else
+                                      "the approximation does not track the measured difference here"))
+    st.caption(f"§4 approximation of the soup − ensemble loss difference vs the measured one over {len(pairs)} "
+               f"pairs: r = {strength}; same sign in {report['approximation_sign_agreement']}/{len(pairs)} pairs. "
+               f"Curvature by {how}; β fitted on val.")
 
 st.subheader("Interpolation between two points")
 points = ([BASE] if zoo.has_base else []) + names + ["uniform", "greedy"]

@@ -42,6 +42,12 @@ def soup_of_the_ticked_set() -> None:
         cols[0].markdown(f"**{label}**")
         for col, split in zip(cols[1:], live[key]):
             col.metric(f"{key} {split}", f"{100 * live[key][split]:.2f}%")
+    for label, key in (("Uniform soup", "uniform"), ("Logit ensemble", "ensemble")):
+        versus = live["versus"][key]
+        if versus is not None:
+            st.caption(f"{label} vs the {versus.a} on {versus.split}: {versus.sentence()} "
+                       f"(exact McNemar test; 95% interval {100 * versus.interval[0]:+.1f} to "
+                       f"{100 * versus.interval[1]:+.1f} points).")
 
 
 @st.fragment

@@ -33,6 +33,7 @@ from soup_core.io import atomic_write, refuse_inputs, save_hf_directory, save_st
 from soup_core.landscape import point_weights
 from soup_core.models import is_hf_directory
 from soup_core.recipes import RECIPES, SoupResult, get_recipe
+from soup_core.significance import Comparison, versus_best
 from soup_core.state import StateDict
 from soup_core.zoo import BASE, Zoo, make_soup, zoo_plane
 
@@ -119,6 +120,7 @@ class ExportPlan:
     file_name: str
     hf_source: Path | None = None  # the zoo's first checkpoint, when it is a Hugging Face folder
     extras: Mapping[str, Any] = field(default_factory=dict)
+    significance: tuple[Comparison, ...] = ()  # against the best individual model, per report split
 
     @property
     def command_line(self) -> str | None:
@@ -199,9 +201,11 @@ def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, resul
                   "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in result.ingredients],
                   "weights": list(result.weights), "options": dict(result.options),
                   "metrics": metrics_to_json(result.metrics), **common}
+    comparisons = (versus_best(result, zoo.ingredients(candidate.ingredients), zoo.evaluator)
+                   if zoo.evaluator is not None else [])
     return ExportPlan(candidate.title(), result.state_dict, result.metrics, provenance,
                       tuple(command) if command else None, result.ingredients, result.weights,
-                      candidate.file_name(), hf_source, dict(result.extras))
+                      candidate.file_name(), hf_source, dict(result.extras), tuple(comparisons))
 
 
 def model_card(plan: ExportPlan) -> str:
@@ -223,6 +227,11 @@ def model_card(plan: ExportPlan) -> str:
         lines += ["", "## Metrics", "", "Every choice was made on `val`; the other splits are reports.", "",
                   "| split | accuracy | loss | ECE |", "|---|---:|---:|---:|"]
         lines += [f"| {s} | {100 * m.accuracy:.2f}% | {m.loss:.4f} | {m.ece:.4f} |" for s, m in plan.metrics.items()]
+    if plan.significance:
+        lines += ["", f"Against the {plan.significance[0].a}, chosen on `val` (exact McNemar test on the same "
+                  "images; 95% paired-bootstrap interval of the difference):", ""]
+        lines += [f"- {c.split}: {c.sentence()} (interval {100 * c.interval[0]:+.1f} to {100 * c.interval[1]:+.1f})"
+                  for c in plan.significance]
     lines += ["", "## Remake it", ""]
     if plan.command_line:
         lines += ["```sh", plan.command_line, "```"]

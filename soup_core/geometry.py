@@ -23,12 +23,12 @@ distance from it. Random directions for slices around one model are filter-norma
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from soup_core.errors import SoupError
-from soup_core.state import Progress, is_float, tied_aliases
+from soup_core.state import Progress, is_float, is_statistic, tied_aliases
 
 GRAM_DTYPE = torch.float64
 CHUNK_ELEMENTS = 1 << 18  # per checkpoint: 256K float64 = 2 MiB, cache-friendly
@@ -40,17 +40,22 @@ def gram_matrix(
     *,
     progress: Progress | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    include_buffers: bool = False,
 ) -> torch.Tensor:
     """k×k float64 Gram matrix of θ_i − θ0 (or of θ_i when ``base`` is None).
 
-    Only float tensors take part (integer buffers are counters); tied tensors count once.
+    Over the parameters, as the paper and the landscape peers measure: BatchNorm's running
+    statistics are left out unless ``include_buffers`` (they are estimates of activations, not
+    weights, and on a BatchNorm network they can dominate the distances). Integer buffers never
+    take part (they are counters); tied tensors count once.
     """
     k = len(states)
     if k == 0:
         raise SoupError("need at least one state dict")
     reference = states[0]
     aliases = tied_aliases(reference)
-    keys = [key for key, t in reference.items() if is_float(t) and key not in aliases]
+    keys = [key for key, t in reference.items() if is_float(t) and key not in aliases
+            and (include_buffers or not is_statistic(key))]
     gram = torch.zeros(k, k, dtype=GRAM_DTYPE)
     total = sum(reference[key].numel() for key in keys) or 1
     largest = max((reference[key].numel() for key in keys), default=1)
@@ -83,10 +88,12 @@ class Angles:
     angle_deg: torch.Tensor
     distance: torch.Tensor
     norm: torch.Tensor
+    over: str = "parameters"  # or "parameters and buffers"
 
     def to_json(self, names: Sequence[str]) -> dict:
         return {"names": list(names), "cosine": self.cosine.tolist(), "angle_deg": self.angle_deg.tolist(),
-                "distance": self.distance.tolist(), "norm": self.norm.tolist(), "precision": "float64"}
+                "distance": self.distance.tolist(), "norm": self.norm.tolist(), "precision": "float64",
+                "over": self.over}
 
 
 def angles_from_gram(gram: torch.Tensor) -> Angles:
@@ -107,9 +114,11 @@ def angles_from_gram(gram: torch.Tensor) -> Angles:
 
 def pairwise_angles(states: Sequence[Mapping[str, torch.Tensor]],
                     base: Mapping[str, torch.Tensor] | None = None,
-                    *, progress: Progress | None = None) -> Angles:
-    """Angles between θ_i − θ0 for every pair (paper Figure 3's φ), streamed in float64."""
-    return angles_from_gram(gram_matrix(states, base, progress=progress))
+                    *, progress: Progress | None = None, include_buffers: bool = False) -> Angles:
+    """Angles between θ_i − θ0 for every pair (paper Figure 3's φ), streamed in float64, over the
+    parameters (and BatchNorm's running statistics too with ``include_buffers``)."""
+    angles = angles_from_gram(gram_matrix(states, base, progress=progress, include_buffers=include_buffers))
+    return replace(angles, over="parameters and buffers" if include_buffers else "parameters")
 
 
 # ---- the plane through three points -------------------------------------------------------

@@ -12,9 +12,18 @@ For every pair (θ1, θ2) of a zoo, on one report split:
       L_soup − L_ens ≈ α(1−α)/2 · ( −d²/dα² L_soup + β² E_x Var_{Y∼softmax(β f(x;θ_α))}[Δf_Y(x)] ),
 
   with Δf = f(x;θ2) − f(x;θ1). β is the temperature that calibrates the soup (App. K.4); it is
-  fitted on the held-out ``val`` split, never on the report split. The second derivative of the
-  loss along the line is exact (forward-over-forward ``torch.func.jvp`` in float64), not a
-  finite difference.
+  fitted on the held-out ``val`` split, never on the report split.
+
+The curvature d²L/dα² — a pitfall. For a smooth network (tanh, GELU, softmax attention) it is
+computed exactly by forward-over-forward ``torch.func.jvp`` in float64. A ReLU network's loss
+along a line is piecewise smooth with a kink wherever a unit switches, and automatic
+differentiation sees only the linear region α sits in: it misses every kink, and its "exact"
+value can have the wrong sign (on ``digits-finetune`` +0.32 where the curve's own curvature is
+about −1). So for networks with kinks (ReLU-family activations, max-pooling, or anything
+``torch.fx`` cannot trace) the curvature is that of the actual curve L(α): a least-squares
+quadratic through L at α + kh, k = −2…2, h = :data:`CURVATURE_STEP` (±0.05 around α = ½),
+which averages over the kinks at the scale of the interpolation and is stable for steps from
+0.01 to 0.1. ``curvature_method`` in each pair says which was used.
 
 The correlations across pairs (angle vs advantage; approximation vs measured loss and error
 differences) are what the paper reports.
@@ -29,12 +38,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.fx
 from scipy.optimize import minimize_scalar
 from torch.func import functional_call, jvp
 
 from soup_core.evaluate import VAL, Evaluator
 from soup_core.geometry import pairwise_angles
 from soup_core.params import interpolate
+from soup_core.policies import CURVATURE_METHODS
 from soup_core.state import Progress, is_float
 
 
@@ -56,6 +67,8 @@ class PairAnalysis:
     loss_difference: float
     error_difference: float
     approximation: float
+    curvature: float = 0.0
+    curvature_method: str = "jvp"
 
 
 @dataclass(frozen=True)
@@ -71,11 +84,16 @@ class PairReport:
             return None
         return float(np.corrcoef(xs, ys)[0, 1])
 
+    def sign_agreement(self) -> int:
+        """Pairs whose approximation has the sign of the measured loss difference."""
+        return sum(np.sign(p.approximation) == np.sign(p.loss_difference) for p in self.pairs)
+
     def to_json(self) -> dict:
         return {"split": self.split, "pairs": [asdict(p) for p in self.pairs], "correlations": {
             "angle_vs_interpolation_advantage": self.correlation("angle_deg", "interpolation_advantage"),
             "approximation_vs_loss_difference": self.correlation("approximation", "loss_difference"),
-            "approximation_vs_error_difference": self.correlation("approximation", "error_difference")}}
+            "approximation_vs_error_difference": self.correlation("approximation", "error_difference")},
+            "approximation_sign_agreement": int(self.sign_agreement())}
 
 
 def _calibrated_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
@@ -89,9 +107,69 @@ def calibration_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float
     return math.exp(result.x)
 
 
+CURVATURE_STEP = 0.025
+
+
+def quadratic_fit_curvature(loss_at, alpha: float, step: float = CURVATURE_STEP) -> float:
+    """Second derivative of the least-squares quadratic through ``loss_at`` at α + k·step, k = −2…2.
+
+    Exact for a quadratic; for a piecewise-smooth curve, its curvature at the scale ±2·step.
+
+    >>> quadratic_fit_curvature(lambda t: 3 * t ** 2 - t + 1, 0.5)
+    6.0
+    """
+    offsets = np.arange(-2, 3) * step
+    values = np.array([loss_at(alpha + o) for o in offsets], dtype=np.float64)
+    return float(round(2 * np.polyfit(offsets, values, 2)[0], 12))
+
+
+nn, F = torch.nn, torch.nn.functional
+KINKED_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+                  nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+KINKED_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.threshold,
+                    F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d, torch.clamp, torch.abs, torch.maximum,
+                    torch.minimum}
+KINKED_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip", "abs", "maximum", "minimum"}
+
+
+def curvature_method(model: torch.nn.Module) -> str:
+    """``jvp`` for smooth networks; ``fit`` for networks with kinks or that torch.fx cannot read."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow, custom tracers: unknown, so not assumed smooth
+        return "fit"
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(model.get_submodule(node.target), KINKED_MODULES):
+            return "fit"
+        if (node.op == "call_function" and node.target in KINKED_FUNCTIONS) or \
+                (node.op == "call_method" and node.target in KINKED_METHODS):
+            return "fit"
+    return "jvp"
+
+
 def loss_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                   split: str, *, beta: float = 1.0, alpha: float = 0.5) -> float:
-    """d²/dα² of the β-scaled mean cross-entropy at θ_α = (1 − α)·a + α·b, exact, in float64.
+                   split: str, *, beta: float = 1.0, alpha: float = 0.5, method: str = "auto") -> float:
+    """d²/dα² of the β-scaled mean cross-entropy at θ_α = (1 − α)·a + α·b (see the module's note).
+
+    ``method``: ``auto`` (:func:`curvature_method`), ``jvp`` (exact within α's linear region) or
+    ``fit`` (the curve's own curvature, :func:`quadratic_fit_curvature`).
+    """
+    if method not in CURVATURE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(CURVATURE_METHODS)}, not {method!r}")
+    if method == "auto":
+        method = curvature_method(evaluator.model)
+    if method == "fit":
+        labels = evaluator.labels(split)
+        return quadratic_fit_curvature(
+            lambda t: _calibrated_loss(evaluator.logits(interpolate(a, b, t), split, cache=False), labels, beta),
+            alpha)
+    return _jvp_curvature(evaluator, a, b, split, beta=beta, alpha=alpha)
+
+
+def _jvp_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                   split: str, *, beta: float, alpha: float) -> float:
+    """d²/dα² of the β-scaled mean cross-entropy at θ_α = (1 − α)·a + α·b, by jvp, in float64.
 
     The model runs in eval mode with every float tensor on the line, as a soup of the two would,
     except BatchNorm's running statistics, which are held at θ_α's values (PyTorch's batch_norm
@@ -126,7 +204,8 @@ def loss_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mappi
 
 
 def analyse_pair(evaluator: Evaluator, names: tuple[str, str], a: Mapping[str, torch.Tensor],
-                 b: Mapping[str, torch.Tensor], split: str, angle_deg: float | None = None) -> PairAnalysis:
+                 b: Mapping[str, torch.Tensor], split: str, angle_deg: float | None = None, *,
+                 curvature: str = "auto") -> PairAnalysis:
     """All of the module docstring's numbers for one pair, at α = ½."""
     labels = evaluator.labels(split)
     soup = interpolate(a, b, 0.5)
@@ -143,19 +222,22 @@ def analyse_pair(evaluator: Evaluator, names: tuple[str, str], a: Mapping[str, t
     p = torch.softmax(beta * f_soup, dim=1)
     delta = f_b - f_a
     variance = float(((p * delta ** 2).sum(1) - (p * delta).sum(1) ** 2).mean())
-    curvature = loss_curvature(evaluator, a, b, split, beta=beta)
-    approximation = 0.5 * 0.5 / 2 * (-curvature + beta ** 2 * variance)
+    method = curvature_method(evaluator.model) if curvature == "auto" else curvature
+    second = loss_curvature(evaluator, a, b, split, beta=beta, method=method)
+    approximation = 0.5 * 0.5 / 2 * (-second + beta ** 2 * variance)
     return PairAnalysis(names[0], names[1], angle_deg, acc_a, acc_b, acc_soup, acc_ens,
                         acc_soup - (acc_a + acc_b) / 2, beta, soup_loss, ens_loss, soup_loss - ens_loss,
-                        (1 - acc_soup) - (1 - acc_ens), approximation)
+                        (1 - acc_soup) - (1 - acc_ens), approximation, second, method)
 
 
 def pair_analyses(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: Evaluator, *,
                   base: Mapping[str, torch.Tensor] | None = None, split: str = "test",
-                  pairs: Sequence[tuple[str, str]] | None = None, progress: Progress | None = None) -> PairReport:
+                  pairs: Sequence[tuple[str, str]] | None = None, progress: Progress | None = None,
+                  curvature: str = "auto") -> PairReport:
     """Every pair of ``states`` (or the given ``pairs``) analysed on ``split``.
 
     Angles need ``base`` (θ0); without it they are None and the other numbers still come.
+    ``curvature`` chooses how d²L/dα² is measured (see the module's note; ``auto`` by default).
     """
     names = list(states)
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(names, 2))
@@ -164,7 +246,7 @@ def pair_analyses(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: E
     out = []
     for i, (x, y) in enumerate(pairs):
         angle = float(angles[index[x], index[y]]) if angles is not None else None
-        out.append(analyse_pair(evaluator, (x, y), states[x], states[y], split, angle))
+        out.append(analyse_pair(evaluator, (x, y), states[x], states[y], split, angle, curvature=curvature))
         if progress is not None:
             progress((i + 1) / len(pairs), f"{x} × {y}")
     return PairReport(split, out)

@@ -35,6 +35,15 @@ def is_float(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
+# BatchNorm's running statistics: float buffers that a state dict holds beside the parameters.
+STATISTIC_SUFFIXES = ("running_mean", "running_var")
+
+
+def is_statistic(key: str) -> bool:
+    """Whether a key names a BatchNorm running statistic (by its last component, as PyTorch names them)."""
+    return key.rsplit(".", 1)[-1] in STATISTIC_SUFFIXES
+
+
 def tied_groups(state: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], ...]:
     """Groups of keys whose tensors share storage (tied weights, e.g. embeddings and head)."""
     groups: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
@@ -74,5 +83,5 @@ def names_list(keys: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-__all__ = ["Progress", "ShouldStop", "StateDict", "is_float", "names_list", "parameter_keys",
+__all__ = ["Progress", "STATISTIC_SUFFIXES", "ShouldStop", "StateDict", "is_float", "is_statistic", "names_list", "parameter_keys",
            "state_dict_digest", "tied_aliases", "tied_groups"]

@@ -434,3 +434,23 @@ def test_a_new_server_sweeps_the_upload_folders_of_dead_ones(tmp_path):
         (folder / "x.safetensors").write_bytes(b"x")
     assert sweep_dead_servers(tmp_path) == [stale]
     assert not stale.exists() and live.exists()
+
+
+def test_the_live_soup_says_whether_it_beats_the_best_model_and_how_surely():
+    from soup_core.significance import versus_best
+    at = _app()
+    zoo = open_zoo("digits-finetune")
+    for name in zoo.names:
+        if name not in ("ft-03", "ft-17"):
+            at.checkbox(key=f"tick:digits-finetune:{name}").uncheck()
+    at.run()
+    uniform = make_soup(zoo, "uniform", ["ft-03", "ft-17"])
+    expected = versus_best(uniform, zoo.ingredients(["ft-03", "ft-17"]), zoo.evaluator)[0]
+    captions = " ".join(c.value for c in at.caption)
+    assert f"Uniform soup vs the {expected.a} on test: {expected.sentence()}" in captions
+    at.switch_page("pages/recipes.py").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    greedy = make_soup(zoo, "greedy")
+    row = table[table["recipe"] == "Greedy soup"].iloc[0]
+    assert row["test vs best"] == versus_best(greedy, zoo.ingredients(), zoo.evaluator)[0].sentence()

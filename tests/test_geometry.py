@@ -63,3 +63,18 @@ def test_progress_reaches_one():
     gram_matrix(states(), progress=lambda f, m: seen.append(f))
     assert seen[-1] == 1.0 and seen == sorted(seen)
     assert not math.isnan(seen[0])
+
+
+def test_angles_are_over_parameters_unless_buffers_are_asked_for():
+    """As the paper and the landscape peers measure; BatchNorm statistics only with include_buffers."""
+    import math
+
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo("digits-bn")
+    base, a = zoo.base, zoo.state_dict("bn-00")
+    params = [k for k in a if a[k].is_floating_point() and not k.endswith(("running_mean", "running_var"))]
+    by_hand = math.sqrt(sum(float(((a[k].double() - base[k].double()) ** 2).sum()) for k in params))
+    angles = pairwise_angles([a, zoo.state_dict("bn-01")], base)
+    with_buffers = pairwise_angles([a, zoo.state_dict("bn-01")], base, include_buffers=True)
+    assert float(angles.norm[0]) == pytest.approx(by_hand, rel=1e-12) and angles.over == "parameters"
+    assert float(with_buffers.norm[0]) > float(angles.norm[0]) and with_buffers.over == "parameters and buffers"

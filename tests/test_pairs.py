@@ -65,3 +65,28 @@ def test_temperature_calibrates():
 def test_report_correlations_need_three_pairs(zoo):
     report = pair_analyses(zoo.ingredients(["ft-00", "ft-01"]), zoo.evaluator, base=zoo.base)
     assert len(report.pairs) == 1 and report.correlation("angle_deg", "interpolation_advantage") is None
+
+
+def test_a_relu_networks_curvature_is_the_curve_s_own_not_one_linear_region_s(zoo):
+    """jvp differentiates inside the linear region α = ½ sits in; the curve L(α) has kinks.
+    The fit agrees with an independent quadratic fit over a denser grid of ±0.05."""
+    import numpy as np
+
+    from soup_core.pairs import _calibrated_loss, curvature_method
+    ev = zoo.evaluator
+    a, b = zoo.state_dict("ft-17"), zoo.state_dict("ft-22")
+    assert curvature_method(ev.model) == "fit"
+    fitted = loss_curvature(ev, a, b, "test")
+    labels = ev.labels("test")
+    alphas = np.linspace(0.45, 0.55, 21)
+    losses = [_calibrated_loss(ev.logits(interpolate(a, b, t), "test", cache=False), labels, 1.0) for t in alphas]
+    dense = 2 * np.polyfit(alphas - 0.5, losses, 2)[0]
+    assert fitted == pytest.approx(dense, rel=0.15)
+    assert loss_curvature(ev, a, b, "test", method="jvp") != pytest.approx(fitted, rel=0.5)
+
+
+def test_smooth_networks_keep_the_exact_jvp_curvature():
+    from soup_core.pairs import curvature_method
+    smooth = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    kinked = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    assert curvature_method(smooth) == "jvp" and curvature_method(kinked) == "fit"

@@ -135,3 +135,11 @@ def test_recipes_that_score_on_val_say_they_need_an_evaluator(tiny_states):
 def test_every_recipe_carries_a_name_a_pretty_name_and_a_reference():
     for name, recipe in RECIPES.items():
         assert recipe.name == name and recipe.pretty_name and recipe.reference
+
+
+def test_the_official_tie_order_puts_later_entries_first_among_equal_scores(tiny_evaluator, tiny_states):
+    twin = {"a": tiny_states["m0"], "b": {k: v.clone() for k, v in tiny_states["m0"].items()}}
+    manifest = RECIPES["greedy"].make(twin, tiny_evaluator, tie="gt")
+    official = RECIPES["greedy"].make(twin, tiny_evaluator, tie="gt", tie_order="official")
+    assert manifest.ingredients == ("a",) and official.ingredients == ("b",)
+    assert official.options["tie_order"] == "official"

@@ -10,7 +10,7 @@ from typing import Any
 
 from soup_core import __version__
 from soup_core.cli import commands as cmd
-from soup_core.policies import BN_POLICIES
+from soup_core.policies import BN_POLICIES, CURVATURE_METHODS
 from soup_core.recipes import RECIPES, all_parameters
 
 MAX_GRID = 401          # points per side of a landscape: 160k evaluations is already hours
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     angles.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or Hugging Face folders")
     angles.add_argument("--base", metavar="PATH", help="θ0: measure θi − θ0 instead of θi")
     angles.add_argument("--short-names", action="store_true", help="name checkpoints by file stem")
+    angles.add_argument("--include-buffers", action="store_true",
+                        help="count BatchNorm running statistics too (default: parameters only, as the paper does)")
     common(angles, device=False)
 
     evaluate = zoo_command("evaluate", "score every checkpoint of a zoo on every split", cmd.cmd_evaluate)
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     pairs = zoo_command("pairs", "angle vs interpolation advantage, soup vs ensemble (Figures 3, 4)", cmd.cmd_pairs)
     pairs.add_argument("--split", default="test", help="the split reported (β is always fitted on val)")
     pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints (default: all)")
+    pairs.add_argument("--curvature", choices=CURVATURE_METHODS, default="auto",
+                       help="d²L/dα² for §4: jvp (exact in one linear region; smooth networks), fit (quadratic "
+                            "fit of L(α) over ±0.05; networks with kinks), auto (jvp only for smooth networks)")
     common(pairs)
 
     point = zoo_command("point", "export the weights at one point of a landscape plane", cmd.cmd_point)

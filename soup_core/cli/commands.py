@@ -109,12 +109,12 @@ def cmd_angles(args: argparse.Namespace) -> None:
     validate_state_dicts(named, check_values=False).raise_for_errors()  # values stream below
     bar, report = progress_bar("angles")
     with bar:
-        angles = pairwise_angles(states, base, progress=report)
+        angles = pairwise_angles(states, base, progress=report, include_buffers=args.include_buffers)
     names = [Path(p).stem if args.short_names else p for p in args.paths]
     write_json(args.json, {**angles.to_json(names), "relative_to": args.base}, [Path(p) for p in named])
     if args.json != "-":
         width = max(len(n) for n in names)
-        print(f"angle (degrees) between {'θi − θ0' if base is not None else 'θi'}:")
+        print(f"angle (degrees) between {'θi − θ0' if base is not None else 'θi'}, over the {angles.over}:")
         for name, row in zip(names, angles.angle_deg.tolist()):
             print(f"{name:{width}s} " + " ".join(f"{v:6.2f}" for v in row))
 
@@ -152,6 +152,7 @@ def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_make(args: argparse.Namespace) -> None:
     from soup_core.evaluate import metrics_to_json
     from soup_core.export import Candidate, plan_export
+    from soup_core.significance import versus_best
     from soup_core.zoo import make_soup
     params = recipe_params(args)
     zoo = open_zoo_for(args)
@@ -163,6 +164,8 @@ def cmd_make(args: argparse.Namespace) -> None:
                "weights": list(result.weights), "trace": [s.to_dict() for s in result.trace],
                "metrics": metrics_to_json(result.metrics), "options": dict(result.options),
                "extras": dict(result.extras)}
+    comparisons = versus_best(result, zoo.ingredients(chosen), zoo.evaluator) if zoo.evaluator is not None else []
+    payload["significance"] = [c.to_json() for c in comparisons]
     if args.out:
         if result.state_dict is None:
             raise UsageError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
@@ -178,6 +181,8 @@ def cmd_make(args: argparse.Namespace) -> None:
               f"{', '.join(result.ingredients)}")
     if result.metrics:
         say(args, "  " + metrics_line(result.metrics, shifts))
+    for comparison in comparisons[:1]:  # test, when the zoo has it
+        say(args, f"  vs the {comparison.a} on {comparison.split}: {comparison.sentence()}")
     if args.out:
         say(args, f"  written to {args.out} (model card: {payload['model_card']})")
 
@@ -245,12 +250,16 @@ def cmd_pairs(args: argparse.Namespace) -> None:
     bar, report = progress_bar("pairs")
     with bar:
         chosen = [n for n in args.ingredients.split(",") if n] if args.ingredients else None
-        result = pair_analyses(zoo.ingredients(chosen), zoo.evaluator, base=zoo.base, split=split, progress=report)
+        result = pair_analyses(zoo.ingredients(chosen), zoo.evaluator, base=zoo.base, split=split, progress=report,
+                               curvature=args.curvature)
     payload = {"zoo": zoo.name, **result.to_json()}
     write_json(args.json, payload, zoo_inputs(zoo))
     say(args, f"{len(result.pairs)} pairs on {split}")
     for key, value in payload["correlations"].items():
         say(args, f"  {key.replace('_', ' ')}: r = {'n/a' if value is None else f'{value:+.3f}'}")
+    methods = sorted({p.curvature_method for p in result.pairs})
+    say(args, f"  approximation has the measured difference's sign in {result.sign_agreement()}/{len(result.pairs)} "
+              f"pairs (curvature: {', '.join(methods)})")
 
 
 def cmd_point(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ controls are derived from these records.
 >>> RECIPES["greedy"].pretty_name
 'Greedy soup'
 >>> [p.name for p in RECIPES["greedy"].parameters]
-['order', 'seed', 'tie', 'passes', 'max_ingredients', 'val_split']
+['order', 'tie_order', 'seed', 'tie', 'passes', 'max_ingredients', 'val_split']
 
 Every recipe is made as ``RECIPES[name].make(ingredients, evaluator, base=θ0, **parameters)``
 and returns a :class:`SoupResult`.
@@ -19,22 +19,11 @@ from __future__ import annotations
 
 from soup_core.errors import RecipeError
 from soup_core.recipes.base import Brew, Ingredients, Recipe, SoupResult, TraceStep
-from soup_core.recipes.parameters import (
-    BATCH_SIZE,
-    EPOCHS,
-    LEARNING_RATE,
-    MAX_INGREDIENTS,
-    ORDER,
-    PASSES,
-    SEED,
-    TIE,
-    VAL_SPLIT,
-    Parameter,
-    Params,
-)
+from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, ORDER, PASSES, SEED,
+                                          TIE, TIE_ORDER, VAL_SPLIT, Parameter, Params)
 
 PAPER = "Wortsman et al. 2022"
-CHOOSING = (ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share
+CHOOSING = (ORDER, TIE_ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share
 LEARNING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, SEED, VAL_SPLIT)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (

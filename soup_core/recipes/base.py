@@ -140,10 +140,17 @@ def val_accuracies(ingredients: Ingredients, evaluator: Evaluator, split: str) -
 
 
 def candidate_order(ingredients: Ingredients, evaluator: Evaluator, params: Params) -> list[str]:
-    """Names sorted by decreasing val accuracy (stable: ties keep manifest order), or shuffled."""
+    """Names by decreasing val accuracy, or shuffled with the seed.
+
+    Ties keep manifest order (``tie_order="manifest"``) or come in the order the official
+    greedy-soup code gives them (``"official"``: a stable ascending sort, then reversed, so
+    later entries come first); on small val sets ties are common and the choice shows.
+    """
     names = list(ingredients)
     if params.order == "random":
         random.Random(params.seed).shuffle(names)
         return names
     scores = val_accuracies(ingredients, evaluator, params.val_split)
+    if params.tie_order == "official":
+        return sorted(names, key=lambda n: scores[n])[::-1]
     return sorted(names, key=lambda n: -scores[n])

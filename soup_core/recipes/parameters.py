@@ -89,6 +89,10 @@ SEED = Parameter("seed", int, 0, "seed of the random order and of the learned so
 TIE = Parameter("tie", str, "ge",
                 "a candidate that leaves val accuracy unchanged: ge keeps it (as Recipe 1 and Algorithm 2 are "
                 "written), gt rejects it (as the official greedy-soup code compares)", choices=("ge", "gt"))
+TIE_ORDER = Parameter("tie_order", str, "manifest",
+                      "order among candidates with equal val accuracy (sorted order only): manifest order, or "
+                      "the official greedy-soup code's (sorted ascending, then reversed: later entries first)",
+                      choices=("manifest", "official"), reference="github.com/mlfoundations/model-soups")
 PASSES = Parameter("passes", int, 1, "passes over the candidates; rejected ones are offered again",
                    minimum=1, reference="Dansereau et al., Algorithm 2")
 MAX_INGREDIENTS = Parameter("max_ingredients", int, None, "stop the soup growing past this many ingredients",

@@ -26,15 +26,8 @@ from soup_core.io import ValidationReport, file_sha256, load_state_dict, validat
 from soup_core.io.read import short
 from soup_core.models import detect_model_factory
 from soup_core.state import StateDict
-from soup_core.zoo.manifest import (
-    BASE,
-    CheckpointEntry,
-    Manifest,
-    allowed_roots_from_env,
-    load_callable,
-    read_manifest,
-    resolve_path,
-)
+from soup_core.zoo.manifest import (BASE, CheckpointEntry, Manifest, allowed_roots_from_env, load_callable,
+                                    read_manifest, resolve_path)
 
 
 class Zoo:
