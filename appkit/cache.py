@@ -14,8 +14,8 @@ from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
 from soup_core.evaluate import TEST, VAL, shift_average
 from soup_core.export import Candidate, ExportPlan, plan_export
 from soup_core.geometry import pairwise_angles
-from soup_core.landscape import interpolation_path, plane_landscape
-from soup_core.pairs import pair_analyses
+from soup_core.landscape import interpolation_path, path_alphas, plane_landscape
+from soup_core.pairs import flattest_pair, pair_analyses
 from soup_core.recipes import SoupResult
 from soup_core.significance import versus_best
 from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
@@ -119,10 +119,17 @@ def cached_pairs(_zoo: Zoo, key: tuple, names: tuple[str, ...], split: str) -> d
 
 
 @st.cache_data(show_spinner="Walking the line…", max_entries=64)
-def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str) -> dict:
+def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str, low: float = -0.5, high: float = 1.5,
+                points: int = 41) -> dict:
     splits = [s for s in (VAL, TEST) if s in _zoo.evaluator.splits]
-    return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0], names=(a, b),
-                              splits=splits, bn=bn).to_json()
+    return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0],
+                              path_alphas(points, low, high), names=(a, b), splits=splits, bn=bn).to_json()
+
+
+@st.cache_data(show_spinner="Finding the flattest pair…", max_entries=16)
+def cached_flattest_pair(_zoo: Zoo, key: tuple) -> tuple[str, str, float]:
+    """The two good models (chosen on val) with the lowest error barrier between them (on val)."""
+    return flattest_pair(_zoo.ingredients(), _zoo.evaluator)
 
 
 @st.cache_data(show_spinner="Computing the landscape…", max_entries=32)

@@ -1,81 +1,155 @@
-"""Tour: the paper's story in six live steps on the sample zoos, for workshops."""
+"""Tour: the paper's story in six live steps, each claim measured on the zoo it shows."""
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.cache import cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, zoo_key
+from appkit.cache import (cached_flattest_pair, cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result,
+                          recipe_significance, zoo_key)
 from appkit.sidebar import sidebar
-from soup_core.evaluate import shift_average
 from soup_core.recipes import RECIPES
 
-sidebar()
+ONE_BASIN = 0.01  # a line whose error barrier is under 1 point (6 of 630 test images) counts as one basin
+STEPS = ["1 · One basin", "2 · Angles", "3 · Uniform soups", "4 · Greedy and pruned soups", "5 · Scratch models",
+         "6 · BatchNorm"]
+
+opened = sidebar()
 st.title("Guided tour")
-STEPS = ["1 · One basin", "2 · Angles", "3 · Uniform soups fail", "4 · Greedy and pruned soups",
-         "5 · Scratch models", "6 · BatchNorm"]
+
+
+def move(by: int) -> None:
+    st.session_state["tour-step"] = STEPS[(STEPS.index(st.session_state.get("tour-step", STEPS[0])) + by) % len(STEPS)]
+
+
 step = st.radio("Step", STEPS, horizontal=True, key="tour-step")
-finetune = load_zoo("digits-finetune")
+back, forward, _ = st.columns([1, 1, 6])
+back.button("← Back", on_click=move, args=(-1,), key="tour-back", disabled=step == STEPS[0])
+forward.button("Next →", on_click=move, args=(1,), key="tour-next", disabled=step == STEPS[-1])
+
+# Steps 1–4 run on the open zoo when it can show them (θ0, held-out data with test); otherwise
+# on digits-finetune. Steps 5 and 6 need a zoo trained from scratch and one with BatchNorm.
+story_zoo = opened if (opened.has_base and opened.evaluator is not None and "test" in opened.evaluator.splits
+                       and len(opened.names) >= 3) else load_zoo("digits-finetune")
 
 
-def bars(zoo, recipes, title):
+def uses(zoo, why: str = "") -> None:
+    st.info(f"This step uses the zoo **{zoo.name}**{why}.")
+
+
+def versus(zoo, recipe: str) -> dict:
+    """The recipe against the best individual model on test (exact McNemar test)."""
+    return next(c for c in recipe_significance(zoo, zoo_key(zoo), recipe) if c["split"] == "test")
+
+
+def bars(zoo, recipes, title) -> None:
     names = [RECIPES[r].pretty_name for r in recipes]
     values = [100 * recipe_result(zoo, zoo_key(zoo), r).metrics["test"].accuracy for r in recipes]
-    st.plotly_chart(go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}" for v in values], textposition="outside"))
-                    .update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[0, 105], height=420),
+    low = max(0.0, min(values) - 5)
+    st.plotly_chart(go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}%" for v in values], textposition="outside"))
+                    .update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420),
                     key=f"tour-bars-{title}")
+    st.caption("How to read this: each bar is one recipe's accuracy on the test split; every choice was made on "
+               "val. The axis starts near the lowest bar so that small differences show.")
 
 
 if step == STEPS[0]:
-    st.markdown("**Fine-tuned models share a basin** (paper Figure 2). Two models fine-tuned from the same "
-                "pretrained θ0 with different hyperparameters, and θ0 itself, span a plane. The error is low "
-                "between the two fine-tuned models: averaging their weights stays in the basin.")
-    land = cached_landscape(finetune, zoo_key(finetune), ("base", "ft-03", "ft-17"), 15, "test", "recompute")
-    fig = go.Figure(go.Contour(x=land["axes"]["x"], y=land["axes"]["y"], z=100 * np.array(land["error"]["test"]),
-                               colorscale="Viridis", colorbar={"title": "test error %"}, contours={"showlabels": True}))
-    fig.add_trace(go.Scatter(x=[a["xy"][0] for a in land["anchors"]], y=[a["xy"][1] for a in land["anchors"]],
-                             text=[a["name"] for a in land["anchors"]], mode="markers+text", textposition="top center",
-                             marker={"color": "red", "symbol": "star", "size": 12}))
-    st.plotly_chart(fig.update_layout(height=520, yaxis={"scaleanchor": "x"}), key="tour-basin")
+    zoo = story_zoo
+    uses(zoo)
+    a, b, _ = cached_flattest_pair(zoo, zoo_key(zoo))
+    path = cached_path(zoo, zoo_key(zoo), a, b, "recompute", 0.0, 1.0, 11)
+    barrier = path["barrier"]["test"]["error"]
+    verdict = (f"The error stays low on the line between them — at most **{100 * barrier:.1f} points** above the "
+               "straight line between their test errors — so averaging their weights stays in the basin."
+               if barrier < ONE_BASIN else
+               f"Even for them the error rises **{100 * barrier:.1f} points** above the straight line between "
+               "their test errors: on this zoo they sit in different basins, and the paper's picture does not show.")
+    st.markdown(f"**Fine-tuned models share a basin?** (paper Figure 2). Of the good models (the six best on val), "
+                f"**{a}** and **{b}** have the flattest line between them (chosen on val). With θ0 they span the "
+                f"plane below. {verdict}")
+    land = cached_landscape(zoo, zoo_key(zoo), ("base", a, b), 15, "test", "recompute")
+    z = 100 * np.array(land["error"]["test"])
+    fig = go.Figure(go.Contour(x=land["axes"]["x"], y=land["axes"]["y"], z=z, colorscale="Viridis",
+                               colorbar={"title": "test error (%)"}, contours={"showlabels": True}))
+    fig.add_trace(go.Scatter(x=[p["xy"][0] for p in land["anchors"]], y=[p["xy"][1] for p in land["anchors"]],
+                             text=[p["name"] for p in land["anchors"]], mode="markers+text", textposition="top center",
+                             marker={"color": "red", "symbol": "star", "size": 12}, name="the three points"))
+    st.plotly_chart(fig.update_layout(height=520, yaxis={"scaleanchor": "x"}, xaxis_title="x (L2 distance)",
+                                      yaxis_title="y (L2 distance)"), key="tour-basin")
+    st.caption(f"How to read this: colour is test error (%) in the plane through θ0 (base), {a} and {b}; axes are "
+               f"distances in weight space. A basin is a low region holding both fine-tuned models.")
 elif step == STEPS[1]:
-    st.markdown("**More orthogonal solutions gain more from averaging?** (paper Figure 3). For each pair, the "
-                "angle between θ1 − θ0 and θ2 − θ0 against the interpolation advantage "
-                "acc(½θ1 + ½θ2) − ½(acc θ1 + acc θ2). The paper sees a positive correlation; check whether it "
-                "holds on this zoo.")
-    report = cached_pairs(finetune, zoo_key(finetune), tuple(finetune.names[:10]), "test")
+    zoo = story_zoo
+    uses(zoo)
+    names = tuple(zoo.names[:10])
+    report = cached_pairs(zoo, zoo_key(zoo), names, "test")
     r = report["correlations"]["angle_vs_interpolation_advantage"]
+    holds = ("n/a (too few pairs)" if r is None else
+             f"r = {r:+.2f}: " + ("the same trend as the paper" if r > 0.3 else
+                                  "no positive trend here" if r > -0.3 else "the opposite trend here"))
+    st.markdown("**More orthogonal solutions gain more from averaging?** (paper Figure 3). For each pair, the angle "
+                "between θ1 − θ0 and θ2 − θ0 against the interpolation advantage acc(½θ1 + ½θ2) − ½(acc θ1 + acc "
+                f"θ2). The paper sees a positive correlation; on {zoo.name}, {holds}.")
     st.plotly_chart(go.Figure(go.Scatter(x=[p["angle_deg"] for p in report["pairs"]],
                                          y=[100 * p["interpolation_advantage"] for p in report["pairs"]],
-                                         mode="markers"))
-                    .update_layout(title=f"45 pairs of the first 10 models, r = {r:+.2f}", xaxis_title="angle (°)",
-                                   yaxis_title="advantage (points)", height=420), key="tour-angles")
+                                         mode="markers", text=[f"{p['a']} × {p['b']}" for p in report["pairs"]]))
+                    .update_layout(title=f"{len(report['pairs'])} pairs of the first {len(names)} models",
+                                   xaxis_title="angle between θ1 − θ0 and θ2 − θ0 (degrees)",
+                                   yaxis_title="interpolation advantage (test accuracy points)", height=420),
+                    key="tour-angles")
 elif step == STEPS[2]:
-    st.markdown("**Uniform soups fail when bad models join** (Table 3, Figure 1). A random hyperparameter "
-                "search produces some models that are far from the basin; averaging all of them can be worse "
-                "than the best single model.")
-    bars(finetune, ["best", "uniform", "ensemble"], "digits-finetune: all 32 models")
+    zoo = story_zoo
+    uses(zoo)
+    c = versus(zoo, "uniform")
+    claim = ("Averaging all of them is worse than the best single model" if c["significant"] and c["difference"] < 0
+             else "Here averaging all of them is not worse than the best single model")
+    st.markdown(f"**Uniform soups fail when bad models join?** (Table 3, Figure 1). A hyperparameter sweep produces "
+                f"some models far from the basin. {claim}: the uniform soup of all {len(zoo.names)} against "
+                f"the {c['a']} on test, {c['sentence']}.")
+    bars(zoo, ["best", "uniform", "ensemble"], f"{zoo.name}: all {len(zoo.names)} models")
 elif step == STEPS[3]:
-    st.markdown("**Greedy and pruned soups fix it** (Recipe 1; reproduction Algorithm 2). Greedy adds models in "
-                "order of val accuracy only if val accuracy does not drop; pruned starts from all and removes "
-                "models whose removal helps.")
-    bars(finetune, ["best", "uniform", "greedy", "pruned"], "digits-finetune: recipes")
+    zoo = story_zoo
+    uses(zoo)
+    lines = []
+    for recipe in ("greedy", "pruned"):
+        c, name = versus(zoo, recipe), RECIPES[recipe].pretty_name
+        side = "above" if c["difference"] > 0 else "below" if c["difference"] < 0 else "level with"
+        lines.append(f"- {name}: {side} the {c['a']} on test — {c['sentence']}.")
+    uniform = recipe_result(zoo, zoo_key(zoo), "uniform").metrics["test"].accuracy
+    greedy = recipe_result(zoo, zoo_key(zoo), "greedy").metrics["test"].accuracy
+    st.markdown("**Greedy and pruned soups** (Recipe 1; reproduction Algorithm 2). Greedy adds models in order of val "
+                "accuracy only if val accuracy does not drop; pruned starts from all and removes models whose "
+                f"removal does not hurt val. Against the uniform soup: greedy is "
+                f"{100 * (greedy - uniform):+.1f} points on test. Against the best single model:\n" + "\n".join(lines))
+    bars(zoo, ["best", "uniform", "greedy", "pruned"], f"{zoo.name}: recipes")
 elif step == STEPS[4]:
-    st.markdown("**Models trained from scratch do not soup** (paper §3.2 and the reproduction). Without a "
-                "shared pretrained start, solutions lie in different basins and their average is near chance.")
     scratch = load_zoo("digits-scratch")
-    bars(scratch, ["best", "uniform", "ensemble"], "digits-scratch: 8 models from random inits")
+    uses(scratch, " (models trained from different random initialisations)")
+    c = versus(scratch, "uniform")
+    st.markdown("**Models trained from scratch do not soup?** (paper §3.2 and the reproduction). Without a shared "
+                f"pretrained start, solutions lie in different basins. Here the uniform soup of all "
+                f"{len(scratch.names)} scores {100 * c['accuracy_b']:.1f}% on test against "
+                f"{100 * c['accuracy_a']:.1f}% for the {c['a']} ({c['sentence']}).")
+    bars(scratch, ["best", "uniform", "ensemble"], f"digits-scratch: {len(scratch.names)} models from random inits")
 else:
-    st.markdown("**BatchNorm** (reproduction: ResNet/EfficientNet soups collapsed). Running statistics belong to "
-                "the weights they were measured with. Along the line θ0 → a fine-tuned CNN, compare keeping θ0's "
-                "statistics, interpolating them, and recomputing them at every point.")
     bn_zoo = load_zoo("digits-bn")
-    fig = go.Figure()
+    uses(bn_zoo, " (a CNN with BatchNorm)")
+    first = bn_zoo.names[0]
+    fig, middle = go.Figure(), {}
     for policy in ("recompute", "interpolate", "keep"):
-        path = cached_path(bn_zoo, zoo_key(bn_zoo), "base", "bn-00", policy)
-        fig.add_trace(go.Scatter(x=path["alphas"], y=100 * np.array(path["error"]["test"]), name=policy,
-                                 mode="lines+markers"))
-    st.plotly_chart(fig.update_layout(xaxis_title="α (θ0 → bn-00)", yaxis_title="test error (%)", height=420),
+        path = cached_path(bn_zoo, zoo_key(bn_zoo), "base", first, policy, 0.0, 1.0, 11)
+        errors = 100 * np.array(path["error"]["test"])
+        middle[policy] = errors[len(errors) // 2]
+        fig.add_trace(go.Scatter(x=path["alphas"], y=errors, name=policy, mode="lines+markers"))
+    keep_end = 100 * np.array(cached_path(bn_zoo, zoo_key(bn_zoo), "base", first, "keep", 0.0, 1.0, 11)
+                              ["error"]["test"])[-1]
+    st.markdown("**BatchNorm** (reproduction: ResNet/EfficientNet soups collapsed). Running statistics belong to the "
+                f"weights they were measured with. Along the line θ0 → {first}, at α = ½ the test error is "
+                f"{middle['recompute']:.1f}% with statistics recomputed, {middle['interpolate']:.1f}% with them "
+                f"interpolated and {middle['keep']:.1f}% with θ0's kept; at {first} itself, keeping θ0's "
+                f"statistics gives {keep_end:.1f}%.")
+    st.plotly_chart(fig.update_layout(xaxis_title=f"α (θ0 → {first})", yaxis_title="test error (%)", height=420),
                     key="tour-bn")
-    shifts = bn_zoo.evaluator.shift_names
     soup = recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform").metrics
-    st.caption(f"The uniform soup of all 12 BatchNorm models (statistics averaged): test "
-               f"{100 * soup['test'].accuracy:.1f}%, shifts {100 * shift_average(soup, shifts):.1f}%.")
+    st.caption(f"How to read this: each line is one way to treat BatchNorm statistics along the line. The uniform "
+               f"soup of all {len(bn_zoo.names)} BatchNorm models (statistics averaged) scores "
+               f"{100 * soup['test'].accuracy:.1f}% on test.")

@@ -250,3 +250,30 @@ def pair_analyses(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: E
         if progress is not None:
             progress((i + 1) / len(pairs), f"{x} × {y}")
     return PairReport(split, out)
+
+
+def flattest_pair(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: Evaluator, *, split: str = VAL,
+                  candidates: int = 6, points: int = 11) -> tuple[str, str, float]:
+    """Among the ``candidates`` models best on ``split``, the two with the lowest error barrier
+    between them on ``split`` (paper Figure 2's "one basin" pair), and that barrier (a fraction).
+
+    Chosen on the held-out split only, so that a barrier reported on test is not picked to look
+    good. BatchNorm statistics are recomputed at every point, as the landscapes' default does.
+    """
+    from soup_core.landscape import recompute_batchnorm
+    scores = {n: evaluator.accuracy(s, split) for n, s in states.items()}
+    best = sorted(scores, key=lambda n: -scores[n])[:max(2, candidates)]
+    alphas = np.linspace(0.0, 1.0, points)
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in evaluator.model.modules())
+
+    def error(state: Mapping[str, torch.Tensor]) -> float:
+        if has_batchnorm and evaluator.train is not None:
+            state = recompute_batchnorm(evaluator, state)
+        return 1.0 - evaluator.accuracy(state, split, cache=False)
+
+    barriers = {}
+    for x, y in itertools.combinations(best, 2):
+        errors = np.array([error(interpolate(states[x], states[y], float(t))) for t in alphas])
+        barriers[(x, y)] = float(np.max(errors - ((1 - alphas) * errors[0] + alphas * errors[-1])))
+    (x, y), barrier = min(barriers.items(), key=lambda item: item[1])
+    return x, y, barrier

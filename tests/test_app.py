@@ -454,3 +454,35 @@ def test_the_live_soup_says_whether_it_beats_the_best_model_and_how_surely():
     greedy = make_soup(zoo, "greedy")
     row = table[table["recipe"] == "Greedy soup"].iloc[0]
     assert row["test vs best"] == versus_best(greedy, zoo.ingredients(), zoo.evaluator)[0].sentence()
+
+
+def test_the_tour_says_what_its_own_data_shows():
+    """Every claim is measured on the zoo the step shows: the pair, its barrier, each comparison."""
+    import numpy as np
+
+    from soup_core.landscape import interpolation_path
+    from soup_core.pairs import flattest_pair
+    from soup_core.significance import versus_best
+    zoo = open_zoo("digits-finetune")
+    at = _app()
+    at.switch_page("pages/tour.py").run()
+    text = " ".join(m.value for m in at.markdown)
+    a, b, _ = flattest_pair(zoo.ingredients(), zoo.evaluator)
+    line = interpolation_path(zoo.evaluator, zoo.state_dict(a), zoo.state_dict(b), np.linspace(0, 1, 11),
+                              splits=["test"])
+    barrier = 100 * line.barrier(line.error["test"])
+    assert f"**{a}** and **{b}**" in text and f"{barrier:.1f} points" in text
+    assert ("stays in the basin" in text) == (barrier < 1.0)
+    at.button(key="tour-next").click().run()
+    at.button(key="tour-next").click().run()
+    assert at.radio(key="tour-step").value.startswith("3")
+    uniform = versus_best(make_soup(zoo, "uniform"), zoo.ingredients(), zoo.evaluator)[0]
+    assert uniform.sentence() in " ".join(m.value for m in at.markdown)
+    at.button(key="tour-next").click().run()
+    text = " ".join(m.value for m in at.markdown)
+    greedy = versus_best(make_soup(zoo, "greedy"), zoo.ingredients(), zoo.evaluator)[0]
+    side = "above" if greedy.difference > 0 else "below" if greedy.difference < 0 else "level with"
+    assert f"Greedy soup: {side} the {greedy.a} on test — {greedy.sentence()}" in text
+    assert "fix it" not in text
+    at.button(key="tour-back").click().run()
+    assert at.radio(key="tour-step").value.startswith("3") and not at.exception
