@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
+from soup_core.align import barrier_table
 from soup_core.evaluate import TEST, VAL, shift_average
 from soup_core.export import Candidate, ExportPlan, plan_export
 from soup_core.geometry import pairwise_angles
@@ -28,8 +29,20 @@ def load_zoo(name: str) -> Zoo:
 
 
 def zoo_key(zoo: Zoo) -> tuple:
-    """What identifies a session's zoo for caching: its name and checkpoint files."""
-    return (zoo.name, *(str(zoo.path(n)) for n in zoo.names))
+    """What identifies a session's zoo for caching: its name, checkpoint files and alignment."""
+    return (zoo.name, zoo.aligned_to, *(str(zoo.path(n)) for n in zoo.names))
+
+
+@st.cache_resource(show_spinner="Matching hidden units…", max_entries=8)
+def aligned_zoo(_zoo: Zoo, key: tuple, reference: str) -> Zoo:
+    """The zoo with every checkpoint's units permuted to match ``reference`` (never mutate it)."""
+    return _zoo.aligned(reference)
+
+
+@st.cache_data(show_spinner="Measuring barriers…", max_entries=8)
+def cached_barriers(_zoo: Zoo, key: tuple, reference: str, split: str) -> list[dict]:
+    """Every pair's error barrier before and after alignment to ``reference``."""
+    return barrier_table(_zoo, aligned_zoo(_zoo, key, reference), _zoo.evaluator, split)
 
 
 def report_columns(evaluator) -> list[str]:

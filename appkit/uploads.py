@@ -14,6 +14,7 @@ import streamlit as st
 
 from soup_core.errors import SoupError
 from soup_core.io import CHECKPOINT_SUFFIXES, load_state_dict_bytes, save_state_dict, validate_state_dicts
+from soup_core.io.write import process_alive
 from soup_core.recipes import RECIPES
 from soup_core.zoo import BASE, Zoo
 
@@ -36,20 +37,10 @@ def sweep_dead_servers(root: Path | None = None) -> list[Path]:
     swept = []
     for folder in Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
         pid = folder.name.removeprefix(FOLDER_PREFIX).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             swept.append(folder)
     return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _session_folder() -> Path:

@@ -51,6 +51,7 @@ class Candidate:
     plane: tuple[str, str, str] | None = None
     xy: tuple[float, float] | None = None
     bn: str = "recompute"
+    align: str | None = None  # checkpoints first aligned to this one (soup_core.align)
 
     @classmethod
     def ticked(cls, names: Sequence[str]) -> Candidate:
@@ -58,14 +59,15 @@ class Candidate:
         return cls("recipe", "uniform", tuple(names))
 
     @classmethod
-    def of_recipe(cls, recipe: str, ingredients: Sequence[str] | None = None, **params: Any) -> Candidate:
+    def of_recipe(cls, recipe: str, ingredients: Sequence[str] | None = None, *, align: str | None = None,
+                  **params: Any) -> Candidate:
         return cls("recipe", recipe, tuple(ingredients) if ingredients is not None else None,
-                   tuple(sorted(params.items())))
+                   tuple(sorted(params.items())), align=align)
 
     @classmethod
-    def point(cls, plane: Sequence[str], xy: Sequence[float], bn: str) -> Candidate:
+    def point(cls, plane: Sequence[str], xy: Sequence[float], bn: str, *, align: str | None = None) -> Candidate:
         a, b, c = plane
-        return cls("point", plane=(a, b, c), xy=(float(xy[0]), float(xy[1])), bn=bn)
+        return cls("point", plane=(a, b, c), xy=(float(xy[0]), float(xy[1])), bn=bn, align=align)
 
     def title(self) -> str:
         if self.kind == "point":
@@ -84,10 +86,12 @@ class Candidate:
         if self.kind == "point":
             (a, b, c), (x, y) = self.plane, self.xy
             return ["soup", "point", zoo, "--plane", a, b, c, "--xy", _number(x), _number(y),
-                    "--bn", self.bn, "--out", out]
+                    "--bn", self.bn, *(["--align", self.align] if self.align else []), "--out", out]
         argv = ["soup", "make", self.recipe, zoo]
         if self.ingredients is not None:
             argv += ["--ingredients", ",".join(self.ingredients)]
+        if self.align:
+            argv += ["--align", self.align]
         for name, value in self.params:
             argv += [RECIPES[self.recipe].parameter(name).flag, str(value)]
         return argv + ["--out", out]
@@ -179,6 +183,10 @@ def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, resul
     common = {"zoo": zoo.name, "manifest": str(zoo.manifest),
               "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
               "library_version": __version__, "command": shlex.join(command) if command else None}
+    if candidate.align and zoo.aligned_to != candidate.align:
+        zoo = zoo.aligned(candidate.align)
+    if zoo.aligned_to:
+        common["aligned_to"] = zoo.aligned_to
     if candidate.kind == "point":
         evaluator = zoo.require_evaluator("a landscape point")
         (x, y) = candidate.xy

@@ -486,3 +486,21 @@ def test_the_tour_says_what_its_own_data_shows():
     assert "fix it" not in text
     at.button(key="tour-back").click().run()
     assert at.radio(key="tour-step").value.startswith("3") and not at.exception
+
+
+def test_the_tours_scratch_step_reports_what_alignment_measures():
+    import numpy as np
+
+    from soup_core.align import barrier_table
+    zoo = open_zoo("digits-scratch")
+    aligned = zoo.aligned("scratch-00")
+    table = barrier_table(zoo, aligned, zoo.evaluator, "test")
+    at = _app()
+    at.switch_page("pages/tour.py").run()
+    at.radio(key="tour-step").set_value(next(s for s in at.radio(key="tour-step").options if s.startswith("5"))).run()
+    text = " ".join(m.value for m in at.markdown)
+    assert not at.exception
+    assert f"**{100 * np.mean([r['before'] for r in table]):.1f} points**" in text
+    assert f"**{100 * np.mean([r['after'] for r in table]):.1f} points**" in text
+    soup = make_soup(aligned, "uniform").metrics["test"].accuracy
+    assert f"aligned models scores {100 * soup:.1f}%" in text

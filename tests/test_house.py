@@ -140,3 +140,57 @@ def test_an_installed_wheel_opens_the_sample_zoos_outside_the_checkout(tmp_path)
     requires = PathDistribution(next(site.glob("model_soup_lab-*.dist-info"))).requires
     assert {"torch", "safetensors", "numpy", "scipy", "scikit-learn", "tqdm"} <= {r.split(">")[0].split("<")[0]
                                                                                    for r in requires}
+
+
+def _weights_only_zoo(folder, megabytes: int = 64):
+    """Two random checkpoints large enough that writing their soup takes a noticeable moment."""
+    folder.mkdir()
+    for i in range(2):
+        save_state_dict({"w": torch.randn(megabytes << 18, generator=torch.Generator().manual_seed(i))},
+                        folder / f"m{i}.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_killed_export_leaves_the_previous_file_and_the_next_run_no_temp_file(tmp_path, signal_name):
+    import os
+    import signal
+    import time
+    zoo = _weights_only_zoo(tmp_path / "zoo")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "soup.safetensors"
+    out.write_bytes(b"the previous soup")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "soup_core", "make", "uniform", str(zoo), "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(out_dir.glob(".soup.safetensors.*.partial")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export finished before it could be interrupted"
+    proc.send_signal(getattr(signal, signal_name))
+    proc.wait(timeout=120)
+    assert out.read_bytes() == b"the previous soup"
+    if signal_name != "SIGKILL":  # unwound: nothing left behind at all
+        assert sorted(p.name for p in out_dir.iterdir()) == ["soup.safetensors"]
+        assert proc.returncode == 130 and proc.stderr.read().decode().strip() == "soup: interrupted"
+    result = subprocess.run([sys.executable, "-m", "soup_core", "make", "uniform", str(zoo), "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["soup.md", "soup.safetensors"]
+    assert out.read_bytes() != b"the previous soup"
+
+
+def test_a_full_disk_is_one_line_and_the_previous_file_stays(tmp_path, monkeypatch):
+    import errno
+
+    import soup_core.io.write as write
+    out = save_state_dict({"w": torch.ones(2)}, tmp_path / "soup.safetensors")
+    before = out.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(write.os, "fsync", full)
+    with pytest.raises(errors.CheckpointError, match="no space left on the device; nothing was written"):
+        save_state_dict({"w": torch.zeros(2)}, out)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["soup.safetensors"]

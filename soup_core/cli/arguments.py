@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("zoo", metavar="ZOO", help="a sample zoo's name, a zoo.toml, or a folder of checkpoints")
         return p
 
+    def alignable(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--align", metavar="REF", help="first permute every checkpoint's hidden units to match REF "
+                       "(weight matching; for models trained from scratch)")
+
     def common(p: argparse.ArgumentParser, device: bool = True) -> None:
         if device:
             p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
@@ -141,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=", ".join(f"{n} ({r.reference})" for n, r in RECIPES.items()))
     make.add_argument("zoo", metavar="ZOO", help="a sample zoo's name, a zoo.toml, or a folder of checkpoints")
     make.add_argument("--ingredients", metavar="A,B,...", help="only these checkpoints (default: all)")
+    alignable(make)
     make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance, and its "
                       "model card as FILE's name with .md (a folder for Hugging Face zoos)")
     common(make)
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     landscape.add_argument("--max-samples", type=int_in(1), default=None,
                            help="a seeded subsample of each split (default: all samples)")
     landscape.add_argument("--resume", metavar="FILE", help="continue a partial run saved in FILE (and save to it)")
+    alignable(landscape)
     common(landscape)
 
     path = zoo_command("path", "loss and error on the line through two points (error barriers)", cmd.cmd_path)
@@ -168,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="α from LO to HI")
     path.add_argument("--split", default="val", help="split(s), comma-separated")
     path.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
+    alignable(path)
     common(path)
 
     pairs = zoo_command("pairs", "angle vs interpolation advantage, soup vs ensemble (Figures 3, 4)", cmd.cmd_pairs)
     pairs.add_argument("--split", default="test", help="the split reported (β is always fitted on val)")
     pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints (default: all)")
+    alignable(pairs)
     pairs.add_argument("--curvature", choices=CURVATURE_METHODS, default="auto",
                        help="d²L/dα² for §4: jvp (exact in one linear region; smooth networks), fit (quadratic "
                             "fit of L(α) over ±0.05; networks with kinks), auto (jvp only for smooth networks)")
@@ -184,5 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="coordinates in the plane (L2 units, as `soup landscape` reports them)")
     point.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
     point.add_argument("--out", required=True, metavar="FILE", help="where to write the safetensors file")
+    alignable(point)
     common(point)
+
+    align = zoo_command("align", "permute every checkpoint's hidden units to match one (weight matching, "
+                        "Ainsworth et al. 2023): for models trained from scratch", cmd.cmd_align)
+    align.add_argument("--to", required=True, metavar="REF", help="the checkpoint the others are matched to")
+    align.add_argument("--out", required=True, metavar="DIR", help="folder for the aligned checkpoints")
+    align.add_argument("--split", default="test", help="the split barriers and the soup are reported on")
+    common(align)
     return parser

@@ -37,8 +37,10 @@ def check_device(device: str | None) -> str | None:
 
 
 def open_zoo_for(args: argparse.Namespace):
+    """The zoo a command works on; with ``--align REF``, its checkpoints permuted to match REF."""
     from soup_core.zoo import open_zoo
-    return open_zoo(args.zoo, device=check_device(args.device))
+    zoo = open_zoo(args.zoo, device=check_device(args.device))
+    return zoo.aligned(args.align) if getattr(args, "align", None) else zoo
 
 
 def zoo_inputs(zoo) -> list[Path]:
@@ -170,7 +172,7 @@ def cmd_make(args: argparse.Namespace) -> None:
         if result.state_dict is None:
             raise UsageError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
                              "be written as a checkpoint; choose a soup recipe")
-        candidate = Candidate.of_recipe(args.recipe, chosen, **params)
+        candidate = Candidate.of_recipe(args.recipe, chosen, align=args.align, **params)
         plan = plan_export(zoo, candidate, out=args.out, result=result)
         written = plan.write(args.out, inputs=zoo_inputs(zoo))
         payload["out"] = args.out
@@ -267,10 +269,43 @@ def cmd_point(args: argparse.Namespace) -> None:
     from soup_core.export import Candidate, plan_export
     zoo = open_zoo_for(args)
     zoo.require_evaluator("a landscape point")
-    plan = plan_export(zoo, Candidate.point(args.plane, args.xy, args.bn), out=args.out)
+    plan = plan_export(zoo, Candidate.point(args.plane, args.xy, args.bn, align=args.align), out=args.out)
     written = plan.write(args.out, inputs=zoo_inputs(zoo))
     write_json(args.json, {"zoo": zoo.name, "plane": list(args.plane), "xy": list(args.xy), "bn": args.bn,
                            "metrics": metrics_to_json(plan.metrics), "out": args.out}, zoo_inputs(zoo))
     say(args, f"point ({args.xy[0]}, {args.xy[1]}) of the plane {', '.join(args.plane)}: "
               f"{metrics_line(plan.metrics, zoo.evaluator.shift_names)}\n  written to {args.out}"
               + (f" (model card: {written[1]})" if len(written) > 1 else ""))
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    """Aligned checkpoints in a folder of their own, and what alignment did to barriers and the soup."""
+    import numpy as np
+
+    from soup_core.align import barrier_table
+    from soup_core.io import save_state_dict
+    from soup_core.params import uniform_average
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo(args.zoo, device=check_device(args.device))
+    aligned = zoo.aligned(args.to)
+    out = Path(args.out)
+    inputs = zoo_inputs(zoo)
+    for name in zoo.names:
+        save_state_dict(aligned.state_dict(name), out / f"{name}.safetensors", inputs=inputs,
+                        provenance={"aligned_to": args.to, "source": str(zoo.path(name)), "source_sha256":
+                                    zoo.sha256[name], "method": "weight matching (Ainsworth et al. 2023)",
+                                    "zoo": zoo.name})
+    evaluator = zoo.require_evaluator("alignment")
+    split = splits_of(zoo, args.split, "alignment")[0]
+    table = barrier_table(zoo, aligned, evaluator, split)
+    before, after = (uniform_average([z.state_dict(n) for n in zoo.names]) for z in (zoo, aligned))
+    soup = {"before": evaluator.accuracy(before, split), "after": evaluator.accuracy(after, split)}
+    write_json(args.json, {"zoo": zoo.name, "aligned_to": args.to, "out": str(out), "split": split,
+                           "pairs": table, "uniform_soup_accuracy": soup}, inputs)
+    for label in ("before", "after"):
+        values = np.array([row[label] for row in table]) * 100
+        say(args, f"error barrier {label} alignment, {len(table)} pairs on {split}: {values.mean():.1f} ± "
+                  f"{values.std(ddof=1) if len(values) > 1 else 0:.1f} points (max {values.max():.1f}); "
+                  f"uniform soup {100 * soup[label]:.1f}%")
+    say(args, f"aligned checkpoints written to {out} (use `--align {args.to}` with make, landscape, path, pairs "
+              "and point to work on them in place)")

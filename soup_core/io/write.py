@@ -1,8 +1,11 @@
 """Write state dicts and any other output — atomically, never over an input.
 
-Every file the library writes goes through :func:`atomic_write`: the bytes go to a hidden temp
-file in the target's own folder, are flushed to disk, and replace the target in one rename. A
-crash, a full disk or Ctrl-C leaves the previous file as it was, never half a file.
+Every file the library writes goes through :func:`atomic_path`: the bytes go to a hidden
+folder beside the target (``.NAME.PID-XXXX.partial``, where the writer — safetensors too — keeps
+any temp files of its own), are flushed to disk, and replace the target in one rename. A crash,
+a full disk, Ctrl-C or SIGTERM leaves the previous file as it was, never half a file; what a
+killed process (SIGKILL) leaves behind is swept by the next write to the same target, once
+that process is gone. A full disk is one clear error.
 
 >>> import torch, tempfile, os
 >>> from soup_core.io import save_state_dict, load_state_dict
@@ -15,6 +18,8 @@ crash, a full disk or Ctrl-C leaves the previous file as it was, never half a fi
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -27,7 +32,7 @@ import safetensors.torch
 import torch
 
 from soup_core.errors import CheckpointError
-from soup_core.io.read import PROVENANCE_KEY, TIED_KEY
+from soup_core.io.read import PROVENANCE_KEY, TIED_KEY, short
 from soup_core.state import tied_aliases
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
@@ -43,21 +48,51 @@ def refuse_inputs(target: str | os.PathLike[str], inputs: Iterable[str | os.Path
             raise CheckpointError(f"{target}: refusing to write over an input checkpoint ({item})")
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_partials(path: Path) -> list[Path]:
+    """Remove what killed writers of ``path`` left beside it; returns what went."""
+    swept = []
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"):
+        pid = leftover.name[len(path.name) + 2:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+            swept.append(leftover)
+    return swept
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temp path beside ``path``; on success it replaces ``path``, on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    sweep_partials(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX, dir=path.parent))
+    tmp = folder / path.name
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CheckpointError(f"{path}: no space left on the device; nothing was written and the previous "
+                                  "file is unchanged") from None
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
@@ -121,9 +156,19 @@ def save_state_dict(
     refuse_inputs(path, inputs)
     tensors, aliases = _tensors_to_write(state)
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=_metadata(provenance, aliases))
-        _sort_header_in_place(tmp)
+        _save_file(tensors, tmp, _metadata(provenance, aliases))
     return Path(path)
+
+
+def _save_file(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """safetensors' writer, with its errors (a full disk among them) as one clear line."""
+    try:
+        safetensors.torch.save_file(tensors, path, metadata=dict(metadata))
+    except safetensors.SafetensorError as exc:
+        if "No space left" in str(exc) or "os error 28" in str(exc):
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+        raise CheckpointError(f"{path.name}: cannot be written ({short(exc)})") from None
+    _sort_header_in_place(path)
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor], provenance: Mapping[str, Any] | None = None) -> bytes:
@@ -182,20 +227,20 @@ def save_hf_directory(
     shards = _shards(tensors, max_shard_bytes)
     metadata = _metadata(provenance)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    sweep_partials(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX,
+                                    dir=directory.parent))
     try:
         for item in source.iterdir():
             if item.is_file() and not item.name.endswith(WEIGHT_FILE_SUFFIXES) and item.name not in (extra_files or {}):
                 shutil.copy2(item, staging / item.name)
         if len(shards) == 1:
-            safetensors.torch.save_file(shards[0], staging / "model.safetensors", metadata=metadata)
-            _sort_header_in_place(staging / "model.safetensors")
+            _save_file(shards[0], staging / "model.safetensors", metadata)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                safetensors.torch.save_file(shard, staging / name, metadata=metadata)
-                _sort_header_in_place(staging / name)
+                _save_file(shard, staging / name, metadata)
                 weight_map.update({k: name for k in shard})
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                      "weight_map": weight_map}

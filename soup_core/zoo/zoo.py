@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from soup_core.align import permutation_groups, permute, weight_matching
 from soup_core.data import data_evaluator
 from soup_core.errors import CheckpointError, DataError, ModelError, SoupError, ZooError
 from soup_core.evaluate import Evaluator, Metrics
@@ -43,6 +44,7 @@ class Zoo:
         self.device = device
         self.entries: dict[str, CheckpointEntry] = {e.name: e for e in manifest.entries}
         self.base_path: Path | None = manifest.base_path
+        self.aligned_to: str | None = None  # see aligned()
         self._states: dict[str, StateDict] = {}
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -106,6 +108,27 @@ class Zoo:
         other._states = dict(self._states)
         for derived in ("validation", "sha256"):
             other.__dict__.pop(derived, None)
+        return other
+
+    def aligned(self, reference: str) -> Zoo:
+        """A new Zoo whose checkpoints have their hidden units permuted to match ``reference``'s
+        (weight matching, :mod:`soup_core.align`): each computes the same function as before.
+
+        For models trained from scratch (paper §3.2). θ0, when there is one, is left as it is.
+        """
+        if reference not in self.entries:
+            raise ZooError(f"{self.name}: no checkpoint {reference!r} to align to; it has {', '.join(self.names)}")
+        evaluator = self.require_evaluator("alignment")  # the model's graph, and inputs for its shapes
+        example = next(iter(evaluator.splits.values())).inputs[:2]
+        groups = permutation_groups(evaluator.model, example)
+        ingredients = self.ingredients()
+        other = copy.copy(self)
+        other._states = dict(self._states)
+        for name, state in ingredients.items():
+            if name != reference:
+                perms = weight_matching(ingredients[reference], state, groups)
+                other._states[name] = permute(state, groups, perms)
+        other.aligned_to = reference
         return other
 
     def hparams(self, name: str) -> Mapping[str, Any]:
