@@ -9,7 +9,6 @@ import json
 import struct
 import zipfile
 
-import pytest
 import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings

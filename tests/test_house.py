@@ -107,7 +107,7 @@ def test_the_sample_zoos_are_package_data():
     from soup_core.zoo import sample_root, sample_zoos
     import sample_data
     assert sample_root() == (ROOT / "sample_data").resolve() == sample_root().parent / "sample_data"
-    assert set(sample_zoos()) == {"digits-bn", "digits-finetune", "digits-scratch"}
+    assert set(sample_zoos()) == {"digits-bn", "digits-finetune", "digits-scratch", "digits-soup"}
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"*/checkpoints/*.safetensors"' in pyproject and sample_data.__file__
 

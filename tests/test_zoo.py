@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_sample_zoos_are_complete_and_small():
     zoos = sample_zoos()
-    assert set(zoos) == {"digits-finetune", "digits-scratch", "digits-bn"}
+    assert set(zoos) == {"digits-finetune", "digits-scratch", "digits-bn", "digits-soup"}
     assert len(open_zoo("digits-finetune").names) >= 32
     assert len(open_zoo("digits-scratch").names) >= 8
     total = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*.safetensors"))
@@ -80,3 +80,19 @@ def test_the_builder_regenerates_the_committed_checkpoints():
         assert dict(zoo.hparams(name)) == hparams.__dict__
         for key, value in state.items():
             assert torch.allclose(value, zoo.state_dict(name)[key], atol=1e-4), (name, key)
+
+
+@pytest.mark.slow
+def test_the_paper_conditions_builder_regenerates_the_committed_checkpoints():
+    import torch
+
+    from sample_data.paper import good_sweep, pretrain_on_source
+
+    torch.use_deterministic_algorithms(True)
+    zoo = open_zoo("digits-soup")
+    theta0 = pretrain_on_source()
+    for key, value in theta0.state_dict().items():
+        assert torch.allclose(value, zoo.base[key], atol=1e-5), key
+    for name, (state, hparams) in good_sweep(theta0, 2, sweep_seed=0).items():
+        assert dict(zoo.hparams(name)) == hparams.__dict__
+        assert all(torch.allclose(v, zoo.state_dict(name)[k], atol=1e-4) for k, v in state.items()), name
