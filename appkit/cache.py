@@ -5,6 +5,7 @@ Cached resources are shared between sessions: never mutate what these functions 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pandas as pd
@@ -20,6 +21,16 @@ from soup_core.pairs import flattest_pair, pair_analyses
 from soup_core.recipes import SoupResult
 from soup_core.significance import versus_best
 from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
+
+
+@st.cache_resource(show_spinner="Connecting to the Ray cluster…")
+def ray_cluster():
+    """The Ray cluster at ``SOUP_RAY_ADDRESS`` (landscapes run there), or None when it is unset."""
+    address = os.environ.get("SOUP_RAY_ADDRESS")
+    if not address:
+        return None
+    from soup_core import distributed
+    return distributed.connect(address)
 
 
 @st.cache_resource(show_spinner="Opening the zoo…")

@@ -6,7 +6,7 @@ The official model-soups code (Wortsman et al., ``main.py``) scores every model 
 held-out set by loading it from disk into a fresh model, sorts, and then for each
 candidate loads it from disk again, forms the running float32 average, builds a model
 from that state dict and evaluates it from scratch; it accepts on a strict improvement.
-That loop is reproduced below. Ours (``soup_core.recipes.greedy_soup``) keeps a float64
+That loop is reproduced below. Ours (the ``greedy`` recipe, ``soup_core.recipes.greedy``) keeps a float64
 running sum of memory-mapped tensors and evaluates through one model with
 ``torch.func.functional_call``, caching per-checkpoint logits by content. Both start cold
 (nothing loaded, nothing cached) and use the same val split and tie rule (``gt``); the

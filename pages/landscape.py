@@ -4,10 +4,11 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.cache import export_plan, zoo_key
+from appkit.cache import export_plan, ray_cluster, zoo_key
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
 from appkit.workspace import set_export
+from soup_core import distributed
 from soup_core.errors import SoupError
 from soup_core.export import Candidate
 from soup_core.landscape import plane_landscape
@@ -23,6 +24,7 @@ if zoo.evaluator is None:
     st.stop()
 
 SOUPS = ["uniform", "greedy"]
+RAY_WORKERS = 2
 choices = ([BASE] if zoo.has_base else []) + list(zoo.names) + SOUPS
 
 
@@ -54,9 +56,14 @@ def landscape_view() -> None:
             st.error(str(exc))
             return
         bar = st.progress(0.0, text="Computing…")
-        result = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split], bn=bn,
-                                 projections=projections,
-                                 progress=lambda f, m: bar.progress(min(f, 1.0), text=m))
+        report = lambda f, m: bar.progress(min(f, 1.0), text=m)  # noqa: E731
+        ray = ray_cluster()
+        if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
+            result = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split], bn=bn,
+                                           projections=projections, workers=RAY_WORKERS, progress=report)
+        else:
+            result = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split], bn=bn,
+                                     projections=projections, progress=report)
         bar.empty()
         st.session_state["landscape"] = (key, result)
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("zoo", metavar="ZOO", help="a sample zoo's name, a zoo.toml, or a folder of checkpoints")
         return p
 
+    def distributable(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ray", metavar="auto|ADDRESS", help="run on a Ray cluster: auto starts a private one on "
+                       "127.0.0.1; HOST:PORT joins `ray start --head` (default: this process only)")
+        p.add_argument("--workers", type=int_in(1, 4096), default=None,
+                       help="Ray workers, one per GPU or per CPU core (default: 2, or the cores with auto)")
+
     def alignable(p: argparse.ArgumentParser) -> None:
         p.add_argument("--align", metavar="REF", help="first permute every checkpoint's hidden units to match REF "
                        "(weight matching; for models trained from scratch)")
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(angles, device=False)
 
     evaluate = zoo_command("evaluate", "score every checkpoint of a zoo on every split", cmd.cmd_evaluate)
+    distributable(evaluate)
     common(evaluate)
 
     make = command("make", "make a soup with a recipe", cmd.cmd_make)
@@ -164,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a seeded subsample of each split (default: all samples)")
     landscape.add_argument("--resume", metavar="FILE", help="continue a partial run saved in FILE (and save to it)")
     alignable(landscape)
+    distributable(landscape)
     common(landscape)
 
     path = zoo_command("path", "loss and error on the line through two points (error barriers)", cmd.cmd_path)
@@ -181,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--split", default="test", help="the split reported (β is always fitted on val)")
     pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints (default: all)")
     alignable(pairs)
+    distributable(pairs)
     pairs.add_argument("--curvature", choices=CURVATURE_METHODS, default="auto",
                        help="d²L/dα² for §4: jvp (exact in one linear region; smooth networks), fit (quadratic "
                             "fit of L(α) over ±0.05; networks with kinks), auto (jvp only for smooth networks)")

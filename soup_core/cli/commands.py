@@ -128,12 +128,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     zoo = open_zoo_for(args)
     zoo.validation.raise_for_errors()
     evaluator = zoo.require_evaluator("evaluate")
+    if args.ray:
+        from soup_core import distributed
+        with distributed.cluster(args.ray, workers=args.workers) as ray:
+            scored = distributed.scores(ray, zoo, zoo.all_names, workers=args.workers or 2)
     rows = []
     for name in tqdm(zoo.all_names, desc="evaluate", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()):
-        metrics = evaluator.evaluate(zoo.state_dict(name))
+        metrics = metrics_to_json(evaluator.evaluate(zoo.state_dict(name))) if not args.ray else scored[name]
         hparams = dict(zoo.hparams(name)) if name in zoo.entries else {}
-        rows.append({"name": name, "hparams": hparams, "metrics": metrics_to_json(metrics)})
-        say(args, f"{name:12s} {metrics_line(metrics, evaluator.shift_names)}")
+        rows.append({"name": name, "hparams": hparams, "metrics": metrics})
+        accuracies = "  ".join(f"{s} {m['accuracy']:.2%}" for s, m in metrics.items() if s in ("val", "test"))
+        say(args, f"{name:12s} {accuracies}")
     write_json(args.json, {"zoo": zoo.name, "splits": list(evaluator.split_names),
                            "device": str(evaluator.device), "checkpoints": rows}, zoo_inputs(zoo))
 
@@ -206,13 +211,26 @@ def cmd_landscape(args: argparse.Namespace) -> None:
             resume = Landscape.from_json(json.loads(Path(args.resume).read_text()))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{args.resume}: not a landscape JSON this command wrote ({exc})") from None
+    def payload_of(result) -> dict:
+        return {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,
+                **result.to_json()}
+
     bar, report = progress_bar("landscape")
     with bar:
-        result = plane_landscape(zoo.evaluator, plane, grid=args.grid, margin=args.margin, splits=splits,
-                                 bn=args.bn, projections=projections, max_samples=args.max_samples,
-                                 resume=resume, progress=report)
-    payload = {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,
-               **result.to_json()}
+        if args.ray:
+            from soup_core import distributed
+            save = (lambda partial: write_json(args.resume, payload_of(partial), zoo_inputs(zoo))) if args.resume \
+                else None
+            with distributed.cluster(args.ray, workers=args.workers) as ray:
+                result = distributed.landscape(ray, zoo, args.points, grid=args.grid, margin=args.margin,
+                                               splits=splits, bn=args.bn, max_samples=args.max_samples,
+                                               projections=projections, resume=resume, workers=args.workers or 2,
+                                               progress=report, checkpoint=save)
+        else:
+            result = plane_landscape(zoo.evaluator, plane, grid=args.grid, margin=args.margin, splits=splits,
+                                     bn=args.bn, projections=projections, max_samples=args.max_samples,
+                                     resume=resume, progress=report)
+    payload = payload_of(result)
     write_json(args.json, payload, zoo_inputs(zoo))
     if args.resume:
         write_json(args.resume, payload, zoo_inputs(zoo))
@@ -252,8 +270,14 @@ def cmd_pairs(args: argparse.Namespace) -> None:
     bar, report = progress_bar("pairs")
     with bar:
         chosen = [n for n in args.ingredients.split(",") if n] if args.ingredients else None
-        result = pair_analyses(zoo.ingredients(chosen), zoo.evaluator, base=zoo.base, split=split, progress=report,
-                               curvature=args.curvature)
+        if args.ray:
+            from soup_core import distributed
+            with distributed.cluster(args.ray, workers=args.workers) as ray:
+                result = distributed.pair_report(ray, zoo, list(zoo.ingredients(chosen)), split=split,
+                                                 curvature=args.curvature, workers=args.workers or 2, progress=report)
+        else:
+            result = pair_analyses(zoo.ingredients(chosen), zoo.evaluator, base=zoo.base, split=split,
+                                   progress=report, curvature=args.curvature)
     payload = {"zoo": zoo.name, **result.to_json()}
     write_json(args.json, payload, zoo_inputs(zoo))
     say(args, f"{len(result.pairs)} pairs on {split}")

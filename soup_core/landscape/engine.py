@@ -376,6 +376,17 @@ class SliceEvaluator:
             out[f"{name}.running_var"] = totals[2 * i + 1] / batches
         return out
 
+    def chunk_for(self, splits: Sequence[str]) -> int:
+        """Points per call of :meth:`evaluate` on these splits. A chunk's values depend only on
+        its points and this engine's settings, which is what lets :mod:`soup_core.distributed`
+        hand whole chunks to other processes and get the same numbers back."""
+        samples = max(len(_subsample(self.evaluator.splits[s], self.max_samples, self.sample_seed)) for s in splits)
+        chunk = self.chunk_points(samples)
+        if self.bn == "recompute" and self.strategy != "loop":  # statistics: whole bn batches per call
+            bn_samples = min(self.bn_batch_size, len(self.evaluator.train))
+            chunk = max(1, min(chunk, self.working_set // (self.activations_per_sample * 4 * bn_samples)))
+        return chunk
+
     def evaluate(self, coords: torch.Tensor | Sequence[Sequence[float]], splits: Sequence[str] = ("val",),
                  *, progress: Progress | None = None, should_stop: ShouldStop | None = None) -> PointValues:
         """Loss and error at each row of ``coords`` ([G, k]); NaN where stopped before."""
@@ -383,10 +394,7 @@ class SliceEvaluator:
         data = {s: _subsample(self.evaluator.splits[s], self.max_samples, self.sample_seed) for s in splits}
         loss = {s: np.full(len(coords), np.nan) for s in splits}
         error = {s: np.full(len(coords), np.nan) for s in splits}
-        chunk = self.chunk_points(max(len(d) for d in data.values()))
-        if self.bn == "recompute" and self.strategy != "loop":  # statistics: whole bn batches per call
-            bn_samples = min(self.bn_batch_size, len(self.evaluator.train))
-            chunk = max(1, min(chunk, self.working_set // (self.activations_per_sample * 4 * bn_samples)))
+        chunk = self.chunk_for(splits)
         try:
             for start in range(0, len(coords), chunk):
                 if should_stop is not None and should_stop():

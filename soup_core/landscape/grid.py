@@ -12,7 +12,7 @@ import torch
 from soup_core.errors import SoupError
 from soup_core.evaluate import Evaluator
 from soup_core.geometry import Plane, Projection
-from soup_core.landscape.engine import SliceEvaluator
+from soup_core.landscape.engine import PointValues, SliceEvaluator
 from soup_core.state import Progress, ShouldStop
 
 
@@ -109,9 +109,21 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
     fine; ``should_stop`` keeps what was done and ``resume`` (a partial result of the same grid)
     computes only the rest.
     """
+    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
+    result, todo, coords = grid_plan(plane, engine, grid=grid, margin=margin, splits=splits, extent=extent,
+                                     projections=projections, resume=resume)
+    fill(result, todo, engine.evaluate(coords, splits, progress=progress, should_stop=should_stop))
+    return result
+
+
+def grid_plan(plane: Plane, engine: SliceEvaluator, *, grid: int, margin: float, splits: Sequence[str],
+              extent: tuple[tuple[float, float], tuple[float, float]] | None = None,
+              projections: Sequence[Projection] = (), resume: Landscape | None = None,
+              ) -> tuple[Landscape, list[int], torch.Tensor]:
+    """The result to fill (``resume``, or an empty grid), the flat indices still to compute in
+    coarse-to-fine order, and their plane coordinates."""
     if grid < 2:
         raise SoupError(f"grid must be at least 2 points per side, got {grid}")
-    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
     if resume is not None:
         # Mixing two runs is only right when they computed the same function on the same plane.
         same_plane = [a.name for a in resume.anchors] == [a.name for a in plane.anchors] and np.allclose(
@@ -130,8 +142,11 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
     result.anchors, result.projections = list(plane.anchors), list(projections)
     todo = [f for f in coarse_to_fine(grid) if not result.done.reshape(-1)[f]]
     coords = torch.tensor([[xs[f % grid], ys[f // grid]] for f in todo], dtype=torch.float64).reshape(-1, 2)
-    values = engine.evaluate(coords, splits, progress=progress, should_stop=should_stop)
-    for s in splits:
-        result.loss[s].reshape(-1)[todo] = values.loss[s]
-        result.error[s].reshape(-1)[todo] = values.error[s]
-    return result
+    return result, todo, coords
+
+
+def fill(result: Landscape, indices: Sequence[int], values: PointValues) -> None:
+    """Write computed points (flat indices, in the order of ``values``) into ``result``."""
+    for s in result.splits:
+        result.loss[s].reshape(-1)[list(indices)] = values.loss[s]
+        result.error[s].reshape(-1)[list(indices)] = values.error[s]
