@@ -3,10 +3,10 @@
 A recipe is a function ``(ingredients, evaluator, base, params) -> Brew`` in a module of its
 own, plus a :class:`Recipe` record in the registry that names it once, declares its parameters
 and points at the function (imported on first use, so that reading the registry — for
-``soup --help``, say — does not import torch). ``Recipe.make`` is the
-one entry point: it checks the parameters, the evaluator, θ0 and the number of ingredients
-(so the functions need not), runs the function, and finishes its :class:`Brew` into a
-:class:`SoupResult` (uniform weights unless the recipe chose others; metrics on every split).
+``soup --help``, say — does not import torch). ``Recipe.make`` is the one entry point: it
+checks the parameters, the evaluator, θ0 and the number of ingredients (so the functions need
+not), runs the function, and finishes its :class:`Brew` into a :class:`SoupResult` (uniform
+weights unless the recipe chose others; metrics on every split).
 """
 
 from __future__ import annotations
