@@ -20,10 +20,30 @@ def tick_changed(widget_key: str) -> None:
     set_export(None)
 
 
+def tick_only(names) -> None:
+    """``on_click``: tick exactly ``names`` (before the boxes are drawn again)."""
+    for name in zoo.names:
+        st.session_state[f"workspace:{tick_key(zoo, name)}"] = name in names
+        st.session_state[tick_key(zoo, name)] = name in names
+    set_export(None)
+
+
+def top_by_val(k: int) -> list[str]:
+    """The k best checkpoints on val (the held-out split: choosing on test would flatter the soup)."""
+    table = checkpoint_table(zoo)
+    return list(table.sort_values("val", ascending=False, kind="stable")["checkpoint"][:k]) if "val" in table else []
+
+
 @st.fragment
 def soup_of_the_ticked_set() -> None:
     st.subheader("Your soup")
     seed_ticks(zoo)
+    buttons = st.columns(4)
+    buttons[0].button("Tick all", key="tick-all", on_click=tick_only, args=(set(zoo.names),))
+    buttons[1].button("Tick none", key="tick-none", on_click=tick_only, args=(set(),))
+    if zoo.evaluator is not None:
+        k = min(5, len(zoo.names))
+        buttons[2].button(f"Tick the top {k} on val", key="tick-top", on_click=tick_only, args=(set(top_by_val(k)),))
     columns = st.columns(8)
     for i, name in enumerate(zoo.names):
         columns[i % 8].checkbox(name, key=tick_key(zoo, name), on_change=tick_changed, args=(tick_key(zoo, name),))
@@ -55,13 +75,23 @@ def replay() -> None:
     if zoo.evaluator is None:
         return
     st.subheader("Watch a recipe")
-    st.caption("Greedy soup (paper Recipe 1) and pruned soup (reproduction, Algorithm 2) on all "
+    st.caption("Greedy soup (paper Recipe 1) and pruned soup (reproduction, Algorithm 2) on the ticked "
                "checkpoints, choices made on val.")
     recipe = st.radio("Recipe", ["greedy", "pruned"], horizontal=True, key="replay-recipe")
     if not st.button("Run", key="replay-run") and f"replayed:{zoo.name}:{recipe}" not in st.session_state:
         return
     st.session_state[f"replayed:{zoo.name}:{recipe}"] = True
-    result = recipe_result(zoo, zoo_key(zoo), recipe)
+    chosen = ticked(zoo)
+    if not chosen:
+        st.warning("Tick at least one ingredient to replay a recipe on.")
+        return
+    result = recipe_result(zoo, zoo_key(zoo), recipe, tuple(chosen))
+    if st.button(f"Tick this soup's {len(result.ingredients)} ingredient(s)", key="replay-apply"):
+        # The tick boxes live in another fragment: set the workspace, then redraw the whole page.
+        for name in zoo.names:
+            st.session_state[f"workspace:{tick_key(zoo, name)}"] = name in result.ingredients
+        set_export(None)
+        st.rerun(scope="app")
     steps = [s.to_dict() for s in result.trace]
     step = st.slider("Step", 1, len(steps), len(steps), key=f"replay-step:{recipe}")
     current = steps[step - 1]

@@ -504,3 +504,21 @@ def test_the_tours_scratch_step_reports_what_alignment_measures():
     assert f"**{100 * np.mean([r['after'] for r in table]):.1f} points**" in text
     soup = make_soup(aligned, "uniform").metrics["test"].accuracy
     assert f"aligned models scores {100 * soup:.1f}%" in text
+
+
+def test_ticking_from_buttons_and_applying_a_replayed_soup():
+    zoo = open_zoo("digits-finetune")
+    at = _app()
+    at.button(key="tick-none").click().run()
+    assert not any(at.checkbox(key=f"tick:digits-finetune:{n}").value for n in zoo.names)
+    at.button(key="tick-top").click().run()
+    top = sorted(zoo.names, key=lambda n: -zoo.metrics(n)["val"].accuracy)[:5]
+    assert {n for n in zoo.names if at.checkbox(key=f"tick:digits-finetune:{n}").value} == set(top)
+    at.button(key="replay-run").click().run()
+    greedy = make_soup(zoo, "greedy", [n for n in zoo.names if n in top])
+    assert at.slider(key="replay-step:greedy").max == len(greedy.trace)  # replayed on the ticked set
+    at.button(key="replay-apply").click().run()
+    assert not at.exception
+    assert {n for n in zoo.names if at.checkbox(key=f"tick:digits-finetune:{n}").value} == set(greedy.ingredients)
+    at.button(key="tick-all").click().run()
+    assert all(at.checkbox(key=f"tick:digits-finetune:{n}").value for n in zoo.names)
