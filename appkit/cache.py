@@ -33,6 +33,14 @@ def ray_cluster():
     return distributed.connect(address)
 
 
+@st.cache_resource
+def computed_landscapes() -> dict:
+    """Every landscape this server computed, by (zoo, points, grid, margin, split, BatchNorm):
+    shared by all sessions, so a room computing the same plane computes it once. Never mutate
+    a stored result."""
+    return {}
+
+
 @st.cache_resource(show_spinner="Opening the zoo…")
 def load_zoo(name: str) -> Zoo:
     """One Zoo per server (checkpoints memory-mapped, evaluator built once). Never mutate it."""

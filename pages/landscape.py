@@ -4,7 +4,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.cache import export_plan, ray_cluster, zoo_key
+from appkit.cache import computed_landscapes, export_plan, ray_cluster, zoo_key
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
 from appkit.workspace import set_export
@@ -49,23 +49,26 @@ def landscape_view() -> None:
         st.warning("Pick three different points.")
         return
     key = (zoo_key(zoo), *points, grid, margin, split, bn)
+    computed = computed_landscapes()  # shared by all sessions: the same inputs are never computed twice
     if st.button("Compute", key="land-compute", type="primary"):
-        try:
-            plane, projections = plane_for(zoo, zoo_key(zoo), *points)
-        except SoupError as exc:
-            st.error(str(exc))
-            return
-        bar = st.progress(0.0, text="Computing…")
-        report = lambda f, m: bar.progress(min(f, 1.0), text=m)  # noqa: E731
-        ray = ray_cluster()
-        if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
-            result = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split], bn=bn,
-                                           projections=projections, workers=RAY_WORKERS, progress=report)
-        else:
-            result = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split], bn=bn,
-                                     projections=projections, progress=report)
-        bar.empty()
-        st.session_state["landscape"] = (key, result)
+        if key not in computed:
+            try:
+                plane, projections = plane_for(zoo, zoo_key(zoo), *points)
+            except SoupError as exc:
+                st.error(str(exc))
+                return
+            bar = st.progress(0.0, text="Computing…")
+            report = lambda f, m: bar.progress(min(f, 1.0), text=m)  # noqa: E731
+            ray = ray_cluster()
+            if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
+                computed[key] = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
+                                                      bn=bn, projections=projections, workers=RAY_WORKERS,
+                                                      progress=report)
+            else:
+                computed[key] = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split],
+                                                bn=bn, projections=projections, progress=report)
+            bar.empty()
+        st.session_state["landscape"] = (key, computed[key])
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:
         return  # nothing computed yet for this zoo
     shown_key, result = st.session_state["landscape"]

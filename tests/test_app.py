@@ -522,3 +522,23 @@ def test_ticking_from_buttons_and_applying_a_replayed_soup():
     assert {n for n in zoo.names if at.checkbox(key=f"tick:digits-finetune:{n}").value} == set(greedy.ingredients)
     at.button(key="tick-all").click().run()
     assert all(at.checkbox(key=f"tick:digits-finetune:{n}").value for n in zoo.names)
+
+
+def test_the_same_landscape_is_computed_once_for_the_whole_server(monkeypatch):
+    import soup_core.landscape.grid as grid_module
+    calls = []
+    real = grid_module.SliceEvaluator.evaluate
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(grid_module.SliceEvaluator, "evaluate", counted)
+    first, second = _app(), _app()
+    for at in (first, second):  # two sessions, the same settings, Compute pressed twice in the first
+        at.switch_page("pages/landscape.py").run()
+        at.slider(key="land-grid").set_value(7).run()
+        at.button(key="land-compute").click().run()
+        assert not at.exception and any("Lowest val error" in m.value for m in at.markdown)
+    first.button(key="land-compute").click().run()
+    assert len(calls) == 1 and not first.exception
