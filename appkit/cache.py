@@ -102,12 +102,17 @@ def recipe_result(_zoo: Zoo, key: tuple, recipe: str, ingredients: tuple[str, ..
 
 def live_soup(zoo: Zoo, names: list[str]) -> dict:
     """Uniform soup, best individual (chosen on val) and logit ensemble of ``names``: accuracy per
-    report column, from the recipes themselves."""
-    key, chosen = zoo_key(zoo), tuple(names)
-    results = {r: recipe_result(zoo, key, r, chosen) for r in ("uniform", "best", "ensemble")}
-    rows = {r: accuracy_row(result.metrics, zoo.evaluator) for r, result in results.items()}
-    ingredients = zoo.ingredients(chosen)
-    versus = {r: next(iter(versus_best(results[r], ingredients, zoo.evaluator)), None) for r in ("uniform", "ensemble")}
+    report column, from the recipes themselves, and the soups' tests against the best model."""
+    return _live_soup(zoo, zoo_key(zoo), tuple(names))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _live_soup(_zoo: Zoo, key: tuple, chosen: tuple[str, ...]) -> dict:
+    results = {r: recipe_result(_zoo, key, r, chosen) for r in ("uniform", "best", "ensemble")}
+    rows = {r: accuracy_row(result.metrics, _zoo.evaluator) for r, result in results.items()}
+    ingredients = _zoo.ingredients(chosen)
+    versus = {r: next(iter(versus_best(results[r], ingredients, _zoo.evaluator)), None)
+              for r in ("uniform", "ensemble")}
     return {"soup": rows["uniform"], "best": rows["best"], "best_name": results["best"].ingredients[0],
             "ensemble": rows["ensemble"], "versus": versus}
 

@@ -76,18 +76,24 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
     present = {file.file_id for file in files or []}
     for name in [n for n, u in uploads.items() if u["file_id"] not in present]:
         Path(uploads.pop(name)["path"]).unlink(missing_ok=True)
+    # A file is read, hashed and validated once: reruns only look its verdict up by file id.
+    refused = st.session_state.setdefault(f"workspace:refused:{zoo.name}", {})
+    accepted = {u["file_id"] for u in uploads.values()}
     problems = []
     reference_name = zoo.names[0]
     for file in files or []:
-        if skip_other_files and not file.name.endswith(CHECKPOINT_SUFFIXES):
-            continue  # a folder upload brings configs and notes along
+        if file.file_id in accepted or (skip_other_files and not file.name.endswith(CHECKPOINT_SUFFIXES)):
+            continue  # already in the zoo; or a config or note a folder upload brings along
+        if file.file_id in refused:
+            problems.append(refused[file.file_id])
+            continue
         if file.size > limit_bytes:
             problems.append(f"{file.name}: {file.size / 2**20:.1f} MB is over the upload limit of "
                             f"{limit_bytes >> 20} MB (server.maxUploadSize)")
             continue
         data = file.getvalue()
         digest = hashlib.sha256(data).hexdigest()
-        if any(u["sha256"] == digest or u["file_id"] == file.file_id for u in uploads.values()):
+        if any(u["sha256"] == digest for u in uploads.values()):
             continue
         label = file.name if file.name != reference_name else f"{file.name} (upload)"
         try:
@@ -95,7 +101,8 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
             validate_state_dicts({reference_name: zoo.state_dict(reference_name), label: state}).raise_for_errors()
         except SoupError as exc:
             message = str(exc)
-            problems.append(message if message.startswith(file.name) else f"{file.name}: {message}")
+            refused[file.file_id] = message if message.startswith(file.name) else f"{file.name}: {message}"
+            problems.append(refused[file.file_id])
             continue
         name = wanted = _safe_stem(file.name)
         while name in taken_names(zoo) or name in uploads:

@@ -55,8 +55,8 @@ for recipe in available:
 st.subheader("Table 3, on this zoo")
 st.caption("Every choice is made on val; test and the shifts are reports. \"test vs best\" compares each row "
            "with the best individual model on the same test images (exact McNemar test): a difference with "
-           "p ≥ 0.05 is no evidence that they differ. Ensembles cost one forward pass per ingredient at inference; soups "
-           "cost one.")
+           "p ≥ 0.05 is no evidence that they differ. Ensembles cost one forward pass per ingredient at "
+           "inference; soups cost one.")
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table",
              column_config={c: st.column_config.NumberColumn(format="%.2f")
                             for c in ("val", "test", "avg shifts", *shifts)})

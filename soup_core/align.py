@@ -189,11 +189,10 @@ def weight_matching(reference: Mapping[str, torch.Tensor], state: Mapping[str, t
             for key, axis, block in groups[i].axes:
                 score += (_along(reference[key], axis, block) @ _along(others[key], axis, block).T).numpy()
             _, columns = linear_sum_assignment(score, maximize=True)
-            if not np.array_equal(columns, perms[i].numpy()):
-                new = torch.as_tensor(columns)
-                # Accept only a strict gain (ties would cycle).
-                if score[np.arange(len(new)), new.numpy()].sum() > score[np.arange(len(new)), perms[i].numpy()].sum() + 1e-9:
-                    perms[i], changed = new, True
+            rows = np.arange(groups[i].size)
+            # Accept only a strict gain (ties would cycle).
+            if score[rows, columns].sum() > score[rows, perms[i].numpy()].sum() + 1e-9:
+                perms[i], changed = torch.as_tensor(columns), True
         if not changed:
             break
     return perms
@@ -214,13 +213,10 @@ def barrier_table(before, after, evaluator, split: str, points: int = 11) -> lis
     """
     import itertools
 
-    from soup_core.params import interpolate
-    alphas = np.linspace(0.0, 1.0, points)
+    from soup_core.landscape.path import error_barrier
 
-    def barrier(a, b) -> float:
-        errors = np.array([1 - evaluator.accuracy(interpolate(a, b, float(t)), split, cache=False) for t in alphas])
-        return float(np.max(errors - ((1 - alphas) * errors[0] + alphas * errors[-1])))
+    def line(zoo, x: str, y: str) -> float:
+        return error_barrier(evaluator, zoo.state_dict(x), zoo.state_dict(y), split, points)
 
-    return [{"a": x, "b": y, "before": barrier(before.state_dict(x), before.state_dict(y)),
-             "after": barrier(after.state_dict(x), after.state_dict(y))}
+    return [{"a": x, "b": y, "before": line(before, x, y), "after": line(after, x, y)}
             for x, y in itertools.combinations(before.names, 2)]

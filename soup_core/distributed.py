@@ -188,7 +188,8 @@ def pair_report(ray, zoo, names: Sequence[str], *, split: str = "test", curvatur
     import itertools
 
     from soup_core.geometry import pairwise_angles
-    from soup_core.pairs import PairReport
+    from soup_core.pairs import PairReport, curvature_method
+    curvature = curvature_method(zoo.evaluator.model) if curvature == "auto" else curvature
     angles = pairwise_angles([zoo.state_dict(n) for n in names], zoo.base).angle_deg if zoo.has_base else None
     index = {n: i for i, n in enumerate(names)}
     jobs = [[(a, b, float(angles[index[a], index[b]]) if angles is not None else None)]

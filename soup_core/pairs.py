@@ -243,6 +243,7 @@ def pair_analyses(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: E
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(names, 2))
     angles = pairwise_angles([states[n] for n in names], base).angle_deg if base is not None else None
     index = {n: i for i, n in enumerate(names)}
+    curvature = curvature_method(evaluator.model) if curvature == "auto" else curvature  # one trace, not one a pair
     out = []
     for i, (x, y) in enumerate(pairs):
         angle = float(angles[index[x], index[y]]) if angles is not None else None
@@ -258,22 +259,12 @@ def flattest_pair(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: E
     between them on ``split`` (paper Figure 2's "one basin" pair), and that barrier (a fraction).
 
     Chosen on the held-out split only, so that a barrier reported on test is not picked to look
-    good. BatchNorm statistics are recomputed at every point, as the landscapes' default does.
+    good (see :func:`soup_core.landscape.path.error_barrier`).
     """
-    from soup_core.landscape import recompute_batchnorm
+    from soup_core.landscape.path import error_barrier
     scores = {n: evaluator.accuracy(s, split) for n, s in states.items()}
     best = sorted(scores, key=lambda n: -scores[n])[:max(2, candidates)]
-    alphas = np.linspace(0.0, 1.0, points)
-    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in evaluator.model.modules())
-
-    def error(state: Mapping[str, torch.Tensor]) -> float:
-        if has_batchnorm and evaluator.train is not None:
-            state = recompute_batchnorm(evaluator, state)
-        return 1.0 - evaluator.accuracy(state, split, cache=False)
-
-    barriers = {}
-    for x, y in itertools.combinations(best, 2):
-        errors = np.array([error(interpolate(states[x], states[y], float(t))) for t in alphas])
-        barriers[(x, y)] = float(np.max(errors - ((1 - alphas) * errors[0] + alphas * errors[-1])))
+    barriers = {(x, y): error_barrier(evaluator, states[x], states[y], split, points)
+                for x, y in itertools.combinations(best, 2)}
     (x, y), barrier = min(barriers.items(), key=lambda item: item[1])
     return x, y, barrier

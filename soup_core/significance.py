@@ -109,10 +109,9 @@ def versus_best(result, ingredients, evaluator) -> list[Comparison]:
     """
     from soup_core.evaluate import ensemble_logits
     from soup_core.recipes import RECIPES
-    best = RECIPES["best"].make(ingredients, evaluator)
     if result.recipe == "best" or evaluator is None:
         return []
-    name = best.ingredients[0]
+    name = RECIPES["best"].make(ingredients, evaluator).ingredients[0]
     out = []
     for split in report_splits(evaluator.split_names):
         if result.state_dict is not None:

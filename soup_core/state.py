@@ -61,12 +61,6 @@ def tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {alias: group[0] for group in tied_groups(state) for alias in group[1:]}
 
 
-def parameter_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The keys that are averaged: float tensors, each tied group once."""
-    aliases = tied_aliases(state)
-    return [key for key, tensor in state.items() if is_float(tensor) and key not in aliases]
-
-
 def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
     """Content hash of a state dict: keys, dtypes, shapes and values (the metric-cache key)."""
     digest = hashlib.sha256()
@@ -83,5 +77,5 @@ def names_list(keys: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-__all__ = ["Progress", "STATISTIC_SUFFIXES", "ShouldStop", "StateDict", "is_float", "is_statistic", "names_list", "parameter_keys",
+__all__ = ["Progress", "STATISTIC_SUFFIXES", "ShouldStop", "StateDict", "is_float", "is_statistic", "names_list",
            "state_dict_digest", "tied_aliases", "tied_groups"]

@@ -3,7 +3,6 @@ reproducible files, a command that answers before torch loads, sample zoos found
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -103,13 +102,10 @@ def test_make_writes_the_model_card_beside_the_soup(tmp_path):
     assert f"soup make greedy digits-finetune --out {out}" in card
 
 
-def test_the_sample_zoos_are_package_data():
+def test_the_sample_zoos_are_found_in_the_sample_data_package():
     from soup_core.zoo import sample_root, sample_zoos
-    import sample_data
-    assert sample_root() == (ROOT / "sample_data").resolve() == sample_root().parent / "sample_data"
+    assert sample_root() == (ROOT / "sample_data").resolve()
     assert set(sample_zoos()) == {"digits-bn", "digits-finetune", "digits-scratch", "digits-soup"}
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"*/checkpoints/*.safetensors"' in pyproject and sample_data.__file__
 
 
 def test_json_is_never_written_over_an_input(tmp_path):
@@ -118,7 +114,6 @@ def test_json_is_never_written_over_an_input(tmp_path):
     result = soup("evaluate", "digits-finetune", "--json", str(victim))
     assert result.returncode == 2 and "refusing to write over an input" in result.stderr
     assert victim.read_bytes() == before
-    assert json.loads(json.dumps(ok_json("zoo", "list")))["zoos"]
 
 
 @pytest.mark.slow

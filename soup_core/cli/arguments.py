@@ -37,7 +37,8 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} must be at least {low}" + (f" and at most {high}" if high else ""))
+            most = f" and at most {high}" if high is not None else ""
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}{most}")
         return value
     parse.__name__ = "int"
     return parse

@@ -171,8 +171,6 @@ def cmd_make(args: argparse.Namespace) -> None:
                "weights": list(result.weights), "trace": [s.to_dict() for s in result.trace],
                "metrics": metrics_to_json(result.metrics), "options": dict(result.options),
                "extras": dict(result.extras)}
-    comparisons = versus_best(result, zoo.ingredients(chosen), zoo.evaluator) if zoo.evaluator is not None else []
-    payload["significance"] = [c.to_json() for c in comparisons]
     if args.out:
         if result.state_dict is None:
             raise UsageError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
@@ -180,8 +178,12 @@ def cmd_make(args: argparse.Namespace) -> None:
         candidate = Candidate.of_recipe(args.recipe, chosen, align=args.align, **params)
         plan = plan_export(zoo, candidate, out=args.out, result=result)
         written = plan.write(args.out, inputs=zoo_inputs(zoo))
+        comparisons = list(plan.significance)  # the plan tested the soup already
         payload["out"] = args.out
         payload["model_card"] = str(written[1]) if len(written) > 1 else str(Path(written[0]) / "README.md")
+    else:
+        comparisons = [] if zoo.evaluator is None else versus_best(result, zoo.ingredients(chosen), zoo.evaluator)
+    payload["significance"] = [c.to_json() for c in comparisons]
     write_json(args.json, payload, zoo_inputs(zoo))
     shifts = zoo.evaluator.shift_names if zoo.evaluator is not None else ()
     say(args, f"{RECIPES[result.recipe].pretty_name}: {len(result.ingredients)} ingredient(s) "

@@ -10,8 +10,33 @@ import torch
 
 from soup_core.evaluate import Evaluator
 from soup_core.geometry import plane_keys
+from soup_core.landscape.batchnorm import batchnorm_keys, recompute_batchnorm
 from soup_core.landscape.engine import SliceEvaluator
+from soup_core.params import interpolate
 from soup_core.state import Progress
+
+
+def barrier(alphas: np.ndarray, values: np.ndarray) -> float:
+    """max over α ∈ [0, 1] of value(α) − ((1 − α)·value(0) + α·value(1)) (Frankle et al. 2020)."""
+    inside = (alphas >= 0) & (alphas <= 1)
+    a, v = alphas[inside], values[inside]
+    return float(np.max(v - ((1 - a) * v[0] + a * v[-1])))
+
+
+def error_barrier(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                  split: str, points: int = 11) -> float:
+    """The error barrier between ``a`` and ``b`` on ``split`` from ``points`` evenly spaced α in
+    [0, 1], point by point (too few points for the slice engine to pay), with BatchNorm statistics
+    recomputed as the landscapes' default does when the model has them."""
+    alphas = np.linspace(0.0, 1.0, points)
+    recompute = bool(batchnorm_keys(evaluator.model)) and evaluator.train is not None
+
+    def error(alpha: float) -> float:
+        state = interpolate(a, b, alpha)
+        return 1.0 - evaluator.accuracy(recompute_batchnorm(evaluator, state) if recompute else state, split,
+                                        cache=False)
+
+    return barrier(alphas, np.array([error(float(t)) for t in alphas]))
 
 
 @dataclass
@@ -25,11 +50,7 @@ class Path:
     bn: str
 
     def barrier(self, values: np.ndarray) -> float:
-        """max over α ∈ [0, 1] of value(α) − ((1 − α)·value(0) + α·value(1)) (Frankle et al. 2020)."""
-        inside = (self.alphas >= 0) & (self.alphas <= 1)
-        a, v = self.alphas[inside], values[inside]
-        straight = (1 - a) * v[0] + a * v[-1]
-        return float(np.max(v - straight))
+        return barrier(self.alphas, values)
 
     def to_json(self) -> dict:
         return {"names": list(self.names), "alphas": self.alphas.tolist(), "bn": self.bn,
