@@ -77,27 +77,30 @@ def connect(address: str = "auto", *, workers: int | None = None):
 class ZooWorker:
     """What each worker holds: the zoo opened from its manifest, its evaluator and slice engines."""
 
-    def __init__(self, manifest: str, device: str | None, align: str | None, threads: int | None) -> None:
+    def __init__(self, manifest: str, device: str | None, align: str | None, threads: int | None,
+                 precision: str = "fp32") -> None:
         from soup_core.zoo import open_zoo
         if threads:
             torch.set_num_threads(threads)
         zoo = open_zoo(manifest, device=device)
         self.zoo = zoo.aligned(align) if align else zoo
+        self.zoo.evaluator.precision = precision
         self.engines: dict[tuple, Any] = {}
 
     def pid(self) -> int:
         return os.getpid()
 
-    def landscape_chunk(self, points: tuple[str, str, str], bn: str, max_samples: int | None, strategy: str,
-                        splits: Sequence[str], indices: list[int], coords: np.ndarray) -> tuple[list[int], Any]:
+    def landscape_chunk(self, points: tuple[str, str, str], settings: dict[str, Any], splits: Sequence[str],
+                        indices: list[int], coords: np.ndarray) -> tuple[list[int], Any, float | None]:
+        """One chunk's values (and this worker's measured precision deviation so far)."""
         from soup_core.landscape import SliceEvaluator
         from soup_core.zoo import zoo_plane
-        key = (points, bn, max_samples, strategy)
+        key = (points, *sorted(settings.items()))
         if key not in self.engines:
             plane = zoo_plane(self.zoo, points)
-            self.engines[key] = SliceEvaluator(self.zoo.evaluator, plane.origin, plane.directions, bn=bn,
-                                               max_samples=max_samples, strategy=strategy)
-        return indices, self.engines[key].evaluate(torch.from_numpy(coords), splits)
+            self.engines[key] = SliceEvaluator(self.zoo.evaluator, plane.origin, plane.directions, **settings)
+        engine = self.engines[key]
+        return indices, engine.evaluate(torch.from_numpy(coords), splits), engine.precision_deviation
 
     def scores(self, names: Sequence[str]) -> list[tuple[str, dict]]:
         from soup_core.evaluate import metrics_to_json
@@ -118,7 +121,8 @@ def _pool(ray, zoo, workers: int, cpus_per_worker: float):
     from ray.util import ActorPool
     threads = torch.get_num_threads()
     gpus = 1 if zoo.evaluator.device.type == "cuda" else 0
-    key = (str(zoo.manifest), str(zoo.evaluator.device), zoo.aligned_to, threads, cpus_per_worker)
+    key = (str(zoo.manifest), str(zoo.evaluator.device), zoo.aligned_to, threads, cpus_per_worker,
+           zoo.evaluator.precision)
     for other in [k for k in _WORKERS if k != key]:  # one zoo's workers at a time: free their cores and GPUs
         for handle in _WORKERS.pop(other):
             ray.kill(handle)
@@ -126,7 +130,8 @@ def _pool(ray, zoo, workers: int, cpus_per_worker: float):
     actor = ray.remote(ZooWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=RESTARTS,
                                           max_task_retries=RESTARTS)
     while len(handles) < workers:
-        handles.append(actor.remote(str(zoo.manifest), str(zoo.evaluator.device), zoo.aligned_to, threads))
+        handles.append(actor.remote(str(zoo.manifest), str(zoo.evaluator.device), zoo.aligned_to, threads,
+                                    zoo.evaluator.precision))
     return ActorPool(handles[:workers]), handles[:workers]
 
 
@@ -142,18 +147,22 @@ def landscape(ray, zoo, points: Sequence[str], *, grid: int = 21, margin: float 
               splits: Sequence[str] = ("val",), bn: str = "recompute", max_samples: int | None = None,
               projections=(), resume=None, workers: int = 2, cpus_per_worker: float = 1,
               progress: Progress | None = None, checkpoint: Callable[[Any], None] | None = None,
-              max_chunks: int | None = None, strategy: str = "auto"):
+              max_chunks: int | None = None, strategy: str = "auto", precision: str | None = None):
     """:func:`soup_core.landscape.plane_landscape` over ``workers`` actors.
 
     ``checkpoint(result)`` is called after every finished chunk (the CLI saves ``--resume``
-    there); ``max_chunks`` stops after that many (for tests of resuming).
+    there); ``max_chunks`` stops after that many (for tests of resuming). The workers' engines
+    take the driver's strategy, precision and memory budget, so that chunks and their sums are
+    the same as in one process.
     """
     from soup_core.landscape import SliceEvaluator
     from soup_core.landscape.grid import fill, grid_plan
     from soup_core.zoo import zoo_plane
     plane = zoo_plane(zoo, points)
     engine = SliceEvaluator(zoo.evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples,
-                            strategy=strategy)
+                            strategy=strategy, precision=precision)
+    settings = {"bn": engine.bn if engine.bn != "none" else bn, "max_samples": max_samples,
+                "strategy": engine.strategy, "precision": engine.precision, "memory_budget": engine.budget}
     result, todo, coords = grid_plan(plane, engine, grid=grid, margin=margin, splits=splits,
                                      projections=projections, resume=resume)
     chunk = engine.chunk_for(splits)
@@ -161,13 +170,14 @@ def landscape(ray, zoo, points: Sequence[str], *, grid: int = 21, margin: float 
     pool, _ = _pool(ray, zoo, workers, cpus_per_worker)
 
     def done(item) -> None:
-        fill(result, *item)
+        indices, values, deviation = item
+        fill(result, indices, values)
+        if deviation is not None:
+            result.precision_deviation = max(result.precision_deviation or 0.0, deviation)
         if checkpoint is not None:
             checkpoint(result)
 
-    _run(pool, lambda actor, job: actor.landscape_chunk.remote(tuple(points), engine.bn if engine.bn != "none"
-                                                               else bn, max_samples, engine.strategy, list(splits),
-                                                               *job),
+    _run(pool, lambda actor, job: actor.landscape_chunk.remote(tuple(points), settings, list(splits), *job),
          jobs, done, progress, "chunks")
     return result
 

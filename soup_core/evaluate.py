@@ -31,6 +31,7 @@ import torch
 from torch.func import functional_call
 
 from soup_core.errors import SoupError
+from soup_core.precision import check_precision, precision
 from soup_core.state import state_dict_digest
 
 ECE_BINS = 15
@@ -103,6 +104,7 @@ class Evaluator:
         cache_size: int = 512,
         train: Split | None = None,
         info: Mapping[str, object] | None = None,
+        precision: str = "fp32",
     ) -> None:
         if VAL not in splits:
             raise SoupError(f"an evaluator needs a held-out {VAL!r} split to drive recipe choices; "
@@ -118,8 +120,11 @@ class Evaluator:
         # Training data is never scored; it is there for BatchNorm statistics (landscapes).
         self.train = None if train is None else Split(train.inputs.to(self.device), train.labels.to(self.device))
         self.batch_size = batch_size
+        # fp32 (exact), tf32 or bf16 (soup_core.precision): every forward pass here, and the
+        # default of the landscape engines built on this evaluator. Part of the cache key.
+        self.precision = check_precision(precision)
         self.info = dict(info or {})  # e.g. split seeds, recorded in export provenance
-        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
         self._cache_size = cache_size
 
@@ -146,14 +151,14 @@ class Evaluator:
         """
         if split not in self.splits:
             raise SoupError(f"unknown split {split!r}; this evaluator has {list(self.splits)}")
-        key = (digest or state_dict_digest(state), split) if cache else None
+        key = (digest or state_dict_digest(state), split, self.precision) if cache else None
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        params = {k: v.to(self.device) for k, v in state.items()}
+        params = {k: v.to(self.device) for k, v in state.items()}  # no copy when already there
         # functional_call swaps the shared model's tensors for the duration of the call; the lock
         # keeps two app sessions (threads) from seeing each other's weights.
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), precision(self.precision, self.device):
             outputs = [functional_call(self.model, params, (x,)) for x, _ in self.batches(split)]
         result = torch.cat(outputs).float().cpu()
         if key is None:

@@ -193,3 +193,18 @@ def test_landscape_commands_reject_bad_requests_in_one_line(args, message):
     result = soup(*args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_precision_is_a_flag_whose_cost_is_reported():
+    exact = ok_json("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01", "--grid", "3")
+    fast = ok_json("landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01", "--grid", "3",
+                   "--precision", "bf16")
+    assert exact["precision"] == "fp32" and exact["precision_deviation"] is None
+    assert fast["precision"] == "bf16" and 0 < fast["precision_deviation"] < 0.05
+    moved = max(abs(a - b) for ra, rb in zip(exact["loss"]["val"], fast["loss"]["val"]) for a, b in zip(ra, rb))
+    assert 0 < moved < 0.05
+    path = ok_json("path", "digits-finetune", "ft-00", "ft-01", "--points", "3", "--precision", "bf16")
+    assert path["precision"] == "bf16" and path["precision_deviation"] is not None
+    made = ok_json("make", "greedy", "digits-finetune", "--precision", "bf16")
+    assert made["precision"] == "bf16" and made["ingredients"]
+    assert soup("pairs", "digits-finetune", "--precision", "fp16").returncode == 2

@@ -11,7 +11,7 @@ from torch.optim.swa_utils import update_bn
 
 from soup_core.evaluate import Evaluator, Split
 from soup_core.geometry import gram_matrix, plane_basis, random_directions
-from soup_core.landscape import (Landscape, SliceEvaluator, coarse_to_fine, interpolation_path,
+from soup_core.landscape import (STRATEGIES, Landscape, SliceEvaluator, coarse_to_fine, interpolation_path,
                                  plane_landscape)
 from soup_core.params import interpolate
 from soup_core.zoo import open_zoo
@@ -90,7 +90,7 @@ def test_landscape_at_the_anchors_equals_the_models_own_loss_and_error(mlp_zoo):
             assert values.error[split][i] == pytest.approx(1 - own[split].accuracy, abs=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["fold", "vmap", "loop"])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "auto"])
 def test_batched_and_one_point_at_a_time_agree(mlp_zoo, strategy):
     ev = mlp_zoo.evaluator
     plane = _plane(mlp_zoo, 3, 7)
@@ -124,7 +124,7 @@ def _with_buffers(point, source):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["fold", "vmap", "loop"])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "auto"])
 def test_batchnorm_recompute_is_update_bn_at_every_point(bn_zoo, strategy):
     ev = bn_zoo.evaluator
     plane = _plane(bn_zoo)

@@ -10,7 +10,7 @@ from typing import Any
 
 from soup_core import __version__
 from soup_core.cli import commands as cmd
-from soup_core.policies import BN_POLICIES, CURVATURE_METHODS
+from soup_core.policies import BN_POLICIES, CURVATURE_METHODS, PRECISIONS
 from soup_core.recipes import RECIPES, all_parameters
 
 MAX_GRID = 401          # points per side of a landscape: 160k evaluations is already hours
@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--align", metavar="REF", help="first permute every checkpoint's hidden units to match REF "
                        "(weight matching; for models trained from scratch)")
 
+    def precise(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="forward passes in exact fp32, TF32 tensor cores (CUDA; fp32 on a CPU) or bf16 autocast; "
+                            "outside fp32 landscapes and paths report their measured loss deviation")
+
     def common(p: argparse.ArgumentParser, device: bool = True) -> None:
         if device:
             p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
@@ -156,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     alignable(make)
     make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance, and its "
                       "model card as FILE's name with .md (a folder for Hugging Face zoos)")
+    precise(make)
     common(make)
     add_recipe_flags(make)
 
@@ -173,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     landscape.add_argument("--resume", metavar="FILE", help="continue a partial run saved in FILE (and save to it)")
     alignable(landscape)
     distributable(landscape)
+    precise(landscape)
     common(landscape)
 
     path = zoo_command("path", "loss and error on the line through two points (error barriers)", cmd.cmd_path)
@@ -184,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("--split", default="val", help="split(s), comma-separated")
     path.add_argument("--bn", choices=BN_POLICIES, default="recompute", help="BatchNorm statistics policy")
     alignable(path)
+    precise(path)
     common(path)
 
     pairs = zoo_command("pairs", "angle vs interpolation advantage, soup vs ensemble (Figures 3, 4)", cmd.cmd_pairs)
@@ -194,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--curvature", choices=CURVATURE_METHODS, default="auto",
                        help="d²L/dα² for §4: jvp (exact in one linear region; smooth networks), fit (quadratic "
                             "fit of L(α) over ±0.05; networks with kinks), auto (jvp only for smooth networks)")
+    precise(pairs)
     common(pairs)
 
     point = zoo_command("point", "export the weights at one point of a landscape plane", cmd.cmd_point)

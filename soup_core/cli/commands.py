@@ -40,7 +40,10 @@ def open_zoo_for(args: argparse.Namespace):
     """The zoo a command works on; with ``--align REF``, its checkpoints permuted to match REF."""
     from soup_core.zoo import open_zoo
     zoo = open_zoo(args.zoo, device=check_device(args.device))
-    return zoo.aligned(args.align) if getattr(args, "align", None) else zoo
+    zoo = zoo.aligned(args.align) if getattr(args, "align", None) else zoo
+    if getattr(args, "precision", None) and zoo.evaluator is not None:  # every forward pass of the command
+        zoo.evaluator.precision = args.precision
+    return zoo
 
 
 def zoo_inputs(zoo) -> list[Path]:
@@ -170,6 +173,7 @@ def cmd_make(args: argparse.Namespace) -> None:
     payload = {"recipe": result.recipe, "zoo": zoo.name, "ingredients": list(result.ingredients),
                "weights": list(result.weights), "trace": [s.to_dict() for s in result.trace],
                "metrics": metrics_to_json(result.metrics), "options": dict(result.options),
+               "precision": args.precision,
                "extras": dict(result.extras)}
     if args.out:
         if result.state_dict is None:
@@ -227,7 +231,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
                 result = distributed.landscape(ray, zoo, args.points, grid=args.grid, margin=args.margin,
                                                splits=splits, bn=args.bn, max_samples=args.max_samples,
                                                projections=projections, resume=resume, workers=args.workers or 2,
-                                               progress=report, checkpoint=save)
+                                               progress=report, checkpoint=save, precision=args.precision)
         else:
             result = plane_landscape(zoo.evaluator, plane, grid=args.grid, margin=args.margin, splits=splits,
                                      bn=args.bn, projections=projections, max_samples=args.max_samples,

@@ -7,6 +7,7 @@ See :mod:`soup_core.landscape` for what it does and why; this module holds
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from soup_core.errors import SoupError
 from soup_core.evaluate import Evaluator, Split
@@ -22,31 +22,41 @@ from soup_core.geometry import Direction, plane_keys
 from soup_core.landscape.batchnorm import BatchNormSlice
 from soup_core.landscape.first_layer import AFFINE_LAYERS, AffineFirstLayer, folded_first_layer
 from soup_core.landscape.folded import FoldedForward, Unsupported
+from soup_core.landscape.strategies import STRATEGIES, STRATEGY_TYPES, Loop, Strategy
 from soup_core.policies import BN_POLICIES
+from soup_core.precision import check_precision, precision
 from soup_core.state import Progress, ShouldStop, tied_aliases
 
-# Bytes of activations one vmapped call may touch. On a CPU, tiny calls drown in per-call
+# Bytes of activations one batched call may touch on a CPU: tiny calls drown in per-call
 # overhead and huge ones leave the cache (`bench/bench_landscape.py --strategy vmap
-# --working-set N` measures it; bench/RESULTS.md, "Landscape"). A GPU wants large calls.
-WORKING_SET = {"cpu": 32 << 20, "cuda": 1 << 30}
-# Points per folded call: oneDNN's grouped kernels gain from many groups, and each call has a
-# fixed dispatch cost (`bench/bench_landscape.py --fold-points N` compares).
-FOLD_POINTS = 32
-# The folded layout sizes its sample batches by its largest activation instead: glibc serves
-# allocations above 32 MiB with fresh pages from the kernel every time, whatever the process
-# asks (soup_core/allocator.py), and such page faults slow a call severalfold.
-FOLD_LARGEST_TENSOR = 8 << 20
-FOLD_SAMPLES_PER_CALL = 1024
-WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk
-MAX_CHUNK_POINTS = 256
-SAMPLES_PER_CALL = 256
+# --working-set N` measures it; bench/RESULTS.md, "Landscape"). A GPU wants large calls: its
+# working set is its whole budget.
+CPU_WORKING_SET = 32 << 20
+CPU_WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk on a CPU
+# Of the memory free when a run starts, the share it may allocate (the rest is the caching
+# allocator's slack and whatever else runs in the process).
+BUDGET_SHARE = {"cuda": 0.75, "cpu": 0.5}
 # Timing the strategies at start-up: a probe of PROBE_SAMPLES samples checks they agree; then
 # each runs its own chunk (up to PROBE_POINTS points, PROBE_SAMPLES samples), best of
 # PROBE_ROUNDS (the first warms up).
 PROBE_SAMPLES = 128
 PROBE_POINTS = 32
 PROBE_ROUNDS = 4
-STRATEGIES = ("auto", "fold", "vmap", "loop")
+# In bf16/tf32 the first DEVIATION_POINTS points of a run are scored in fp32 as well; the
+# largest loss difference is reported as the run's precision_deviation.
+DEVIATION_POINTS = 4
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes a landscape run may allocate on ``device``: a share of the memory free now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not Linux: assume a modest machine
+            free = 8 << 30
+    return int(free * BUDGET_SHARE.get(device.type, BUDGET_SHARE["cpu"]))
 
 
 @dataclass(frozen=True)
@@ -93,21 +103,32 @@ class SliceEvaluator:
     def __init__(self, evaluator: Evaluator, origin: Mapping[str, torch.Tensor], directions: Sequence[Direction],
                  *, bn: str = "recompute", max_samples: int | None = None, sample_seed: int = 0,
                  working_set: int | None = None, reuse_first_layer: bool = True, strategy: str = "auto",
-                 bn_batch_size: int | None = None) -> None:
+                 bn_batch_size: int | None = None, precision: str | None = None,
+                 memory_budget: int | None = None) -> None:
         if bn not in BN_POLICIES:
             raise SoupError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
         if not directions:
             raise SoupError("a slice needs at least one direction")
-        self.evaluator, self.device = evaluator, evaluator.device
-        self.k = len(directions)
         if strategy not in STRATEGIES:
             raise SoupError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        self.evaluator, self.device = evaluator, evaluator.device
+        self.k = len(directions)
+        self.precision = check_precision(precision or evaluator.precision)
+        self.precision_deviation: float | None = None  # measured by evaluate() unless fp32
         self.max_samples, self.sample_seed = max_samples, sample_seed
         # update_bn's loader batch size: it defines the recomputed statistics, so it is fixed
         # here and never shrunk for memory (chunks get fewer points instead).
         self.bn_batch_size = bn_batch_size or evaluator.batch_size
-        self.working_set = working_set or WORKING_SET.get(self.device.type, WORKING_SET["cuda"])
+        # Memory: ``budget`` bounds what one call allocates (stacked weights + activations);
+        # ``working_set`` is the activations a batched call aims at (cache-sized on a CPU).
+        self.budget = memory_budget or device_budget(self.device)
+        on_cpu = self.device.type == "cpu"
+        self.working_set = min(working_set or (CPU_WORKING_SET if on_cpu else self.budget), self.budget)
+        self.weights_budget = min(CPU_WEIGHTS_BUDGET, self.budget // 2) if on_cpu else self.budget // 2
         model = evaluator.model_copy().eval()
+        # No gradients here, ever; and autocast caches its bf16 copy of a leaf that requires
+        # grad, so the loops' in-place writes would not reach a bf16 forward.
+        model.requires_grad_(False)
         self.bn_modules = [name for name, m in model.named_modules()
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.bn = bn if self.bn_modules else "none"
@@ -145,31 +166,44 @@ class SliceEvaluator:
                        for k in moving}
         self.stat_keys = sorted(stat_keys)
         self.parameter_count = sum(t.numel() for t in self.origin32.values())
-        # The copy's own tensors by state-dict key, holding the fixed values (for the loop strategy).
-        self._tensors = {**dict(model.named_parameters(remove_duplicate=False)),
-                         **dict(model.named_buffers(remove_duplicate=False))}
+        # The copy's own tensors by state-dict key, holding the fixed values (the loops write
+        # each point's moving tensors into them).
+        self.model_tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+                              **dict(model.named_buffers(remove_duplicate=False))}
         with torch.no_grad():
             for key, value in self.fixed.items():
-                if key in self._tensors:
-                    self._tensors[key].copy_(value)
+                if key in self.model_tensors:
+                    self.model_tensors[key].copy_(value)
         try:
-            self._folded: FoldedForward | None = FoldedForward(
+            self.folded: FoldedForward | None = FoldedForward(
                 self.model, {AffineFirstLayer: folded_first_layer}, batchnorms=(BatchNormSlice,))
             self.fold_unsupported = ""
         except Unsupported as exc:
-            self._folded, self.fold_unsupported = None, str(exc)
-        if strategy == "fold" and self._folded is None:
+            self.folded, self.fold_unsupported = None, str(exc)
+        if strategy == "fold" and self.folded is None:
             raise SoupError(f"strategy='fold' cannot run this model ({self.fold_unsupported}); "
-                            "use 'vmap', 'loop' or 'auto'")
-        self.strategy = "loop"  # measuring needs no batching, and every model runs in a loop
-        self.activations_per_sample, self.largest_activation = self._activation_size()
-        self.strategy = self._fastest_strategy() if strategy == "auto" else strategy
+                            "use 'vmap', 'loop', 'batched-loop' or 'auto'")
+        self._strategy: Strategy = Loop(self)  # measuring needs no batching, and every model runs in a loop
+        self.activation_bytes, self.largest_activation_bytes = self._activation_size()
+        smallest = self._strategy.call_bytes(1, 1)
+        if smallest > self.budget:
+            raise SoupError(f"one point on one sample needs {smallest / 2**20:.1f} MiB (weights and activations), "
+                            f"more than this run's memory budget of {self.budget / 2**20:.1f} MiB; free memory "
+                            "on the device or give a larger memory_budget")
+        self._strategy = self._fastest_strategy() if strategy == "auto" else STRATEGY_TYPES[strategy](self)
+        if hasattr(self._strategy, "prepare"):
+            self._strategy.prepare()
+
+    @property
+    def strategy(self) -> str:
+        """The name of the strategy chosen (one of :data:`STRATEGIES` but ``auto``)."""
+        return self._strategy.name
 
     # ---- set-up -------------------------------------------------------------------------
 
-    def _probe_input(self) -> torch.Tensor:
+    def _probe_input(self, samples: int = 2) -> torch.Tensor:
         split = next(iter(self.evaluator.splits.values()))
-        return split.inputs[:2]
+        return split.inputs[:samples]
 
     def _first_affine_layer(self, model: nn.Module, moving: set[str]) -> tuple[str, nn.Module] | None:
         """The first module with weights that the forward pass calls, if it is a Linear/Conv."""
@@ -193,75 +227,107 @@ class SliceEvaluator:
         return name, module
 
     def _activation_size(self) -> tuple[int, int]:
-        """Floats per sample of all module outputs and of the largest per-point one (a probe batch).
+        """Bytes per sample of one point's activations, and of its largest per-point activation.
 
-        The cached first layer's own output holds k+1 terms once per batch, not once per point,
-        so it counts in the total only.
+        On CUDA the first is the peak memory a probe call allocates beyond its weights, per
+        sample (what is alive at once, including what modules compute inline); on a CPU, which
+        has no such counter, the sum of all module outputs (an upper bound under no_grad). The
+        cached first layer's own output holds k+1 terms once per batch, not once per point, so it
+        counts in the total only.
         """
         sizes: list[tuple[nn.Module, int]] = []
-        hooks = [m.register_forward_hook(lambda mod, args, out: sizes.append((mod, out.numel()))
+        hooks = [m.register_forward_hook(lambda mod, args, out: sizes.append((mod, out.numel() * out.element_size()))
                                          if isinstance(out, torch.Tensor) else None)
                  for m in self.model.modules() if not list(m.children())]
+        x = self._probe_input(2)
         try:
-            self._logits(torch.zeros(1, self.k, device=self.device), self._probe_input())
+            self._logits(torch.zeros(1, self.k, device=self.device), x)
         finally:
             for h in hooks:
                 h.remove()
         once = self._affine.layer if self.first_layer is not None else None
-        largest = max((n for m, n in sizes if m is not once), default=2)
-        return max(1, sum(n for _, n in sizes) // 2), max(1, largest // 2)
+        largest = max((n for m, n in sizes if m is not once), default=8) // len(x)
+        total = sum(n for _, n in sizes) // len(x)
+        if self.device.type == "cuda":
+            total = self._peak_bytes_per_sample()
+        return max(1, total), max(1, largest)
 
-    def _fastest_strategy(self) -> str:
-        """On a CPU, whichever of fold, vmap and a per-point loop is fastest here; vmap elsewhere.
+    def _peak_bytes_per_sample(self) -> int:
+        """CUDA: the peak allocated by one point's forward on a probe batch, per sample."""
+        x = self._probe_input(PROBE_SAMPLES)
+        coords = torch.zeros(1, self.k, device=self.device)
+        with torch.no_grad(), precision(self.precision, self.device):
+            params = self._point_params(coords)
+            coefficients = self._coefficients(coords)
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._run(self._forward, params, coefficients, x)
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+        self._release()
+        return peak // len(x)
+
+    def _fastest_strategy(self) -> Strategy:
+        """Whichever of fold, vmap, the batched loop and the loop is fastest here, on any device.
 
         Batched convolutions become grouped convolutions under vmap, which CPUs run slowly in
-        channels-first memory, while the folded layout runs them in channels-last memory; and
-        small matmul networks gain from batching: so it is measured, not guessed. A strategy
-        whose logits disagree with the plain loop's is never chosen.
+        channels-first memory, while the folded layout runs them in channels-last memory; small
+        matmul networks gain from batching; a GPU is busy only with large calls: so it is
+        measured, not guessed. A strategy whose fp32 logits disagree with the plain loop's, or
+        that cannot run this model (vmap and data-dependent control flow), is never chosen.
         """
         split = next(iter(self.evaluator.splits.values()))
-        runs = ["loop"]
-        for strategy in ("fold", "vmap"):
-            if strategy == "fold" and self._folded is None:
-                continue
-            try:  # some models (data-dependent control flow) cannot run under vmap at all
-                self.strategy = strategy
-                self._logits(torch.zeros(2, self.k, device=self.device), split.inputs[:2])
-                runs.append(strategy)
-            except Exception:
+        loop = self._strategy
+        candidates = [STRATEGY_TYPES[name](self) for name in STRATEGY_TYPES
+                      if name != "loop" and (name != "fold" or self.folded is not None)]
+        probe = torch.linspace(-1, 1, 4 * self.k, device=self.device).view(4, self.k)
+        with precision("fp32", self.device):  # agreement is checked in exact arithmetic
+            reference = self._logits(probe, split.inputs[:PROBE_SAMPLES])
+        runs = [loop]
+        for candidate in candidates:
+            self._strategy = candidate
+            try:
+                with precision("fp32", self.device):
+                    logits = self._logits(probe, split.inputs[:PROBE_SAMPLES])
+                if torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
+                    runs.append(candidate)
+            except Exception:  # noqa: BLE001 - a strategy that cannot run this model is not a candidate
                 pass
             finally:
-                self.strategy = "loop"
-        if self.device.type != "cpu":
-            return "vmap" if "vmap" in runs else runs[-1]
-        probe = torch.linspace(-1, 1, 4 * self.k, device=self.device).view(4, self.k)
-        reference = None
-        for strategy in list(runs):  # the same small probe for all: do they agree?
-            self.strategy = strategy
-            logits = self._logits(probe, split.inputs[:PROBE_SAMPLES])
-            if reference is None:
-                reference = logits
-            elif not torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
-                runs.remove(strategy)
+                self._strategy = loop
         # Each timed at its own chunk size (up to PROBE_POINTS points), per point and sample.
-        shapes = {}
-        for strategy in runs:
-            self.strategy = strategy
-            points = min(self.chunk_points(len(split)), PROBE_POINTS)
-            shapes[strategy] = (torch.linspace(-1, 1, points * self.k, device=self.device).view(points, self.k),
-                                split.inputs[:min(self._batch_size(points, len(split)), PROBE_SAMPLES)])
-        timings = dict.fromkeys(runs, math.inf)
+        timings = {}
+        for candidate in runs:
+            points = min(candidate.chunk_points(len(split)), PROBE_POINTS)
+            coords = torch.linspace(-1, 1, points * self.k, device=self.device).view(points, self.k)
+            timings[candidate] = (coords, split.inputs[:min(candidate.batch_size(points, len(split)), PROBE_SAMPLES)],
+                                  math.inf)
         for round_ in range(PROBE_ROUNDS):  # interleaved: a shared machine's noise hits all alike
-            for strategy in runs:
-                coords, x = shapes[strategy]
-                self.strategy = strategy
-                start = time.perf_counter()
-                self._logits(coords, x)
-                timings[strategy] = min(timings[strategy], (time.perf_counter() - start) / (len(coords) * len(x)))
-            if round_ and max(timings.values()) * PROBE_POINTS * PROBE_SAMPLES > 0.5:
+            for candidate in list(timings):
+                coords, x, best = timings[candidate]
+                self._strategy = candidate
+                try:
+                    seconds = self._timed_logits(coords, x)
+                except Exception:  # noqa: BLE001 - e.g. an op without a bf16 kernel here
+                    if candidate is not loop:
+                        del timings[candidate]
+                        continue
+                    raise
+                finally:
+                    self._strategy = loop
+                timings[candidate] = (coords, x, min(best, seconds / (len(coords) * len(x))))
+            if round_ and max(t for *_, t in timings.values()) * PROBE_POINTS * PROBE_SAMPLES > 0.5:
                 break  # a large model: one timed round (after the warm-up) tells them apart
-        self.strategy = "loop"
-        return min(timings, key=timings.get)
+        return min(timings, key=lambda c: timings[c][2])
+
+    def _timed_logits(self, coords: torch.Tensor, x: torch.Tensor) -> float:
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda device=None: None)
+        synchronize(self.device)
+        start = time.perf_counter()
+        self._logits(coords, x)
+        synchronize(self.device)
+        return time.perf_counter() - start
 
     # ---- evaluation ---------------------------------------------------------------------
 
@@ -277,78 +343,37 @@ class SliceEvaluator:
         if self.first_layer is not None:
             self._affine.coefficients = coefficients
         try:
-            if self.strategy == "loop":  # our private copy: write the point in place, like the peers
-                for key, value in params.items():
-                    self._tensors[key].copy_(value)
-                return self.model(x)
-            if self.strategy == "fold":
-                return self._folded(params, self.fixed, x, points=len(coefficients))
-            return functional_call(self.model, (params, self.fixed), (x,))
+            return self._strategy.forward(params, x, len(coefficients) if coefficients.dim() > 1 else 1)
         finally:
             if self.first_layer is not None:
                 self._affine.coefficients = None
 
     def _run(self, function: Callable, params: dict[str, torch.Tensor], coefficients: torch.Tensor,
              x: torch.Tensor):
-        """``function`` at each point of a chunk: one vmapped call, or a loop of plain calls."""
+        """``function`` at each point of a chunk, the way the strategy runs chunks."""
         for name in self.bn_modules:
-            self.model.get_submodule(name).batched = self.strategy == "vmap"
-        try:
-            if self.strategy == "fold":  # the whole chunk in one call already
-                return function(params, coefficients, x)
-            if self.strategy == "vmap":
-                return torch.vmap(function, in_dims=(0, 0, None))(params, coefficients, x)
-            outputs = [function({k: v[i] for k, v in params.items()}, coefficients[i], x)
-                       for i in range(len(coefficients))]
-        finally:  # the first layer's cached batch lives for one call (fold: one evaluation)
-            if self.first_layer is not None and self.strategy != "fold":
-                self._affine.forget()
-        if isinstance(outputs[0], torch.Tensor):
-            return torch.stack(outputs)
-        return [torch.stack(parts) for parts in zip(*outputs)]
+            self.model.get_submodule(name).batched = self._strategy.batched_batchnorm
+        return self._strategy.run(function, params, coefficients, x)
 
     def _logits(self, coords: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), precision(self.precision, self.device):
                 return self._run(self._forward, self._point_params(coords), self._coefficients(coords), x)
         finally:
             self._release()
 
     def chunk_points(self, samples: int) -> int:
-        """Points per batched call.
-
-        A loop holds one point at a time, so only the stacked weights count. vmap takes the
-        points whose activations for up to 256 samples fit the working set. The folded layout
-        takes FOLD_POINTS points (its grouped kernels want many groups) and fits the samples
-        to the working set instead.
-        """
-        by_weights = WEIGHTS_BUDGET // max(self.parameter_count * 4, 1)
-        if self.strategy == "loop":
-            return int(max(1, min(MAX_CHUNK_POINTS, by_weights)))
-        if self.strategy == "fold":
-            return int(max(1, min(FOLD_POINTS, by_weights)))
-        per_point = self.activations_per_sample * 4 * min(samples, SAMPLES_PER_CALL)
-        return int(max(1, min(MAX_CHUNK_POINTS, by_weights, self.working_set // max(per_point, 1))))
+        """Points per chunk of the chosen strategy (see :mod:`soup_core.landscape.strategies`)."""
+        return self._strategy.chunk_points(samples)
 
     def _batch_size(self, points: int, samples: int) -> int:
-        """Samples per call: within the working set when batched; a plain model's batch size in a loop.
-
-        Batches are made even (269 samples in batches of 256 would leave one of 13).
-        """
-        if self.strategy == "loop":
-            cap = self.evaluator.batch_size
-        elif self.strategy == "fold":
-            cap = min(FOLD_SAMPLES_PER_CALL, FOLD_LARGEST_TENSOR // (self.largest_activation * 4 * points))
-        else:
-            cap = min(SAMPLES_PER_CALL, self.working_set // max(self.activations_per_sample * 4 * points, 1))
-        batches = math.ceil(samples / max(1, cap))
-        return int(max(1, math.ceil(samples / batches)))
+        return self._strategy.batch_size(points, samples)
 
     def _recomputed_statistics(self, params: dict[str, torch.Tensor], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """update_bn at each point of the chunk: average over the training batches of batch stats."""
         train = _subsample(self.evaluator.train, self.max_samples, self.sample_seed)
         modules = [self.model.get_submodule(name) for name in self.bn_modules]
-        totals: list[list[torch.Tensor]] | None = None
+        totals: list[torch.Tensor] | None = None
         batches = 0
         batch_size = self.bn_batch_size
 
@@ -359,7 +384,7 @@ class SliceEvaluator:
             if any(len(m.collect) != 1 for m in modules):
                 raise SoupError("bn='recompute' needs each BatchNorm module called once per forward; "
                                 "use bn='interpolate' or bn='keep' for this model")
-            return [t for m in modules for t in m.collect[0]]
+            return [t.float() for m in modules for t in m.collect[0]]
 
         try:
             for start in range(0, len(train), batch_size):
@@ -382,14 +407,58 @@ class SliceEvaluator:
         hand whole chunks to other processes and get the same numbers back."""
         samples = max(len(_subsample(self.evaluator.splits[s], self.max_samples, self.sample_seed)) for s in splits)
         chunk = self.chunk_points(samples)
-        if self.bn == "recompute" and self.strategy != "loop":  # statistics: whole bn batches per call
+        if self.bn == "recompute" and self._strategy.points_at_once:  # statistics: whole bn batches per call
             bn_samples = min(self.bn_batch_size, len(self.evaluator.train))
-            chunk = max(1, min(chunk, self.working_set // (self.activations_per_sample * 4 * bn_samples)))
+            while chunk > 1 and (self._strategy.call_bytes(chunk, bn_samples) > self.budget
+                                 or chunk * bn_samples * self.activation_bytes > self.working_set):
+                chunk -= 1
         return chunk
+
+    def _chunk_values(self, part: torch.Tensor, data: Mapping[str, Split]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Summed loss and wrong count per point of ``part`` on each split (on the device)."""
+        out = {}
+        with torch.no_grad(), precision(self.precision, self.device):
+            params = self._point_params(part)
+            coefficients = self._coefficients(part)
+            if self.bn == "recompute":  # a new dict: the folded forward caches weights per dict
+                params = {**params, **self._recomputed_statistics(params, coefficients)}
+            elif self.bn == "interpolate":
+                for k in self.stat_keys:
+                    if k.endswith("running_var"):
+                        params[k] = params[k].clamp_min(0.0)
+            for s, split in data.items():
+                total_loss = torch.zeros(len(part), dtype=torch.float64, device=self.device)
+                wrong = torch.zeros(len(part), dtype=torch.float64, device=self.device)
+                batch_size = self._batch_size(len(part), len(split))
+                for b in range(0, len(split), batch_size):
+                    x, y = split.inputs[b:b + batch_size], split.labels[b:b + batch_size]
+                    logits = self._run(self._forward, params, coefficients, x).float()
+                    losses, wrongs = _loss_and_wrong(logits, y)
+                    total_loss += losses
+                    wrong += wrongs
+                out[s] = (total_loss / len(split), wrong / len(split))
+        return out
+
+    def _measure_deviation(self, part: torch.Tensor, data: Mapping[str, Split],
+                           values: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """|loss − fp32 loss| at most, over the first points this engine scores in bf16/tf32."""
+        points = part[:DEVIATION_POINTS]
+        chosen, self.precision = self.precision, "fp32"
+        self._release()  # the first layer's cached terms are in the run's precision
+        try:
+            exact = self._chunk_values(points, data)
+        finally:
+            self.precision = chosen
+            self._release()
+        deviation = max(float((values[s][0][:len(points)] - exact[s][0]).abs().max()) for s in data)
+        self.precision_deviation = max(self.precision_deviation or 0.0, deviation)
 
     def evaluate(self, coords: torch.Tensor | Sequence[Sequence[float]], splits: Sequence[str] = ("val",),
                  *, progress: Progress | None = None, should_stop: ShouldStop | None = None) -> PointValues:
-        """Loss and error at each row of ``coords`` ([G, k]); NaN where stopped before."""
+        """Loss and error at each row of ``coords`` ([G, k]); NaN where stopped before.
+
+        Data stays on the device; each chunk's sums come back to the host once, not per batch.
+        """
         coords = torch.as_tensor(coords, dtype=torch.float32).to(self.device).reshape(-1, self.k)
         data = {s: _subsample(self.evaluator.splits[s], self.max_samples, self.sample_seed) for s in splits}
         loss = {s: np.full(len(coords), np.nan) for s in splits}
@@ -400,26 +469,12 @@ class SliceEvaluator:
                 if should_stop is not None and should_stop():
                     break
                 part = coords[start:start + chunk]
-                with torch.no_grad():
-                    params = self._point_params(part)
-                    coefficients = self._coefficients(part)
-                    if self.bn == "recompute":  # a new dict: the folded forward caches weights per dict
-                        params = {**params, **self._recomputed_statistics(params, coefficients)}
-                    elif self.bn == "interpolate":
-                        for k in self.stat_keys:
-                            if k.endswith("running_var"):
-                                params[k] = params[k].clamp_min(0.0)
-                    for s, split in data.items():
-                        total_loss = torch.zeros(len(part), dtype=torch.float64, device=self.device)
-                        wrong = torch.zeros(len(part), dtype=torch.float64, device=self.device)
-                        batch_size = self._batch_size(len(part), len(split))
-                        for b in range(0, len(split), batch_size):
-                            x, y = split.inputs[b:b + batch_size], split.labels[b:b + batch_size]
-                            losses, wrongs = _loss_and_wrong(self._run(self._forward, params, coefficients, x), y)
-                            total_loss += losses
-                            wrong += wrongs
-                        loss[s][start:start + len(part)] = (total_loss / len(split)).cpu().numpy()
-                        error[s][start:start + len(part)] = (wrong / len(split)).cpu().numpy()
+                values = self._chunk_values(part, data)
+                if self.precision != "fp32" and self.precision_deviation is None:
+                    self._measure_deviation(part, data, values)
+                for s, (losses, errors) in values.items():
+                    loss[s][start:start + len(part)] = losses.cpu().numpy()
+                    error[s][start:start + len(part)] = errors.cpu().numpy()
                 if progress is not None:
                     progress(min(1.0, (start + len(part)) / len(coords)), f"{start + len(part)}/{len(coords)} points")
         finally:
@@ -427,11 +482,11 @@ class SliceEvaluator:
         return PointValues(loss, error)
 
     def _release(self) -> None:
-        """Drop what the folded forward keeps between calls: first-layer terms, a chunk's weights."""
+        """Drop what is kept between calls: first-layer terms, the folded forward's chunk weights."""
         if self.first_layer is not None:
             self._affine.forget()
-        if self._folded is not None:
-            self._folded.release()
+        if self.folded is not None:
+            self.folded.release()
 
 
 # ---- 2D grids -----------------------------------------------------------------------------

@@ -58,6 +58,8 @@ class Landscape:
     anchors: list[Projection] = field(default_factory=list)
     projections: list[Projection] = field(default_factory=list)
     max_samples: int | None = None
+    precision: str = "fp32"
+    precision_deviation: float | None = None  # largest |loss − fp32 loss| measured (bf16/tf32)
 
     @property
     def done(self) -> np.ndarray:
@@ -81,6 +83,7 @@ class Landscape:
             return [[None if math.isnan(v) else float(v) for v in row] for row in a]
         return {"axes": {"x": self.xs.tolist(), "y": self.ys.tolist()}, "bn": self.bn,
                 "max_samples": self.max_samples, "splits": list(self.splits), "complete": self.complete,
+                "precision": self.precision, "precision_deviation": self.precision_deviation,
                 "loss": {s: grid(a) for s, a in self.loss.items()},
                 "error": {s: grid(a) for s, a in self.error.items()},
                 "anchors": [{"name": a.name, "xy": list(a.xy)} for a in self.anchors],
@@ -94,7 +97,7 @@ class Landscape:
                    {s: array(a) for s, a in data["loss"].items()}, {s: array(a) for s, a in data["error"].items()},
                    data["bn"], [Projection(a["name"], tuple(a["xy"]), 0.0) for a in data["anchors"]],
                    [Projection(p["name"], tuple(p["xy"]), p["off_plane"]) for p in data["projections"]],
-                   data.get("max_samples"))
+                   data.get("max_samples"), data.get("precision", "fp32"), data.get("precision_deviation"))
 
 
 def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margin: float = 0.2,
@@ -102,17 +105,22 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
                     extent: tuple[tuple[float, float], tuple[float, float]] | None = None,
                     projections: Sequence[Projection] = (), max_samples: int | None = None,
                     resume: Landscape | None = None, progress: Progress | None = None,
-                    should_stop: ShouldStop | None = None, engine: SliceEvaluator | None = None) -> Landscape:
+                    should_stop: ShouldStop | None = None, engine: SliceEvaluator | None = None,
+                    precision: str | None = None) -> Landscape:
     """Loss and error on a grid×grid lattice of ``plane`` (paper Figure 2).
 
     The extent is the anchors' bounding box plus ``margin`` unless given. Points run coarse to
     fine; ``should_stop`` keeps what was done and ``resume`` (a partial result of the same grid)
-    computes only the rest.
+    computes only the rest. ``precision`` is ``"fp32"`` (exact), ``"tf32"`` or ``"bf16"``
+    (:mod:`soup_core.precision`; default: the evaluator's); outside fp32 the result carries
+    its measured deviation.
     """
-    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples)
+    engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples,
+                                      precision=precision)
     result, todo, coords = grid_plan(plane, engine, grid=grid, margin=margin, splits=splits, extent=extent,
                                      projections=projections, resume=resume)
     fill(result, todo, engine.evaluate(coords, splits, progress=progress, should_stop=should_stop))
+    result.precision_deviation = engine.precision_deviation
     return result
 
 
@@ -129,16 +137,17 @@ def grid_plan(plane: Plane, engine: SliceEvaluator, *, grid: int, margin: float,
         same_plane = [a.name for a in resume.anchors] == [a.name for a in plane.anchors] and np.allclose(
             [a.xy for a in resume.anchors], [a.xy for a in plane.anchors], rtol=1e-9, atol=1e-12)
         if (len(resume.xs) != grid or tuple(resume.splits) != tuple(splits) or resume.bn != engine.bn
-                or resume.max_samples != engine.max_samples or not same_plane):
+                or resume.max_samples != engine.max_samples or resume.precision != engine.precision
+                or not same_plane):
             raise SoupError("the partial landscape to resume was made with other settings (plane, grid, splits, "
-                            "BatchNorm policy or samples); start a new one")
+                            "BatchNorm policy, samples or precision); start a new one")
         xs, ys = resume.xs, resume.ys
     else:
         (x0, x1), (y0, y1) = extent or grid_extent([a.xy for a in plane.anchors], margin)
         xs, ys = np.linspace(x0, x1, grid), np.linspace(y0, y1, grid)
     result = resume or Landscape(xs, ys, tuple(splits), {s: np.full((grid, grid), np.nan) for s in splits},
                                  {s: np.full((grid, grid), np.nan) for s in splits}, engine.bn,
-                                 max_samples=engine.max_samples)
+                                 max_samples=engine.max_samples, precision=engine.precision)
     result.anchors, result.projections = list(plane.anchors), list(projections)
     todo = [f for f in coarse_to_fine(grid) if not result.done.reshape(-1)[f]]
     coords = torch.tensor([[xs[f % grid], ys[f // grid]] for f in todo], dtype=torch.float64).reshape(-1, 2)

@@ -48,12 +48,15 @@ class Path:
     loss: dict[str, np.ndarray]
     error: dict[str, np.ndarray]
     bn: str
+    precision: str = "fp32"
+    precision_deviation: float | None = None  # largest |loss − fp32 loss| measured (bf16/tf32)
 
     def barrier(self, values: np.ndarray) -> float:
         return barrier(self.alphas, values)
 
     def to_json(self) -> dict:
         return {"names": list(self.names), "alphas": self.alphas.tolist(), "bn": self.bn,
+                "precision": self.precision, "precision_deviation": self.precision_deviation,
                 "loss": {s: a.tolist() for s, a in self.loss.items()},
                 "error": {s: a.tolist() for s, a in self.error.items()},
                 "barrier": {s: {"loss": self.barrier(self.loss[s]), "error": self.barrier(self.error[s])}
@@ -69,7 +72,7 @@ def path_alphas(points: int = 41, low: float = -0.5, high: float = 1.5) -> np.nd
 def interpolation_path(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                        alphas: Sequence[float] | np.ndarray | None = None, *, names: tuple[str, str] = ("a", "b"),
                        splits: Sequence[str] = ("val",), bn: str = "recompute", max_samples: int | None = None,
-                       progress: Progress | None = None) -> Path:
+                       progress: Progress | None = None, precision: str | None = None) -> Path:
     """Loss and error on the line through ``a`` and ``b``, past both ends (paper App. J.1).
 
     With ``a`` = θ0 and ``b`` a soup or fine-tuned model this is the WiSE-FT curve (App. D).
@@ -77,6 +80,6 @@ def interpolation_path(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: M
     alphas = path_alphas() if alphas is None else np.asarray(alphas, dtype=np.float64)
     keys = plane_keys(a)
     direction = {k: b[k].to(torch.float64) - a[k].to(torch.float64) for k in keys}
-    engine = SliceEvaluator(evaluator, a, [direction], bn=bn, max_samples=max_samples)
+    engine = SliceEvaluator(evaluator, a, [direction], bn=bn, max_samples=max_samples, precision=precision)
     values = engine.evaluate(torch.tensor(alphas).reshape(-1, 1), splits, progress=progress)
-    return Path(names, alphas, values.loss, values.error, engine.bn)
+    return Path(names, alphas, values.loss, values.error, engine.bn, engine.precision, engine.precision_deviation)
