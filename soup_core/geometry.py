@@ -32,6 +32,9 @@ from soup_core.state import Progress, is_float, is_statistic, tied_aliases
 
 GRAM_DTYPE = torch.float64
 CHUNK_ELEMENTS = 1 << 18  # per checkpoint: 256K float64 = 2 MiB, cache-friendly
+# On a GPU a chunk is one GEMM launch and one copy per checkpoint: larger chunks amortise them
+# (4M float64 = 32 MiB per checkpoint; chosen, not tuned: no GPU measured this).
+CUDA_CHUNK_ELEMENTS = 1 << 22
 
 
 def gram_matrix(
@@ -39,28 +42,44 @@ def gram_matrix(
     base: Mapping[str, torch.Tensor] | None = None,
     *,
     progress: Progress | None = None,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     include_buffers: bool = False,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """k×k float64 Gram matrix of θ_i − θ0 (or of θ_i when ``base`` is None).
+    """k×k float64 Gram matrix of θ_i − θ0 (or of θ_i when ``base`` is None), on the CPU.
 
     Over the parameters, as the paper and the landscape peers measure: BatchNorm's running
     statistics are left out unless ``include_buffers`` (they are estimates of activations, not
     weights, and on a BatchNorm network they can dominate the distances). Integer buffers never
     take part (they are counters); tied tensors count once.
+
+    The products run on ``device`` (default: where the first state dict's tensors are), in
+    float64 chunks of ``chunk_elements`` per checkpoint. The state dicts and ``base`` may live
+    on any devices, each its own: a chunk is copied to ``device`` and widened to float64 there,
+    which is exact (every float32/16 is a float64), so the result does not depend on the device
+    beyond float64 rounding. Nothing is copied whole: memory is the k chunks.
+
+    >>> import torch
+    >>> a, b = {"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([4.0, -3.0])}
+    >>> gram_matrix([a, b], device="cpu").tolist()
+    [[25.0, 0.0], [0.0, 25.0]]
     """
     k = len(states)
     if k == 0:
         raise SoupError("need at least one state dict")
     reference = states[0]
+    device = torch.device(device) if device is not None else next(
+        (t.device for t in reference.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    if chunk_elements is None:
+        chunk_elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
     aliases = tied_aliases(reference)
     keys = [key for key, t in reference.items() if is_float(t) and key not in aliases
             and (include_buffers or not is_statistic(key))]
-    gram = torch.zeros(k, k, dtype=GRAM_DTYPE)
+    gram = torch.zeros(k, k, dtype=GRAM_DTYPE, device=device)
     total = sum(reference[key].numel() for key in keys) or 1
     largest = max((reference[key].numel() for key in keys), default=1)
     # One reused float64 buffer: no per-chunk allocations (they cost page faults, not FLOPs).
-    buffer = torch.empty(k, min(chunk_elements, largest), dtype=GRAM_DTYPE)
+    buffer = torch.empty(k, min(chunk_elements, largest), dtype=GRAM_DTYPE, device=device)
     done = 0
     for key in keys:
         flat = [s[key].reshape(-1) for s in states]
@@ -72,12 +91,12 @@ def gram_matrix(
             for row, tensor in zip(rows, flat):
                 row.copy_(tensor[start:stop])  # exact: every float32/16 is a float64
             if origin is not None:
-                rows.sub_(origin[start:stop].to(GRAM_DTYPE))
+                rows.sub_(origin[start:stop].to(device, GRAM_DTYPE))
             gram.addmm_(rows, rows.T)
         done += size
         if progress is not None:
             progress(done / total, key)
-    return gram
+    return gram.cpu()
 
 
 @dataclass(frozen=True)
@@ -114,10 +133,13 @@ def angles_from_gram(gram: torch.Tensor) -> Angles:
 
 def pairwise_angles(states: Sequence[Mapping[str, torch.Tensor]],
                     base: Mapping[str, torch.Tensor] | None = None,
-                    *, progress: Progress | None = None, include_buffers: bool = False) -> Angles:
+                    *, progress: Progress | None = None, include_buffers: bool = False,
+                    device: str | torch.device | None = None) -> Angles:
     """Angles between θ_i − θ0 for every pair (paper Figure 3's φ), streamed in float64, over the
-    parameters (and BatchNorm's running statistics too with ``include_buffers``)."""
-    angles = angles_from_gram(gram_matrix(states, base, progress=progress, include_buffers=include_buffers))
+    parameters (and BatchNorm's running statistics too with ``include_buffers``), computed on
+    ``device`` (see :func:`gram_matrix`)."""
+    angles = angles_from_gram(gram_matrix(states, base, progress=progress, include_buffers=include_buffers,
+                                          device=device))
     return replace(angles, over="parameters and buffers" if include_buffers else "parameters")
 
 

@@ -17,6 +17,13 @@ Floating-point sums are accumulated in float64 so that adding and then removing 
 ingredient returns (to float64 rounding) to where it started, independent of order; the
 result is cast back to each tensor's own dtype.
 
+**Where the sum lives.** ``RunningSum(device=...)`` keeps its float64 sum on that device (the
+evaluator's, in greedy and pruned soups), so a GPU scores candidates without copying the soup
+there at every step: each step moves one candidate (in its own dtype, not float64) unless it is
+already on the device, and the greedy step's candidate is moved once for both scoring and
+adding. float64 is kept on every device: these are bandwidth-bound additions, exactness is the
+point, and no GPU measured here showed a reason for float32 with compensation instead.
+
 Example::
 
     >>> import torch
@@ -44,14 +51,26 @@ ACCUMULATE_DTYPE = torch.float64
 class RunningSum:
     """Sum of ingredients' float tensors; add or remove one ingredient in O(P).
 
-    Holds one float64 copy of the parameters plus references (not copies) to the
-    ingredients, which it needs to subtract them again and to take integer buffers from.
+    Holds one float64 copy of the parameters (on ``device``; default: the first ingredient's)
+    plus references (not copies) to the ingredients, which it needs to subtract them again and
+    to take integer buffers from. Means come back on ``device``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
         self._sum: dict[str, torch.Tensor] = {}
         self._members: dict[str, Mapping[str, torch.Tensor]] = {}
         self._aliases: dict[str, str] = {}
+        self._staged: tuple[str, Mapping[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+    def _float64(self, name: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state``'s summed tensors on the sum's device in float64: moved in their own dtype,
+        widened there; the last candidate's are kept for the add that often follows."""
+        if self._staged is not None and self._staged[0] == name and self._staged[1] is state:
+            return self._staged[2]
+        widened = {k: state[k].to(self.device).to(ACCUMULATE_DTYPE) for k in self._sum}
+        self._staged = (name, state, widened)
+        return widened
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -68,18 +87,27 @@ class RunningSum:
             raise ValueError(f"{name!r} is already in the soup; each ingredient counts once")
         if not self._members:
             self._aliases = tied_aliases(state)
-            self._sum = {k: torch.zeros(t.shape, dtype=ACCUMULATE_DTYPE)
-                         for k, t in state.items() if is_float(t) and k not in self._aliases}
+            floats = {k: t for k, t in state.items() if is_float(t) and k not in self._aliases}
+            if self.device is None:
+                self.device = next((t.device for t in floats.values()), torch.device("cpu"))
+            self._sum = {k: torch.zeros(t.shape, dtype=ACCUMULATE_DTYPE, device=self.device)
+                         for k, t in floats.items()}
+            self._staged = None
+        widened = self._float64(name, state)
         for key, total in self._sum.items():
-            total.add_(state[key].to(ACCUMULATE_DTYPE))
+            total.add_(widened[key])
         self._members[name] = state
+        self._staged = None
 
     def remove(self, name: str) -> None:
         if name not in self._members:
             raise ValueError(f"{name!r} is not in the soup (it holds {list(self._members)})")
-        state = self._members.pop(name)
+        state = self._members[name]
+        widened = self._float64(name, state)
+        del self._members[name]
         for key, total in self._sum.items():
-            total.sub_(state[key].to(ACCUMULATE_DTYPE))
+            total.sub_(widened[key])
+        self._staged = None
 
     def mean(self) -> StateDict:
         """The uniform soup of the current ingredients, in their own dtypes."""
@@ -87,45 +115,52 @@ class RunningSum:
             raise ValueError("the soup is empty: add at least one ingredient before taking its mean")
         count = len(self._members)
         reference = next(iter(self._members.values()))
-        return _assemble(reference, {k: v / count for k, v in self._sum.items()}, self._aliases)
+        return _assemble(reference, {k: v / count for k, v in self._sum.items()}, self._aliases, self.device)
 
     def mean_with(self, name: str, state: Mapping[str, torch.Tensor]) -> StateDict:
         """The mean if ``state`` were added — without changing this sum (greedy candidates)."""
         if not self._members:
             aliases = tied_aliases(state)
-            return _assemble(state, {k: t.to(ACCUMULATE_DTYPE) for k, t in state.items()
-                                     if is_float(t) and k not in aliases}, aliases)
+            device = self.device or next((t.device for t in state.values()), torch.device("cpu"))
+            return _assemble(state, {k: t.to(device) for k, t in state.items()
+                                     if is_float(t) and k not in aliases}, aliases, device)
+        widened = self._float64(name, state)
         count = len(self._members) + 1
-        averaged = {k: (v + state[k].to(ACCUMULATE_DTYPE)) / count for k, v in self._sum.items()}
-        return _assemble(next(iter(self._members.values())), averaged, self._aliases)
+        averaged = {k: (v + widened[k]) / count for k, v in self._sum.items()}
+        return _assemble(next(iter(self._members.values())), averaged, self._aliases, self.device)
 
     def mean_without(self, name: str) -> StateDict:
         """The mean if ``name`` were removed — without changing this sum (pruning candidates)."""
         if name not in self._members or len(self._members) < 2:
             raise ValueError(f"cannot remove {name!r}: a soup needs at least one ingredient")
-        state = self._members[name]
+        widened = self._float64(name, self._members[name])
         others = [s for n, s in self._members.items() if n != name]
         count = len(others)
-        averaged = {k: (v - state[k].to(ACCUMULATE_DTYPE)) / count for k, v in self._sum.items()}
-        return _assemble(others[0], averaged, self._aliases)
+        averaged = {k: (v - widened[k]) / count for k, v in self._sum.items()}
+        return _assemble(others[0], averaged, self._aliases, self.device)
 
 
 def _assemble(reference: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor],
-              aliases: Mapping[str, str]) -> StateDict:
-    """Cast float results back to the reference dtypes, copy integer buffers, re-tie aliases."""
+              aliases: Mapping[str, str], device: torch.device | None = None) -> StateDict:
+    """Cast float results back to the reference dtypes, copy integer buffers (onto ``device``,
+    where the float results are), re-tie aliases."""
     out: StateDict = {}
     for key, tensor in reference.items():
         if key in aliases:
             continue
-        out[key] = averaged[key].to(tensor.dtype) if key in averaged else tensor.clone()
+        if key in averaged:
+            out[key] = averaged[key].to(tensor.dtype)
+        else:
+            out[key] = tensor.clone() if device is None or tensor.device == device else tensor.to(device)
     for alias, target in aliases.items():
         out[alias] = out[target]
     return out
 
 
-def uniform_average(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
-    """The uniform soup θ_S = (1/|S|) Σ θ_i (paper §2, Table 2)."""
-    total = RunningSum()
+def uniform_average(states: Sequence[Mapping[str, torch.Tensor]],
+                    device: torch.device | str | None = None) -> StateDict:
+    """The uniform soup θ_S = (1/|S|) Σ θ_i (paper §2, Table 2), summed on ``device``."""
+    total = RunningSum(device)
     for i, state in enumerate(states):
         total.add(str(i), state)
     return total.mean()

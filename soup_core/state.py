@@ -19,6 +19,8 @@ tensors matter everywhere in the library:
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -61,14 +63,61 @@ def tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {alias: group[0] for group in tied_groups(state) for alias in group[1:]}
 
 
+# sha256 of each tensor's bytes, by tensor object and its in-place version counter: a checkpoint
+# scored again (a greedy step, a page rerun) is not hashed again. Entries leave with their tensors.
+_TENSOR_DIGESTS: dict[int, tuple[weakref.ref, int, bytes]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    key = id(tensor)
+    try:
+        version = tensor._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: hashed every time
+        version = None
+    with _DIGESTS_LOCK:
+        cached = _TENSOR_DIGESTS.get(key)
+    if version is not None and cached is not None and cached[0]() is tensor and cached[1] == version:
+        return cached[2]
+    data = tensor.detach().contiguous().cpu()
+    digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"").digest()
+    if version is None:
+        return digest
+    try:
+        ref = weakref.ref(tensor, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None))
+    except TypeError:  # a tensor subclass without weak references: hashed every time
+        return digest
+    with _DIGESTS_LOCK:
+        _TENSOR_DIGESTS[key] = (ref, version, digest)
+    return digest
+
+
 def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """Content hash of a state dict: keys, dtypes, shapes and values (the metric-cache key)."""
+    """Content hash of a state dict: keys, dtypes, shapes and values (the metric-cache key).
+
+    Each tensor's bytes are hashed once per process while the tensor lives and is not modified
+    in place (``tensor._version``); writes through ``tensor.data`` bypass that counter, so a
+    state dict edited that way must be passed as new tensors.
+    """
     digest = hashlib.sha256()
     for key in sorted(state):
-        tensor = state[key].detach().contiguous().cpu()
+        tensor = state[key]
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+        digest.update(_tensor_digest(tensor))
     return digest.hexdigest()
+
+
+def to_device(state: Mapping[str, torch.Tensor], device: torch.device | str) -> StateDict:
+    """``state`` on ``device``, tied tensors still tied (one copy per shared storage)."""
+    moved: dict[tuple, torch.Tensor] = {}
+    out: StateDict = {}
+    for key, tensor in state.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                 tuple(tensor.stride()), tensor.dtype)
+        if ident not in moved or tensor.numel() == 0:
+            moved[ident] = tensor.to(device)
+        out[key] = moved[ident]
+    return out
 
 
 def names_list(keys: list[str], limit: int = 8) -> str:
@@ -78,4 +127,4 @@ def names_list(keys: list[str], limit: int = 8) -> str:
 
 
 __all__ = ["Progress", "STATISTIC_SUFFIXES", "ShouldStop", "StateDict", "is_float", "is_statistic", "names_list",
-           "state_dict_digest", "tied_aliases", "tied_groups"]
+           "state_dict_digest", "tied_aliases", "tied_groups", "to_device"]

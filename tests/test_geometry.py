@@ -78,3 +78,30 @@ def test_angles_are_over_parameters_unless_buffers_are_asked_for():
     with_buffers = pairwise_angles([a, zoo.state_dict("bn-01")], base, include_buffers=True)
     assert float(angles.norm[0]) == pytest.approx(by_hand, rel=1e-12) and angles.over == "parameters"
     assert float(with_buffers.norm[0]) > float(angles.norm[0]) and with_buffers.over == "parameters and buffers"
+
+
+def _exact_gram(states, base=None):
+    """The Gram matrix in float64 the plain way: whole vectors, one dot per pair."""
+    flat = [torch.cat([(s[k].double() - (base[k].double() if base else 0)).reshape(-1) for k in sorted(s)])
+            for s in states]
+    return torch.stack([torch.stack([a @ b for b in flat]) for a in flat])
+
+
+DEVICES = ["cpu", torch.device("cpu")] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_gram_matrix_on_any_device_is_exact_and_comes_back_on_the_cpu(device, with_base):
+    generator = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(300, 7, generator=generator), "b": torch.randn(11, generator=generator).half()}
+              for _ in range(4)]
+    base = {"w": torch.randn(300, 7, generator=generator), "b": torch.randn(11, generator=generator).half()} \
+        if with_base else None
+    # the states on the device, the base left where it is: each tensor may live anywhere
+    on_device = [{k: t.to(device) for k, t in s.items()} for s in states]
+    gram = gram_matrix(on_device, base, device=device, chunk_elements=100)
+    assert gram.device.type == "cpu" and gram.dtype == torch.float64
+    torch.testing.assert_close(gram, _exact_gram(states, base), rtol=1e-12, atol=1e-9)
+    # by default the products run where the states are, with the same result
+    torch.testing.assert_close(gram_matrix(on_device, base), gram, rtol=1e-12, atol=1e-9)

@@ -86,3 +86,27 @@ def test_tied_weights_are_averaged_once_and_stay_tied():
     soup = uniform_average([tied(0), tied(1)])
     assert soup["embed"] is soup["head"]
     assert torch.allclose(soup["embed"], (tied(0)["embed"] + tied(1)["embed"]) / 2)
+
+
+def test_a_state_dict_is_hashed_once_until_it_changes(monkeypatch):
+    import hashlib
+
+    from soup_core import state as state_module
+    state = {"a": torch.randn(100), "b": torch.arange(5)}
+    first = state_module.state_dict_digest(state)
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(state_module.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    assert state_module.state_dict_digest(state) == first
+    assert len(hashed) == 1  # the outer digest only: no tensor's bytes again
+    assert state_module.state_dict_digest({k: t.clone() for k, t in state.items()}) == first  # content, not identity
+    state["a"].add_(1.0)  # in place: the version counter moves, the bytes are hashed again
+    assert state_module.state_dict_digest(state) != first
+
+
+def test_moving_a_state_dict_to_another_device_keeps_ties():
+    from soup_core.state import to_device
+    shared = torch.ones(3)
+    moved = to_device({"embed": shared, "head": shared, "bias": torch.zeros(3)}, "meta")
+    assert moved["head"] is moved["embed"] and moved["bias"] is not moved["embed"]
+    assert all(t.device.type == "meta" for t in moved.values())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from soup_core.evaluate import ensemble_logits, metrics_from_logits
-from soup_core.params import uniform_average
+from soup_core.params import RunningSum, uniform_average
 from soup_core.recipes import RECIPES
 from soup_core.recipes.model_stock import model_stock_ratio
 from soup_core.zoo import open_zoo
@@ -143,3 +143,50 @@ def test_the_official_tie_order_puts_later_entries_first_among_equal_scores(tiny
     official = RECIPES["greedy"].make(twin, tiny_evaluator, tie="gt", tie_order="official")
     assert manifest.ingredients == ("a",) and official.ingredients == ("b",)
     assert official.options["tie_order"] == "official"
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def official_greedy(ingredients, evaluator, split="val"):
+    """The official model-soups loop: sort by val, then for each candidate build the averaged
+    state dict from scratch, load it and evaluate; keep it when val does not drop (>=)."""
+    scores = {n: evaluator.accuracy(s, split) for n, s in ingredients.items()}
+    order = sorted(ingredients, key=lambda n: -scores[n])
+    kept, best = [], 0.0
+    for name in order:
+        trial = kept + [name]
+        soup = {k: sum(ingredients[n][k].double() for n in trial) / len(trial) for k in ingredients[name]}
+        score = evaluator.accuracy({k: v.float() for k, v in soup.items()}, split, cache=False)
+        if score >= best:
+            kept, best = trial, score
+    return kept
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recipe", ["greedy", "pruned"])
+def test_greedy_and_pruned_pick_the_same_ingredients_on_any_device(device, recipe):
+    zoo = open_zoo("digits-finetune", device=device)
+    on_cpu = open_zoo("digits-finetune", device="cpu")
+    here = RECIPES[recipe].make(zoo.ingredients(), zoo.evaluator)
+    there = RECIPES[recipe].make(on_cpu.ingredients(), on_cpu.evaluator)
+    assert here.ingredients == there.ingredients
+    assert [s.score for s in here.trace] == [s.score for s in there.trace]
+    # the soup comes back beside its ingredients, whatever device summed it
+    assert all(t.device.type == "cpu" for t in here.state_dict.values())
+    if recipe == "greedy":
+        assert list(here.ingredients) == official_greedy(on_cpu.ingredients(), on_cpu.evaluator)
+
+
+def test_a_running_sum_lives_on_its_device_and_stays_exact():
+    generator = torch.Generator().manual_seed(0)
+    states = {f"m{i}": {"w": torch.randn(50, generator=generator).half(), "n": torch.tensor(i)} for i in range(3)}
+    soup = RunningSum("cpu")
+    for name, state in states.items():
+        assert soup.mean_with(name, state)["w"].device.type == "cpu"
+        soup.add(name, state)
+    exact = sum(s["w"].double() for s in states.values()) / 3
+    assert torch.equal(soup.mean()["w"], exact.half())
+    assert soup.mean()["n"] == 0  # integer buffers from the first ingredient
+    soup.remove("m1")
+    assert torch.equal(soup.mean()["w"], ((states["m0"]["w"].double() + states["m2"]["w"].double()) / 2).half())

@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     angles.add_argument("--short-names", action="store_true", help="name checkpoints by file stem")
     angles.add_argument("--include-buffers", action="store_true",
                         help="count BatchNorm running statistics too (default: parameters only, as the paper does)")
+    angles.add_argument("--device", help="cpu, cuda or cuda:N: where the float64 products run, chunk by chunk "
+                        "(default: cpu, where checkpoints are read)")
     common(angles, device=False)
 
     evaluate = zoo_command("evaluate", "score every checkpoint of a zoo on every split", cmd.cmd_evaluate)

@@ -114,7 +114,8 @@ def cmd_angles(args: argparse.Namespace) -> None:
     validate_state_dicts(named, check_values=False).raise_for_errors()  # values stream below
     bar, report = progress_bar("angles")
     with bar:
-        angles = pairwise_angles(states, base, progress=report, include_buffers=args.include_buffers)
+        angles = pairwise_angles(states, base, progress=report, include_buffers=args.include_buffers,
+                                 device=check_device(args.device))
     names = [Path(p).stem if args.short_names else p for p in args.paths]
     write_json(args.json, {**angles.to_json(names), "relative_to": args.base}, [Path(p) for p in named])
     if args.json != "-":

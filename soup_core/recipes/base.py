@@ -131,8 +131,16 @@ class Recipe:
         metrics = brew.metrics
         if metrics is None:
             metrics = evaluator.evaluate(brew.state_dict) if evaluator is not None else {}
-        return SoupResult(self.name, names, weights, tuple(brew.trace), metrics, brew.state_dict,
+        state = brew.state_dict
+        if state is not None:  # summed and scored on the evaluator's device; returned beside the ingredients
+            from soup_core.state import to_device
+            state = to_device(state, _device_of(next(iter(ingredients.values()))))
+        return SoupResult(self.name, names, weights, tuple(brew.trace), metrics, state,
                           dict(params), dict(brew.extras))
+
+
+def _device_of(state: Mapping[str, torch.Tensor]):
+    return next((t.device for t in state.values()), "cpu")
 
 
 def val_accuracies(ingredients: Ingredients, evaluator: Evaluator, split: str) -> dict[str, float]:

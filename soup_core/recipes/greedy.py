@@ -7,7 +7,9 @@ joins when the soup with it scores at least as well on val as the soup without i
 candidate is always accepted (baseline 0). With ``passes > 1`` the rejected candidates are
 offered again; ``max_ingredients`` stops the soup growing past a size.
 
-Each candidate costs one O(P) running-sum update and one evaluation; nothing is reloaded.
+Each candidate costs one O(P) running-sum update and one evaluation; nothing is reloaded, and
+the float64 sum stays on the evaluator's device (a GPU's), so each step moves at most the one
+candidate there (:class:`soup_core.params.RunningSum`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from soup_core.recipes.parameters import Params, improves
 
 def greedy_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
     order = candidate_order(ingredients, evaluator, params)
-    soup, baseline, trace = RunningSum(), 0.0, []
+    soup, baseline, trace = RunningSum(evaluator.device), 0.0, []
     for _ in range(params.passes):
         for name in order:
             if name in soup:

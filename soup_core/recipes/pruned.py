@@ -16,7 +16,7 @@ from soup_core.recipes.parameters import Params, improves
 
 def pruned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
     order = candidate_order(ingredients, evaluator, params)
-    soup = RunningSum()
+    soup = RunningSum(evaluator.device)
     for name in ingredients:
         soup.add(name, ingredients[name])
     baseline = evaluator.accuracy(soup.mean(), params.val_split)

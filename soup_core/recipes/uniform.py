@@ -13,4 +13,5 @@ from soup_core.recipes.parameters import Params
 
 def uniform_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
     names = tuple(ingredients)
-    return Brew(names, uniform_average([ingredients[n] for n in names]))
+    device = evaluator.device if evaluator is not None else None  # summed where it is scored
+    return Brew(names, uniform_average([ingredients[n] for n in names], device))
