@@ -13,7 +13,7 @@ ones (its snake walk is off by one step on alternate columns). The peers compute
 only; ours computes loss and error.
 
     python bench/bench_landscape.py [--steps 31] [--repeats 5] [--device cpu|cuda] [--width N] [--return-freed-memory]
-                                    [--threads N] [--strategy auto|fold|vmap|loop] [--working-set MIB] [--profile]
+                                    [--threads N] [--strategy auto|fold|vmap|batched-loop|loop] [--working-set MIB] [--profile]
                                     [--fold-points N] [--layouts]
 
 Each of ``--repeats`` rounds runs every method once; the best time per method is reported,
@@ -47,8 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from soup_core.allocator import keep_freed_memory  # noqa: E402
 from soup_core.evaluate import Evaluator  # noqa: E402
-from soup_core.landscape import engine  # noqa: E402
-from soup_core.landscape import SliceEvaluator  # noqa: E402
+from soup_core.landscape import STRATEGIES, SliceEvaluator, strategies  # noqa: E402
 from soup_core.zoo import open_zoo  # noqa: E402
 
 
@@ -228,7 +227,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--width", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--strategy", default="auto", choices=["auto", "fold", "vmap", "loop"])
+    parser.add_argument("--strategy", default="auto", choices=list(STRATEGIES))
     parser.add_argument("--working-set", type=float, default=None, help="MiB per vmapped call")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--fold-points", type=int, default=None, help="points per folded call (FOLD_POINTS)")
@@ -241,7 +240,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.fold_points:
-        engine.FOLD_POINTS = args.fold_points
+        strategies.FOLD_POINTS = args.fold_points
     options = {"strategy": args.strategy,
                "working_set": int(args.working_set * 2**20) if args.working_set else None}
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "

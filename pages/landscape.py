@@ -1,6 +1,9 @@
 """Landscape: error and loss in the plane through three points (paper Figure 2)."""
 
+import json
+
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -12,7 +15,7 @@ from soup_core import distributed
 from soup_core.errors import SoupError
 from soup_core.export import Candidate
 from soup_core.landscape import plane_landscape
-from soup_core.policies import BN_POLICIES
+from soup_core.policies import BN_POLICIES, PRECISIONS
 from soup_core.zoo import BASE, Zoo, zoo_plane, zoo_point
 
 zoo = sidebar()
@@ -40,15 +43,18 @@ def landscape_view() -> None:
     cols = st.columns(3)
     points = [col.selectbox(label, choices, index=i, key=f"land-{label}")
               for i, (col, label) in enumerate(zip(cols, ("Origin A", "Point B", "Point C")))]
-    cols = st.columns(4)
+    cols = st.columns(5)
     grid = cols[0].slider("Grid", 5, 41, 15, step=2, key="land-grid")
     margin = cols[1].slider("Margin", 0.0, 1.0, 0.2, key="land-margin")
     split = cols[2].selectbox("Split", list(zoo.evaluator.split_names), key="land-split")
     bn = cols[3].selectbox("BatchNorm", BN_POLICIES, key="land-bn")
+    precision = cols[4].selectbox("Precision", PRECISIONS, key="land-precision",
+                                  help="fp32 is exact. tf32 and bf16 are faster on a GPU (tf32 is fp32 on a CPU); "
+                                       "their measured loss deviation from fp32 is shown with the result.")
     if len(set(points)) < 3:
         st.warning("Pick three different points.")
         return
-    key = (zoo_key(zoo), *points, grid, margin, split, bn)
+    key = (zoo_key(zoo), *points, grid, margin, split, bn, precision)
     computed = computed_landscapes()  # shared by all sessions: the same inputs are never computed twice
     if st.button("Compute", key="land-compute", type="primary"):
         if key not in computed:
@@ -63,10 +69,10 @@ def landscape_view() -> None:
             if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
                 computed[key] = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
                                                       bn=bn, projections=projections, workers=RAY_WORKERS,
-                                                      progress=report)
+                                                      progress=report, precision=precision)
             else:
                 computed[key] = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split],
-                                                bn=bn, projections=projections, progress=report)
+                                                bn=bn, projections=projections, progress=report, precision=precision)
             bar.empty()
         st.session_state["landscape"] = (key, computed[key])
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:
@@ -97,10 +103,25 @@ def landscape_view() -> None:
                                               "<br>loss %{customdata[1]:.4f}<extra></extra>"))
     figure.update_layout(height=600, xaxis_title="x (L2)", yaxis_title="y (L2)",
                          yaxis={"scaleanchor": "x"}, legend={"orientation": "h"})
+    best = np.unravel_index(np.nanargmin(values), values.shape)
+    figure.add_trace(go.Scatter(x=[result.xs[best[1]]], y=[result.ys[best[0]]], mode="markers", name=f"lowest {shown}",
+                                marker={"color": "orange", "size": 14, "symbol": "x", "line": {"width": 1}},
+                                hoverinfo="name"))
+    picked_before = st.session_state.get("land-picked")
+    if picked_before and picked_before[0] == shown_key:
+        figure.add_trace(go.Scatter(x=[picked_before[1]], y=[picked_before[2]], mode="markers", name="chosen point",
+                                    marker={"color": "cyan", "size": 14, "symbol": "circle-open",
+                                            "line": {"width": 3}}, hoverinfo="name"))
     event = st.plotly_chart(figure, key="land-chart", on_select="rerun", selection_mode="points")
-    best = np.unravel_index(np.nanargmin(result.error[s]), result.error[s].shape)
-    st.write(f"Lowest {s} error {100 * result.error[s][best]:.2f}% at "
-             f"({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); BatchNorm: {result.bn}.")
+    lowest = f"{values[best]:.4f}" if shown == "loss" else f"{values[best]:.2f}%"
+    st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "
+             f"BatchNorm: {result.bn}; precision: {result.precision}"
+             + ("" if result.precision_deviation is None else
+                f" (losses within {result.precision_deviation:.1e} of fp32 on the points checked)") + ".")
+    downloads = st.columns(2)
+    downloads[0].download_button("Download grid (JSON)", json.dumps(result.to_json()), "landscape.json",
+                                 "application/json", key="land-json")
+    downloads[1].download_button("Download grid (CSV)", grid_csv(result), "landscape.csv", "text/csv", key="land-csv")
     picked = [p for p in (event.selection.points if event else []) if p.get("curve_number") == 3]
     if picked:
         x, y = float(picked[0]["x"]), float(picked[0]["y"])
@@ -118,5 +139,15 @@ def landscape_view() -> None:
         if st.button("Keep this point for export", key="land-keep"):
             set_export(point)
             st.success("Ready on the Export page.")
+
+def grid_csv(result) -> str:
+    """One row per computed grid point: x, y, then error and loss on each split."""
+    gx, gy = np.meshgrid(result.xs, result.ys)
+    columns = {"x": gx.ravel(), "y": gy.ravel()}
+    for split in result.splits:
+        columns[f"{split}_error"] = result.error[split].ravel()
+        columns[f"{split}_loss"] = result.loss[split].ravel()
+    return pd.DataFrame(columns).to_csv(index=False)
+
 
 landscape_view()

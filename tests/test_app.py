@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -87,9 +88,18 @@ def test_landscape_page_computes_and_draws_a_plane():
     at.button(key="land-compute").click().run()
     assert not at.exception
     assert len(at.get("plotly_chart")) == 1
-    assert any("Lowest val error" in m.value for m in at.markdown)
+    assert any("Lowest val error" in m.value and "precision: fp32." in m.value for m in at.markdown)
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t.get("name") for t in figure["data"]][-1] == "lowest error"  # the lowest point is marked
     at.radio(key="land-metric").set_value("loss").run()  # contours of loss instead of error
     assert not at.exception and len(at.get("plotly_chart")) == 1
+    csv = at.get("download_button")
+    assert len(csv) == 2
+    at.selectbox(key="land-precision").set_value("bf16").run()
+    at.button(key="land-compute").click().run()
+    assert not at.exception
+    deviation = [m.value for m in at.markdown if "precision: bf16" in m.value]
+    assert deviation and "of fp32 on the points checked" in deviation[0]
 
 
 PAGES = ["ingredients", "recipes", "geometry", "landscape", "tour", "export"]
