@@ -5,12 +5,14 @@ Cached resources are shared between sessions: never mutate what these functions 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
+from appkit.admission import HEAVY_WORK
 from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
 from soup_core.align import barrier_table
 from soup_core.evaluate import TEST, VAL, shift_average
@@ -93,11 +95,19 @@ def _checkpoint_table(_zoo: Zoo, key: tuple) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# What every tick recomputes: cheap (each model scored once, cached by content).
+LIVE_RECIPES = ("uniform", "best", "ensemble")
+
+
 @st.cache_resource(show_spinner="Cooking…", max_entries=64)
 def recipe_result(_zoo: Zoo, key: tuple, recipe: str, ingredients: tuple[str, ...] | None = None,
                   params: tuple[tuple[str, Any], ...] = ()) -> SoupResult:
-    """A recipe's result on the session's zoo (cached per zoo, ingredients and parameters; never mutate)."""
-    return make_soup(_zoo, recipe, ingredients, **dict(params))
+    """A recipe's result on the session's zoo (cached per zoo, ingredients and parameters; never mutate).
+
+    The live soup's recipes score each model once and never wait in line behind a landscape;
+    the others (greedy, pruned, learned…) take a slot of the server's heavy work."""
+    with contextlib.nullcontext() if recipe in LIVE_RECIPES else HEAVY_WORK.admitted():
+        return make_soup(_zoo, recipe, ingredients, **dict(params))
 
 
 def live_soup(zoo: Zoo, names: list[str]) -> dict:
@@ -108,7 +118,7 @@ def live_soup(zoo: Zoo, names: list[str]) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _live_soup(_zoo: Zoo, key: tuple, chosen: tuple[str, ...]) -> dict:
-    results = {r: recipe_result(_zoo, key, r, chosen) for r in ("uniform", "best", "ensemble")}
+    results = {r: recipe_result(_zoo, key, r, chosen) for r in LIVE_RECIPES}
     rows = {r: accuracy_row(result.metrics, _zoo.evaluator) for r, result in results.items()}
     ingredients = _zoo.ingredients(chosen)
     versus = {r: next(iter(versus_best(results[r], ingredients, _zoo.evaluator)), None)
@@ -141,35 +151,41 @@ def _export_plan(_zoo: Zoo, key: tuple, candidate: Candidate, local_names: tuple
 @st.cache_data(show_spinner="Running the ablations…", max_entries=16)
 def cached_ablations(_zoo: Zoo, key: tuple) -> tuple[list[dict], list[dict]]:
     ingredients = _zoo.ingredients()
-    return (greedy_vs_models_considered(ingredients, _zoo.evaluator),
-            pruned_vs_passes(ingredients, _zoo.evaluator))
+    with HEAVY_WORK.admitted():
+        return (greedy_vs_models_considered(ingredients, _zoo.evaluator),
+                pruned_vs_passes(ingredients, _zoo.evaluator))
 
 
 @st.cache_data(show_spinner="Measuring angles…", max_entries=16)
 def cached_angles(_zoo: Zoo, key: tuple) -> dict:
-    return pairwise_angles([_zoo.state_dict(n) for n in _zoo.names], _zoo.base).to_json(_zoo.names)
+    with HEAVY_WORK.admitted():
+        return pairwise_angles([_zoo.state_dict(n) for n in _zoo.names], _zoo.base).to_json(_zoo.names)
 
 
 @st.cache_data(show_spinner="Analysing pairs…", max_entries=16)
 def cached_pairs(_zoo: Zoo, key: tuple, names: tuple[str, ...], split: str) -> dict:
-    return pair_analyses(_zoo.ingredients(list(names)), _zoo.evaluator, base=_zoo.base, split=split).to_json()
+    with HEAVY_WORK.admitted():
+        return pair_analyses(_zoo.ingredients(list(names)), _zoo.evaluator, base=_zoo.base, split=split).to_json()
 
 
 @st.cache_data(show_spinner="Walking the line…", max_entries=64)
 def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str, low: float = -0.5, high: float = 1.5,
                 points: int = 41) -> dict:
     splits = [s for s in (VAL, TEST) if s in _zoo.evaluator.splits]
-    return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0],
-                              path_alphas(points, low, high), names=(a, b), splits=splits, bn=bn).to_json()
+    with HEAVY_WORK.admitted():
+        return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0],
+                                  path_alphas(points, low, high), names=(a, b), splits=splits, bn=bn).to_json()
 
 
 @st.cache_data(show_spinner="Finding the flattest pair…", max_entries=16)
 def cached_flattest_pair(_zoo: Zoo, key: tuple) -> tuple[str, str, float]:
     """The two good models (chosen on val) with the lowest error barrier between them (on val)."""
-    return flattest_pair(_zoo.ingredients(), _zoo.evaluator)
+    with HEAVY_WORK.admitted():
+        return flattest_pair(_zoo.ingredients(), _zoo.evaluator)
 
 
 @st.cache_data(show_spinner="Computing the landscape…", max_entries=32)
 def cached_landscape(_zoo: Zoo, key: tuple, points: tuple[str, str, str], grid: int, split: str, bn: str) -> dict:
     """A plane's landscape as JSON (what ``soup landscape`` writes)."""
-    return plane_landscape(_zoo.evaluator, zoo_plane(_zoo, points), grid=grid, splits=[split], bn=bn).to_json()
+    with HEAVY_WORK.admitted():
+        return plane_landscape(_zoo.evaluator, zoo_plane(_zoo, points), grid=grid, splits=[split], bn=bn).to_json()

@@ -7,10 +7,14 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from soup_core.errors import SoupError
 from soup_core.io import CHECKPOINT_SUFFIXES, load_state_dict_bytes, save_state_dict, validate_state_dicts
@@ -19,33 +23,114 @@ from soup_core.recipes import RECIPES
 from soup_core.zoo import BASE, Zoo
 
 FOLDER_PREFIX = "soup-uploads-"
+# All participants' uploads on this server together, on disk (SOUP_UPLOAD_BUDGET_MB to change).
+UPLOAD_BUDGET_MB = 2048
+# Uploads decoded and validated at once, server-wide: each may briefly take a few times its
+# size in memory, so this bounds what a room uploading together can take.
+_DECODING = threading.BoundedSemaphore(2)
+# Closed sessions' folders are swept every SWEEP_SECONDS, once their session has been gone for
+# SWEEP_GRACE_SECONDS (longer than Streamlit's 120 s disconnect timeout, within which a browser
+# may come back to its session).
+SWEEP_SECONDS = 60
+SWEEP_GRACE_SECONDS = 300
+_ABSENT_SINCE: dict[Path, float] = {}
 
 
 class SessionFolder:
     """A per-session temporary folder for uploads, removed when the session goes away.
 
-    Its name carries the server's process id, so that a server started later can sweep the
-    folders of one that was killed (:func:`sweep_dead_servers`)."""
+    Its name carries the server's process id and the session's id, so that the server sweeps the
+    folders of closed sessions (:func:`sweep_closed_sessions`) and a server started later those
+    of one that was killed (:func:`sweep_dead_servers`)."""
 
-    def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
+    def __init__(self, session_id: str = "nosession") -> None:
+        session_id = re.sub(r"[^A-Za-z0-9]", "", session_id)[:40] or "nosession"
+        self.path = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-{session_id}-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+
+def _folder_owner(folder: Path) -> tuple[str, str]:
+    """(server pid, session id) from a session folder's name."""
+    parts = folder.name.removeprefix(FOLDER_PREFIX).split("-")
+    return parts[0], parts[1] if len(parts) > 2 else ""
 
 
 def sweep_dead_servers(root: Path | None = None) -> list[Path]:
     """Remove upload folders left by servers that are no longer running; returns what went."""
     swept = []
     for folder in Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
-        pid = folder.name.removeprefix(FOLDER_PREFIX).split("-")[0]
+        pid = _folder_owner(folder)[0]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             swept.append(folder)
     return swept
 
 
+def sweep_closed_sessions(session_open: Callable[[str], bool], root: Path | None = None, *,
+                          grace_seconds: float = SWEEP_GRACE_SECONDS, now: Callable[[], float] = time.monotonic,
+                          ) -> list[Path]:
+    """Remove this server's upload folders whose session has been gone for ``grace_seconds``.
+
+    ``session_open(session_id)`` says whether the server has that session connected; a browser
+    that lost its connection may come back to its session within Streamlit's disconnect
+    timeout, which the grace period outlasts. Returns what went."""
+    swept = []
+    for folder in server_folders(root):
+        session_id = _folder_owner(folder)[1]
+        if not session_id or session_id == "nosession" or session_open(session_id):
+            _ABSENT_SINCE.pop(folder, None)
+            continue
+        if now() - _ABSENT_SINCE.setdefault(folder, now()) >= grace_seconds:
+            shutil.rmtree(folder, ignore_errors=True)
+            _ABSENT_SINCE.pop(folder, None)
+            swept.append(folder)
+    return swept
+
+
+def session_connected(session_id: str) -> bool:
+    """Whether this Streamlit server has the session connected (True where there is no server)."""
+    from streamlit import runtime
+    if not runtime.exists():
+        return True
+    return runtime.get_instance().get_app_session(session_id) is not None
+
+
+def start_sweeper(interval_seconds: float = SWEEP_SECONDS) -> threading.Thread:
+    """A daemon thread sweeping closed sessions' upload folders every ``interval_seconds``."""
+    def sweep_forever() -> None:
+        while True:
+            time.sleep(interval_seconds)
+            try:
+                sweep_closed_sessions(session_connected)
+            except OSError:  # a folder vanishing under us: try again next round
+                pass
+
+    thread = threading.Thread(target=sweep_forever, name="soup-upload-sweeper", daemon=True)
+    thread.start()
+    return thread
+
+
+def server_folders(root: Path | None = None) -> list[Path]:
+    """This server's session folders."""
+    return sorted(Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}{os.getpid()}-*"))
+
+
+def server_upload_bytes(root: Path | None = None) -> int:
+    """Bytes of every participant's uploads on this server."""
+    return sum(f.stat().st_size for folder in server_folders(root) for f in folder.glob("*") if f.is_file())
+
+
+def upload_budget_bytes() -> int:
+    try:
+        return int(float(os.environ.get("SOUP_UPLOAD_BUDGET_MB", UPLOAD_BUDGET_MB)) * 2**20)
+    except ValueError:
+        return UPLOAD_BUDGET_MB << 20
+
+
 def _session_folder() -> Path:
     if "workspace:session-folder" not in st.session_state:
-        st.session_state["workspace:session-folder"] = SessionFolder()
+        ctx = get_script_run_ctx()
+        st.session_state["workspace:session-folder"] = SessionFolder(ctx.session_id if ctx else "nosession")
     return st.session_state["workspace:session-folder"].path
 
 
@@ -91,14 +176,22 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
             problems.append(f"{file.name}: {file.size / 2**20:.1f} MB is over the upload limit of "
                             f"{limit_bytes >> 20} MB (server.maxUploadSize)")
             continue
+        held, budget = server_upload_bytes(), upload_budget_bytes()
+        if held + file.size > budget:  # not cached as refused: it may fit once others leave
+            problems.append(f"{file.name}: the server already holds {held / 2**20:.0f} MB of uploads from all "
+                            f"participants and keeps at most {budget / 2**20:g} MB (SOUP_UPLOAD_BUDGET_MB); remove "
+                            "an upload you no longer need, or ask the host to raise the budget")
+            continue
         data = file.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         if any(u["sha256"] == digest for u in uploads.values()):
             continue
         label = file.name if file.name != reference_name else f"{file.name} (upload)"
         try:
-            state = load_state_dict_bytes(data, file.name)
-            validate_state_dicts({reference_name: zoo.state_dict(reference_name), label: state}).raise_for_errors()
+            with _DECODING:
+                state = load_state_dict_bytes(data, file.name)
+                validate_state_dicts({reference_name: zoo.state_dict(reference_name), label: state}
+                                     ).raise_for_errors()
         except SoupError as exc:
             message = str(exc)
             refused[file.file_id] = message if message.startswith(file.name) else f"{file.name}: {message}"

@@ -7,6 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from appkit.admission import HEAVY_WORK
 from appkit.cache import computed_landscapes, export_plan, ray_cluster, zoo_key
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
@@ -63,16 +64,22 @@ def landscape_view() -> None:
             except SoupError as exc:
                 st.error(str(exc))
                 return
-            bar = st.progress(0.0, text="Computing…")
+            bar = st.progress(0.0, text="Waiting for a free slot…")
+            st.button("Cancel", key="land-cancel", help="Stop computing (or give up the place in line)")
             report = lambda f, m: bar.progress(min(f, 1.0), text=m)  # noqa: E731
-            ray = ray_cluster()
-            if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
-                computed[key] = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
-                                                      bn=bn, projections=projections, workers=RAY_WORKERS,
-                                                      progress=report, precision=precision)
-            else:
-                computed[key] = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split],
-                                                bn=bn, projections=projections, progress=report, precision=precision)
+            queued = lambda ahead: bar.progress(0.0, text=f"In line: {ahead} landscape(s) or recipe(s) "  # noqa: E731
+                                                          "ahead of this one on the server")
+            with HEAVY_WORK.admitted(on_wait=queued):
+                bar.progress(0.0, text="Computing…")
+                ray = ray_cluster()
+                if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
+                    computed[key] = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
+                                                          bn=bn, projections=projections, workers=RAY_WORKERS,
+                                                          progress=report, precision=precision)
+                else:
+                    computed[key] = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split],
+                                                    bn=bn, projections=projections, progress=report,
+                                                    precision=precision)
             bar.empty()
         st.session_state["landscape"] = (key, computed[key])
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:

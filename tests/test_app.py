@@ -552,3 +552,32 @@ def test_the_same_landscape_is_computed_once_for_the_whole_server(monkeypatch):
         assert not at.exception and any("Lowest val error" in m.value for m in at.markdown)
     first.button(key="land-compute").click().run()
     assert len(calls) == 1 and not first.exception
+
+
+def test_closed_sessions_upload_folders_are_swept_after_a_grace_period(tmp_path):
+    from appkit.uploads import FOLDER_PREFIX, sweep_closed_sessions
+    closed = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-closedsession-x1"
+    connected = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-livesession-x2"
+    for folder in (closed, connected):
+        folder.mkdir()
+        (folder / "mine.safetensors").write_bytes(b"x")
+    clock = [1000.0]
+    open_sessions = {"livesession"}
+    sweep = lambda: sweep_closed_sessions(lambda sid: sid in open_sessions, tmp_path, grace_seconds=300,  # noqa: E731
+                                          now=lambda: clock[0])
+    assert sweep() == [] and closed.exists()  # gone only just now: it may reconnect
+    clock[0] += 299
+    assert sweep() == [] and closed.exists()
+    clock[0] += 2
+    assert sweep() == [closed] and not closed.exists() and connected.exists()
+
+
+def test_the_servers_upload_budget_refuses_what_does_not_fit_and_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("SOUP_UPLOAD_BUDGET_MB", "0.05")  # 50 KiB for every participant together
+    at = _app()
+    zoo = open_zoo("digits-finetune")
+    uploader = at.file_uploader(key="upload:digits-finetune:False")
+    uploader.set_value([("mine.safetensors", zoo.path("ft-05").read_bytes(), "application/octet-stream")]).run()
+    assert not at.exception and _metric(at, "Checkpoints") == "32"
+    errors = " ".join(e.value for e in at.error)
+    assert "keeps at most 0.05 MB (SOUP_UPLOAD_BUDGET_MB)" in errors and "remove an upload" in errors
