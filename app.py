@@ -3,17 +3,19 @@
 import streamlit as st
 
 from appkit.uploads import start_sweeper, sweep_dead_servers
+from appkit.warm import start_warming
 from soup_core.allocator import keep_freed_memory
 
 
 @st.cache_resource
 def start_server() -> None:
     """Once per server process: keep freed memory (the server is this process; landscapes reuse
-    it, see soup_core/allocator.py), remove upload folders that killed servers left behind, and
-    sweep closed sessions' folders from now on."""
+    it, see soup_core/allocator.py), remove upload folders that killed servers left behind,
+    sweep closed sessions' folders from now on, and warm the shared caches (appkit/warm.py)."""
     keep_freed_memory()
     sweep_dead_servers()
     start_sweeper()
+    start_warming()
 
 
 start_server()

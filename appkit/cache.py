@@ -57,13 +57,15 @@ def zoo_key(zoo: Zoo) -> tuple:
 @st.cache_resource(show_spinner="Matching hidden units…", max_entries=8)
 def aligned_zoo(_zoo: Zoo, key: tuple, reference: str) -> Zoo:
     """The zoo with every checkpoint's units permuted to match ``reference`` (never mutate it)."""
-    return _zoo.aligned(reference)
+    with HEAVY_WORK.admitted():
+        return _zoo.aligned(reference)
 
 
 @st.cache_data(show_spinner="Measuring barriers…", max_entries=8)
 def cached_barriers(_zoo: Zoo, key: tuple, reference: str, split: str) -> list[dict]:
     """Every pair's error barrier before and after alignment to ``reference``."""
-    return barrier_table(_zoo, aligned_zoo(_zoo, key, reference), _zoo.evaluator, split)
+    with HEAVY_WORK.admitted():
+        return barrier_table(_zoo, aligned_zoo(_zoo, key, reference), _zoo.evaluator, split)
 
 
 def report_columns(evaluator) -> list[str]:

@@ -9,6 +9,7 @@ import streamlit as st
 
 from appkit.admission import HEAVY_WORK
 from appkit.cache import computed_landscapes, export_plan, ray_cluster, zoo_key
+from appkit.interrupt import Interruptible
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
 from appkit.workspace import set_export
@@ -65,28 +66,42 @@ def landscape_view() -> None:
                 st.error(str(exc))
                 return
             bar = st.progress(0.0, text="Waiting for a free slot…")
-            st.button("Cancel", key="land-cancel", help="Stop computing (or give up the place in line)")
-            report = lambda f, m: bar.progress(min(f, 1.0), text=m)  # noqa: E731
+            st.button("Cancel", key="land-cancel", help="Stop: what is computed so far is kept, and Compute "
+                                                        "finishes it later (or give up the place in line)")
+            run = Interruptible(lambda f, m: bar.progress(min(f, 1.0), text=m))
             queued = lambda ahead: bar.progress(0.0, text=f"In line: {ahead} landscape(s) or recipe(s) "  # noqa: E731
                                                           "ahead of this one on the server")
+            partial = st.session_state.get("land-partial")
             with HEAVY_WORK.admitted(on_wait=queued):
                 bar.progress(0.0, text="Computing…")
                 ray = ray_cluster()
                 if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
-                    computed[key] = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
-                                                          bn=bn, projections=projections, workers=RAY_WORKERS,
-                                                          progress=report, precision=precision)
+                    result = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
+                                                   bn=bn, projections=projections, workers=RAY_WORKERS,
+                                                   progress=run.progress, precision=precision)
                 else:
-                    computed[key] = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split],
-                                                    bn=bn, projections=projections, progress=report,
-                                                    precision=precision)
+                    result = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split],
+                                             bn=bn, projections=projections, progress=run.progress,
+                                             should_stop=run.should_stop, precision=precision,
+                                             resume=partial[1] if partial and partial[0] == key else None)
+            if result.complete:  # only finished planes are shared; a stopped one stays this session's
+                computed[key] = result
+                st.session_state.pop("land-partial", None)
+            else:
+                st.session_state["land-partial"] = (key, result)
+            st.session_state["landscape"] = (key, result)
+            run.raise_pending()
             bar.empty()
-        st.session_state["landscape"] = (key, computed[key])
+        else:
+            st.session_state["landscape"] = (key, computed[key])
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:
         return  # nothing computed yet for this zoo
     shown_key, result = st.session_state["landscape"]
     if shown_key != key:
         st.caption("Settings changed: press Compute to update.")
+    elif not result.complete:
+        st.caption(f"Stopped after {int(result.done.sum())} of {result.done.size} points (the map below fills the "
+                   "rest from the nearest computed point): press Compute to finish it.")
     s = result.splits[0]
     shown = st.radio("Show", ["error", "loss"], horizontal=True, key="land-metric")
     values = 100 * result.error[s] if shown == "error" else result.loss[s]

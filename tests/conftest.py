@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from soup_core.evaluate import Evaluator, Split
+
+# Servers and AppTests started by the suite do not warm their caches in the background (it would
+# compete with the tests for the 2 cores); tests/test_warm.py runs the warm-up itself.
+os.environ.setdefault("SOUP_WARM", "0")
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -1,0 +1,93 @@
+"""Warm-up: fill the server's shared caches before participants arrive, so nobody waits on a cold one.
+
+What a first visit to each page computes with the page's default settings — checkpoint scores,
+the live soup of the default ticks, every recipe and its test against the best model, angles,
+the default interpolation path, and every Tour step — is computed once for the zoo the app opens
+with and the zoos the Tour uses, in a background thread at server start (``SOUP_WARM=0`` turns
+it off). The calls are the pages' own, with their defaults; ``tests/test_warm.py`` renders
+every page and Tour step afterwards and checks that none of them computes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from appkit.cache import (aligned_zoo, cached_angles, cached_barriers, cached_flattest_pair, cached_landscape,
+                          cached_pairs, cached_path, checkpoint_table, live_soup, load_zoo, recipe_result,
+                          recipe_significance, zoo_key)
+from soup_core.recipes import RECIPES
+from soup_core.zoo import BASE, Zoo
+
+DEFAULT_ZOO = "digits-finetune"  # the sidebar's first choice
+TOUR_ZOOS = ("digits-scratch", "digits-bn")
+LOG = logging.getLogger("soup.warm")
+
+
+def warm_pages(zoo: Zoo) -> None:
+    """Ingredients, Recipes and Geometry at their defaults (every model ticked)."""
+    key = zoo_key(zoo)
+    checkpoint_table(zoo)
+    live_soup(zoo, list(zoo.names))
+    for recipe in RECIPES.values():
+        if not (recipe.needs_base and not zoo.has_base):
+            recipe_result(zoo, key, recipe.name)
+            if recipe.is_soup and recipe.name != "best":
+                recipe_significance(zoo, key, recipe.name)
+    cached_angles(zoo, key)
+    points = ([BASE] if zoo.has_base else []) + list(zoo.names)
+    cached_path(zoo, key, points[0], points[1], "recompute")
+
+
+def warm_tour(story: Zoo) -> None:
+    """Every Tour step: steps 1–4 on ``story``, 5 on digits-scratch, 6 on digits-bn."""
+    key = zoo_key(story)
+    a, b, _ = cached_flattest_pair(story, key)
+    cached_path(story, key, a, b, "recompute", 0.0, 1.0, 11)
+    cached_landscape(story, key, ("base", a, b), 15, "test", "recompute")
+    cached_pairs(story, key, tuple(story.names[:10]), "test")
+    for recipe in ("best", "uniform", "ensemble", "greedy", "pruned"):
+        recipe_result(story, key, recipe)
+    for recipe in ("uniform", "greedy", "pruned"):
+        recipe_significance(story, key, recipe)
+    scratch = load_zoo("digits-scratch")
+    reference = scratch.names[0]
+    matched = aligned_zoo(scratch, zoo_key(scratch), reference)
+    for zoo in (scratch, matched):
+        recipe_significance(zoo, zoo_key(zoo), "uniform")
+        for recipe in ("best", "uniform", "ensemble"):
+            recipe_result(zoo, zoo_key(zoo), recipe)
+    cached_barriers(scratch, zoo_key(scratch), reference, "test")
+    bn_zoo = load_zoo("digits-bn")
+    for policy in ("recompute", "interpolate", "keep"):
+        cached_path(bn_zoo, zoo_key(bn_zoo), "base", bn_zoo.names[0], policy, 0.0, 1.0, 11)
+    recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform")
+
+
+def warm() -> float:
+    """Warm everything a workshop's first minutes need; returns the seconds it took."""
+    start = time.perf_counter()
+    story = load_zoo(DEFAULT_ZOO)
+    warm_pages(story)
+    warm_tour(story)
+    for name in TOUR_ZOOS:
+        warm_pages(load_zoo(name))
+    return time.perf_counter() - start
+
+
+def start_warming() -> threading.Thread | None:
+    """Warm in a background thread (the first visitors are served meanwhile), unless SOUP_WARM=0."""
+    if os.environ.get("SOUP_WARM", "1") == "0":
+        return None
+
+    def run() -> None:
+        try:
+            LOG.warning("warm-up done in %.1f s", warm())
+        except Exception:  # noqa: BLE001 - a failed warm-up costs speed, never the server
+            LOG.exception("warm-up failed; pages will compute on first use")
+
+    thread = threading.Thread(target=run, name="soup-warm-up", daemon=True)
+    thread.start()
+    return thread
