@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from appkit.timing import timed_run
 from appkit.uploads import start_sweeper, sweep_dead_servers
 from appkit.warm import start_warming
 from soup_core.allocator import keep_freed_memory
@@ -28,4 +29,4 @@ navigation = st.navigation([
     st.Page("pages/tour.py", title="Tour"),
     st.Page("pages/export.py", title="Export"),
 ])
-navigation.run()
+timed_run(navigation.run, navigation.title)  # logged only with SOUP_TIMING_LOG set

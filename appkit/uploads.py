@@ -120,11 +120,12 @@ def server_upload_bytes(root: Path | None = None) -> int:
     return sum(f.stat().st_size for folder in server_folders(root) for f in folder.glob("*") if f.is_file())
 
 
-def upload_budget_bytes() -> int:
+def upload_budget_mb() -> float:
+    """The server's budget for all uploads on disk, in MB (SOUP_UPLOAD_BUDGET_MB)."""
     try:
-        return int(float(os.environ.get("SOUP_UPLOAD_BUDGET_MB", UPLOAD_BUDGET_MB)) * 2**20)
+        return float(os.environ.get("SOUP_UPLOAD_BUDGET_MB", UPLOAD_BUDGET_MB))
     except ValueError:
-        return UPLOAD_BUDGET_MB << 20
+        return float(UPLOAD_BUDGET_MB)
 
 
 def _session_folder() -> Path:
@@ -176,10 +177,10 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
             problems.append(f"{file.name}: {file.size / 2**20:.1f} MB is over the upload limit of "
                             f"{limit_bytes >> 20} MB (server.maxUploadSize)")
             continue
-        held, budget = server_upload_bytes(), upload_budget_bytes()
-        if held + file.size > budget:  # not cached as refused: it may fit once others leave
+        held, budget = server_upload_bytes(), upload_budget_mb()
+        if held + file.size > budget * 2**20:  # not cached as refused: it may fit once others leave
             problems.append(f"{file.name}: the server already holds {held / 2**20:.0f} MB of uploads from all "
-                            f"participants and keeps at most {budget / 2**20:g} MB (SOUP_UPLOAD_BUDGET_MB); remove "
+                            f"participants and keeps at most {budget:g} MB (SOUP_UPLOAD_BUDGET_MB); remove "
                             "an upload you no longer need, or ask the host to raise the budget")
             continue
         data = file.getvalue()

@@ -6,6 +6,7 @@ import streamlit as st
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
 from appkit.sidebar import sidebar
 from appkit.workspace import keep, seed_ticks, set_export, tick_key, ticked
+from appkit.timing import timed_fragment
 
 zoo = sidebar()
 st.title("Ingredients")
@@ -35,6 +36,7 @@ def top_by_val(k: int) -> list[str]:
 
 
 @st.fragment
+@timed_fragment("Ingredients")
 def soup_of_the_ticked_set() -> None:
     st.subheader("Your soup")
     seed_ticks(zoo)
@@ -71,6 +73,7 @@ def soup_of_the_ticked_set() -> None:
 
 
 @st.fragment
+@timed_fragment("Ingredients")
 def replay() -> None:
     if zoo.evaluator is None:
         return

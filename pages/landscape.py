@@ -13,6 +13,7 @@ from appkit.interrupt import Interruptible
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
 from appkit.workspace import set_export
+from appkit.timing import timed_fragment
 from soup_core import distributed
 from soup_core.errors import SoupError
 from soup_core.export import Candidate
@@ -41,6 +42,7 @@ def plane_for(_zoo: Zoo, key: tuple, a: str, b: str, c: str):
 
 
 @st.fragment
+@timed_fragment("Landscape")
 def landscape_view() -> None:
     cols = st.columns(3)
     points = [col.selectbox(label, choices, index=i, key=f"land-{label}")
@@ -75,7 +77,9 @@ def landscape_view() -> None:
             with HEAVY_WORK.admitted(on_wait=queued):
                 bar.progress(0.0, text="Computing…")
                 ray = ray_cluster()
-                if ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
+                if key in computed:  # another session computed it while this one waited in line
+                    result = computed[key]
+                elif ray is not None and not uploads_of(zoo.name):  # workers open the manifest: no uploads there
                     result = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
                                                    bn=bn, projections=projections, workers=RAY_WORKERS,
                                                    progress=run.progress, precision=precision)

@@ -581,3 +581,24 @@ def test_the_servers_upload_budget_refuses_what_does_not_fit_and_says_what_to_do
     assert not at.exception and _metric(at, "Checkpoints") == "32"
     errors = " ".join(e.value for e in at.error)
     assert "keeps at most 0.05 MB (SOUP_UPLOAD_BUDGET_MB)" in errors and "remove an upload" in errors
+
+
+def _timed_page() -> None:
+    import streamlit as st
+
+    from appkit.timing import timed_run
+    timed_run(lambda: st.checkbox("a box", key="box"), "Demo")
+
+
+def test_the_timing_hook_logs_each_run_with_its_page_and_the_widget_that_caused_it(monkeypatch, tmp_path):
+    log = tmp_path / "runs.jsonl"
+    monkeypatch.setenv("SOUP_TIMING_LOG", str(log))
+    at = AppTest.from_function(_timed_page, default_timeout=60).run()
+    at.checkbox(key="box").check().run()
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["page"] for r in runs] == ["Demo", "Demo"]
+    assert runs[0]["changed"] == [] and runs[1]["changed"] == ["box"]
+    assert all(r["outcome"] == "ok" and r["seconds"] >= 0 for r in runs)
+    monkeypatch.delenv("SOUP_TIMING_LOG")
+    at.checkbox(key="box").uncheck().run()  # off unless asked
+    assert len(log.read_text().splitlines()) == 2

@@ -1,0 +1,259 @@
+"""A workshop against one server: N concurrent Chromium sessions run a scripted visit, on loopback.
+
+The server is started as `make run` starts it (`streamlit run app.py`, the repository's
+.streamlit/config.toml, the warm-up on), with its timing hook on (``SOUP_TIMING_LOG``: one JSON
+line per script run with its page, the widgets that changed and its duration). After the warm-up,
+N Chromium contexts (one browser) each:
+
+1. open the app (Ingredients) until the checkpoint count shows;
+2. untick their own checkpoint (session i unticks ft-{i mod 32}) until the live soup's val
+   accuracy changes — and check it equals the library's uniform soup of the same set;
+3. replay the greedy soup on their ticks;
+4. open the Tour and step forward twice;
+5. open the Landscape page and compute the default plane (shared by all: computed once);
+6. open Export until the download button shows.
+
+Reported: each action's client-observed latency (p50/p90/max), the server's own run durations
+from the timing hook, exceptions shown, wrong numbers, server RSS before/after, and the CPU
+seconds of the server and of the browsers with the load average, so that server cost can be
+told from client cost (on one machine the browsers compete with the server for the cores).
+
+    python bench/bench_workshop.py [--sessions 10] [--stagger 0.25] [--port 8765]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ZOO = "digits-finetune"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def browser_cpu_seconds() -> float:
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"chromium" in (proc / "cmdline").read_bytes():
+                    total += cpu_seconds(int(proc.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
+
+
+def expected_soup_val(unticked: str) -> str:
+    """The library's uniform soup of every checkpoint but ``unticked``, on val, as the app shows it."""
+    from soup_core.recipes import RECIPES
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo(ZOO, device="cpu")
+    names = [n for n in zoo.names if n != unticked]
+    soup = RECIPES["uniform"].make(zoo.ingredients(names), zoo.evaluator)
+    return f"{100 * soup.metrics['val'].accuracy:.2f}%"
+
+
+async def settle(page) -> None:
+    await page.wait_for_timeout(200)
+    await page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')",
+                                 timeout=600_000)
+
+
+async def visit(browser, url: str, index: int, names: list[str], timings: dict, problems: list) -> None:
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    page = await context.new_page()
+
+    async def action(name: str, coroutine) -> None:
+        start = time.perf_counter()
+        await coroutine
+        timings.setdefault(name, []).append(time.perf_counter() - start)
+        shown = await page.get_by_test_id("stException").count()
+        if shown:
+            problems.append(f"session {index}, {name}: {shown} exception(s) shown")
+
+    async def open_app():
+        await page.goto(url)
+        await page.get_by_test_id("stMetricValue").first.wait_for(timeout=600_000)
+        await settle(page)
+
+    soup_val = page.get_by_test_id("stMetric").filter(has_text="soup val").get_by_test_id("stMetricValue")
+
+    async def untick():
+        before = await soup_val.inner_text()
+        name = names[index % len(names)]
+        await page.get_by_test_id("stCheckbox").filter(has_text=name).locator("label").click()
+        await page.wait_for_function(
+            "([before]) => [...document.querySelectorAll('[data-testid=stMetric]')]"
+            ".some(m => m.innerText.includes('soup val') && !m.innerText.includes(before))", arg=[before],
+            timeout=600_000)
+        await settle(page)
+        shown, wanted = await soup_val.inner_text(), expected_soup_val(name)
+        if shown != wanted:
+            problems.append(f"session {index}: soup val {shown} after unticking {name}, the library says {wanted}")
+
+    async def go(title: str, heading: str):
+        await page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+        await page.get_by_role("heading", name=heading).wait_for(timeout=600_000)
+        await settle(page)
+
+    async def replay():
+        await page.get_by_role("button", name="Run").click()
+        await page.get_by_test_id("stSlider").first.wait_for(timeout=600_000)
+        await settle(page)
+
+    async def next_step():
+        await page.get_by_role("button", name="Next →").click()
+        await settle(page)
+
+    async def landscape():
+        await page.get_by_role("button", name="Compute").click()
+        await page.get_by_text("Lowest val error").wait_for(timeout=600_000)
+        await settle(page)
+
+    await action("open", open_app())
+    await action("tick", untick())
+    await action("replay greedy", replay())
+    await action("Tour", go("Tour", "Guided tour"))
+    await action("Tour next", next_step())
+    await action("Tour next", next_step())
+    await action("Landscape page", go("Landscape", "Landscape"))
+    await action("Landscape compute", landscape())
+    await action("Export", go("Export", "Export"))
+    await context.close()
+
+
+async def crowd(url: str, sessions: int, stagger: float, names: list[str]) -> tuple[dict, list, float]:
+    """Every session's visit; returns latencies, problems and the browsers' CPU seconds."""
+    from playwright.async_api import async_playwright
+    timings: dict[str, list[float]] = {}
+    problems: list[str] = []
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        clients_cpu = browser_cpu_seconds()
+
+        async def delayed(i):
+            await asyncio.sleep(i * stagger)
+            try:
+                await visit(browser, url, i, names, timings, problems)
+            except Exception as exc:  # noqa: BLE001 - a failed session is a result to report
+                problems.append(f"session {i}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+        await asyncio.gather(*(delayed(i) for i in range(sessions)))
+        clients_cpu = browser_cpu_seconds() - clients_cpu  # before the processes go
+        await browser.close()
+    return timings, problems, clients_cpu
+
+
+def percentiles(values) -> str:
+    a = np.asarray(values)
+    return f"{np.percentile(a, 50):.2f} | {np.percentile(a, 90):.2f} | {a.max():.2f} | {len(a)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--stagger", type=float, default=0.25, help="seconds between session starts")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    from soup_core.zoo import open_zoo
+    names = list(open_zoo(ZOO, device="cpu").names)
+    port = args.port or _free_port()
+    log = Path(tempfile.mkdtemp()) / "runs.jsonl"
+    server_log = log.with_name("server.log")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SOUP_TIMING_LOG": str(log), "SOUP_WARM": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
+                               str(port), "--server.headless", "true"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=server_log.open("w"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_first_visit(url))  # the server imports and starts its warm-up on the first session
+        start = time.perf_counter()
+        while "warm-up done" not in server_log.read_text():
+            if "warm-up failed" in server_log.read_text() or time.perf_counter() - start > 900:
+                raise SystemExit(f"the warm-up did not finish: see {server_log}")
+            time.sleep(1)
+        warm_line = next(line for line in server_log.read_text().splitlines() if "warm-up done" in line)
+        log.write_text("")  # only the crowd's runs from here
+        rss_before, server_cpu = rss_mb(server.pid), cpu_seconds(server.pid)
+        load_before = os.getloadavg()[0]
+        wall = time.perf_counter()
+        timings, problems, clients_cpu = asyncio.run(crowd(url, args.sessions, args.stagger, names))
+        wall = time.perf_counter() - wall
+        server_cpu = cpu_seconds(server.pid) - server_cpu
+        rss_after, load_after = rss_mb(server.pid), os.getloadavg()[0]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    print(f"{args.sessions} sessions started {args.stagger} s apart against one server on 127.0.0.1, "
+          f"{os.cpu_count()} cores; {warm_line.split('warm-up done')[-1].strip()} of warm-up before\n")
+    print("Client-observed latency (s), from the action to the settled page:\n")
+    print("| action | p50 | p90 | max | n |\n|---|---:|---:|---:|---:|")
+    for name, values in timings.items():
+        print(f"| {name} | {percentiles(values)} |")
+    print("\nServer-side script runs (s), from the timing hook:\n")
+    print("| run | p50 | p90 | max | n |\n|---|---:|---:|---:|---:|")
+    groups: dict[str, list[float]] = {}
+    for run in runs:
+        what = run["page"] + (" · tick" if any(k.startswith("tick:") for k in run["changed"]) else
+                              f" · {', '.join(run['changed'][:2])}" if run["changed"] else " · load")
+        groups.setdefault(what, []).append(run["seconds"])
+    for what, values in sorted(groups.items()):
+        print(f"| {what} | {percentiles(values)} |")
+    errors = [r for r in runs if r["outcome"] == "error"]
+    print(f"\nwall {wall:.1f} s; server CPU {server_cpu:.1f} s; browsers' CPU {clients_cpu:.1f} s; load average {load_before:.1f} → {load_after:.1f}; server RSS "
+          f"{rss_before:.0f} → {rss_after:.0f} MB; server runs that raised: {len(errors)}; problems seen by "
+          f"clients: {len(problems)}")
+    for problem in problems[:20]:
+        print(f"- {problem}")
+
+
+async def _first_visit(url: str) -> None:
+    from playwright.async_api import async_playwright
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1).close()
+            break
+        except OSError:
+            await asyncio.sleep(0.3)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = await browser.new_page()
+        await page.goto(url)
+        await page.get_by_test_id("stMetricValue").first.wait_for(timeout=600_000)
+        await browser.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
