@@ -12,7 +12,7 @@ from appkit.cache import computed_landscapes, export_plan, ray_cluster, zoo_key
 from appkit.interrupt import Interruptible
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
-from appkit.workspace import set_export
+from appkit.workspace import LandscapeSettings, keep, remember_landscape, seed_landscape, set_export
 from appkit.timing import timed_fragment
 from soup_core import distributed
 from soup_core.errors import SoupError
@@ -44,17 +44,22 @@ def plane_for(_zoo: Zoo, key: tuple, a: str, b: str, c: str):
 @st.fragment
 @timed_fragment("Landscape")
 def landscape_view() -> None:
+    splits = list(zoo.evaluator.split_names)
+    default = LandscapeSettings(tuple(choices[:3]), split=splits[0])
+    seed_landscape(zoo, default, choices=choices, splits=splits)  # the last settings, a shared link's, or these
     cols = st.columns(3)
-    points = [col.selectbox(label, choices, index=i, key=f"land-{label}")
-              for i, (col, label) in enumerate(zip(cols, ("Origin A", "Point B", "Point C")))]
+    points = [col.selectbox(label, choices, key=key, on_change=keep, args=(key,))
+              for col, label, key in zip(cols, ("Origin A", "Point B", "Point C"), LandscapeSettings.WIDGETS["points"])]
     cols = st.columns(5)
-    grid = cols[0].slider("Grid", 5, 41, 15, step=2, key="land-grid")
-    margin = cols[1].slider("Margin", 0.0, 1.0, 0.2, key="land-margin")
-    split = cols[2].selectbox("Split", list(zoo.evaluator.split_names), key="land-split")
-    bn = cols[3].selectbox("BatchNorm", BN_POLICIES, key="land-bn")
-    precision = cols[4].selectbox("Precision", PRECISIONS, key="land-precision",
+    grid = cols[0].slider("Grid", 5, 41, step=2, key="land-grid", on_change=keep, args=("land-grid",))
+    margin = cols[1].slider("Margin", 0.0, 1.0, key="land-margin", on_change=keep, args=("land-margin",))
+    split = cols[2].selectbox("Split", splits, key="land-split", on_change=keep, args=("land-split",))
+    bn = cols[3].selectbox("BatchNorm", BN_POLICIES, key="land-bn", on_change=keep, args=("land-bn",))
+    precision = cols[4].selectbox("Precision", PRECISIONS, key="land-precision", on_change=keep,
+                                  args=("land-precision",),
                                   help="fp32 is exact. tf32 and bf16 are faster on a GPU (tf32 is fp32 on a CPU); "
                                        "their measured loss deviation from fp32 is shown with the result.")
+    remember_landscape(zoo, LandscapeSettings(tuple(points), grid, margin, split, bn, precision))
     if len(set(points)) < 3:
         st.warning("Pick three different points.")
         return

@@ -602,3 +602,23 @@ def test_the_timing_hook_logs_each_run_with_its_page_and_the_widget_that_caused_
     monkeypatch.delenv("SOUP_TIMING_LOG")
     at.checkbox(key="box").uncheck().run()  # off unless asked
     assert len(log.read_text().splitlines()) == 2
+
+
+def test_landscape_settings_live_in_the_url_and_a_shared_link_restores_them_on_any_page():
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params.update({"plane": "base,ft-17,ft-22", "grid": "7", "bn": "keep", "split": "test",
+                            "precision": "bf16", "margin": "nonsense"})
+    at.run()
+    at.switch_page("pages/export.py").run()  # opened on another page first: kept for later
+    at.switch_page("pages/landscape.py").run()
+    assert not at.exception
+    assert [at.selectbox(key=k).value for k in ("land-Origin A", "land-Point B", "land-Point C")] == \
+        ["base", "ft-17", "ft-22"]
+    assert at.slider(key="land-grid").value == 7 and at.slider(key="land-margin").value == 0.2  # invalid: default
+    assert (at.selectbox(key="land-bn").value, at.selectbox(key="land-split").value,
+            at.selectbox(key="land-precision").value) == ("keep", "test", "bf16")
+    at.slider(key="land-grid").set_value(9).run()
+    assert at.query_params["grid"] in ("9", ["9"])
+    at.switch_page("pages/geometry.py").run()
+    at.switch_page("pages/landscape.py").run()  # the session's own settings survive a page switch
+    assert at.slider(key="land-grid").value == 9 and at.selectbox(key="land-Point C").value == "ft-22"
