@@ -21,7 +21,7 @@ from soup_core.geometry import pairwise_angles
 from soup_core.landscape import interpolation_path, path_alphas, plane_landscape
 from soup_core.pairs import flattest_pair, pair_analyses
 from soup_core.recipes import SoupResult
-from soup_core.significance import versus_best
+from soup_core.significance import report_splits, versus_best
 from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
 
 
@@ -123,7 +123,8 @@ def _live_soup(_zoo: Zoo, key: tuple, chosen: tuple[str, ...]) -> dict:
     results = {r: recipe_result(_zoo, key, r, chosen) for r in LIVE_RECIPES}
     rows = {r: accuracy_row(result.metrics, _zoo.evaluator) for r, result in results.items()}
     ingredients = _zoo.ingredients(chosen)
-    versus = {r: next(iter(versus_best(results[r], ingredients, _zoo.evaluator)), None)
+    first = report_splits(_zoo.evaluator.split_names)[:1]  # the one the Ingredients caption shows
+    versus = {r: next(iter(versus_best(results[r], ingredients, _zoo.evaluator, first)), None)
               for r in ("uniform", "ensemble")}
     return {"soup": rows["uniform"], "best": rows["best"], "best_name": results["best"].ingredients[0],
             "ensemble": rows["ensemble"], "versus": versus}

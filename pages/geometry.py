@@ -1,10 +1,12 @@
 """Geometry: angles between fine-tuned solutions, Figures 3 and 4, and 1D interpolation paths."""
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import cached_angles, cached_pairs, cached_path, zoo_key
+from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
 from soup_core.policies import BN_POLICIES
 from soup_core.zoo import BASE
@@ -17,13 +19,22 @@ if not zoo.has_base:
 angles = cached_angles(zoo, zoo_key(zoo))
 names = list(zoo.names)
 left, right = st.columns([3, 2])
+every = {"tickmode": "array", "tickvals": names, "ticktext": names}  # every checkpoint labelled, not every other
 left.plotly_chart(go.Figure(go.Heatmap(z=angles["angle_deg"], x=names, y=names, colorscale="Viridis",
-                                       colorbar={"title": "angle °"},
+                                       colorbar={"title": "angle (°)"},
                                        hovertemplate="%{y} vs %{x}: %{z:.1f}°<extra></extra>"))
-                  .update_layout(title="Angle between θi − θ0 and θj − θ0", height=560, yaxis={"autorange": "reversed"}),
+                  .update_layout(title="Angle between θi − θ0 and θj − θ0", height=560,
+                                 xaxis={**every, "title": "checkpoint j"},
+                                 yaxis={**every, "title": "checkpoint i", "autorange": "reversed"}),
                   key="geometry-angles")
 right.plotly_chart(go.Figure(go.Bar(x=names, y=angles["norm"]))
-                   .update_layout(title="‖θi − θ0‖ (L2)", height=560), key="geometry-norms")
+                   .update_layout(title="‖θi − θ0‖ (L2)", height=560, xaxis={**every, "title": "checkpoint"},
+                                  yaxis_title="L2 distance from θ0"), key="geometry-norms")
+figure_footer("angles", "each cell is the angle between two checkpoints' fine-tuning updates θ − θ0 (90° = "
+              "orthogonal); the bars are how far each checkpoint moved from θ0. Over the parameters only.",
+              pd.DataFrame([{"i": a, "j": b, "angle_deg": angles["angle_deg"][i][j], "cosine": angles["cosine"][i][j],
+                             "distance": angles["distance"][i][j]} for i, a in enumerate(names)
+                            for j, b in enumerate(names)]))
 
 if zoo.evaluator is None:
     st.stop()
@@ -57,6 +68,10 @@ if "geometry:pairs" in st.session_state:
         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dot", "color": "gray"}, name="y = x")])
         .update_layout(title="Two-model soup vs two-model ensemble", xaxis_title=f"ensemble {pair_split} accuracy (%)",
                        yaxis_title=f"soup {pair_split} accuracy (%)", height=420), key="geometry-fig4")
+    figure_footer("pairs", "left, one dot per pair: how much averaging the two gains over their mean accuracy "
+                  "against the angle between them (paper Figure 3); right, the two-model soup against the two-model "
+                  "ensemble (Figure 4): dots above the dotted line are pairs where the soup wins.",
+                  pd.DataFrame(pairs).drop(columns=[c for c in ("curve",) if c in pairs[0]]))
     r_loss = report["correlations"]["approximation_vs_loss_difference"]
     methods = {p["curvature_method"] for p in pairs}
     how = "a quadratic fit of the loss curve (the network has kinks)" if methods == {"fit"} else "jvp"
@@ -83,6 +98,10 @@ if a != b:
     fig.add_vline(x=1, line_dash="dot")
     fig.update_layout(title=f"(1 − α)·{a} + α·{b}", xaxis_title="α", yaxis_title="error (%)", height=420)
     st.plotly_chart(fig, key="geometry-path")
+    figure_footer("path", f"error along the straight line from {a} (α = 0) to {b} (α = 1), past both ends; a bump "
+                  "above the straight line between the ends is a barrier between two basins.",
+                  pd.DataFrame({"alpha": path["alphas"], **{f"{s} error": path["error"][s] for s in path["error"]},
+                                **{f"{s} loss": path["loss"][s] for s in path["loss"]}}))
     last = list(path["barrier"])[-1]
     st.write(f"Error barrier on {last}: {100 * path['barrier'][last]['error']:.2f} points; "
              f"loss barrier {path['barrier'][last]['loss']:.4f} (paper App. J.1). BatchNorm: {path['bn']}.")

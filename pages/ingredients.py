@@ -1,12 +1,14 @@
 """Ingredients: the checkpoints, a tick box each, and the live soup of the ticked set."""
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
+from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
-from appkit.workspace import keep, seed_ticks, set_export, tick_key, ticked
 from appkit.timing import timed_fragment
+from appkit.workspace import keep, seed_ticks, set_export, tick_key, ticked
 
 zoo = sidebar()
 st.title("Ingredients")
@@ -102,9 +104,18 @@ def replay() -> None:
     st.markdown(f"Step {step}: **{current['action']} {current['candidate']}** → val {100 * current['score']:.2f}% "
                 f"({verdict}); soup now {len(current['ingredients'])} ingredient(s).")
     frame = pd.DataFrame(steps[:step])
+    frame.insert(0, "step", range(1, len(frame) + 1))
     frame["val %"] = 100 * frame["score"]
-    st.line_chart(frame, y="val %")
-    st.dataframe(frame[["candidate", "action", "val %", "accepted"]], hide_index=True)
+    chart = go.Figure(go.Scatter(x=frame["step"], y=frame["val %"], mode="lines+markers",
+                                 marker={"color": ["#2ca02c" if a else "#d62728" for a in frame["accepted"]], "size": 9},
+                                 text=frame["candidate"], hovertemplate="step %{x}: %{text}<br>val %{y:.2f}%<extra></extra>"))
+    chart.update_layout(height=320, xaxis_title="step (as on the slider)", yaxis_title="val accuracy (%)",
+                        xaxis={"dtick": 1 if len(frame) <= 20 else None}, margin={"t": 20})
+    st.plotly_chart(chart, key=f"replay-chart:{recipe}")
+    figure_footer(f"replay-{recipe}", "each dot is one step's candidate soup scored on val: green kept, red "
+                  "rejected. The axis spans the scores, so small differences show.",
+                  frame[["step", "candidate", "action", "val %", "accepted"]])
+    st.dataframe(frame[["step", "candidate", "action", "val %", "accepted"]], hide_index=True)
 
 
 soup_of_the_ticked_set()

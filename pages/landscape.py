@@ -11,9 +11,9 @@ from appkit.admission import HEAVY_WORK
 from appkit.cache import computed_landscapes, export_plan, ray_cluster, zoo_key
 from appkit.interrupt import Interruptible
 from appkit.sidebar import sidebar
+from appkit.timing import timed_fragment
 from appkit.uploads import uploads_of
 from appkit.workspace import LandscapeSettings, keep, remember_landscape, seed_landscape, set_export
-from appkit.timing import timed_fragment
 from soup_core import distributed
 from soup_core.errors import SoupError
 from soup_core.export import Candidate
@@ -112,39 +112,61 @@ def landscape_view() -> None:
         st.caption(f"Stopped after {int(result.done.sum())} of {result.done.size} points (the map below fills the "
                    "rest from the nearest computed point): press Compute to finish it.")
     s = result.splits[0]
-    shown = st.radio("Show", ["error", "loss"], horizontal=True, key="land-metric")
-    values = 100 * result.error[s] if shown == "error" else result.loss[s]
-    figure = go.Figure(go.Contour(x=result.xs, y=result.ys, z=result.preview(values), colorscale="Viridis",
-                                  colorbar={"title": f"{s} error %" if shown == "error" else f"{s} loss"},
-                                  contours={"showlabels": True}))
-    figure.add_trace(go.Scatter(
-        x=[p.xy[0] for p in result.projections], y=[p.xy[1] for p in result.projections], mode="markers",
-        marker={"color": "white", "size": 7, "line": {"width": 1, "color": "black"}}, name="projections",
-        text=[f"{p.name}<br>off plane {p.off_plane:.3f}" for p in result.projections], hoverinfo="text"))
-    figure.add_trace(go.Scatter(
-        x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers+text",
-        marker={"color": "red", "size": 12, "symbol": "star"}, text=[a.name for a in result.anchors],
-        textposition="top center", name="anchors"))
-    # Contours return no click selection: an almost invisible scatter of the grid points does.
-    gx, gy = np.meshgrid(result.xs, result.ys)
-    figure.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", name="grid points",
-                                marker={"size": 9, "opacity": 0.01, "color": "black"}, showlegend=False,
-                                customdata=np.stack([100 * result.error[s].ravel(), result.loss[s].ravel()], -1),
-                                hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata[0]:.2f}%"
-                                              "<br>loss %{customdata[1]:.4f}<extra></extra>"))
-    figure.update_layout(height=600, xaxis_title="x (L2)", yaxis_title="y (L2)",
-                         yaxis={"scaleanchor": "x"}, legend={"orientation": "h"})
+    view = st.columns([3, 1])
+    shown = view[0].radio("Show", ["error", "loss", "log10 loss"], horizontal=True, key="land-metric",
+                          help="log10 loss separates the low region when a few far points have huge losses")
+    surface = view[1].toggle("3D surface", key="land-3d")
+    values = {"error": 100 * result.error[s], "loss": result.loss[s], "log10 loss": np.log10(result.loss[s])}[shown]
+    unit = {"error": f"{s} error (%)", "loss": f"{s} loss", "log10 loss": f"log10 {s} loss"}[shown]
     best = np.unravel_index(np.nanargmin(values), values.shape)
-    figure.add_trace(go.Scatter(x=[result.xs[best[1]]], y=[result.ys[best[0]]], mode="markers", name=f"lowest {shown}",
-                                marker={"color": "orange", "size": 14, "symbol": "x", "line": {"width": 1}},
-                                hoverinfo="name"))
-    picked_before = st.session_state.get("land-picked")
-    if picked_before and picked_before[0] == shown_key:
-        figure.add_trace(go.Scatter(x=[picked_before[1]], y=[picked_before[2]], mode="markers", name="chosen point",
-                                    marker={"color": "cyan", "size": 14, "symbol": "circle-open",
-                                            "line": {"width": 3}}, hoverinfo="name"))
-    event = st.plotly_chart(figure, key="land-chart", on_select="rerun", selection_mode="points")
-    lowest = f"{values[best]:.4f}" if shown == "loss" else f"{values[best]:.2f}%"
+    soups = [p for p in result.projections if p.name in SOUPS]
+    checkpoints = [p for p in result.projections if p.name not in SOUPS]
+    if surface:
+        figure = go.Figure(go.Surface(x=result.xs, y=result.ys, z=result.preview(values), colorscale="Viridis",
+                                      colorbar={"title": unit}))
+        figure.update_layout(height=650, scene={"xaxis_title": "x (L2)", "yaxis_title": "y (L2)", "zaxis_title": unit})
+    else:
+        figure = go.Figure(go.Contour(x=result.xs, y=result.ys, z=result.preview(values), colorscale="Viridis",
+                                      colorbar={"title": unit}, ncontours=30, contours={"showlabels": True}))
+        figure.add_trace(go.Scatter(
+            x=[p.xy[0] for p in checkpoints], y=[p.xy[1] for p in checkpoints], mode="markers",
+            marker={"color": "white", "size": 7, "line": {"width": 1, "color": "black"}}, name="other checkpoints",
+            text=[f"{p.name}<br>off plane {p.off_plane:.3f}" for p in checkpoints], hoverinfo="text"))
+        figure.add_trace(go.Scatter(
+            x=[p.xy[0] for p in soups], y=[p.xy[1] for p in soups], mode="markers+text", name="soups",
+            marker={"color": "gold", "size": 11, "symbol": "diamond", "line": {"width": 1, "color": "black"}},
+            text=[p.name for p in soups], textposition="bottom center", hovertext=[
+                f"{p.name}<br>off plane {p.off_plane:.3f}" for p in soups], hoverinfo="text"))
+        figure.add_trace(go.Scatter(
+            x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers+text",
+            marker={"color": "red", "size": 12, "symbol": "star"}, text=[a.name for a in result.anchors],
+            textposition="top center", name="the three points"))
+        # Contours return no click selection: an almost invisible scatter of the grid points does.
+        gx, gy = np.meshgrid(result.xs, result.ys)
+        st.session_state["land-grid-curve"] = len(figure.data)
+        figure.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", name="grid points",
+                                    marker={"size": 9, "opacity": 0.01, "color": "black"}, showlegend=False,
+                                    customdata=np.stack([100 * result.error[s].ravel(), result.loss[s].ravel()], -1),
+                                    hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata[0]:.2f}%"
+                                                  "<br>loss %{customdata[1]:.4f}<extra></extra>"))
+        figure.update_layout(height=600, xaxis_title="x (L2 distance from the origin)", yaxis_title="y (L2)",
+                             yaxis={"scaleanchor": "x"}, legend={"orientation": "h"})
+        figure.add_trace(go.Scatter(x=[result.xs[best[1]]], y=[result.ys[best[0]]], mode="markers",
+                                    name=f"lowest {shown}", hoverinfo="name",
+                                    marker={"color": "orange", "size": 14, "symbol": "x", "line": {"width": 1}}))
+        picked_before = st.session_state.get("land-picked")
+        if picked_before and picked_before[0] == shown_key:
+            figure.add_trace(go.Scatter(x=[picked_before[1]], y=[picked_before[2]], mode="markers",
+                                        name="chosen point", hoverinfo="name",
+                                        marker={"color": "cyan", "size": 14, "symbol": "circle-open",
+                                                "line": {"width": 3}}))
+    event = st.plotly_chart(figure, key="land-chart", on_select="ignore" if surface else "rerun",
+                            selection_mode="points")
+    st.caption("How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
+               "the three points that span it, white dots the other checkpoints and gold diamonds the soups projected "
+               "onto it (how far off the plane in the hover), the orange × the lowest point. "
+               + ("Switch 3D off to click a point." if surface else "Click a point to see its metrics."))
+    lowest = f"{values[best]:.2f}%" if shown == "error" else f"{values[best]:.4f}"
     st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "
              f"BatchNorm: {result.bn}; precision: {result.precision}"
              + ("" if result.precision_deviation is None else
@@ -153,7 +175,9 @@ def landscape_view() -> None:
     downloads[0].download_button("Download grid (JSON)", json.dumps(result.to_json()), "landscape.json",
                                  "application/json", key="land-json")
     downloads[1].download_button("Download grid (CSV)", grid_csv(result), "landscape.csv", "text/csv", key="land-csv")
-    picked = [p for p in (event.selection.points if event else []) if p.get("curve_number") == 3]
+    grid_curve = st.session_state.get("land-grid-curve")
+    picked = [] if surface else [p for p in (event.selection.points if event else [])
+                                 if p.get("curve_number") == grid_curve]
     if picked:
         x, y = float(picked[0]["x"]), float(picked[0]["y"])
         st.session_state["land-picked"] = (shown_key, x, y)

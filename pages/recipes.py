@@ -7,6 +7,7 @@ import streamlit as st
 
 from appkit.cache import cached_ablations, recipe_result, recipe_significance, zoo_key
 from appkit.controls import recipe_controls
+from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
 from appkit.workspace import set_export
 from soup_core.evaluate import TEST, shift_average
@@ -76,6 +77,13 @@ for recipe in available:
                                 mode="markers", name=recipe.pretty_name, marker={"size": 14, "symbol": "star"}))
 figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
 st.plotly_chart(figure, key="recipes-figure1")
+figure_footer("figure1", "each grey dot is one fine-tuned model, each star a recipe's soup; right is better on test, "
+              "up is better under distribution shift (mean over the shift splits). Stars above the grey cloud are "
+              "soups more robust than any single model.",
+              pd.DataFrame([{"name": n, "test %": 100 * m["test"].accuracy,
+                             "avg shift %": 100 * (shift_average(m, shifts) or float("nan"))}
+                            for n, m in {**individual, **{r.pretty_name: results[r.name].metrics for r in available
+                                                          if r.name != "best"}}.items()]))
 
 export_picker([r for r in available if r.is_soup])
 
@@ -89,8 +97,9 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
         values = np.array([r[split] for r in greedy_rows]) * 100
         fig.add_trace(go.Scatter(x=ks, y=values.mean(1), error_y={"array": values.std(1)}, name=split,
                                  mode="lines+markers", line={"color": color}))
-    fig.update_layout(title="Greedy soup vs models considered (mean ± std, 5 orders)", xaxis_type="log",
-                      xaxis_title="models considered", yaxis_title="accuracy (%)", height=400)
+    fig.update_layout(title="Greedy soup vs models considered (mean ± std, 5 orders)", height=400,
+                      xaxis={"type": "log", "tickvals": ks, "ticktext": [str(k) for k in ks],
+                             "title": "models considered"}, yaxis_title="accuracy (%)")
     left.plotly_chart(fig, key="ablation-greedy")
     fig = go.Figure()
     for split in ("val", "test"):
@@ -98,3 +107,6 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
                                  name=split, mode="lines+markers"))
     fig.update_layout(title="Pruned soup vs passes", xaxis_title="passes", yaxis_title="accuracy (%)", height=400)
     right.plotly_chart(fig, key="ablation-pruned")
+    figure_footer("ablations", "left, the greedy soup's accuracy when only the first k models (random orders) are "
+                  "offered; right, the pruned soup after each extra pass of removals.",
+                  raw={"greedy_vs_models_considered": greedy_rows, "pruned_vs_passes": pruned_rows})

@@ -102,8 +102,9 @@ def report_splits(split_names: tuple[str, ...] | list[str], choice_split: str = 
     return [s for s in split_names if s != choice_split]
 
 
-def versus_best(result, ingredients, evaluator) -> list[Comparison]:
-    """A recipe's result against the best individual model (chosen on val) on every report split.
+def versus_best(result, ingredients, evaluator, splits: list[str] | None = None) -> list[Comparison]:
+    """A recipe's result against the best individual model (chosen on val) on every report split
+    (or on ``splits``, a subset of them).
 
     Empty for the best individual itself. Ensembles are compared through their averaged logits.
     """
@@ -114,6 +115,8 @@ def versus_best(result, ingredients, evaluator) -> list[Comparison]:
     name = RECIPES["best"].make(ingredients, evaluator).ingredients[0]
     out = []
     for split in report_splits(evaluator.split_names):
+        if splits is not None and split not in splits:
+            continue
         if result.state_dict is not None:
             logits = evaluator.logits(result.state_dict, split)
         else:

@@ -350,7 +350,8 @@ def test_landscape_upload_and_export_in_chromium(server, tmp_path):
         page.get_by_role("button", name="Compute").click()
         page.locator(".js-plotly-plot .contour").first.wait_for(timeout=120_000)
         page.get_by_text("Lowest val error").wait_for(timeout=60_000)
-        page.locator(".js-plotly-plot .scatterlayer .trace").nth(2).locator(".point").nth(40).click(force=True)
+        # scatter traces: other checkpoints, soups, the three points, then the grid points (clickable)
+        page.locator(".js-plotly-plot .scatterlayer .trace").nth(3).locator(".point").nth(40).click(force=True)
         page.get_by_text("Keep this point for export").wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "landscape.png"), full_page=True)
         page.get_by_role("button", name="Keep this point for export").click()
@@ -622,3 +623,33 @@ def test_landscape_settings_live_in_the_url_and_a_shared_link_restores_them_on_a
     at.switch_page("pages/geometry.py").run()
     at.switch_page("pages/landscape.py").run()  # the session's own settings survive a page switch
     assert at.slider(key="land-grid").value == 9 and at.selectbox(key="land-Point C").value == "ft-22"
+
+
+def _download_keys(at) -> set[str]:
+    return {d.key for d in at.get("download_button")}
+
+
+def test_every_figure_has_a_how_to_read_line_and_its_data_to_download():
+    at = _app()
+    at.button(key="replay-run").click().run()
+    assert {"replay-greedy-csv", "replay-greedy-json"} <= _download_keys(at)
+    at.switch_page("pages/geometry.py").run()
+    assert not at.exception
+    assert {"angles-csv", "angles-json", "path-csv", "path-json"} <= _download_keys(at)
+    at.switch_page("pages/recipes.py").run()
+    assert {"figure1-csv", "figure1-json"} <= _download_keys(at)
+    for page in ("geometry", "recipes"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert any(c.value.startswith("How to read this:") for c in at.caption), page
+
+
+def test_the_landscape_shows_log_loss_and_a_3d_surface():
+    at = _app()
+    at.switch_page("pages/landscape.py").run()
+    at.slider(key="land-grid").set_value(5).run()
+    at.button(key="land-compute").click().run()
+    at.radio(key="land-metric").set_value("log10 loss").run()
+    assert not at.exception and any("Lowest val log10 loss" in m.value for m in at.markdown)
+    at.toggle(key="land-3d").set_value(True).run()
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert not at.exception and figure["data"][0]["type"] == "surface"
