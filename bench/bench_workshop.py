@@ -109,9 +109,15 @@ async def visit(browser, url: str, index: int, expected: dict[str, str], timings
     async def untick():
         name = list(expected)[index % len(expected)]
         await page.get_by_test_id("stCheckbox").filter(has_text=name).locator("label").click()
-        # Done when the box shows unticked and the run is over (the soup's number may not change).
-        await page.get_by_test_id("stCheckbox").filter(has_text=name).locator("input:not(:checked)").wait_for()
-        await settle(page)
+        # Done when the live soup shows the library's number for the new set (the number may
+        # also be the old one: then the settled run decides).
+        try:
+            await page.wait_for_function(
+                "([wanted]) => [...document.querySelectorAll('[data-testid=stMetric]')]"
+                ".some(m => m.innerText.includes('soup val') && m.innerText.includes(wanted))",
+                arg=[expected[name]], timeout=300_000)
+        finally:
+            await settle(page)
         shown = await soup_val.inner_text()
         if shown != expected[name]:
             problems.append(f"session {index}: soup val {shown} after unticking {name}, the library says "

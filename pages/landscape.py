@@ -160,6 +160,10 @@ def landscape_view() -> None:
                                         name="chosen point", hoverinfo="name",
                                         marker={"color": "cyan", "size": 14, "symbol": "circle-open",
                                                 "line": {"width": 3}}))
+    # A selection would dim every other marker (the plot "fades"): keep them as drawn.
+    figure.update_traces(unselected={"marker": {"opacity": 1.0}}, selector={"type": "scatter"})
+    if not surface:
+        figure.data[st.session_state["land-grid-curve"]].update(unselected={"marker": {"opacity": 0.01}})
     event = st.plotly_chart(figure, key="land-chart", on_select="ignore" if surface else "rerun",
                             selection_mode="points")
     st.caption("How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
