@@ -8,7 +8,7 @@ import streamlit as st
 
 from appkit.cache import load_zoo
 from appkit.uploads import add_uploads, uploads_of, with_uploads
-from appkit.workspace import keep, recall, share_landscape
+from appkit.workspace import keep, recall, share_export, share_landscape
 from soup_core.errors import SoupError
 from soup_core.params import num_parameters
 from soup_core.zoo import ALLOWED_ROOTS_ENV, Zoo, allowed_roots_from_env, open_zoo, sample_root, sample_zoos
@@ -54,6 +54,7 @@ def sidebar() -> Zoo:
     name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=keep, args=("zoo",))
     st.query_params["zoo"] = name
     share_landscape()
+    share_export()
     opened = _open_folder() or load_zoo(name)
     whole_folder = st.sidebar.toggle("Upload a whole folder", key="upload-folder")
     limit_mb = int(st.get_option("server.maxUploadSize"))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import streamlit as st
 
+from soup_core.errors import SoupError
 from soup_core.export import Candidate
 from soup_core.policies import BN_POLICIES, PRECISIONS
 from soup_core.zoo import Zoo
@@ -59,12 +60,32 @@ def ticked(zoo: Zoo) -> list[str]:
 
 
 def set_export(candidate: Candidate | None) -> None:
-    """What the Export page offers besides the ticked set: a recipe's soup or a landscape point."""
+    """What the Export page offers besides the ticked set: a recipe's soup or a landscape point
+    (also in the URL as ``?export=``, so a link shares it)."""
     st.session_state[EXPORT_KEY] = candidate
+    share_export()
 
 
 def chosen_export() -> Candidate | None:
     return st.session_state.get(EXPORT_KEY)
+
+
+def share_export() -> None:
+    """On every page: the session's export choice into the URL; or, on a session's first run, a
+    shared link's ``?export=`` read into the workspace (an unreadable one is dropped)."""
+    if EXPORT_KEY not in st.session_state:
+        st.session_state[EXPORT_KEY] = None
+        text = st.query_params.get("export")
+        if text:
+            try:
+                st.session_state[EXPORT_KEY] = Candidate.from_query(text)
+            except SoupError:
+                pass
+    candidate = st.session_state[EXPORT_KEY]
+    if candidate is None:
+        st.query_params.pop("export", None)
+    else:
+        st.query_params["export"] = candidate.to_query()
 
 
 @dataclass(frozen=True)

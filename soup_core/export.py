@@ -18,6 +18,7 @@ candidate gives the same bytes from either (the command line's ``--out`` aside).
 from __future__ import annotations
 
 import io
+import math
 import shlex
 import tempfile
 import zipfile
@@ -32,6 +33,7 @@ from soup_core.evaluate import Metrics, metrics_to_json
 from soup_core.io import atomic_write, refuse_inputs, save_hf_directory, save_state_dict, state_dict_bytes
 from soup_core.landscape import point_weights
 from soup_core.models import is_hf_directory
+from soup_core.policies import BN_POLICIES
 from soup_core.recipes import RECIPES, SoupResult, get_recipe
 from soup_core.significance import Comparison, versus_best
 from soup_core.state import StateDict
@@ -95,6 +97,53 @@ class Candidate:
         for name, value in self.params:
             argv += [RECIPES[self.recipe].parameter(name).flag, str(value)]
         return argv + ["--out", out]
+
+    def to_query(self) -> str:
+        """A readable form for a shareable URL: ``greedy``, ``greedy;passes=2;ingredients=a,b``,
+        ``point:base,ft-00,ft-01@0.5,-1.25;bn=keep`` (``;align=REF`` on either)."""
+        if self.kind == "point":
+            (a, b, c), (x, y) = self.plane, self.xy
+            parts = [f"point:{a},{b},{c}@{_number(x)},{_number(y)}", f"bn={self.bn}"]
+        else:
+            parts = [self.recipe, *(f"{k}={v}" for k, v in self.params)]
+            if self.ingredients is not None:
+                parts.append("ingredients=" + ",".join(self.ingredients))
+        return ";".join(parts + ([f"align={self.align}"] if self.align else []))
+
+    @classmethod
+    def from_query(cls, text: str) -> Candidate:
+        """The candidate :meth:`to_query` wrote; a :class:`SoupError` naming what is wrong otherwise.
+
+        >>> Candidate.from_query("point:base,a,b@0.5,-1;bn=keep").to_query()
+        'point:base,a,b@0.5,-1;bn=keep'
+        """
+        head, *rest = str(text).split(";")
+        options = {}
+        for part in rest:
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise SoupError(f"export={text!r}: {part!r} is not key=value")
+            options[key] = value
+        align = options.pop("align", None) or None
+        if head.startswith("point:"):
+            where, _, xy = head.removeprefix("point:").partition("@")
+            plane, coords = where.split(","), xy.split(",")
+            try:
+                x, y = (float(v) for v in coords)
+            except ValueError:
+                raise SoupError(f"export={text!r}: a point needs x,y after @") from None
+            if len(plane) != 3 or not all(plane) or not all(map(math.isfinite, (x, y))):
+                raise SoupError(f"export={text!r}: a point is point:A,B,C@X,Y with three names and finite X, Y")
+            bn = options.pop("bn", "recompute")
+            if bn not in BN_POLICIES or options:
+                raise SoupError(f"export={text!r}: a point takes bn= (one of {', '.join(BN_POLICIES)}) and align=")
+            return cls.point(plane, (x, y), bn, align=align)
+        if head not in RECIPES:
+            raise SoupError(f"export={text!r}: no recipe {head!r}; the recipes are {', '.join(RECIPES)}")
+        ingredients = options.pop("ingredients", None)
+        params = get_recipe(head).resolve(options)  # declared names and types only
+        given = {k: params[k] for k in options}
+        return cls.of_recipe(head, ingredients.split(",") if ingredients is not None else None, align=align, **given)
 
     def names_used(self, zoo: Zoo) -> set[str]:
         """The checkpoints the candidate's weights come from."""

@@ -653,3 +653,30 @@ def test_the_landscape_shows_log_loss_and_a_3d_surface():
     at.toggle(key="land-3d").set_value(True).run()
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert not at.exception and figure["data"][0]["type"] == "surface"
+
+
+@pytest.mark.parametrize("link, title", [
+    ("greedy;passes=2", "Greedy soup"),
+    ("point:base,ft-00,ft-01@0.5,0.25;bn=interpolate", "Landscape point (0.500, 0.250) of the plane base, ft-00, ft-01"),
+])
+def test_a_shared_link_restores_the_export_choice_on_any_page(link, title):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["export"] = link
+    at.run()
+    at.switch_page("pages/export.py").run()
+    assert not at.exception
+    assert at.radio(key="export-choice").options[-1] == title and at.radio(key="export-choice").value == 1
+    assert at.query_params["export"] in (link, [link])  # still shareable from here
+
+
+def test_an_unreadable_export_link_is_ignored_and_choosing_puts_the_choice_in_the_url():
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["export"] = "greedy;passes=many"
+    at.run()
+    assert not at.exception and "export" not in at.query_params
+    at.switch_page("pages/recipes.py").run()
+    at.button(key="recipes-use").click().run()
+    assert not at.exception and "export" in at.query_params
+    at.switch_page("pages/ingredients.py").run()
+    at.checkbox(key="tick:digits-finetune:ft-00").uncheck().run()  # ticking makes the ticked set the choice
+    assert "export" not in at.query_params
