@@ -12,9 +12,53 @@ from appkit.workspace import keep, seed_ticks, set_export, tick_key, ticked
 
 zoo = sidebar()
 st.title("Ingredients")
+st.caption("Each row is one checkpoint fine-tuned from θ0: its hyperparameters, then its accuracy (%) on **val** "
+           "(the held-out split every recipe chooses on), **test** (reported, never chosen on) and **shifts** (the "
+           "mean over the distribution-shift splits: the same test images blurred, noised, shifted…). Tick "
+           "checkpoints below, or select rows here (click, shift-click; sort by a column's header) or points in "
+           "the hyperparameter view, and tick or untick the selection.")
 st.metric("Checkpoints", len(zoo.names))
-st.dataframe(checkpoint_table(zoo), hide_index=True,
-             column_config={s: st.column_config.NumberColumn(format="%.1f") for s in ("val", "test", "shifts")})
+table = checkpoint_table(zoo)
+rows = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="multi-row", key="ingredients-table",
+                    column_config={s: st.column_config.NumberColumn(f"{s} (%)", format="%.1f")
+                                   for s in ("val", "test", "shifts")})
+selected = [table["checkpoint"].iloc[i] for i in rows.selection.rows]
+
+
+def tick_these(names, value: bool) -> None:
+    """``on_click``: tick (or untick) ``names``, leaving the other boxes as they are."""
+    for name in names:
+        st.session_state[f"workspace:{tick_key(zoo, name)}"] = value
+        st.session_state[tick_key(zoo, name)] = value
+    set_export(None)
+
+
+hparams = [c for c in table.columns if c not in ("checkpoint", "val", "test", "shifts")
+           and pd.api.types.is_numeric_dtype(table[c]) and table[c].nunique() > 1]
+if hparams and "val" in table:
+    with st.expander("Hyperparameter view: which settings gave the good models?"):
+        x = st.selectbox("Hyperparameter", hparams, key="hparam-x")
+        chosen_now = set(ticked(zoo))
+        values = table[x].astype(float)
+        log = bool((values > 0).all() and values.max() / values.min() >= 10)
+        view = go.Figure(go.Scatter(
+            x=values, y=table["val"], mode="markers", customdata=table["checkpoint"], text=table["checkpoint"],
+            marker={"size": 10, "color": ["#1f77b4" if n in chosen_now else "lightgray" for n in table["checkpoint"]],
+                    "line": {"width": 1, "color": "black"}},
+            hovertemplate="%{text}<br>" + x + " %{x}<br>val %{y:.2f}%<extra></extra>"))
+        view.update_layout(height=380, xaxis={"title": x + (" (log scale)" if log else ""),
+                                              "type": "log" if log else "linear"},
+                           yaxis_title="val accuracy (%)", margin={"t": 20})
+        event = st.plotly_chart(view, key="hparam-chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+        st.caption("How to read this: one dot per checkpoint, blue when ticked; select dots (click, box or lasso) "
+                   "to tick or untick them below.")
+        selected += [p["customdata"] for p in (event.selection.points if event else []) if "customdata" in p]
+selected = list(dict.fromkeys(selected))
+if selected:
+    left, right, _ = st.columns([1, 1, 3])
+    left.button(f"Tick the {len(selected)} selected", key="tick-selected", on_click=tick_these, args=(selected, True))
+    right.button(f"Untick the {len(selected)} selected", key="untick-selected", on_click=tick_these,
+                 args=(selected, False))
 
 
 def tick_changed(widget_key: str) -> None:

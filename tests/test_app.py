@@ -680,3 +680,24 @@ def test_an_unreadable_export_link_is_ignored_and_choosing_puts_the_choice_in_th
     at.switch_page("pages/ingredients.py").run()
     at.checkbox(key="tick:digits-finetune:ft-00").uncheck().run()  # ticking makes the ticked set the choice
     assert "export" not in at.query_params
+
+
+def test_rows_selected_in_the_table_can_be_ticked_and_unticked_together():
+    at = _app()
+    at.session_state["ingredients-table"] = {"selection": {"rows": [0, 2], "columns": [], "cells": []}}
+    at.run()
+    at.button(key="untick-selected").click().run()
+    assert not at.exception
+    ticks = {n: at.checkbox(key=f"tick:digits-finetune:{n}").value for n in ("ft-00", "ft-01", "ft-02")}
+    assert ticks == {"ft-00": False, "ft-01": True, "ft-02": False}
+    assert "ft-00" not in str(at.query_params["use"]).split(",")
+    at.button(key="tick-selected").click().run()
+    assert at.checkbox(key="tick:digits-finetune:ft-02").value is True
+
+
+def test_the_hyperparameter_view_plots_val_accuracy_against_a_hyperparameter_on_a_log_axis_when_it_spans_decades():
+    at = _app()
+    at.selectbox(key="hparam-x").set_value("lr").run()
+    chart = next(c for c in at.get("plotly_chart") if json.loads(c.proto.spec)["data"][0].get("customdata"))
+    layout = json.loads(chart.proto.spec)["layout"]
+    assert layout["xaxis"]["type"] == "log" and layout["yaxis"]["title"]["text"] == "val accuracy (%)"
