@@ -21,8 +21,9 @@ result is cast back to each tensor's own dtype.
 evaluator's, in greedy and pruned soups), so a GPU scores candidates without copying the soup
 there at every step: each step moves one candidate (in its own dtype, not float64) unless it is
 already on the device, and the greedy step's candidate is moved once for both scoring and
-adding. float64 is kept on every device: these are bandwidth-bound additions, exactness is the
-point, and no GPU measured here showed a reason for float32 with compensation instead.
+adding. float64 is kept on every device: these are bandwidth-bound additions and exactness is
+the point. float32 with Kahan compensation would pay only on a device where float64 is slow;
+no GPU has been measured for it yet.
 
 Example::
 
