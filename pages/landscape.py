@@ -119,6 +119,7 @@ def landscape_view() -> None:
     values = {"error": 100 * result.error[s], "loss": result.loss[s], "log10 loss": np.log10(result.loss[s])}[shown]
     unit = {"error": f"{s} error (%)", "loss": f"{s} loss", "log10 loss": f"log10 {s} loss"}[shown]
     best = np.unravel_index(np.nanargmin(values), values.shape)
+    grid_curve = None  # the clickable trace's index (2D only)
     soups = [p for p in result.projections if p.name in SOUPS]
     checkpoints = [p for p in result.projections if p.name not in SOUPS]
     if surface:
@@ -143,7 +144,7 @@ def landscape_view() -> None:
             textposition="top center", name="the three points"))
         # Contours return no click selection: an almost invisible scatter of the grid points does.
         gx, gy = np.meshgrid(result.xs, result.ys)
-        st.session_state["land-grid-curve"] = len(figure.data)
+        grid_curve = len(figure.data)
         figure.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", name="grid points",
                                     marker={"size": 9, "opacity": 0.01, "color": "black"}, showlegend=False,
                                     customdata=np.stack([100 * result.error[s].ravel(), result.loss[s].ravel()], -1),
@@ -163,7 +164,7 @@ def landscape_view() -> None:
     # A selection would dim every other marker (the plot "fades"): keep them as drawn.
     figure.update_traces(unselected={"marker": {"opacity": 1.0}}, selector={"type": "scatter"})
     if not surface:
-        figure.data[st.session_state["land-grid-curve"]].update(unselected={"marker": {"opacity": 0.01}})
+        figure.data[grid_curve].update(unselected={"marker": {"opacity": 0.01}})
     event = st.plotly_chart(figure, key="land-chart", on_select="ignore" if surface else "rerun",
                             selection_mode="points")
     st.caption("How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
@@ -179,7 +180,6 @@ def landscape_view() -> None:
     downloads[0].download_button("Download grid (JSON)", json.dumps(result.to_json()), "landscape.json",
                                  "application/json", key="land-json")
     downloads[1].download_button("Download grid (CSV)", grid_csv(result), "landscape.csv", "text/csv", key="land-csv")
-    grid_curve = st.session_state.get("land-grid-curve")
     picked = [] if surface else [p for p in (event.selection.points if event else [])
                                  if p.get("curve_number") == grid_curve]
     if picked:

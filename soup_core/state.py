@@ -46,15 +46,19 @@ def is_statistic(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in STATISTIC_SUFFIXES
 
 
+def _same_view(tensor: torch.Tensor) -> tuple:
+    """Equal for two tensors that are the same view of the same storage."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype)
+
+
 def tied_groups(state: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], ...]:
     """Groups of keys whose tensors share storage (tied weights, e.g. embeddings and head)."""
-    groups: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    groups: dict[tuple, list[str]] = {}
     for key, tensor in state.items():
         if tensor.numel() == 0:
             continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                 tuple(tensor.shape), tuple(tensor.stride()))
-        groups.setdefault(ident, []).append(key)
+        groups.setdefault(_same_view(tensor), []).append(key)
     return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
 
 
@@ -112,8 +116,7 @@ def to_device(state: Mapping[str, torch.Tensor], device: torch.device | str) -> 
     moved: dict[tuple, torch.Tensor] = {}
     out: StateDict = {}
     for key, tensor in state.items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                 tuple(tensor.stride()), tensor.dtype)
+        ident = _same_view(tensor)
         if ident not in moved or tensor.numel() == 0:
             moved[ident] = tensor.to(device)
         out[key] = moved[ident]

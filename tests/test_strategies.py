@@ -106,7 +106,7 @@ def test_chunks_never_exceed_the_memory_budget(mlp_zoo, strategy, budget_mib):
         samples = max(len(ev.splits[s]) for s in splits)
         points = engine.chunk_for(splits)
         assert 1 <= points
-        assert plan.call_bytes(points, engine._batch_size(points, samples)) <= budget
+        assert plan.call_bytes(points, plan.batch_size(points, samples)) <= budget
     # and a larger budget never gives smaller calls
     roomy = SliceEvaluator(ev, plane.origin, plane.directions, strategy=strategy, memory_budget=budget * 16)
     assert roomy.chunk_for(["val"]) >= engine.chunk_for(["val"])

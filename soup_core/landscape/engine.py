@@ -191,8 +191,7 @@ class SliceEvaluator:
                             f"more than this run's memory budget of {self.budget / 2**20:.1f} MiB; free memory "
                             "on the device or give a larger memory_budget")
         self._strategy = self._fastest_strategy() if strategy == "auto" else STRATEGY_TYPES[strategy](self)
-        if hasattr(self._strategy, "prepare"):
-            self._strategy.prepare()
+        self._strategy.prepare()
 
     @property
     def strategy(self) -> str:
@@ -366,9 +365,6 @@ class SliceEvaluator:
         """Points per chunk of the chosen strategy (see :mod:`soup_core.landscape.strategies`)."""
         return self._strategy.chunk_points(samples)
 
-    def _batch_size(self, points: int, samples: int) -> int:
-        return self._strategy.batch_size(points, samples)
-
     def _recomputed_statistics(self, params: dict[str, torch.Tensor], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """update_bn at each point of the chunk: average over the training batches of batch stats."""
         train = _subsample(self.evaluator.train, self.max_samples, self.sample_seed)
@@ -429,7 +425,7 @@ class SliceEvaluator:
             for s, split in data.items():
                 total_loss = torch.zeros(len(part), dtype=torch.float64, device=self.device)
                 wrong = torch.zeros(len(part), dtype=torch.float64, device=self.device)
-                batch_size = self._batch_size(len(part), len(split))
+                batch_size = self._strategy.batch_size(len(part), len(split))
                 for b in range(0, len(split), batch_size):
                     x, y = split.inputs[b:b + batch_size], split.labels[b:b + batch_size]
                     logits = self._run(self._forward, params, coefficients, x).float()

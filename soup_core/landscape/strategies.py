@@ -70,6 +70,9 @@ class Strategy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def prepare(self) -> None:
+        """Once chosen, before the run: adapt the engine's private model (a no-op by default)."""
+
     # ---- sizes -------------------------------------------------------------------------
 
     def live_points(self, points: int) -> int:
