@@ -1,9 +1,9 @@
-"""A workshop against one server: N concurrent Chromium sessions run a scripted visit, on loopback.
+"""A workshop against one server: N concurrent sessions run a scripted visit, on loopback.
 
 The server is started as `make run` starts it (`streamlit run app.py`, the repository's
 .streamlit/config.toml, the warm-up on), with its timing hook on (``SOUP_TIMING_LOG``: one JSON
 line per script run with its page, the widgets that changed and its duration). After the warm-up,
-N Chromium contexts (one browser) each:
+N clients each:
 
 1. open the app (Ingredients) until the checkpoint count shows;
 2. untick their own checkpoint (session i unticks ft-{i mod 32}) until the run is over, and
@@ -18,7 +18,14 @@ from the timing hook, exceptions shown, wrong numbers, server RSS before/after, 
 seconds of the server and of the browsers with the load average, so that server cost can be
 told from client cost (on one machine the browsers compete with the server for the cores).
 
-    python bench/bench_workshop.py [--sessions 10] [--stagger 0.25] [--port 8765]
+Two kinds of client do the same visit:
+
+- ``--client chromium``: a context each in one real Chromium, as participants' browsers;
+- ``--client protocol``: ``bench/protocol_client.py``, which speaks the browser's WebSocket
+  protocol to the same server (the same messages, so the same server work per action) without
+  rendering, so the machine's cores go to the server and its runs measure the server.
+
+    python bench/bench_workshop.py [--sessions 10] [--client protocol|chromium] [--stagger 0.25]
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ZOO = "digits-finetune"
@@ -154,23 +162,56 @@ async def visit(browser, url: str, index: int, expected: dict[str, str], timings
     await context.close()
 
 
-async def crowd(url: str, sessions: int, stagger: float, expected: dict[str, str]) -> tuple[dict, list, float]:
-    """Every session's visit; returns latencies, problems and the browsers' CPU seconds."""
-    from playwright.async_api import async_playwright
+async def visit_over_protocol(url: str, index: int, expected: dict[str, str], timings: dict,
+                              problems: list) -> None:
+    """The same visit as ``visit``, as the browser's messages without a browser."""
+    from protocol_client import ProtocolSession
+    async with ProtocolSession(url) as s:
+        async def action(name: str, coroutine, check=None) -> None:
+            start = time.perf_counter()
+            await coroutine
+            timings.setdefault(name, []).append(time.perf_counter() - start)
+            if check is not None and not check():
+                problems.append(f"session {index}, {name}: the page did not show what it should")
+
+        name = list(expected)[index % len(expected)]
+        await action("open", s.open(), lambda: s.has("metric", "soup val"))
+        await action("tick", s.set_checkbox(name, False), lambda: s.metric("soup val") == expected[name])
+        await action("replay greedy", s.click("Run"), lambda: s.has("slider", "Step"))
+        await action("Tour", s.goto("Tour"))
+        await action("Tour next", s.click("Next →"))
+        await action("Tour next", s.click("Next →"))
+        await action("Landscape page", s.goto("Landscape"))
+        await action("Landscape compute", s.click("Compute"), lambda: "Lowest val error" in s.text())
+        await action("Export", s.goto("Export"), lambda: s.has("download_button"))
+        problems.extend(f"session {index}: {shown}" for shown in s.exceptions)
+
+
+async def crowd(url: str, sessions: int, stagger: float, expected: dict[str, str],
+                client: str) -> tuple[dict, list, float]:
+    """Every session's visit; returns latencies, problems and the clients' CPU seconds."""
     timings: dict[str, list[float]] = {}
     problems: list[str] = []
+
+    async def delayed(i, run_visit):
+        await asyncio.sleep(i * stagger)
+        try:
+            await run_visit(i)
+        except Exception as exc:  # noqa: BLE001 - a failed session is a result to report
+            problems.append(f"session {i}: {type(exc).__name__}: {(str(exc) or repr(exc)).splitlines()[0]}")
+
+    if client == "protocol":
+        clients_cpu = time.process_time()
+        await asyncio.gather(*(delayed(i, lambda i: visit_over_protocol(url, i, expected, timings, problems))
+                               for i in range(sessions)))
+        return timings, problems, time.process_time() - clients_cpu
+
+    from playwright.async_api import async_playwright
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         clients_cpu = browser_cpu_seconds()
-
-        async def delayed(i):
-            await asyncio.sleep(i * stagger)
-            try:
-                await visit(browser, url, i, expected, timings, problems)
-            except Exception as exc:  # noqa: BLE001 - a failed session is a result to report
-                problems.append(f"session {i}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-
-        await asyncio.gather(*(delayed(i) for i in range(sessions)))
+        await asyncio.gather(*(delayed(i, lambda i: visit(browser, url, i, expected, timings, problems))
+                               for i in range(sessions)))
         clients_cpu = browser_cpu_seconds() - clients_cpu  # before the processes go
         await browser.close()
     return timings, problems, clients_cpu
@@ -186,6 +227,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--stagger", type=float, default=0.25, help="seconds between session starts")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--client", choices=["protocol", "chromium"], default="chromium",
+                        help="who plays the participants (see the module's docstring)")
     args = parser.parse_args()
     expected = expected_soup_vals()
     port = args.port or _free_port()
@@ -197,7 +240,7 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=server_log.open("w"))
     try:
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(_first_visit(url))  # the server imports and starts its warm-up on the first session
+        asyncio.run(_first_visit(url, args.client))  # the server imports and starts its warm-up on the first session
         start = time.perf_counter()
         while "warm-up done" not in server_log.read_text():
             if "warm-up failed" in server_log.read_text() or time.perf_counter() - start > 900:
@@ -208,7 +251,7 @@ def main() -> None:
         rss_before, server_cpu = rss_mb(server.pid), cpu_seconds(server.pid)
         load_before = os.getloadavg()[0]
         wall = time.perf_counter()
-        timings, problems, clients_cpu = asyncio.run(crowd(url, args.sessions, args.stagger, expected))
+        timings, problems, clients_cpu = asyncio.run(crowd(url, args.sessions, args.stagger, expected, args.client))
         wall = time.perf_counter() - wall
         server_cpu = cpu_seconds(server.pid) - server_cpu
         rss_after, load_after = rss_mb(server.pid), os.getloadavg()[0]
@@ -216,7 +259,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    print(f"{args.sessions} sessions started {args.stagger} s apart against one server on 127.0.0.1, "
+    print(f"{args.sessions} {args.client} sessions started {args.stagger} s apart against one server on 127.0.0.1, "
           f"{os.cpu_count()} cores; {warm_line.split('warm-up done')[-1].strip()} of warm-up before\n")
     print("Client-observed latency (s), from the action to the settled page:\n")
     print("| action | p50 | p90 | max | n |\n|---|---:|---:|---:|---:|")
@@ -232,15 +275,14 @@ def main() -> None:
     for what, values in sorted(groups.items()):
         print(f"| {what} | {percentiles(values)} |")
     errors = [r for r in runs if r["outcome"] == "error"]
-    print(f"\nwall {wall:.1f} s; server CPU {server_cpu:.1f} s; browsers' CPU {clients_cpu:.1f} s; load average {load_before:.1f} → {load_after:.1f}; server RSS "
+    print(f"\nwall {wall:.1f} s; server CPU {server_cpu:.1f} s; clients' CPU ({args.client}) {clients_cpu:.1f} s; load average {load_before:.1f} → {load_after:.1f}; server RSS "
           f"{rss_before:.0f} → {rss_after:.0f} MB; server runs that raised: {len(errors)}; problems seen by "
           f"clients: {len(problems)}")
     for problem in problems[:20]:
         print(f"- {problem}")
 
 
-async def _first_visit(url: str) -> None:
-    from playwright.async_api import async_playwright
+async def _first_visit(url: str, client: str) -> None:
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -248,6 +290,12 @@ async def _first_visit(url: str) -> None:
             break
         except OSError:
             await asyncio.sleep(0.3)
+    if client == "protocol":
+        from protocol_client import ProtocolSession
+        async with ProtocolSession(url) as s:
+            await s.open()
+        return
+    from playwright.async_api import async_playwright
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = await browser.new_page()
