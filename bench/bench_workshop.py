@@ -25,7 +25,7 @@ Two kinds of client do the same visit:
   protocol to the same server (the same messages, so the same server work per action) without
   rendering, so the machine's cores go to the server and its runs measure the server.
 
-    python bench/bench_workshop.py [--sessions 10] [--client protocol|chromium] [--stagger 0.25]
+    python bench/bench_workshop.py [--sessions 10] [--client protocol|chromium] [--think 0] [--stagger 0.25]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -93,13 +94,16 @@ async def settle(page) -> None:
                                  timeout=600_000)
 
 
-async def visit(browser, url: str, index: int, expected: dict[str, str], timings: dict, problems: list) -> None:
+async def visit(browser, url: str, index: int, expected: dict[str, str], timings: dict, problems: list,
+                think: float) -> None:
     context = await browser.new_context(viewport={"width": 1400, "height": 900})
     context.set_default_timeout(600_000)  # 30 browsers on 2 cores load the page slowly: measure, do not fail
     context.set_default_navigation_timeout(600_000)
     page = await context.new_page()
+    pause = pauses(index, think)
 
     async def action(name: str, coroutine) -> None:
+        await asyncio.sleep(next(pause))
         start = time.perf_counter()
         await coroutine
         timings.setdefault(name, []).append(time.perf_counter() - start)
@@ -163,11 +167,13 @@ async def visit(browser, url: str, index: int, expected: dict[str, str], timings
 
 
 async def visit_over_protocol(url: str, index: int, expected: dict[str, str], timings: dict,
-                              problems: list) -> None:
+                              problems: list, think: float) -> None:
     """The same visit as ``visit``, as the browser's messages without a browser."""
     from protocol_client import ProtocolSession
+    pause = pauses(index, think)
     async with ProtocolSession(url) as s:
         async def action(name: str, coroutine, check=None) -> None:
+            await asyncio.sleep(next(pause))
             start = time.perf_counter()
             await coroutine
             timings.setdefault(name, []).append(time.perf_counter() - start)
@@ -187,8 +193,18 @@ async def visit_over_protocol(url: str, index: int, expected: dict[str, str], ti
         problems.extend(f"session {index}: {shown}" for shown in s.exceptions)
 
 
+def pauses(index: int, think: float):
+    """A participant's pauses before each action: none before the first, then ``think`` seconds
+    ± 50% (uniform, seeded by the session), the time to read a result and reach for the next
+    control. ``think = 0`` is a burst: every click as soon as the page has settled."""
+    rng = random.Random(index)
+    yield 0.0
+    while True:
+        yield rng.uniform(0.5, 1.5) * think
+
+
 async def crowd(url: str, sessions: int, stagger: float, expected: dict[str, str],
-                client: str) -> tuple[dict, list, float]:
+                client: str, think: float = 0.0) -> tuple[dict, list, float]:
     """Every session's visit; returns latencies, problems and the clients' CPU seconds."""
     timings: dict[str, list[float]] = {}
     problems: list[str] = []
@@ -202,7 +218,7 @@ async def crowd(url: str, sessions: int, stagger: float, expected: dict[str, str
 
     if client == "protocol":
         clients_cpu = time.process_time()
-        await asyncio.gather(*(delayed(i, lambda i: visit_over_protocol(url, i, expected, timings, problems))
+        await asyncio.gather(*(delayed(i, lambda i: visit_over_protocol(url, i, expected, timings, problems, think))
                                for i in range(sessions)))
         return timings, problems, time.process_time() - clients_cpu
 
@@ -210,7 +226,7 @@ async def crowd(url: str, sessions: int, stagger: float, expected: dict[str, str
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         clients_cpu = browser_cpu_seconds()
-        await asyncio.gather(*(delayed(i, lambda i: visit(browser, url, i, expected, timings, problems))
+        await asyncio.gather(*(delayed(i, lambda i: visit(browser, url, i, expected, timings, problems, think))
                                for i in range(sessions)))
         clients_cpu = browser_cpu_seconds() - clients_cpu  # before the processes go
         await browser.close()
@@ -226,6 +242,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--stagger", type=float, default=0.25, help="seconds between session starts")
+    parser.add_argument("--think", type=float, default=0.0,
+                        help="seconds a participant pauses between actions (± 50%%; 0: a burst)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--client", choices=["protocol", "chromium"], default="chromium",
                         help="who plays the participants (see the module's docstring)")
@@ -251,7 +269,8 @@ def main() -> None:
         rss_before, server_cpu = rss_mb(server.pid), cpu_seconds(server.pid)
         load_before = os.getloadavg()[0]
         wall = time.perf_counter()
-        timings, problems, clients_cpu = asyncio.run(crowd(url, args.sessions, args.stagger, expected, args.client))
+        timings, problems, clients_cpu = asyncio.run(crowd(url, args.sessions, args.stagger, expected, args.client,
+                                                             args.think))
         wall = time.perf_counter() - wall
         server_cpu = cpu_seconds(server.pid) - server_cpu
         rss_after, load_after = rss_mb(server.pid), os.getloadavg()[0]
@@ -259,7 +278,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    print(f"{args.sessions} {args.client} sessions started {args.stagger} s apart against one server on 127.0.0.1, "
+    print(f"{args.sessions} {args.client} sessions started {args.stagger} s apart, pausing "
+          f"{args.think} s ± 50% between actions, against one server on 127.0.0.1, "
           f"{os.cpu_count()} cores; {warm_line.split('warm-up done')[-1].strip()} of warm-up before\n")
     print("Client-observed latency (s), from the action to the settled page:\n")
     print("| action | p50 | p90 | max | n |\n|---|---:|---:|---:|---:|")

@@ -7,7 +7,9 @@ trials (McNemar 1947; the exact form for small counts, Edwards 1948). With 630 t
 image is 0.16 points, so "+0.3" is two images — this module says whether that means anything.
 
 The 95% interval of the accuracy difference is a paired bootstrap over images (seeded, 2,000
-resamples): resampling pairs keeps the correlation between the two models' errors.
+resamples): resampling pairs keeps the correlation between the two models' errors. A pair is one of
+three kinds (only A right, only B right, the same), so a resample is a multinomial draw of those
+three counts: the same distribution as drawing images, in O(resamples) instead of O(resamples × n).
 
 >>> import torch
 >>> from soup_core.significance import compare
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from scipy.stats import binom
 
@@ -42,12 +45,18 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
 def bootstrap_interval(a_correct: torch.Tensor, b_correct: torch.Tensor, *, resamples: int = RESAMPLES,
                        seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Paired bootstrap interval of accuracy(b) − accuracy(a) (fractions)."""
+    """Paired bootstrap interval of accuracy(b) − accuracy(a) (fractions).
+
+    Each resample draws n pairs with replacement; only the counts of "B right, A wrong" and
+    "A right, B wrong" among them matter, and those are one multinomial draw."""
     n = len(a_correct)
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, n, (resamples, n), generator=generator)
-    difference = (b_correct.double()[index] - a_correct.double()[index]).mean(dim=1)
-    low, high = torch.quantile(difference, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    a_correct, b_correct = a_correct.bool(), b_correct.bool()
+    b_only = int((b_correct & ~a_correct).sum())
+    a_only = int((a_correct & ~b_correct).sum())
+    counts = np.random.default_rng(seed).multinomial(n, [b_only / n, a_only / n, (n - a_only - b_only) / n],
+                                                     size=resamples)
+    difference = (counts[:, 0] - counts[:, 1]) / n
+    low, high = np.quantile(difference, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
 
 

@@ -32,6 +32,18 @@ def test_the_bootstrap_interval_holds_the_observed_difference_and_is_seeded():
     assert low < observed < high and (low, high) == bootstrap_interval(a, b)
 
 
+def test_the_bootstrap_by_counts_is_the_bootstrap_over_images():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(300, generator=g) < 0.85, torch.rand(300, generator=g) < 0.9
+    index = torch.randint(0, 300, (20_000, 300), generator=g)
+    over_images = (b.double()[index] - a.double()[index]).mean(dim=1)
+    expected = torch.quantile(over_images, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    low, high = bootstrap_interval(a, b, resamples=20_000)
+    # Two Monte Carlo estimates of the same quantiles (each within ~0.2 image): equal to one image.
+    assert low == pytest.approx(float(expected[0]), abs=1 / 300)
+    assert high == pytest.approx(float(expected[1]), abs=1 / 300)
+
+
 def test_make_reports_the_soup_against_the_best_model_on_every_report_split():
     payload = ok_json("make", "greedy", "digits-finetune", "--device", "cpu")
     splits = [c["split"] for c in payload["significance"]]
