@@ -1,4 +1,5 @@
-"""What every figure gets under it: a line on how to read it and its data as CSV and JSON.
+"""What every figure gets under it: a line on how to read it, its data as CSV and JSON, and the
+figure itself as a standalone HTML file for slides (interactive, offline: plotly.js inside).
 
 >>> import pandas as pd
 >>> csv_text(pd.DataFrame({"alpha": [0.0, 1.0], "val error (%)": [3.2, 4.1]})).splitlines()[0]
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 
@@ -17,17 +19,29 @@ def csv_text(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False)
 
 
-def figure_footer(key: str, how_to_read: str, data: pd.DataFrame | None = None, *, raw: object = None) -> None:
-    """A caption on how to read the figure above, and its data (``data`` as CSV and JSON, or
-    ``raw`` as JSON) for slides and notebooks. The figure's own toolbar exports PNG."""
+def html_text(*figures: go.Figure) -> str:
+    """The figures as one HTML page that opens offline (plotly.js embedded once, about 4.7 MB)."""
+    parts = [f.to_html(include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figures)]
+    return "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+
+
+def figure_footer(key: str, how_to_read: str, data: pd.DataFrame | None = None, *, raw: object = None,
+                  figure: go.Figure | tuple[go.Figure, ...] | None = None) -> None:
+    """A caption on how to read the figure above; its data (``data`` as CSV and JSON, or ``raw``
+    as JSON) for notebooks; ``figure`` as HTML for slides. The figure's own toolbar exports PNG.
+
+    The files are made when a button is pressed (callables), and pressing one does not rerun
+    the page."""
     st.caption(f"How to read this: {how_to_read}")
-    if data is None and raw is None:
-        return
-    left, right, _ = st.columns([1, 1, 4])
+    buttons = st.columns([1, 1, 1, 3])
     if data is not None:
-        left.download_button("Data (CSV)", csv_text(data), f"{key}.csv", "text/csv", key=f"{key}-csv")
+        buttons[0].download_button("Data (CSV)", lambda: csv_text(data), f"{key}.csv", "text/csv",
+                                   key=f"{key}-csv", on_click="ignore")
+    if data is not None or raw is not None:
         payload = data.to_dict(orient="records") if raw is None else raw
-    else:
-        payload = raw
-    right.download_button("Data (JSON)", json.dumps(payload, indent=1, default=float), f"{key}.json",
-                          "application/json", key=f"{key}-json")
+        buttons[1].download_button("Data (JSON)", lambda: json.dumps(payload, indent=1, default=float),
+                                   f"{key}.json", "application/json", key=f"{key}-json", on_click="ignore")
+    if figure is not None:
+        figures = figure if isinstance(figure, tuple) else (figure,)
+        buttons[2].download_button("Figure (HTML)", lambda: html_text(*figures), f"{key}.html", "text/html",
+                                   key=f"{key}-html", on_click="ignore")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
 
 from appkit.cache import load_zoo
 from appkit.uploads import add_uploads, uploads_of, with_uploads
-from appkit.workspace import keep, recall, share_export, share_landscape
+from appkit.workspace import DEFAULT_ZOO, seed, store, update, workspace
 from soup_core.errors import SoupError
 from soup_core.params import num_parameters
 from soup_core.zoo import ALLOWED_ROOTS_ENV, Zoo, allowed_roots_from_env, open_zoo, sample_root, sample_zoos
-
-DEFAULT_ZOO = "digits-finetune"
 
 
 def app_allowed_roots() -> list[Path]:
@@ -31,9 +30,9 @@ def load_folder_zoo(path: str, roots: tuple[Path, ...]) -> Zoo:
 
 def _open_folder() -> Zoo | None:
     roots = tuple(app_allowed_roots())
-    recall("folder", st.query_params.get("folder", ""))
+    seed("folder", workspace().folder)
     folder = st.sidebar.text_input("Folder on this server (zoo.toml or checkpoint files)", key="folder",
-                                   on_change=keep, args=("folder",),
+                                   on_change=lambda: update(folder=st.session_state["folder"]),
                                    help="Allowed: " + ", ".join(map(str, roots)) + f" (set {ALLOWED_ROOTS_ENV})")
     if not folder:
         return None
@@ -42,19 +41,14 @@ def _open_folder() -> Zoo | None:
     except (SoupError, OSError) as exc:
         st.sidebar.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
-    st.query_params["folder"] = folder
     return zoo
 
 
 def sidebar() -> Zoo:
     """Open a sample zoo (default; the URL's ``?zoo=``) or a server folder; add uploads; report."""
     names = list(sample_zoos())
-    wanted = st.query_params.get("zoo", DEFAULT_ZOO)
-    recall("zoo", wanted if wanted in names else DEFAULT_ZOO)
-    name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=keep, args=("zoo",))
-    st.query_params["zoo"] = name
-    share_landscape()
-    share_export()
+    seed("zoo", workspace().zoo if workspace().zoo in names else DEFAULT_ZOO)
+    name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=lambda: update(zoo=st.session_state["zoo"]))
     opened = _open_folder() or load_zoo(name)
     whole_folder = st.sidebar.toggle("Upload a whole folder", key="upload-folder")
     limit_mb = int(st.get_option("server.maxUploadSize"))
@@ -67,6 +61,7 @@ def sidebar() -> Zoo:
         if upload["note"]:
             st.sidebar.info(upload["note"])
     zoo = with_uploads(opened)
+    store(replace(workspace(), zoo=name).with_zoo_shown(zoo))  # on a first run, also the link's workspace into the URL
     st.sidebar.caption(zoo.description)
     base = " + base θ0" if zoo.has_base else " (no base θ0)"
     st.sidebar.write(f"**{len(zoo.names)} checkpoints**{base}, "

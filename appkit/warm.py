@@ -19,10 +19,10 @@ import time
 from appkit.cache import (aligned_zoo, cached_angles, cached_barriers, cached_flattest_pair, cached_landscape,
                           cached_pairs, cached_path, checkpoint_table, live_soup, load_zoo, recipe_result,
                           recipe_significance, zoo_key)
+from appkit.workspace import DEFAULT_ZOO
 from soup_core.recipes import RECIPES
 from soup_core.zoo import BASE, Zoo
 
-DEFAULT_ZOO = "digits-finetune"  # the sidebar's first choice
 TOUR_ZOOS = ("digits-scratch", "digits-bn")
 LOG = logging.getLogger("soup.warm")
 

@@ -1,14 +1,20 @@
-"""The session's workspace: the ticked ingredients and the landscape settings (both in the URL,
-shareable) and the export candidate.
+"""The session's workspace: one typed object for everything a participant chose (the zoo, the
+ticked ingredients, the soup chosen for export, the landscape settings), kept in the session and
+written to the URL after every change, so a link restores it on any page.
 
-Under ``st.navigation`` a widget's own state does not survive a page switch, so the workspace
-keeps a copy of each widget's value under ``workspace:<key>`` (updated by :func:`keep` when the
-user changes the widget) and seeds the widget from it (:func:`recall`) before it is drawn.
+Under ``st.navigation`` a widget's own state does not survive a page switch, so each widget is
+seeded from the workspace before it is drawn (:func:`seed`), and its ``on_change`` writes the
+new value back into the workspace before the script runs again.
+
+>>> ws = Workspace.from_query({"zoo": "digits-finetune", "use": "ft-03,ft-17", "export": "greedy"})
+>>> ws.export.title(), ws.to_query()["use"]
+('Greedy soup', 'ft-03,ft-17')
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 import streamlit as st
 
@@ -17,75 +23,8 @@ from soup_core.export import Candidate
 from soup_core.policies import BN_POLICIES, PRECISIONS
 from soup_core.zoo import Zoo
 
-EXPORT_KEY = "workspace:export"
-
-
-def keep(widget_key: str) -> None:
-    """``on_change`` of a workspace widget: copy its new value into the workspace."""
-    st.session_state[f"workspace:{widget_key}"] = st.session_state[widget_key]
-
-
-def recall(widget_key: str, default):
-    """Seed a widget from the workspace's copy (else ``default``) before it is drawn."""
-    value = st.session_state.setdefault(f"workspace:{widget_key}", default)
-    st.session_state[widget_key] = value
-    return value
-
-
-def tick_key(zoo: Zoo, name: str) -> str:
-    return f"tick:{zoo.name}:{name}"
-
-
-def _tick_defaults(zoo: Zoo) -> None:
-    """The workspace's ticks, where it has none yet: the URL's ``?use=a,b``, else all."""
-    from_url = [n for n in st.query_params.get("use", "").split(",") if n in zoo.entries]
-    initial = set(from_url) if from_url else set(zoo.names)
-    for name in zoo.names:
-        st.session_state.setdefault(f"workspace:{tick_key(zoo, name)}", name in initial)
-
-
-def seed_ticks(zoo: Zoo) -> None:
-    """Before the tick boxes are drawn: each box from the workspace (last state, URL, or all)."""
-    _tick_defaults(zoo)
-    for name in zoo.names:
-        recall(tick_key(zoo, name), None)
-
-
-def ticked(zoo: Zoo) -> list[str]:
-    """The ticked ingredients, on any page (seeded from the URL on the first visit), also put in the URL."""
-    _tick_defaults(zoo)
-    chosen = [n for n in zoo.names if st.session_state[f"workspace:{tick_key(zoo, n)}"]]
-    st.query_params["use"] = ",".join(chosen)
-    return chosen
-
-
-def set_export(candidate: Candidate | None) -> None:
-    """What the Export page offers besides the ticked set: a recipe's soup or a landscape point
-    (also in the URL as ``?export=``, so a link shares it)."""
-    st.session_state[EXPORT_KEY] = candidate
-    share_export()
-
-
-def chosen_export() -> Candidate | None:
-    return st.session_state.get(EXPORT_KEY)
-
-
-def share_export() -> None:
-    """On every page: the session's export choice into the URL; or, on a session's first run, a
-    shared link's ``?export=`` read into the workspace (an unreadable one is dropped)."""
-    if EXPORT_KEY not in st.session_state:
-        st.session_state[EXPORT_KEY] = None
-        text = st.query_params.get("export")
-        if text:
-            try:
-                st.session_state[EXPORT_KEY] = Candidate.from_query(text)
-            except SoupError:
-                pass
-    candidate = st.session_state[EXPORT_KEY]
-    if candidate is None:
-        st.query_params.pop("export", None)
-    else:
-        st.query_params["export"] = candidate.to_query()
+DEFAULT_ZOO = "digits-finetune"
+SESSION_KEY = "workspace"
 
 
 @dataclass(frozen=True)
@@ -134,39 +73,185 @@ class LandscapeSettings:
         out.update({self.WIDGETS[f]: getattr(self, f) for f in ("grid", "margin", "split", "bn", "precision")})
         return out
 
+    @classmethod
+    def widget_keys(cls) -> list[str]:
+        return [*cls.WIDGETS["points"], *(cls.WIDGETS[f] for f in ("grid", "margin", "split", "bn", "precision"))]
 
-LANDSCAPE_KEY = "workspace:landscape"
-LANDSCAPE_QUERY_KEY = "workspace:landscape-link"  # a shared link's settings, until the Landscape page reads them
+    @classmethod
+    def from_widget_values(cls, values: Mapping[str, object]) -> LandscapeSettings:
+        return cls(tuple(values[k] for k in cls.WIDGETS["points"]),
+                   **{f: values[cls.WIDGETS[f]] for f in ("grid", "margin", "split", "bn", "precision")})
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What a participant chose, and what a link shares (``?zoo=…&use=…&export=…&plane=…``).
+
+    ``shown`` is the zoo the pages show (a sample zoo, or a server folder with its uploads);
+    ``ticks`` holds each checkpoint's tick for every zoo shown so far; ``link`` is the query the
+    session was opened with, which seeds what the participant has not set yet (the ticks of the
+    zoo it names, the landscape settings until the Landscape page is opened)."""
+
+    zoo: str = DEFAULT_ZOO
+    folder: str = ""
+    shown: str = ""
+    ticks: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # zoo -> name -> ticked
+    export: Candidate | None = None
+    landscape: tuple[str, LandscapeSettings] | None = None  # (zoo, settings)
+    link: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> Workspace:
+        """The workspace a shared link describes; an unreadable export choice is dropped."""
+        try:
+            export = Candidate.from_query(query["export"]) if query.get("export") else None
+        except SoupError:
+            export = None
+        return cls(zoo=query.get("zoo", DEFAULT_ZOO), folder=query.get("folder", ""), export=export,
+                   link=dict(query))
+
+    def ticked(self, zoo: Zoo) -> list[str]:
+        """The ticked ingredients of ``zoo``. Before the zoo is first shown: the link's ``use=``,
+        else all. After: as ticked, and a checkpoint added since (an upload) arrives unticked, so
+        the soup on screen does not change until its owner ticks it."""
+        if zoo.name in self.ticks:
+            return [n for n in zoo.names if self.ticks[zoo.name].get(n, False)]
+        from_link = {n for n in self.link.get("use", "").split(",") if n in zoo.entries}
+        return [n for n in zoo.names if n in from_link] if from_link else list(zoo.names)
+
+    def with_zoo_shown(self, zoo: Zoo) -> Workspace:
+        """The zoo the pages show, its ticks fixed from now on (the link's, else all)."""
+        if zoo.name in self.ticks:
+            return self if self.shown == zoo.name else replace(self, shown=zoo.name)
+        chosen = set(self.ticked(zoo))
+        return replace(self, shown=zoo.name, ticks={**self.ticks, zoo.name: {n: n in chosen for n in zoo.names}})
+
+    def with_ticks(self, zoo: Zoo, names) -> Workspace:
+        """Ticking changes the soup, so the export goes back to the ticked set."""
+        chosen = set(names)
+        return replace(self, ticks={**self.ticks, zoo.name: {n: n in chosen for n in zoo.names}}, export=None)
+
+    def landscape_for(self, zoo: Zoo, default: LandscapeSettings, *, choices, splits) -> LandscapeSettings:
+        """The zoo's last landscape settings, else the link's (if valid), else ``default``."""
+        if self.landscape is not None and self.landscape[0] == zoo.name:
+            return self.landscape[1]
+        return LandscapeSettings.from_query(self.link, default, choices=choices, splits=splits)
+
+    def to_query(self) -> dict[str, str]:
+        query = {"zoo": self.zoo}
+        if self.folder:
+            query["folder"] = self.folder
+        if self.shown in self.ticks:
+            query["use"] = ",".join(n for n, on in self.ticks[self.shown].items() if on)
+        elif self.link.get("use"):
+            query["use"] = self.link["use"]
+        if self.export is not None:
+            query["export"] = self.export.to_query()
+        if self.landscape is not None:
+            query.update(self.landscape[1].to_query())
+        else:  # a link's landscape settings stay in the URL until the Landscape page uses them
+            query.update({k: self.link[k] for k in LandscapeSettings.QUERY if k in self.link})
+        return query
+
+
+QUERY_KEYS = ("zoo", "folder", "use", "export", *LandscapeSettings.QUERY)
+
+
+def workspace() -> Workspace:
+    """This session's workspace; on its first run, the one its URL describes."""
+    if SESSION_KEY not in st.session_state:
+        st.session_state[SESSION_KEY] = Workspace.from_query(st.query_params.to_dict())
+    return st.session_state[SESSION_KEY]
+
+
+def update(**changes) -> Workspace:
+    """Change the workspace and write it to the URL."""
+    return store(replace(workspace(), **changes))
+
+
+def store(ws: Workspace) -> Workspace:
+    st.session_state[SESSION_KEY] = ws
+    publish()
+    return ws
+
+
+def publish() -> None:
+    """The workspace into the URL, touching only what changed (each change is a message)."""
+    wanted = workspace().to_query()
+    for key in QUERY_KEYS:
+        if key not in wanted:
+            if key in st.query_params:
+                del st.query_params[key]
+        elif st.query_params.get(key) != wanted[key]:
+            st.query_params[key] = wanted[key]
+
+
+def seed(widget_key: str, value) -> None:
+    """Before a widget is drawn: its value from the workspace."""
+    st.session_state[widget_key] = value
+
+
+# --- ticks ----------------------------------------------------------------------------------
+
+
+def tick_key(zoo: Zoo, name: str) -> str:
+    return f"tick:{zoo.name}:{name}"
+
+
+def ticked(zoo: Zoo) -> list[str]:
+    """The ticked ingredients of the zoo the pages show, on any page."""
+    return workspace().ticked(zoo)
+
+
+def seed_ticks(zoo: Zoo) -> None:
+    """Before the tick boxes are drawn: each box from the workspace."""
+    chosen = set(ticked(zoo))
+    for name in zoo.names:
+        seed(tick_key(zoo, name), name in chosen)
+
+
+def set_ticks(zoo: Zoo, names) -> None:
+    """Tick exactly ``names`` (the boxes show it when they are drawn next, see ``seed_ticks``)."""
+    store(workspace().with_ticks(zoo, names))
+
+
+def tick_changed(zoo: Zoo, name: str) -> None:
+    """``on_change`` of one tick box."""
+    chosen = set(ticked(zoo))
+    chosen = chosen | {name} if st.session_state[tick_key(zoo, name)] else chosen - {name}
+    store(workspace().with_ticks(zoo, chosen))
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def set_export(candidate: Candidate | None) -> None:
+    """What the Export page offers besides the ticked set: a recipe's soup or a landscape point."""
+    update(export=candidate)
+
+
+def chosen_export() -> Candidate | None:
+    return workspace().export
+
+
+# --- landscape ------------------------------------------------------------------------------
 
 
 def seed_landscape(zoo: Zoo, default: LandscapeSettings, *, choices, splits) -> None:
-    """Before the Landscape widgets are drawn: each from the workspace (last state), else the URL,
-    else ``default``."""
-    saved = st.session_state.get(LANDSCAPE_KEY)
-    if saved is None or saved[0] != zoo.name:
-        query = st.session_state.get(LANDSCAPE_QUERY_KEY) or st.query_params.to_dict()
-        settings = LandscapeSettings.from_query(query, default, choices=choices, splits=splits)
-        for key, value in settings.widget_values().items():
-            st.session_state[f"workspace:{key}"] = value
-    for key, value in default.widget_values().items():
-        recall(key, value)
+    """Before the Landscape widgets are drawn: each from the workspace (last state), else the
+    link, else ``default``."""
+    settings = workspace().landscape_for(zoo, default, choices=choices, splits=splits)
+    for key, value in settings.widget_values().items():
+        seed(key, value)
+
+
+def landscape_changed(zoo: Zoo) -> None:
+    """``on_change`` of a Landscape widget: the settings, as the widgets now hold them."""
+    values = {key: st.session_state[key] for key in LandscapeSettings.widget_keys()}
+    update(landscape=(zoo.name, LandscapeSettings.from_widget_values(values)))
 
 
 def remember_landscape(zoo: Zoo, settings: LandscapeSettings) -> None:
-    """After the widgets: the settings in the workspace and in the URL."""
-    st.session_state[LANDSCAPE_KEY] = (zoo.name, settings)
-    share_landscape()
-
-
-def share_landscape() -> None:
-    """On every page: the workspace's landscape settings into the URL (so a link keeps them); or,
-    before the Landscape page was visited, a shared link's settings kept for when it is."""
-    saved = st.session_state.get(LANDSCAPE_KEY)
-    if saved is not None:
-        for name, value in saved[1].to_query().items():
-            st.query_params[name] = value
-    elif "plane" in st.query_params and LANDSCAPE_QUERY_KEY not in st.session_state:
-        st.session_state[LANDSCAPE_QUERY_KEY] = {k: st.query_params[k] for k in LandscapeSettings.QUERY
-                                                 if k in st.query_params}
-        for name, value in st.session_state[LANDSCAPE_QUERY_KEY].items():
-            st.query_params[name] = value
+    """After the widgets are drawn: the settings in the workspace and the URL."""
+    if workspace().landscape != (zoo.name, settings):
+        update(landscape=(zoo.name, settings))

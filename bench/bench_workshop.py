@@ -25,7 +25,11 @@ Two kinds of client do the same visit:
   protocol to the same server (the same messages, so the same server work per action) without
   rendering, so the machine's cores go to the server and its runs measure the server.
 
-    python bench/bench_workshop.py [--sessions 10] [--client protocol|chromium] [--think 0] [--stagger 0.25]
+With ``--clients-nice 19`` the clients run at the lowest CPU priority: on one machine, the
+server then gets the cores first, as it would if the browsers were on the participants' laptops.
+
+    python bench/bench_workshop.py [--sessions 10] [--client protocol|chromium] [--think 0]
+                                   [--clients-nice 0] [--stagger 0.25]
 """
 
 from __future__ import annotations
@@ -242,6 +246,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--stagger", type=float, default=0.25, help="seconds between session starts")
+    parser.add_argument("--clients-nice", type=int, default=0,
+                        help="run the clients at this niceness (19: the server keeps the cores first, as it "
+                             "would with participants' browsers on their own machines)")
     parser.add_argument("--think", type=float, default=0.0,
                         help="seconds a participant pauses between actions (± 50%%; 0: a burst)")
     parser.add_argument("--port", type=int, default=0)
@@ -266,6 +273,8 @@ def main() -> None:
             time.sleep(1)
         warm_line = next(line for line in server_log.read_text().splitlines() if "warm-up done" in line)
         log.write_text("")  # only the crowd's runs from here
+        if args.clients_nice:
+            os.nice(args.clients_nice)  # this process and the clients it starts from now; the server keeps 0
         rss_before, server_cpu = rss_mb(server.pid), cpu_seconds(server.pid)
         load_before = os.getloadavg()[0]
         wall = time.perf_counter()
@@ -279,7 +288,7 @@ def main() -> None:
         server.wait(timeout=30)
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     print(f"{args.sessions} {args.client} sessions started {args.stagger} s apart, pausing "
-          f"{args.think} s ± 50% between actions, against one server on 127.0.0.1, "
+          f"{args.think} s ± 50% between actions (clients at nice {args.clients_nice}), against one server on 127.0.0.1, "
           f"{os.cpu_count()} cores; {warm_line.split('warm-up done')[-1].strip()} of warm-up before\n")
     print("Client-observed latency (s), from the action to the settled page:\n")
     print("| action | p50 | p90 | max | n |\n|---|---:|---:|---:|---:|")

@@ -1,11 +1,13 @@
 """A light Streamlit client: one session over the server's own WebSocket protocol, no browser.
 
 It speaks what the browser speaks on ``/_stcore/stream``: it sends ``BackMsg.rerun_script`` with
-the query string, the page and the widget states it changed (ticks, button triggers, the fragment
-a widget lives in) and declares the cached messages it holds, as the browser does; it reads the
+the query string, the page, the fragment a widget lives in and the widget states (ticks, button
+triggers) and declares the cached messages it holds, as the browser does; it reads the
 ``ForwardMsg`` stream (new elements by delta path, references to cached messages, the end of each
-run). The server cannot tell it from a browser, so it does the same work per action, while the
-client costs a fraction of Chromium's CPU: a load test on one machine then measures the server.
+run). One difference: the browser sends every widget's value, this client only those it changed
+(the server keeps the others as they were, so they are the same). The server runs the same
+scripts per action as for a browser, while the client costs a fraction of Chromium's CPU: a load
+test on one machine then measures the server.
 
 It renders nothing: an element is kept as its protobuf, and ``text()`` is the protobuf's text
 form, enough to find a label or a number.

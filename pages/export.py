@@ -39,18 +39,21 @@ if plan.command_line:
 else:
     st.caption("No single `soup` command remakes this soup: it contains uploaded checkpoints that are not in "
                "the zoo's manifest. Its provenance lists their sha256.")
+# The files are made when a button is pressed (a callable), not on every run: a soup of a 1B-parameter
+# model is 4 GB, which the page would otherwise serialise and hold for each session.
 left, middle, right = st.columns(3)
-left.download_button("Download safetensors", data=plan.safetensors_bytes(), file_name=plan.file_name,
-                     mime="application/octet-stream", key="export-download", type="primary")
-middle.download_button("Download the model card", data=plan.model_card(),
+left.download_button("Download safetensors", data=plan.safetensors_bytes, file_name=plan.file_name,
+                     mime="application/octet-stream", key="export-download", type="primary", on_click="ignore")
+card = plan.model_card()
+middle.download_button("Download the model card", data=card, on_click="ignore",
                        file_name=plan.file_name.replace(".safetensors", ".md"), mime="text/markdown",
                        key="export-card")
 if plan.hf_source is not None:
-    right.download_button("Download as a Hugging Face folder (zip)", data=plan.hf_zip(),
+    right.download_button("Download as a Hugging Face folder (zip)", data=plan.hf_zip, on_click="ignore",
                           file_name=plan.file_name.replace(".safetensors", ".zip"), mime="application/zip",
                           key="export-download-hf", help="config and tokenizer copied from the input, the model "
                                                          "card as README.md; from_pretrained loads the unzipped folder")
 with st.expander("Model card"):
-    st.markdown(plan.model_card())
+    st.markdown(card)
 with st.expander("Provenance (stored in the file's metadata as `soup_provenance`)"):
     st.code(json.dumps(plan.provenance, indent=2), language="json")

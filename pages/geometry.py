@@ -20,21 +20,20 @@ angles = cached_angles(zoo, zoo_key(zoo))
 names = list(zoo.names)
 left, right = st.columns([3, 2])
 every = {"tickmode": "array", "tickvals": names, "ticktext": names}  # every checkpoint labelled, not every other
-left.plotly_chart(go.Figure(go.Heatmap(z=angles["angle_deg"], x=names, y=names, colorscale="Viridis",
-                                       colorbar={"title": "angle (°)"},
-                                       hovertemplate="%{y} vs %{x}: %{z:.1f}°<extra></extra>"))
-                  .update_layout(title="Angle between θi − θ0 and θj − θ0", height=560,
-                                 xaxis={**every, "title": "checkpoint j"},
-                                 yaxis={**every, "title": "checkpoint i", "autorange": "reversed"}),
-                  key="geometry-angles")
-right.plotly_chart(go.Figure(go.Bar(x=names, y=angles["norm"]))
-                   .update_layout(title="‖θi − θ0‖ (L2)", height=560, xaxis={**every, "title": "checkpoint"},
-                                  yaxis_title="L2 distance from θ0"), key="geometry-norms")
+heatmap = go.Figure(go.Heatmap(z=angles["angle_deg"], x=names, y=names, colorscale="Viridis",
+                               colorbar={"title": "angle (°)"}, hovertemplate="%{y} vs %{x}: %{z:.1f}°<extra></extra>"))
+heatmap.update_layout(title="Angle between θi − θ0 and θj − θ0", height=560, xaxis={**every, "title": "checkpoint j"},
+                      yaxis={**every, "title": "checkpoint i", "autorange": "reversed"})
+left.plotly_chart(heatmap, key="geometry-angles")
+norms = go.Figure(go.Bar(x=names, y=angles["norm"]))
+norms.update_layout(title="‖θi − θ0‖ (L2)", height=560, xaxis={**every, "title": "checkpoint"},
+                    yaxis_title="L2 distance from θ0")
+right.plotly_chart(norms, key="geometry-norms")
 figure_footer("angles", "each cell is the angle between two checkpoints' fine-tuning updates θ − θ0 (90° = "
               "orthogonal); the bars are how far each checkpoint moved from θ0. Over the parameters only.",
               pd.DataFrame([{"i": a, "j": b, "angle_deg": angles["angle_deg"][i][j], "cosine": angles["cosine"][i][j],
                              "distance": angles["distance"][i][j]} for i, a in enumerate(names)
-                            for j, b in enumerate(names)]))
+                            for j, b in enumerate(names)]), figure=(heatmap, norms))
 
 if zoo.evaluator is None:
     st.stop()
@@ -53,25 +52,30 @@ if "geometry:pairs" in st.session_state:
     pairs = report["pairs"]
     labels = [f"{p['a']} × {p['b']}" for p in pairs]
     c1, c2 = st.columns(2)
+    shown = []
     if zoo.has_base:
-        c1.plotly_chart(go.Figure(go.Scatter(
+        r = report["correlations"]["angle_vs_interpolation_advantage"]
+        fig3 = go.Figure(go.Scatter(
             x=[p["angle_deg"] for p in pairs], y=[100 * p["interpolation_advantage"] for p in pairs], mode="markers",
             text=labels, hovertemplate="%{text}<br>%{x:.1f}°, %{y:+.2f} pts<extra></extra>"))
-            .update_layout(title=f"Interpolation advantage vs angle (r = {report['correlations']['angle_vs_interpolation_advantage'] or float('nan'):+.2f})",
-                           xaxis_title="angle φ (degrees)", yaxis_title=f"advantage on {pair_split} (points)", height=420),
-            key="geometry-fig3")
+        fig3.update_layout(title=f"Interpolation advantage vs angle (r = {r or float('nan'):+.2f})",
+                           xaxis_title="angle φ (degrees)", yaxis_title=f"advantage on {pair_split} (points)", height=420)
+        c1.plotly_chart(fig3, key="geometry-fig3")
+        shown.append(fig3)
     lo = min(min(p["soup_accuracy"], p["ensemble_accuracy"]) for p in pairs) * 100
     hi = max(max(p["soup_accuracy"], p["ensemble_accuracy"]) for p in pairs) * 100
-    c2.plotly_chart(go.Figure([go.Scatter(
+    fig4 = go.Figure([go.Scatter(
         x=[100 * p["ensemble_accuracy"] for p in pairs], y=[100 * p["soup_accuracy"] for p in pairs], mode="markers",
         text=labels, name="pairs", hovertemplate="%{text}<br>ensemble %{x:.2f}%, soup %{y:.2f}%<extra></extra>"),
         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dot", "color": "gray"}, name="y = x")])
-        .update_layout(title="Two-model soup vs two-model ensemble", xaxis_title=f"ensemble {pair_split} accuracy (%)",
-                       yaxis_title=f"soup {pair_split} accuracy (%)", height=420), key="geometry-fig4")
+    fig4.update_layout(title="Two-model soup vs two-model ensemble", xaxis_title=f"ensemble {pair_split} accuracy (%)",
+                       yaxis_title=f"soup {pair_split} accuracy (%)", height=420)
+    c2.plotly_chart(fig4, key="geometry-fig4")
+    shown.append(fig4)
     figure_footer("pairs", "left, one dot per pair: how much averaging the two gains over their mean accuracy "
                   "against the angle between them (paper Figure 3); right, the two-model soup against the two-model "
                   "ensemble (Figure 4): dots above the dotted line are pairs where the soup wins.",
-                  pd.DataFrame(pairs).drop(columns=[c for c in ("curve",) if c in pairs[0]]))
+                  pd.DataFrame(pairs).drop(columns=[c for c in ("curve",) if c in pairs[0]]), figure=tuple(shown))
     r_loss = report["correlations"]["approximation_vs_loss_difference"]
     methods = {p["curvature_method"] for p in pairs}
     how = "a quadratic fit of the loss curve (the network has kinks)" if methods == {"fit"} else "jvp"
@@ -101,7 +105,7 @@ if a != b:
     figure_footer("path", f"error along the straight line from {a} (α = 0) to {b} (α = 1), past both ends; a bump "
                   "above the straight line between the ends is a barrier between two basins.",
                   pd.DataFrame({"alpha": path["alphas"], **{f"{s} error": path["error"][s] for s in path["error"]},
-                                **{f"{s} loss": path["loss"][s] for s in path["loss"]}}))
+                                **{f"{s} loss": path["loss"][s] for s in path["loss"]}}), figure=fig)
     last = list(path["barrier"])[-1]
     st.write(f"Error barrier on {last}: {100 * path['barrier'][last]['error']:.2f} points; "
              f"loss barrier {path['barrier'][last]['loss']:.4f} (paper App. J.1). BatchNorm: {path['bn']}.")

@@ -8,7 +8,7 @@ from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
 from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
-from appkit.workspace import keep, seed_ticks, set_export, tick_key, ticked
+from appkit.workspace import seed_ticks, set_ticks, tick_changed, tick_key, ticked
 
 zoo = sidebar()
 st.title("Ingredients")
@@ -19,18 +19,24 @@ st.caption("Each row is one checkpoint fine-tuned from θ0: its hyperparameters,
            "the hyperparameter view, and tick or untick the selection.")
 st.metric("Checkpoints", len(zoo.names))
 table = checkpoint_table(zoo)
+if "val" in table and len(table) > 1:
+    bounds = (float(table["val"].min()), float(table["val"].max()))
+    if bounds[0] < bounds[1]:
+        low, high = st.slider("Show the checkpoints whose val accuracy (%) is between", *bounds, bounds, step=0.1,
+                              format="%.1f", key="ingredients-val-range")
+        table = table[(table["val"] >= low - 1e-9) & (table["val"] <= high + 1e-9)].reset_index(drop=True)
 rows = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="multi-row", key="ingredients-table",
                     column_config={s: st.column_config.NumberColumn(f"{s} (%)", format="%.1f")
                                    for s in ("val", "test", "shifts")})
-selected = [table["checkpoint"].iloc[i] for i in rows.selection.rows]
+# A selection made before the filter changed may point past the rows shown now.
+selected = [table["checkpoint"].iloc[i] for i in rows.selection.rows if i < len(table)]
+in_table = set(selected)
 
 
 def tick_these(names, value: bool) -> None:
     """``on_click``: tick (or untick) ``names``, leaving the other boxes as they are."""
-    for name in names:
-        st.session_state[f"workspace:{tick_key(zoo, name)}"] = value
-        st.session_state[tick_key(zoo, name)] = value
-    set_export(None)
+    chosen = set(ticked(zoo))
+    set_ticks(zoo, chosen | set(names) if value else chosen - set(names))
 
 
 hparams = [c for c in table.columns if c not in ("checkpoint", "val", "test", "shifts")
@@ -44,14 +50,16 @@ if hparams and "val" in table:
         view = go.Figure(go.Scatter(
             x=values, y=table["val"], mode="markers", customdata=table["checkpoint"], text=table["checkpoint"],
             marker={"size": 10, "color": ["#1f77b4" if n in chosen_now else "lightgray" for n in table["checkpoint"]],
-                    "line": {"width": 1, "color": "black"}},
+                    "line": {"width": [3 if n in in_table else 1 for n in table["checkpoint"]],
+                             "color": ["#ff7f0e" if n in in_table else "black" for n in table["checkpoint"]]}},
             hovertemplate="%{text}<br>" + x + " %{x}<br>val %{y:.2f}%<extra></extra>"))
         view.update_layout(height=380, xaxis={"title": x + (" (log scale)" if log else ""),
                                               "type": "log" if log else "linear"},
                            yaxis_title="val accuracy (%)", margin={"t": 20})
         event = st.plotly_chart(view, key="hparam-chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-        st.caption("How to read this: one dot per checkpoint, blue when ticked; select dots (click, box or lasso) "
-                   "to tick or untick them below.")
+        st.caption("How to read this: one dot per checkpoint shown in the table, blue when ticked, ringed in orange "
+                   "when its row is selected in the table; select dots (click, box or lasso) to tick or untick them "
+                   "below.")
         selected += [p["customdata"] for p in (event.selection.points if event else []) if "customdata" in p]
 selected = list(dict.fromkeys(selected))
 if selected:
@@ -59,20 +67,6 @@ if selected:
     left.button(f"Tick the {len(selected)} selected", key="tick-selected", on_click=tick_these, args=(selected, True))
     right.button(f"Untick the {len(selected)} selected", key="untick-selected", on_click=tick_these,
                  args=(selected, False))
-
-
-def tick_changed(widget_key: str) -> None:
-    """A changed tick makes the ticked set the soup to export again."""
-    keep(widget_key)
-    set_export(None)
-
-
-def tick_only(names) -> None:
-    """``on_click``: tick exactly ``names`` (before the boxes are drawn again)."""
-    for name in zoo.names:
-        st.session_state[f"workspace:{tick_key(zoo, name)}"] = name in names
-        st.session_state[tick_key(zoo, name)] = name in names
-    set_export(None)
 
 
 def top_by_val(k: int) -> list[str]:
@@ -87,14 +81,15 @@ def soup_of_the_ticked_set() -> None:
     st.subheader("Your soup")
     seed_ticks(zoo)
     buttons = st.columns(4)
-    buttons[0].button("Tick all", key="tick-all", on_click=tick_only, args=(set(zoo.names),))
-    buttons[1].button("Tick none", key="tick-none", on_click=tick_only, args=(set(),))
+    buttons[0].button("Tick all", key="tick-all", on_click=set_ticks, args=(zoo, zoo.names))
+    buttons[1].button("Tick none", key="tick-none", on_click=set_ticks, args=(zoo, ()))
     if zoo.evaluator is not None:
         k = min(5, len(zoo.names))
-        buttons[2].button(f"Tick the top {k} on val", key="tick-top", on_click=tick_only, args=(set(top_by_val(k)),))
+        buttons[2].button(f"Tick the top {k} on val", key="tick-top", on_click=set_ticks,
+                          args=(zoo, top_by_val(k)))
     columns = st.columns(8)
     for i, name in enumerate(zoo.names):
-        columns[i % 8].checkbox(name, key=tick_key(zoo, name), on_change=tick_changed, args=(tick_key(zoo, name),))
+        columns[i % 8].checkbox(name, key=tick_key(zoo, name), on_change=tick_changed, args=(zoo, name))
     chosen = ticked(zoo)
     if not chosen:
         st.warning("Tick at least one ingredient.")
@@ -137,9 +132,7 @@ def replay() -> None:
     result = recipe_result(zoo, zoo_key(zoo), recipe, tuple(chosen))
     if st.button(f"Tick this soup's {len(result.ingredients)} ingredient(s)", key="replay-apply"):
         # The tick boxes live in another fragment: set the workspace, then redraw the whole page.
-        for name in zoo.names:
-            st.session_state[f"workspace:{tick_key(zoo, name)}"] = name in result.ingredients
-        set_export(None)
+        set_ticks(zoo, result.ingredients)
         st.rerun(scope="app")
     steps = [s.to_dict() for s in result.trace]
     step = st.slider("Step", 1, len(steps), len(steps), key=f"replay-step:{recipe}")
@@ -158,7 +151,7 @@ def replay() -> None:
     st.plotly_chart(chart, key=f"replay-chart:{recipe}")
     figure_footer(f"replay-{recipe}", "each dot is one step's candidate soup scored on val: green kept, red "
                   "rejected. The axis spans the scores, so small differences show.",
-                  frame[["step", "candidate", "action", "val %", "accepted"]])
+                  frame[["step", "candidate", "action", "val %", "accepted"]], figure=chart)
     st.dataframe(frame[["step", "candidate", "action", "val %", "accepted"]], hide_index=True)
 
 

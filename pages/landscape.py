@@ -9,11 +9,12 @@ import streamlit as st
 
 from appkit.admission import HEAVY_WORK
 from appkit.cache import computed_landscapes, export_plan, ray_cluster, zoo_key
+from appkit.figures import html_text
 from appkit.interrupt import Interruptible
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
 from appkit.uploads import uploads_of
-from appkit.workspace import LandscapeSettings, keep, remember_landscape, seed_landscape, set_export
+from appkit.workspace import LandscapeSettings, landscape_changed, remember_landscape, seed_landscape, set_export
 from soup_core import distributed
 from soup_core.errors import SoupError
 from soup_core.export import Candidate
@@ -48,15 +49,15 @@ def landscape_view() -> None:
     default = LandscapeSettings(tuple(choices[:3]), split=splits[0])
     seed_landscape(zoo, default, choices=choices, splits=splits)  # the last settings, a shared link's, or these
     cols = st.columns(3)
-    points = [col.selectbox(label, choices, key=key, on_change=keep, args=(key,))
+    changed = {"on_change": landscape_changed, "args": (zoo,)}
+    points = [col.selectbox(label, choices, key=key, **changed)
               for col, label, key in zip(cols, ("Origin A", "Point B", "Point C"), LandscapeSettings.WIDGETS["points"])]
     cols = st.columns(5)
-    grid = cols[0].slider("Grid", 5, 41, step=2, key="land-grid", on_change=keep, args=("land-grid",))
-    margin = cols[1].slider("Margin", 0.0, 1.0, key="land-margin", on_change=keep, args=("land-margin",))
-    split = cols[2].selectbox("Split", splits, key="land-split", on_change=keep, args=("land-split",))
-    bn = cols[3].selectbox("BatchNorm", BN_POLICIES, key="land-bn", on_change=keep, args=("land-bn",))
-    precision = cols[4].selectbox("Precision", PRECISIONS, key="land-precision", on_change=keep,
-                                  args=("land-precision",),
+    grid = cols[0].slider("Grid", 5, 41, step=2, key="land-grid", **changed)
+    margin = cols[1].slider("Margin", 0.0, 1.0, key="land-margin", **changed)
+    split = cols[2].selectbox("Split", splits, key="land-split", **changed)
+    bn = cols[3].selectbox("BatchNorm", BN_POLICIES, key="land-bn", **changed)
+    precision = cols[4].selectbox("Precision", PRECISIONS, key="land-precision", **changed,
                                   help="fp32 is exact. tf32 and bf16 are faster on a GPU (tf32 is fp32 on a CPU); "
                                        "their measured loss deviation from fp32 is shown with the result.")
     remember_landscape(zoo, LandscapeSettings(tuple(points), grid, margin, split, bn, precision))
@@ -176,10 +177,13 @@ def landscape_view() -> None:
              f"BatchNorm: {result.bn}; precision: {result.precision}"
              + ("" if result.precision_deviation is None else
                 f" (losses within {result.precision_deviation:.1e} of fp32 on the points checked)") + ".")
-    downloads = st.columns(2)
-    downloads[0].download_button("Download grid (JSON)", json.dumps(result.to_json()), "landscape.json",
-                                 "application/json", key="land-json")
-    downloads[1].download_button("Download grid (CSV)", grid_csv(result), "landscape.csv", "text/csv", key="land-csv")
+    downloads = st.columns(3)  # made when pressed, without a rerun
+    downloads[0].download_button("Download grid (JSON)", lambda: json.dumps(result.to_json()), "landscape.json",
+                                 "application/json", key="land-json", on_click="ignore")
+    downloads[1].download_button("Download grid (CSV)", lambda: grid_csv(result), "landscape.csv", "text/csv",
+                                 key="land-csv", on_click="ignore")
+    downloads[2].download_button("Figure (HTML)", lambda: html_text(figure), "landscape.html", "text/html",
+                                 key="land-html", on_click="ignore")
     picked = [] if surface else [p for p in (event.selection.points if event else [])
                                  if p.get("curve_number") == grid_curve]
     if picked:

@@ -83,7 +83,7 @@ figure_footer("figure1", "each grey dot is one fine-tuned model, each star a rec
               pd.DataFrame([{"name": n, "test %": 100 * m["test"].accuracy,
                              "avg shift %": 100 * (shift_average(m, shifts) or float("nan"))}
                             for n, m in {**individual, **{r.pretty_name: results[r.name].metrics for r in available
-                                                          if r.name != "best"}}.items()]))
+                                                          if r.name != "best"}}.items()]), figure=figure)
 
 export_picker([r for r in available if r.is_soup])
 
@@ -92,7 +92,7 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
     greedy_rows, pruned_rows = cached_ablations(zoo, zoo_key(zoo))
     left, right = st.columns(2)
     ks = [r["models_considered"] for r in greedy_rows]
-    fig = go.Figure()
+    greedy_fig = fig = go.Figure()
     for split, color in (("val", "#1f77b4"), ("test", "#d62728")):
         values = np.array([r[split] for r in greedy_rows]) * 100
         fig.add_trace(go.Scatter(x=ks, y=values.mean(1), error_y={"array": values.std(1)}, name=split,
@@ -109,4 +109,5 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
     right.plotly_chart(fig, key="ablation-pruned")
     figure_footer("ablations", "left, the greedy soup's accuracy when only the first k models (random orders) are "
                   "offered; right, the pruned soup after each extra pass of removals.",
-                  raw={"greedy_vs_models_considered": greedy_rows, "pruned_vs_passes": pruned_rows})
+                  raw={"greedy_vs_models_considered": greedy_rows, "pruned_vs_passes": pruned_rows},
+                  figure=(greedy_fig, fig))

@@ -1,11 +1,13 @@
 """Tour: the paper's story in six live steps, each claim measured on the zoo it shows."""
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import (aligned_zoo, cached_barriers, cached_flattest_pair, cached_landscape, cached_pairs,
                           cached_path, load_zoo, recipe_result, recipe_significance, zoo_key)
+from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
 from soup_core.recipes import RECIPES
 
@@ -22,6 +24,7 @@ def move(by: int) -> None:
 
 
 step = st.radio("Step", STEPS, horizontal=True, key="tour-step")
+step_number = STEPS.index(step) + 1
 back, forward, _ = st.columns([1, 1, 6])
 back.button("← Back", on_click=move, args=(-1,), key="tour-back", disabled=step == STEPS[0])
 forward.button("Next →", on_click=move, args=(1,), key="tour-next", disabled=step == STEPS[-1])
@@ -47,11 +50,12 @@ def bars(zoo, recipes, title, extra: tuple = ()) -> None:
     names = [label for label, _, _ in rows]
     values = [100 * recipe_result(z, zoo_key(z), r).metrics["test"].accuracy for _, z, r in rows]
     low = max(0.0, min(values) - 5)
-    st.plotly_chart(go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}%" for v in values], textposition="outside"))
-                    .update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420),
-                    key=f"tour-bars-{title}")
-    st.caption("How to read this: each bar is one recipe's accuracy on the test split; every choice was made on "
-               "val. The axis starts near the lowest bar so that small differences show.")
+    fig = go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}%" for v in values], textposition="outside"))
+    fig.update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420)
+    st.plotly_chart(fig, key=f"tour-bars-{title}")
+    figure_footer(f"tour-{step_number}", "each bar is one recipe's accuracy on the test split; every choice was made "
+                  "on val. The axis starts near the lowest bar so that small differences show.",
+                  pd.DataFrame({"soup": names, "test accuracy (%)": values}), figure=fig)
 
 
 if step == STEPS[0]:
@@ -77,8 +81,10 @@ if step == STEPS[0]:
                              marker={"color": "red", "symbol": "star", "size": 12}, name="the three points"))
     st.plotly_chart(fig.update_layout(height=520, yaxis={"scaleanchor": "x"}, xaxis_title="x (L2 distance)",
                                       yaxis_title="y (L2 distance)"), key="tour-basin")
-    st.caption(f"How to read this: colour is test error (%) in the plane through θ0 (base), {a} and {b}; axes are "
-               f"distances in weight space. A basin is a low region holding both fine-tuned models.")
+    gx, gy = np.meshgrid(land["axes"]["x"], land["axes"]["y"])
+    figure_footer("tour-1", f"colour is test error (%) in the plane through θ0 (base), {a} and {b}; axes are "
+                  f"distances in weight space. A basin is a low region holding both fine-tuned models.",
+                  pd.DataFrame({"x": gx.ravel(), "y": gy.ravel(), "test error (%)": z.ravel()}), figure=fig)
 elif step == STEPS[1]:
     zoo = story_zoo
     uses(zoo)
@@ -91,13 +97,17 @@ elif step == STEPS[1]:
     st.markdown("**More orthogonal solutions gain more from averaging?** (paper Figure 3). For each pair, the angle "
                 "between θ1 − θ0 and θ2 − θ0 against the interpolation advantage acc(½θ1 + ½θ2) − ½(acc θ1 + acc "
                 f"θ2). The paper sees a positive correlation; on {zoo.name}, {holds}.")
-    st.plotly_chart(go.Figure(go.Scatter(x=[p["angle_deg"] for p in report["pairs"]],
-                                         y=[100 * p["interpolation_advantage"] for p in report["pairs"]],
-                                         mode="markers", text=[f"{p['a']} × {p['b']}" for p in report["pairs"]]))
-                    .update_layout(title=f"{len(report['pairs'])} pairs of the first {len(names)} models",
-                                   xaxis_title="angle between θ1 − θ0 and θ2 − θ0 (degrees)",
-                                   yaxis_title="interpolation advantage (test accuracy points)", height=420),
-                    key="tour-angles")
+    frame = pd.DataFrame({"a": [p["a"] for p in report["pairs"]], "b": [p["b"] for p in report["pairs"]],
+                          "angle (degrees)": [p["angle_deg"] for p in report["pairs"]],
+                          "advantage (points)": [100 * p["interpolation_advantage"] for p in report["pairs"]]})
+    fig = go.Figure(go.Scatter(x=frame["angle (degrees)"], y=frame["advantage (points)"], mode="markers",
+                               text=frame["a"] + " × " + frame["b"]))
+    fig.update_layout(title=f"{len(report['pairs'])} pairs of the first {len(names)} models",
+                      xaxis_title="angle between θ1 − θ0 and θ2 − θ0 (degrees)",
+                      yaxis_title="interpolation advantage (test accuracy points)", height=420)
+    st.plotly_chart(fig, key="tour-angles")
+    figure_footer("tour-2", "one dot per pair of models: right is a wider angle between their updates, up is more "
+                  "gained by averaging the two than by their mean accuracy.", frame, figure=fig)
 elif step == STEPS[2]:
     zoo = story_zoo
     uses(zoo)
@@ -148,11 +158,11 @@ else:
     bn_zoo = load_zoo("digits-bn")
     uses(bn_zoo, " (a CNN with BatchNorm)")
     first = bn_zoo.names[0]
-    fig, middle = go.Figure(), {}
+    fig, middle, curves = go.Figure(), {}, {}
     for policy in ("recompute", "interpolate", "keep"):
         path = cached_path(bn_zoo, zoo_key(bn_zoo), "base", first, policy, 0.0, 1.0, 11)
         errors = 100 * np.array(path["error"]["test"])
-        middle[policy] = errors[len(errors) // 2]
+        middle[policy], curves["alpha"], curves[f"{policy}: test error (%)"] = errors[len(errors) // 2], path["alphas"], errors
         fig.add_trace(go.Scatter(x=path["alphas"], y=errors, name=policy, mode="lines+markers"))
     keep_end = 100 * np.array(cached_path(bn_zoo, zoo_key(bn_zoo), "base", first, "keep", 0.0, 1.0, 11)
                               ["error"]["test"])[-1]
@@ -164,6 +174,6 @@ else:
     st.plotly_chart(fig.update_layout(xaxis_title=f"α (θ0 → {first})", yaxis_title="test error (%)", height=420),
                     key="tour-bn")
     soup = recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform").metrics
-    st.caption(f"How to read this: each line is one way to treat BatchNorm statistics along the line. The uniform "
-               f"soup of all {len(bn_zoo.names)} BatchNorm models (statistics averaged) scores "
-               f"{100 * soup['test'].accuracy:.1f}% on test.")
+    figure_footer("tour-6", f"each line is one way to treat BatchNorm statistics along the line. The uniform soup of "
+                  f"all {len(bn_zoo.names)} BatchNorm models (statistics averaged) scores "
+                  f"{100 * soup['test'].accuracy:.1f}% on test.", pd.DataFrame(curves), figure=fig)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,7 @@ def test_landscape_page_computes_and_draws_a_plane():
     assert [t.get("name") for t in figure["data"]][-1] == "lowest error"  # the lowest point is marked
     at.radio(key="land-metric").set_value("loss").run()  # contours of loss instead of error
     assert not at.exception and len(at.get("plotly_chart")) == 1
-    csv = at.get("download_button")
-    assert len(csv) == 2
+    assert {d.key for d in at.get("download_button")} == {"land-json", "land-csv", "land-html"}
     at.selectbox(key="land-precision").set_value("bf16").run()
     at.button(key="land-compute").click().run()
     assert not at.exception
@@ -195,7 +195,7 @@ def test_export_offers_the_ticked_soup_then_a_chosen_recipe():
 def test_the_app_and_the_cli_export_the_same_bytes(tmp_path, monkeypatch, candidate, argv):
     from soup_core.cli import main
     at = _app()
-    at.session_state["workspace:export"] = candidate
+    at.session_state["workspace"] = replace(at.session_state["workspace"], export=candidate)
     at.switch_page("pages/export.py").run()
     assert not at.exception
     assert at.code[0].value == "soup " + " ".join(argv)
@@ -213,7 +213,7 @@ def test_the_app_and_the_cli_export_the_same_bytes(tmp_path, monkeypatch, candid
 
 def test_export_returns_to_the_ticked_set_when_ticks_change():
     at = _app()
-    at.session_state["workspace:export"] = Candidate.of_recipe("greedy")
+    at.session_state["workspace"] = replace(at.session_state["workspace"], export=Candidate.of_recipe("greedy"))
     at.switch_page("pages/export.py").run()
     assert at.code[0].value.startswith("soup make greedy")
     at.radio(key="export-choice").set_value(0).run()
@@ -387,6 +387,50 @@ def test_every_page_in_chromium_with_screenshots(server):
             page.wait_for_timeout(1000)
             assert not page.get_by_test_id("stException").count()
             page.screenshot(path=str(ARTIFACTS / f"{title.lower()}.png"), full_page=True)
+        browser.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
+def test_a_shared_link_restores_the_workspace_on_every_page_and_figures_download_in_chromium(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    link = "zoo=digits-finetune&use=ft-03,ft-17&export=greedy&plane=base,ft-17,ft-22&grid=9"
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server}/geometry?{link}")  # opened on a page that shows none of it
+        page.get_by_role("heading", name="Geometry").wait_for(timeout=60_000)
+        _settle(page)
+        for part in ("use=ft-03%2Cft-17", "export=greedy", "plane=base%2Cft-17%2Cft-22", "grid=9"):
+            assert part in page.url, part
+
+        # Each figure's data and an HTML copy download (made when pressed).
+        with page.expect_download(timeout=60_000) as info:
+            page.get_by_role("button", name="Data (CSV)").first.click()
+        assert info.value.suggested_filename == "angles.csv"
+        info.value.save_as(tmp_path / "angles.csv")
+        assert (tmp_path / "angles.csv").read_text().splitlines()[0] == "i,j,angle_deg,cosine,distance"
+        with page.expect_download(timeout=60_000) as info:
+            page.get_by_role("button", name="Figure (HTML)").first.click()
+        info.value.save_as(tmp_path / "angles.html")
+        assert (tmp_path / "angles.html").read_text().count("Plotly.newPlot(") == 2
+
+        # Export offers the link's choice, and switches back to the link's ticked set.
+        page.get_by_test_id("stSidebarNav").get_by_text("Export", exact=True).click()
+        page.get_by_role("code").filter(has_text="soup make greedy digits-finetune").wait_for(timeout=60_000)
+        page.get_by_text("Uniform soup of the 2 ticked ingredient(s)").click()
+        page.get_by_role("code").filter(has_text="--ingredients ft-03,ft-17").wait_for(timeout=60_000)
+
+        # The Landscape page opens on the link's plane and grid.
+        page.get_by_test_id("stSidebarNav").get_by_text("Landscape", exact=True).click()
+        page.get_by_role("heading", name="Landscape").wait_for(timeout=60_000)
+        _settle(page)
+        shown = page.get_by_test_id("stSelectbox").all_inner_texts()
+        assert any("Point B" in t and "ft-17" in t for t in shown) and any("Point C" in t and "ft-22" in t for t in shown)
+        grid = page.get_by_test_id("stSlider").filter(has_text="Grid").get_by_test_id("stSliderThumbValue")
+        assert grid.inner_text() == "9" and "grid=9" in page.url
+        assert not page.get_by_test_id("stException").count()
         browser.close()
 
 
@@ -629,18 +673,28 @@ def _download_keys(at) -> set[str]:
     return {d.key for d in at.get("download_button")}
 
 
-def test_every_figure_has_a_how_to_read_line_and_its_data_to_download():
+def _footer(key: str) -> set[str]:
+    return {f"{key}-csv", f"{key}-json", f"{key}-html"}
+
+
+def test_every_figure_has_a_how_to_read_line_its_data_and_an_html_copy_to_download():
     at = _app()
     at.button(key="replay-run").click().run()
-    assert {"replay-greedy-csv", "replay-greedy-json"} <= _download_keys(at)
+    assert _footer("replay-greedy") <= _download_keys(at)
     at.switch_page("pages/geometry.py").run()
     assert not at.exception
-    assert {"angles-csv", "angles-json", "path-csv", "path-json"} <= _download_keys(at)
+    assert _footer("angles") | _footer("path") <= _download_keys(at)
     at.switch_page("pages/recipes.py").run()
-    assert {"figure1-csv", "figure1-json"} <= _download_keys(at)
+    assert _footer("figure1") <= _download_keys(at)
     for page in ("geometry", "recipes"):
         at.switch_page(f"pages/{page}.py").run()
         assert any(c.value.startswith("How to read this:") for c in at.caption), page
+    at.switch_page("pages/tour.py").run()
+    for number in range(1, 7):
+        assert not at.exception and _footer(f"tour-{number}") <= _download_keys(at), number
+        assert any(c.value.startswith("How to read this:") for c in at.caption), number
+        if number < 6:
+            at.button(key="tour-next").click().run()
 
 
 def test_the_landscape_shows_log_loss_and_a_3d_surface():
