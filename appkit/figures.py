@@ -33,15 +33,15 @@ def figure_footer(key: str, how_to_read: str, data: pd.DataFrame | None = None, 
     The files are made when a button is pressed (callables), and pressing one does not rerun
     the page."""
     st.caption(f"How to read this: {how_to_read}")
-    buttons = st.columns([1, 1, 1, 3])
+    row = st.container(horizontal=True)  # buttons as wide as their labels, side by side
     if data is not None:
-        buttons[0].download_button("Data (CSV)", lambda: csv_text(data), f"{key}.csv", "text/csv",
+        row.download_button("Data (CSV)", lambda: csv_text(data), f"{key}.csv", "text/csv",
                                    key=f"{key}-csv", on_click="ignore")
     if data is not None or raw is not None:
         payload = data.to_dict(orient="records") if raw is None else raw
-        buttons[1].download_button("Data (JSON)", lambda: json.dumps(payload, indent=1, default=float),
+        row.download_button("Data (JSON)", lambda: json.dumps(payload, indent=1, default=float),
                                    f"{key}.json", "application/json", key=f"{key}-json", on_click="ignore")
     if figure is not None:
         figures = figure if isinstance(figure, tuple) else (figure,)
-        buttons[2].download_button("Figure (HTML)", lambda: html_text(*figures), f"{key}.html", "text/html",
+        row.download_button("Figure (HTML)", lambda: html_text(*figures), f"{key}.html", "text/html",
                                    key=f"{key}-html", on_click="ignore")

@@ -6,10 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
 from appkit.cache import load_zoo
 from appkit.uploads import add_uploads, uploads_of, with_uploads
-from appkit.workspace import DEFAULT_ZOO, seed, store, update, workspace
+from appkit.workspace import DEFAULT_ZOO, SESSION_KEY, seed, store, update, workspace
 from soup_core.errors import SoupError
 from soup_core.params import num_parameters
 from soup_core.zoo import ALLOWED_ROOTS_ENV, Zoo, allowed_roots_from_env, open_zoo, sample_root, sample_zoos
@@ -44,8 +45,20 @@ def _open_folder() -> Zoo | None:
     return zoo
 
 
+def run_under_navigation() -> None:
+    """A fresh server whose first visitor opens a page's own URL (``/geometry?…``, a shared
+    link) runs that page alone, as a Streamlit app with a ``pages/`` folder of its own (v1
+    multipage apps), without ``app.py``'s navigation or set-up. On a session's first run,
+    switch that off and run again: the rerun goes through ``app.py`` and lands on the same page
+    (same URL path). Only a first run: a rerun later would drop the trigger of a pressed button."""
+    if PagesManager.uses_pages_directory and SESSION_KEY not in st.session_state:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def sidebar() -> Zoo:
     """Open a sample zoo (default; the URL's ``?zoo=``) or a server folder; add uploads; report."""
+    run_under_navigation()
     names = list(sample_zoos())
     seed("zoo", workspace().zoo if workspace().zoo in names else DEFAULT_ZOO)
     name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=lambda: update(zoo=st.session_state["zoo"]))

@@ -21,7 +21,7 @@ def export_picker(soups) -> None:
     choice = st.selectbox("Soup to export", [r.name for r in soups], format_func=lambda n: RECIPES[n].pretty_name,
                           key="recipes-export")
     splits = [s for s in (zoo.evaluator.split_names if zoo.evaluator is not None else ()) if s != TEST]
-    params = recipe_controls(RECIPES[choice], splits, key=f"recipes-param:{choice}") \
+    params = recipe_controls(RECIPES[choice], splits, key=f"recipes-param:{choice}", names=zoo.names) \
         if RECIPES[choice].parameters else {}
     if st.button("Use for export", key="recipes-use"):
         set_export(Candidate.of_recipe(choice, **params))
@@ -40,7 +40,7 @@ shifts = evaluator.shift_names
 if "test" not in evaluator.splits:
     st.info("This zoo's data has no test split: the board needs val and test.")
     st.stop()
-available = [r for r in RECIPES.values() if not (r.needs_base and not zoo.has_base)]
+available = [r for r in RECIPES.values() if not (r.needs_base and not zoo.has_base) and not r.by_hand]
 results = {r.name: recipe_result(zoo, zoo_key(zoo), r.name) for r in available}
 
 rows = []
@@ -85,7 +85,7 @@ figure_footer("figure1", "each grey dot is one fine-tuned model, each star a rec
                             for n, m in {**individual, **{r.pretty_name: results[r.name].metrics for r in available
                                                           if r.name != "best"}}.items()]), figure=figure)
 
-export_picker([r for r in available if r.is_soup])
+export_picker([r for r in available if r.is_soup] + [r for r in RECIPES.values() if r.by_hand])
 
 st.subheader("Ablations (reproduction)")
 if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="recipes-ablations"):

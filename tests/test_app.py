@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import torch
@@ -185,12 +186,27 @@ def test_export_offers_the_ticked_soup_then_a_chosen_recipe():
     assert _metric(at, "test accuracy") == f"{100 * greedy.metrics['test'].accuracy:.2f}%"
 
 
+def test_a_weighted_soup_is_set_by_hand_on_the_recipes_page_and_shared_by_link():
+    at = _app()
+    at.switch_page("pages/recipes.py").run()
+    next(s for s in at.selectbox if s.label == "Soup to export").set_value("weighted").run()
+    at.number_input(key="recipes-param:weighted:weights:ft-00").set_value(0.0)
+    at.number_input(key="recipes-param:weighted:weights:ft-05").set_value(3.0)
+    next(b for b in at.button if b.label == "Use for export").click().run()
+    assert at.query_params["export"] in (["weighted;weights=ft-00=0,ft-05=3"], "weighted;weights=ft-00=0,ft-05=3")
+    at.switch_page("pages/export.py").run()
+    assert not at.exception
+    assert at.code[0].value.startswith("soup make weighted digits-finetune --weights ft-00=0,ft-05=3")
+
+
 @pytest.mark.parametrize("candidate, argv", [
     (Candidate.point(("base", "ft-00", "ft-01"), (1.0, 0.5), "interpolate"),
      ["point", "digits-finetune", "--plane", "base", "ft-00", "ft-01", "--xy", "1", "0.5", "--bn", "interpolate",
       "--out", "point.safetensors"]),
     (Candidate.of_recipe("greedy", tie="gt"), ["make", "greedy", "digits-finetune", "--tie", "gt",
                                               "--out", "greedy.safetensors"]),
+    (Candidate.of_recipe("weighted", weights="ft-00=0,ft-05=2.5"),
+     ["make", "weighted", "digits-finetune", "--weights", "ft-00=0,ft-05=2.5", "--out", "weighted.safetensors"]),
 ])
 def test_the_app_and_the_cli_export_the_same_bytes(tmp_path, monkeypatch, candidate, argv):
     from soup_core.cli import main
@@ -243,6 +259,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
+    yield from _serve()
+
+
+@pytest.fixture
+def fresh_server():
+    """A server no one has visited yet."""
+    yield from _serve()
+
+
+def _serve():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
                              "--server.port", str(port), "--server.headless", "true"],
@@ -392,18 +418,23 @@ def test_every_page_in_chromium_with_screenshots(server):
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
-def test_a_shared_link_restores_the_workspace_on_every_page_and_figures_download_in_chromium(server, tmp_path):
+def test_a_shared_link_restores_the_workspace_on_every_page_and_figures_download_in_chromium(fresh_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     link = "zoo=digits-finetune&use=ft-03,ft-17&export=greedy&plane=base,ft-17,ft-22&grid=9"
     with sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{server}/geometry?{link}")  # opened on a page that shows none of it
+        # The server's first visitor opens a page's own URL, on a page that shows none of the link.
+        page.goto(f"{fresh_server}/geometry?{link}")
         page.get_by_role("heading", name="Geometry").wait_for(timeout=60_000)
         _settle(page)
-        for part in ("use=ft-03%2Cft-17", "export=greedy", "plane=base%2Cft-17%2Cft-22", "grid=9"):
-            assert part in page.url, part
+        nav = page.get_by_test_id("stSidebarNav")
+        assert [t.strip() for t in nav.get_by_role("link").all_inner_texts()] == [
+            "Ingredients", "Recipes", "Geometry", "Landscape", "Tour", "Export"]  # app.py's navigation
+        shared = {k: v[0] for k, v in parse_qs(urlsplit(page.url).query).items()}
+        assert {k: shared.get(k) for k in ("use", "export", "plane", "grid")} == {
+            "use": "ft-03,ft-17", "export": "greedy", "plane": "base,ft-17,ft-22", "grid": "9"}
 
         # Each figure's data and an HTML copy download (made when pressed).
         with page.expect_download(timeout=60_000) as info:
@@ -426,10 +457,11 @@ def test_a_shared_link_restores_the_workspace_on_every_page_and_figures_download
         page.get_by_test_id("stSidebarNav").get_by_text("Landscape", exact=True).click()
         page.get_by_role("heading", name="Landscape").wait_for(timeout=60_000)
         _settle(page)
-        shown = page.get_by_test_id("stSelectbox").all_inner_texts()
-        assert any("Point B" in t and "ft-17" in t for t in shown) and any("Point C" in t and "ft-22" in t for t in shown)
         grid = page.get_by_test_id("stSlider").filter(has_text="Grid").get_by_test_id("stSliderThumbValue")
-        assert grid.inner_text() == "9" and "grid=9" in page.url
+        assert grid.inner_text() == "9"
+        # The page writes what its widgets hold back into the URL: the link's plane and grid.
+        written = parse_qs(urlsplit(page.url).query)
+        assert (written["plane"], written["grid"], written["split"]) == (["base,ft-17,ft-22"], ["9"], ["val"])
         assert not page.get_by_test_id("stException").count()
         browser.close()
 

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from soup_core.io import load_state_dict, read_provenance
+from soup_core.params import weighted_average
 from soup_core.zoo import open_zoo
 from tests.conftest import tree_digest
 
@@ -71,6 +72,19 @@ def test_make_random_order_follows_the_seed():
 def test_make_on_chosen_ingredients():
     payload = ok_json("make", "uniform", "digits-finetune", "--ingredients", "ft-01,ft-02")
     assert payload["ingredients"] == ["ft-01", "ft-02"] and payload["weights"] == [0.5, 0.5]
+
+
+def test_make_weighted_takes_weights_by_name_and_its_help_says_the_default(tmp_path):
+    out = tmp_path / "weighted.safetensors"
+    payload = ok_json("make", "weighted", "digits-finetune", "--ingredients", "ft-01,ft-02", "--weights", "ft-01=3",
+                      "--out", str(out))
+    assert payload["ingredients"] == ["ft-01", "ft-02"] and payload["weights"] == [0.75, 0.25]
+    zoo = open_zoo("digits-finetune", device="cpu")
+    expected = weighted_average([zoo.state_dict("ft-01"), zoo.state_dict("ft-02")], [0.75, 0.25])
+    assert all(torch.equal(load_state_dict(out)[k], expected[k]) for k in expected)
+    assert read_provenance(out)["command"].startswith("soup make weighted digits-finetune --ingredients ft-01,ft-02 "
+                                                      "--weights ft-01=3")
+    assert "every ingredient 1" in soup("make", "--help").stdout.replace("\n", " ")
 
 
 def test_angles_json_is_symmetric_with_zero_diagonal():

@@ -125,6 +125,33 @@ def test_model_stock_of_aligned_models_is_their_mean_and_needs_a_base(tiny_state
         RECIPES["model-stock"].make(same, None, base=None)
 
 
+def test_a_weighted_soup_is_the_uniform_soup_by_default_and_divides_by_the_weights_sum(tiny_states):
+    uniform = RECIPES["uniform"].make(tiny_states)
+    assert all(torch.equal(RECIPES["weighted"].make(tiny_states).state_dict[k], uniform.state_dict[k])
+               for k in uniform.state_dict)
+    names = list(tiny_states)
+    result = RECIPES["weighted"].make(tiny_states, weights=f"{names[0]}=3,{names[1]}=0")
+    assert names[1] not in result.ingredients  # weight 0 leaves it out
+    weights = [3.0] + [1.0] * (len(names) - 2)
+    assert result.weights == pytest.approx([w / sum(weights) for w in weights])
+    kept = [tiny_states[n] for n in result.ingredients]
+    expected = {k: sum(w * s[k].double() for w, s in zip(result.weights, kept)) for k in kept[0]}
+    assert all(torch.allclose(result.state_dict[k].double(), expected[k], atol=1e-6) for k in expected)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("not-a-model=2", "not among this soup's ingredients"),
+    ("m0=-1", "finite number ≥ 0"),
+    ("m0", "is not NAME=WEIGHT"),
+    ("m0=1,m0=2", "given twice"),
+])
+def test_weights_a_soup_cannot_use_are_clear_errors(tiny_states, weights, message):
+    with pytest.raises(ValueError, match=message):
+        RECIPES["weighted"].make(tiny_states, weights=weights)
+    with pytest.raises(ValueError, match="every weight is 0"):
+        RECIPES["weighted"].make(tiny_states, weights=",".join(f"{n}=0" for n in tiny_states))
+
+
 def test_recipes_that_score_on_val_say_they_need_an_evaluator(tiny_states):
     for recipe in RECIPES.values():
         if recipe.needs_evaluator:

@@ -82,7 +82,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per parameter the recipes declare, with its help, default and the recipes using it."""
     group = parser.add_argument_group("recipe parameters (each recipe takes only its own)")
     for name, (p, users) in all_parameters().items():
-        default = "no limit" if p.default is None else p.default
+        default = p.default_text or ("no limit" if p.default is None else p.default)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
                                   "help": f"{p.help} (default: {default}; {', '.join(users)})"}
         if p.choices:

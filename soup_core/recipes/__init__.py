@@ -20,7 +20,7 @@ from __future__ import annotations
 from soup_core.errors import RecipeError
 from soup_core.recipes.base import Brew, Ingredients, Recipe, SoupResult, TraceStep
 from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, ORDER, PASSES, SEED,
-                                          TIE, TIE_ORDER, VAL_SPLIT, Parameter, Params)
+                                          TIE, TIE_ORDER, VAL_SPLIT, WEIGHTS, Parameter, Params)
 
 PAPER = "Wortsman et al. 2022"
 CHOOSING = (ORDER, TIE_ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share
@@ -40,6 +40,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            (*CHOOSING, VAL_SPLIT), is_soup=False),
     Recipe("model-stock", "Model Stock", "Jang et al. 2024, Model Stock", "model_stock:model_stock",
            needs_evaluator=False, needs_base=True, min_ingredients=2),
+    Recipe("weighted", "Weighted soup", "weights by hand, as mergekit's linear merge; learned: App. I",
+           "weighted:weighted_soup", (WEIGHTS,), needs_evaluator=False, by_hand=True),
 )}
 
 

@@ -87,6 +87,7 @@ class Recipe:
     needs_base: bool = False
     is_soup: bool = True  # False for ensembles: no single set of weights to export
     min_ingredients: int = 1
+    by_hand: bool = False  # its result is what the user set, not a method: boards and warm-ups skip it
 
     @property
     def function(self) -> Callable[..., Brew]:

@@ -34,6 +34,7 @@ class Parameter:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
     reference: str = ""
+    default_text: str = ""  # how the default reads in help, where its value says nothing ("")
 
     @property
     def flag(self) -> str:
@@ -45,6 +46,8 @@ class Parameter:
             return None
         try:
             converted = self.type(value)
+        except RecipeError:  # the type's own message says what is wrong
+            raise
         except (TypeError, ValueError):
             raise RecipeError(f"{self.name} must be a {self.type.__name__}, not {value!r}") from None
         if isinstance(converted, float) and not math.isfinite(converted):
@@ -103,6 +106,53 @@ EPOCHS = Parameter("epochs", int, 3, "epochs of AdamW over the val split", minim
 LEARNING_RATE = Parameter("learning_rate", float, 0.1, "AdamW learning rate of the mixing weights",
                           minimum=1e-12, reference="Wortsman et al. 2022, App. I")
 BATCH_SIZE = Parameter("batch_size", int, 64, "val samples per AdamW step", minimum=1)
+
+
+class MixingWeights(tuple):
+    """Relative weights per ingredient, spelled ``ft-03=2,ft-17=0.5`` (or given as a mapping).
+
+    >>> MixingWeights("ft-03=2, ft-17=0.5")
+    MixingWeights('ft-03=2,ft-17=0.5')
+    >>> MixingWeights("ft-03=-1")
+    Traceback (most recent call last):
+    ...
+    soup_core.errors.RecipeError: weights: ft-03's weight must be a finite number ≥ 0, not '-1'
+    """
+
+    def __new__(cls, value: str | Mapping[str, float] | Iterator = ()) -> MixingWeights:
+        if isinstance(value, str):
+            pairs = []
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                name, sep, weight = part.partition("=")
+                if not sep or not name.strip():
+                    raise RecipeError(f"weights: {part!r} is not NAME=WEIGHT (e.g. ft-03=2,ft-17=0.5)")
+                pairs.append((name.strip(), weight.strip()))
+        else:
+            pairs = list(value.items() if isinstance(value, Mapping) else value)
+        checked = {}
+        for name, weight in pairs:
+            try:
+                number = float(weight)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if not math.isfinite(number) or number < 0:
+                raise RecipeError(f"weights: {name}'s weight must be a finite number ≥ 0, not {weight!r}")
+            if name in checked:
+                raise RecipeError(f"weights: {name} is given twice")
+            checked[str(name)] = number
+        return super().__new__(cls, tuple(checked.items()))
+
+    def __str__(self) -> str:  # the shortest text that reads back as exactly each weight
+        return ",".join(f"{name}={repr(weight).removesuffix('.0')}" for name, weight in self)
+
+    def __repr__(self) -> str:
+        return f"MixingWeights({str(self)!r})"
+
+
+WEIGHTS = Parameter("weights", MixingWeights, MixingWeights(),
+                    "relative weight of each ingredient, NAME=WEIGHT,… (the soup divides by their sum); an "
+                    "ingredient not named weighs 1, weight 0 leaves it out", default_text="every ingredient 1",
+                    reference="mergekit's linear merge")
 
 
 def improves(score: float, baseline: float, tie: str) -> bool:

@@ -1,0 +1,34 @@
+"""Weighted soup: θ_S = Σ w_i θ_i / Σ w_i with weights chosen by hand.
+
+The learned soup (paper App. I) finds such weights by gradient descent on val; this recipe
+takes them from the user, as mergekit's ``linear`` merge does: to try a soup that leans on the
+models one trusts, or to reproduce a mix from elsewhere. An ingredient not named weighs 1 (all
+unnamed: the uniform soup); weight 0 leaves it out.
+
+>>> import torch
+>>> from soup_core.recipes import RECIPES
+>>> soup = RECIPES["weighted"].make({"a": {"w": torch.zeros(2)}, "b": {"w": torch.ones(2)}}, weights="a=3,b=1")
+>>> soup.state_dict["w"].tolist(), soup.weights
+([0.25, 0.25], (0.75, 0.25))
+"""
+
+from __future__ import annotations
+
+from soup_core.errors import RecipeError
+from soup_core.params import weighted_average
+from soup_core.recipes.base import Brew, Ingredients
+from soup_core.recipes.parameters import Params
+
+
+def weighted_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
+    given = dict(params.weights)
+    unknown = [name for name in given if name not in ingredients]
+    if unknown:
+        raise RecipeError(f"weights name {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
+                          f"among this soup's ingredients ({', '.join(ingredients)}); name ingredients only")
+    kept = {name: given.get(name, 1.0) for name in ingredients if given.get(name, 1.0) > 0}
+    if not kept:
+        raise RecipeError("every weight is 0: give at least one ingredient a positive weight")
+    total = sum(kept.values())
+    names, weights = tuple(kept), tuple(w / total for w in kept.values())
+    return Brew(names, weighted_average([ingredients[n] for n in names], weights), weights=weights)
