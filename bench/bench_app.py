@@ -1,6 +1,6 @@
-"""App speed: a toggle's server-side time, and the first render after `make run`.
+"""App speed: a toggle's server-side time, a tick in Chromium, and the first render after `make run`.
 
-    python bench/bench_app.py [--toggles 40] [--starts 3]
+    python bench/bench_app.py [--toggles 40] [--starts 3] [--chromium-ticks 40]
 
 * Toggle: untick/retick one ingredient on the Ingredients page of ``digits-finetune`` through
   ``streamlit.testing.v1.AppTest`` (the real script, run in-process; it reruns the whole page,
@@ -9,6 +9,9 @@
   under 150 ms.
 * First render: start ``streamlit run app.py`` (as ``make run`` does) and time until Chromium
   shows the checkpoint count. Target: under 10 s.
+* Tick in Chromium (first start only): click a tick box and time until the live soup's val
+  number on screen changes; untick a checkpoint, then tick it back, ``--chromium-ticks`` times
+  (half are new ticked sets). A click that leaves the number unchanged is not timed.
 """
 
 from __future__ import annotations
@@ -47,7 +50,33 @@ def toggle_times(count: int) -> tuple[list[float], list[float]]:
     return page_times, core_times
 
 
-def first_render_seconds() -> float:
+CHANGED = """(before) => {
+  const m = [...document.querySelectorAll('[data-testid=stMetric]')].find(m => m.innerText.includes('soup val'));
+  return m && !m.innerText.includes(before);
+}"""
+
+
+def chromium_tick_times(page, count: int) -> list[float]:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    soup_val = page.get_by_test_id("stMetric").filter(has_text="soup val").get_by_test_id("stMetricValue")
+    times = []
+    for i in range(count):
+        name = f"ft-{(i // 2) % 32:02d}"  # untick it, then tick it back
+        before = soup_val.inner_text()
+        start = time.perf_counter()
+        page.get_by_test_id("stCheckbox").filter(has_text=name).locator("label").click()
+        try:
+            page.wait_for_function(CHANGED, arg=before, timeout=10_000)
+            times.append(time.perf_counter() - start)
+        except PlaywrightTimeout:
+            pass  # the same number for the new set: nothing to time
+        page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+        page.wait_for_timeout(200)
+    return times
+
+
+def first_render_seconds(ticks: int = 0) -> tuple[float, list[float]]:
     from playwright.sync_api import sync_playwright
 
     with socket.socket() as s:
@@ -70,23 +99,28 @@ def first_render_seconds() -> float:
                     time.sleep(0.1)
             page.get_by_test_id("stMetricValue").first.wait_for(timeout=60_000)
             elapsed = time.perf_counter() - start
+            tick_times = chromium_tick_times(page, ticks) if ticks else []
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    return elapsed
+    return elapsed, tick_times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--toggles", type=int, default=40)
     parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--chromium-ticks", type=int, default=40)
     args = parser.parse_args()
     page, core = toggle_times(args.toggles)
     ms = lambda xs: f"{1000 * statistics.median(xs):.0f} ms (p90 {1000 * sorted(xs)[int(0.9 * len(xs))]:.0f} ms)"
     print(f"toggle, whole page rerun (AppTest), median of {len(page)}: {ms(page)}")
     print(f"toggle, live soup work alone, median of {len(core)}: {ms(core)}")
-    starts = [first_render_seconds() for _ in range(args.starts)]
+    runs = [first_render_seconds(args.chromium_ticks if i == 0 else 0) for i in range(args.starts)]
+    starts, ticks = [r[0] for r in runs], runs[0][1]
+    if ticks:
+        print(f"tick in Chromium until the soup's number changes, median of {len(ticks)}: {ms(ticks)}")
     print(f"first render after `streamlit run app.py`, median of {len(starts)}: {statistics.median(starts):.1f} s "
           f"(runs: {', '.join(f'{s:.1f}' for s in starts)})")
 

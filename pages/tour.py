@@ -72,9 +72,24 @@ if step == STEPS[0]:
     st.markdown(f"**Fine-tuned models share a basin?** (paper Figure 2). Of the good models (the six best on val), "
                 f"**{a}** and **{b}** have the flattest line between them (chosen on val). With θ0 they span the "
                 f"plane below. {verdict}")
+    alphas, errors = np.array(path["alphas"]), 100 * np.array(path["error"]["test"])
+    chord = errors[0] + alphas * (errors[-1] - errors[0])  # the straight line soup_core's barrier is measured from
+    worst = int(np.argmax(errors - chord))
+    line = go.Figure([go.Scatter(x=alphas.tolist(), y=errors.tolist(), mode="lines+markers",
+                                 name="error of the averaged weights"),
+                      go.Scatter(x=alphas.tolist(), y=chord.tolist(), mode="lines", line={"dash": "dot", "color": "gray"},
+                                 name="straight line between their errors")])
+    line.add_annotation(x=alphas[worst], y=errors[worst], text=f"barrier {100 * barrier:.1f} points",
+                        showarrow=True, arrowhead=2)
+    line.update_layout(height=360, xaxis_title=f"α: (1 − α)·{a} + α·{b}", yaxis_title="test error (%)",
+                       margin={"t": 20})
+    st.plotly_chart(line, key="tour-basin-line")
+    figure_footer("tour-1-line", f"the barrier in words above is the largest gap between the error of (1 − α)·{a} "
+                  f"+ α·{b} (blue) and the straight line between the two models' own errors (grey).",
+                  pd.DataFrame({"alpha": alphas, "test error (%)": errors, "straight line (%)": chord}), figure=line)
     land = cached_landscape(zoo, zoo_key(zoo), ("base", a, b), 15, "test", "recompute")
     z = 100 * np.array(land["error"]["test"])
-    fig = go.Figure(go.Contour(x=land["axes"]["x"], y=land["axes"]["y"], z=z, colorscale="Viridis",
+    fig = go.Figure(go.Contour(x=land["axes"]["x"], y=land["axes"]["y"], z=z, colorscale="Viridis", ncontours=30,
                                colorbar={"title": "test error (%)"}, contours={"showlabels": True}))
     fig.add_trace(go.Scatter(x=[p["xy"][0] for p in land["anchors"]], y=[p["xy"][1] for p in land["anchors"]],
                              text=[p["name"] for p in land["anchors"]], mode="markers+text", textposition="top center",
@@ -83,7 +98,8 @@ if step == STEPS[0]:
                                       yaxis_title="y (L2 distance)"), key="tour-basin")
     gx, gy = np.meshgrid(land["axes"]["x"], land["axes"]["y"])
     figure_footer("tour-1", f"colour is test error (%) in the plane through θ0 (base), {a} and {b}; axes are "
-                  f"distances in weight space. A basin is a low region holding both fine-tuned models.",
+                  f"distances in weight space; about 30 levels, so bumps of a few points show. The line above is "
+                  f"the straight segment between {a} and {b} in this plane.",
                   pd.DataFrame({"x": gx.ravel(), "y": gy.ravel(), "test error (%)": z.ravel()}), figure=fig)
 elif step == STEPS[1]:
     zoo = story_zoo

@@ -560,6 +560,10 @@ def test_the_tour_says_what_its_own_data_shows():
     barrier = 100 * line.barrier(line.error["test"])
     assert f"**{a}** and **{b}**" in text and f"{barrier:.1f} points" in text
     assert ("stays in the basin" in text) == (barrier < 1.0)
+    # The figure under the words shows the same barrier, on the same line.
+    drawn = json.loads(next(c.proto.spec for c in at.get("plotly_chart") if "tour-basin-line" in c.proto.id))
+    assert drawn["layout"]["annotations"][0]["text"] == f"barrier {barrier:.1f} points"
+    assert drawn["data"][0]["y"] == pytest.approx(100 * np.array(line.error["test"]))
     at.button(key="tour-next").click().run()
     at.button(key="tour-next").click().run()
     assert at.radio(key="tour-step").value.startswith("3")

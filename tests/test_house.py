@@ -35,7 +35,7 @@ def test_soup_make_has_one_flag_per_declared_parameter_with_its_help_and_default
     text = " ".join(result.stdout.split())
     for name, (parameter, users) in all_parameters().items():
         assert parameter.flag in text and " ".join(parameter.help.split()[:4]) in text
-        default = "no limit" if parameter.default is None else str(parameter.default)
+        default = parameter.default_text or ("no limit" if parameter.default is None else str(parameter.default))
         assert f"(default: {default}; {', '.join(users)})" in text.replace("learned- by-layer", "learned-by-layer")
     assert "examples:" in soup("--help").stdout
 
