@@ -22,7 +22,8 @@ def csv_text(frame: pd.DataFrame) -> str:
 def html_text(*figures: go.Figure) -> str:
     """The figures as one HTML page that opens offline (plotly.js embedded once, about 4.7 MB)."""
     parts = [f.to_html(include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figures)]
-    return "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    body = "\n".join(parts)
+    return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{body}\n</body></html>\n'
 
 
 def figure_footer(key: str, how_to_read: str, data: pd.DataFrame | None = None, *, raw: object = None,
@@ -36,12 +37,12 @@ def figure_footer(key: str, how_to_read: str, data: pd.DataFrame | None = None, 
     row = st.container(horizontal=True)  # buttons as wide as their labels, side by side
     if data is not None:
         row.download_button("Data (CSV)", lambda: csv_text(data), f"{key}.csv", "text/csv",
-                                   key=f"{key}-csv", on_click="ignore")
+                            key=f"{key}-csv", on_click="ignore")
     if data is not None or raw is not None:
-        payload = data.to_dict(orient="records") if raw is None else raw
-        row.download_button("Data (JSON)", lambda: json.dumps(payload, indent=1, default=float),
-                                   f"{key}.json", "application/json", key=f"{key}-json", on_click="ignore")
+        payload = (lambda: data.to_dict(orient="records")) if raw is None else (lambda: raw)
+        row.download_button("Data (JSON)", lambda: json.dumps(payload(), indent=1, default=float),
+                            f"{key}.json", "application/json", key=f"{key}-json", on_click="ignore")
     if figure is not None:
         figures = figure if isinstance(figure, tuple) else (figure,)
         row.download_button("Figure (HTML)", lambda: html_text(*figures), f"{key}.html", "text/html",
-                                   key=f"{key}-html", on_click="ignore")
+                            key=f"{key}-html", on_click="ignore")

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 
-from appkit.cache import (aligned_zoo, cached_angles, cached_barriers, cached_flattest_pair, cached_landscape,
+from appkit.cache import (aligned_zoo, cached_angles, cached_barrier_interval, cached_barriers, cached_flattest_pair, cached_landscape,
                           cached_pairs, cached_path, checkpoint_table, live_soup, load_zoo, recipe_result,
                           recipe_significance, zoo_key)
 from appkit.workspace import DEFAULT_ZOO
@@ -47,6 +47,7 @@ def warm_tour(story: Zoo) -> None:
     key = zoo_key(story)
     a, b, _ = cached_flattest_pair(story, key)
     cached_path(story, key, a, b, "recompute", 0.0, 1.0, 11)
+    cached_barrier_interval(story, key, a, b, "test")
     cached_landscape(story, key, ("base", a, b), 15, "test", "recompute")
     cached_pairs(story, key, tuple(story.names[:10]), "test")
     for recipe in ("best", "uniform", "ensemble", "greedy", "pruned"):

@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.cache import (aligned_zoo, cached_barriers, cached_flattest_pair, cached_landscape, cached_pairs,
+from appkit.cache import (aligned_zoo, cached_barrier_interval, cached_barriers, cached_flattest_pair, cached_landscape, cached_pairs,
                           cached_path, load_zoo, recipe_result, recipe_significance, zoo_key)
 from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
@@ -64,11 +64,16 @@ if step == STEPS[0]:
     a, b, _ = cached_flattest_pair(zoo, zoo_key(zoo))
     path = cached_path(zoo, zoo_key(zoo), a, b, "recompute", 0.0, 1.0, 11)
     barrier = path["barrier"]["test"]["error"]
-    verdict = (f"The error stays low on the line between them — at most **{100 * barrier:.1f} points** above the "
-               "straight line between their test errors — so averaging their weights stays in the basin."
-               if barrier < ONE_BASIN else
-               f"Even for them the error rises **{100 * barrier:.1f} points** above the straight line between "
-               "their test errors: on this zoo they sit in different basins, and the paper's picture does not show.")
+    _, low, high = cached_barrier_interval(zoo, zoo_key(zoo), a, b, "test")
+    measured = (f"**{100 * barrier:.1f} points** above the straight line between their test errors (95% interval "
+                f"{100 * low:.1f} to {100 * high:.1f} points over the {len(zoo.evaluator.splits['test'])} "
+                "test images)")
+    verdict = (f"The error stays low on the line between them — at most {measured} — so averaging their weights "
+               "stays in the basin." if high < ONE_BASIN else
+               f"Even for them the error rises {measured}: on this zoo they sit in different basins, and the "
+               "paper's picture does not show." if low >= ONE_BASIN else
+               f"The error rises {measured}. This step calls a line with a barrier under 1 point one basin; the "
+               "interval holds values on both sides of that, so these test images cannot tell one basin from two.")
     st.markdown(f"**Fine-tuned models share a basin?** (paper Figure 2). Of the good models (the six best on val), "
                 f"**{a}** and **{b}** have the flattest line between them (chosen on val). With θ0 they span the "
                 f"plane below. {verdict}")

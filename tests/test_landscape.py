@@ -247,3 +247,14 @@ def test_exported_point_weights_score_what_the_landscape_showed(bn_zoo, bn):
     shown = SliceEvaluator(ev, plane.origin, plane.directions, bn=bn).evaluate([(0.9, 0.6)], ["test"])
     own = ev.evaluate(point_weights(ev, plane, 0.9, 0.6, bn), ["test"])["test"]
     assert shown.loss["test"][0] == pytest.approx(own.loss, abs=1e-5)
+
+
+def test_the_barrier_interval_holds_the_barrier_and_is_a_point_for_a_model_with_itself():
+    from soup_core.landscape import barrier_interval
+    from soup_core.landscape.path import error_barrier
+    zoo = open_zoo("digits-finetune")
+    a, b = zoo.state_dict("ft-17"), zoo.state_dict("ft-22")
+    barrier, low, high = barrier_interval(zoo.evaluator, a, b, "test")
+    assert barrier == error_barrier(zoo.evaluator, a, b, "test") and low <= barrier <= high
+    assert (barrier, low, high) == barrier_interval(zoo.evaluator, a, b, "test")  # seeded
+    assert barrier_interval(zoo.evaluator, a, a, "test") == (0.0, 0.0, 0.0)  # no line, no barrier

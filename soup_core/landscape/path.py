@@ -23,20 +23,45 @@ def barrier(alphas: np.ndarray, values: np.ndarray) -> float:
     return float(np.max(v - ((1 - a) * v[0] + a * v[-1])))
 
 
+def correct_along(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                  split: str, alphas: np.ndarray) -> np.ndarray:
+    """Which images of ``split`` (1) the model (1 − α)·a + α·b gets right, one row per α; point by
+    point (too few points for the slice engine to pay), with BatchNorm statistics recomputed as
+    the landscapes' default does when the model has them."""
+    recompute = bool(batchnorm_keys(evaluator.model)) and evaluator.train is not None
+    labels = evaluator.labels(split)
+    rows = []
+    for alpha in alphas:
+        state = interpolate(a, b, float(alpha))
+        state = recompute_batchnorm(evaluator, state) if recompute else state
+        rows.append((evaluator.logits(state, split, cache=False).argmax(dim=1) == labels).numpy())
+    return np.stack(rows)
+
+
 def error_barrier(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                   split: str, points: int = 11) -> float:
-    """The error barrier between ``a`` and ``b`` on ``split`` from ``points`` evenly spaced α in
-    [0, 1], point by point (too few points for the slice engine to pay), with BatchNorm statistics
-    recomputed as the landscapes' default does when the model has them."""
+    """The error barrier between ``a`` and ``b`` on ``split`` from ``points`` evenly spaced α in [0, 1]."""
     alphas = np.linspace(0.0, 1.0, points)
-    recompute = bool(batchnorm_keys(evaluator.model)) and evaluator.train is not None
+    return barrier(alphas, 1.0 - correct_along(evaluator, a, b, split, alphas).mean(axis=1))
 
-    def error(alpha: float) -> float:
-        state = interpolate(a, b, alpha)
-        return 1.0 - evaluator.accuracy(recompute_batchnorm(evaluator, state) if recompute else state, split,
-                                        cache=False)
 
-    return barrier(alphas, np.array([error(float(t)) for t in alphas]))
+def barrier_interval(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                     split: str, points: int = 11, *, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """The error barrier and its bootstrap interval over the images of ``split``: (barrier, low, high).
+
+    Each resample draws the images with replacement (multinomial counts, seeded) and recomputes
+    the error at every α and the barrier from them, so the interval says how much of the barrier
+    the particular test images could explain.
+    """
+    alphas = np.linspace(0.0, 1.0, points)
+    correct = correct_along(evaluator, a, b, split, alphas).astype(np.float64)  # (points, images)
+    n = correct.shape[1]
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)  # (resamples, images)
+    errors = 1.0 - counts @ correct.T / n  # (resamples, points)
+    chords = (1 - alphas) * errors[:, :1] + alphas * errors[:, -1:]
+    low, high = np.quantile((errors - chords).max(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return barrier(alphas, 1.0 - correct.mean(axis=1)), float(low), float(high)
 
 
 @dataclass
