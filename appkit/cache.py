@@ -18,7 +18,7 @@ from soup_core.align import barrier_table
 from soup_core.evaluate import TEST, VAL, shift_average
 from soup_core.export import Candidate, ExportPlan, plan_export
 from soup_core.geometry import pairwise_angles
-from soup_core.landscape import barrier_interval, interpolation_path, path_alphas, plane_landscape
+from soup_core.landscape import LineBarrier, barrier_interval, interpolation_path, path_alphas, plane_landscape
 from soup_core.pairs import flattest_pair, pair_analyses
 from soup_core.recipes import SoupResult
 from soup_core.significance import report_splits, versus_best
@@ -181,8 +181,9 @@ def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str, low: float = -0.
 
 
 @st.cache_data(show_spinner="Measuring the barrier's interval…", max_entries=16)
-def cached_barrier_interval(_zoo: Zoo, key: tuple, a: str, b: str, split: str) -> tuple[float, float, float]:
-    """The error barrier between two checkpoints and its 95% bootstrap interval over ``split``'s images."""
+def cached_barrier_interval(_zoo: Zoo, key: tuple, a: str, b: str, split: str) -> LineBarrier:
+    """The error along the line between two checkpoints, its barrier and the barrier's 95%
+    bootstrap interval over ``split``'s images."""
     with HEAVY_WORK.admitted():
         return barrier_interval(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0], split)
 

@@ -46,7 +46,6 @@ def warm_tour(story: Zoo) -> None:
     """Every Tour step: steps 1–4 on ``story``, 5 on digits-scratch, 6 on digits-bn."""
     key = zoo_key(story)
     a, b, _ = cached_flattest_pair(story, key)
-    cached_path(story, key, a, b, "recompute", 0.0, 1.0, 11)
     cached_barrier_interval(story, key, a, b, "test")
     cached_landscape(story, key, ("base", a, b), 15, "test", "recompute")
     cached_pairs(story, key, tuple(story.names[:10]), "test")

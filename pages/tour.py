@@ -62,9 +62,8 @@ if step == STEPS[0]:
     zoo = story_zoo
     uses(zoo)
     a, b, _ = cached_flattest_pair(zoo, zoo_key(zoo))
-    path = cached_path(zoo, zoo_key(zoo), a, b, "recompute", 0.0, 1.0, 11)
-    barrier = path["barrier"]["test"]["error"]
-    _, low, high = cached_barrier_interval(zoo, zoo_key(zoo), a, b, "test")
+    line = cached_barrier_interval(zoo, zoo_key(zoo), a, b, "test")
+    barrier, low, high = line.barrier, line.low, line.high
     measured = (f"**{100 * barrier:.1f} points** above the straight line between their test errors (95% interval "
                 f"{100 * low:.1f} to {100 * high:.1f} points over the {len(zoo.evaluator.splits['test'])} "
                 "test images)")
@@ -77,21 +76,20 @@ if step == STEPS[0]:
     st.markdown(f"**Fine-tuned models share a basin?** (paper Figure 2). Of the good models (the six best on val), "
                 f"**{a}** and **{b}** have the flattest line between them (chosen on val). With θ0 they span the "
                 f"plane below. {verdict}")
-    alphas, errors = np.array(path["alphas"]), 100 * np.array(path["error"]["test"])
-    chord = errors[0] + alphas * (errors[-1] - errors[0])  # the straight line soup_core's barrier is measured from
+    alphas, errors, chord = line.alphas, 100 * line.error, 100 * line.chord
     worst = int(np.argmax(errors - chord))
-    line = go.Figure([go.Scatter(x=alphas.tolist(), y=errors.tolist(), mode="lines+markers",
-                                 name="error of the averaged weights"),
-                      go.Scatter(x=alphas.tolist(), y=chord.tolist(), mode="lines", line={"dash": "dot", "color": "gray"},
-                                 name="straight line between their errors")])
-    line.add_annotation(x=alphas[worst], y=errors[worst], text=f"barrier {100 * barrier:.1f} points",
-                        showarrow=True, arrowhead=2)
-    line.update_layout(height=360, xaxis_title=f"α: (1 − α)·{a} + α·{b}", yaxis_title="test error (%)",
-                       margin={"t": 20})
-    st.plotly_chart(line, key="tour-basin-line")
+    figure = go.Figure([go.Scatter(x=alphas.tolist(), y=errors.tolist(), mode="lines+markers",
+                                   name="error of the averaged weights"),
+                        go.Scatter(x=alphas.tolist(), y=chord.tolist(), mode="lines",
+                                   line={"dash": "dot", "color": "gray"}, name="straight line between their errors")])
+    figure.add_annotation(x=float(alphas[worst]), y=float(errors[worst]), text=f"barrier {100 * barrier:.1f} points",
+                          showarrow=True, arrowhead=2)
+    figure.update_layout(height=360, xaxis_title=f"α: (1 − α)·{a} + α·{b}", yaxis_title="test error (%)",
+                         margin={"t": 20})
+    st.plotly_chart(figure, key="tour-basin-line")
     figure_footer("tour-1-line", f"the barrier in words above is the largest gap between the error of (1 − α)·{a} "
                   f"+ α·{b} (blue) and the straight line between the two models' own errors (grey).",
-                  pd.DataFrame({"alpha": alphas, "test error (%)": errors, "straight line (%)": chord}), figure=line)
+                  pd.DataFrame({"alpha": alphas, "test error (%)": errors, "straight line (%)": chord}), figure=figure)
     land = cached_landscape(zoo, zoo_key(zoo), ("base", a, b), 15, "test", "recompute")
     z = 100 * np.array(land["error"]["test"])
     fig = go.Figure(go.Contour(x=land["axes"]["x"], y=land["axes"]["y"], z=z, colorscale="Viridis", ncontours=30,
@@ -179,14 +177,13 @@ else:
     bn_zoo = load_zoo("digits-bn")
     uses(bn_zoo, " (a CNN with BatchNorm)")
     first = bn_zoo.names[0]
-    fig, middle, curves = go.Figure(), {}, {}
+    fig, errors = go.Figure(), {}
     for policy in ("recompute", "interpolate", "keep"):
         path = cached_path(bn_zoo, zoo_key(bn_zoo), "base", first, policy, 0.0, 1.0, 11)
-        errors = 100 * np.array(path["error"]["test"])
-        middle[policy], curves["alpha"], curves[f"{policy}: test error (%)"] = errors[len(errors) // 2], path["alphas"], errors
-        fig.add_trace(go.Scatter(x=path["alphas"], y=errors, name=policy, mode="lines+markers"))
-    keep_end = 100 * np.array(cached_path(bn_zoo, zoo_key(bn_zoo), "base", first, "keep", 0.0, 1.0, 11)
-                              ["error"]["test"])[-1]
+        alphas, errors[policy] = path["alphas"], 100 * np.array(path["error"]["test"])
+        fig.add_trace(go.Scatter(x=alphas, y=errors[policy], name=policy, mode="lines+markers"))
+    middle = {policy: e[len(e) // 2] for policy, e in errors.items()}
+    keep_end = errors["keep"][-1]
     st.markdown("**BatchNorm** (reproduction: ResNet/EfficientNet soups collapsed). Running statistics belong to the "
                 f"weights they were measured with. Along the line θ0 → {first}, at α = ½ the test error is "
                 f"{middle['recompute']:.1f}% with statistics recomputed, {middle['interpolate']:.1f}% with them "
@@ -197,4 +194,5 @@ else:
     soup = recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform").metrics
     figure_footer("tour-6", f"each line is one way to treat BatchNorm statistics along the line. The uniform soup of "
                   f"all {len(bn_zoo.names)} BatchNorm models (statistics averaged) scores "
-                  f"{100 * soup['test'].accuracy:.1f}% on test.", pd.DataFrame(curves), figure=fig)
+                  f"{100 * soup['test'].accuracy:.1f}% on test.",
+                  pd.DataFrame({"alpha": alphas, **{f"{p}: test error (%)": e for p, e in errors.items()}}), figure=fig)

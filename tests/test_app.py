@@ -560,7 +560,8 @@ def test_the_tour_says_what_its_own_data_shows():
     barrier = 100 * line.barrier(line.error["test"])
     assert f"**{a}** and **{b}**" in text and f"{barrier:.1f} points" in text
     # The verdict follows the interval over the test images, not the point estimate alone.
-    _, low, high = barrier_interval(zoo.evaluator, zoo.state_dict(a), zoo.state_dict(b), "test")
+    interval = barrier_interval(zoo.evaluator, zoo.state_dict(a), zoo.state_dict(b), "test")
+    low, high = interval.low, interval.high
     assert f"(95% interval {100 * low:.1f} to {100 * high:.1f} points over the" in text
     verdict = "stays in the basin" if high < 0.01 else "different basins" if low >= 0.01 else "cannot tell"
     assert verdict in text

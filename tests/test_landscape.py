@@ -254,7 +254,10 @@ def test_the_barrier_interval_holds_the_barrier_and_is_a_point_for_a_model_with_
     from soup_core.landscape.path import error_barrier
     zoo = open_zoo("digits-finetune")
     a, b = zoo.state_dict("ft-17"), zoo.state_dict("ft-22")
-    barrier, low, high = barrier_interval(zoo.evaluator, a, b, "test")
-    assert barrier == error_barrier(zoo.evaluator, a, b, "test") and low <= barrier <= high
-    assert (barrier, low, high) == barrier_interval(zoo.evaluator, a, b, "test")  # seeded
-    assert barrier_interval(zoo.evaluator, a, a, "test") == (0.0, 0.0, 0.0)  # no line, no barrier
+    line = barrier_interval(zoo.evaluator, a, b, "test")
+    assert line.barrier == error_barrier(zoo.evaluator, a, b, "test") and line.low <= line.barrier <= line.high
+    assert line.barrier == pytest.approx(float(np.max(line.error - line.chord)))
+    again = barrier_interval(zoo.evaluator, a, b, "test")
+    assert (again.low, again.high) == (line.low, line.high)  # seeded
+    itself = barrier_interval(zoo.evaluator, a, a, "test")
+    assert (itself.barrier, itself.low, itself.high) == (0.0, 0.0, 0.0)  # no line, no barrier

@@ -148,6 +148,9 @@ def test_a_weighted_soup_is_the_uniform_soup_by_default_and_divides_by_the_weigh
 def test_weights_a_soup_cannot_use_are_clear_errors(tiny_states, weights, message):
     with pytest.raises(ValueError, match=message):
         RECIPES["weighted"].make(tiny_states, weights=weights)
+
+
+def test_a_soup_with_every_weight_zero_is_a_clear_error(tiny_states):
     with pytest.raises(ValueError, match="every weight is 0"):
         RECIPES["weighted"].make(tiny_states, weights=",".join(f"{n}=0" for n in tiny_states))
 

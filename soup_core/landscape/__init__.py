@@ -41,10 +41,10 @@ forward), :mod:`~soup_core.landscape.batchnorm`, :mod:`~soup_core.landscape.grid
 from soup_core.landscape.batchnorm import batchnorm_keys, point_weights, recompute_batchnorm
 from soup_core.landscape.engine import PointValues, SliceEvaluator, device_budget
 from soup_core.landscape.grid import Landscape, coarse_to_fine, grid_extent, plane_landscape
-from soup_core.landscape.path import Path, barrier_interval, interpolation_path, path_alphas
+from soup_core.landscape.path import LineBarrier, Path, barrier_interval, interpolation_path, path_alphas
 from soup_core.landscape.strategies import STRATEGIES
 from soup_core.policies import BN_POLICIES
 
 __all__ = ["BN_POLICIES", "STRATEGIES", "Landscape", "Path", "PointValues", "SliceEvaluator", "batchnorm_keys",
-           "barrier_interval", "coarse_to_fine", "device_budget", "grid_extent", "interpolation_path", "path_alphas", "plane_landscape", "point_weights",
+           "LineBarrier", "barrier_interval", "coarse_to_fine", "device_budget", "grid_extent", "interpolation_path", "path_alphas", "plane_landscape", "point_weights",
            "recompute_batchnorm"]

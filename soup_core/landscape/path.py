@@ -16,11 +16,17 @@ from soup_core.params import interpolate
 from soup_core.state import Progress
 
 
+def chord(alphas: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The straight line (1 − α)·value(0) + α·value(1) between the ends (``values``' last axis
+    runs over ``alphas`` in [0, 1]; leading axes are kept, e.g. bootstrap resamples)."""
+    return (1 - alphas) * values[..., :1] + alphas * values[..., -1:]
+
+
 def barrier(alphas: np.ndarray, values: np.ndarray) -> float:
     """max over α ∈ [0, 1] of value(α) − ((1 − α)·value(0) + α·value(1)) (Frankle et al. 2020)."""
     inside = (alphas >= 0) & (alphas <= 1)
     a, v = alphas[inside], values[inside]
-    return float(np.max(v - ((1 - a) * v[0] + a * v[-1])))
+    return float(np.max(v - chord(a, v)))
 
 
 def correct_along(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
@@ -45,23 +51,41 @@ def error_barrier(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mappin
     return barrier(alphas, 1.0 - correct_along(evaluator, a, b, split, alphas).mean(axis=1))
 
 
+@dataclass(frozen=True)
+class LineBarrier:
+    """The error along (1 − α)·a + α·b for α in [0, 1], its barrier, and the barrier's bootstrap
+    interval over the split's images."""
+
+    alphas: np.ndarray
+    error: np.ndarray
+    barrier: float
+    low: float
+    high: float
+
+    @property
+    def chord(self) -> np.ndarray:
+        """The straight line between the two ends' errors, from which the barrier is measured."""
+        return chord(self.alphas, self.error)
+
+
 def barrier_interval(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                      split: str, points: int = 11, *, resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float, float]:
-    """The error barrier and its bootstrap interval over the images of ``split``: (barrier, low, high).
+                     level: float = 0.95) -> LineBarrier:
+    """The error along the line from ``a`` to ``b`` on ``split``, its barrier and the barrier's
+    bootstrap interval.
 
     Each resample draws the images with replacement (multinomial counts, seeded) and recomputes
     the error at every α and the barrier from them, so the interval says how much of the barrier
-    the particular test images could explain.
+    the particular images could explain.
     """
     alphas = np.linspace(0.0, 1.0, points)
     correct = correct_along(evaluator, a, b, split, alphas).astype(np.float64)  # (points, images)
     n = correct.shape[1]
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)  # (resamples, images)
     errors = 1.0 - counts @ correct.T / n  # (resamples, points)
-    chords = (1 - alphas) * errors[:, :1] + alphas * errors[:, -1:]
-    low, high = np.quantile((errors - chords).max(axis=1), [(1 - level) / 2, (1 + level) / 2])
-    return barrier(alphas, 1.0 - correct.mean(axis=1)), float(low), float(high)
+    low, high = np.quantile((errors - chord(alphas, errors)).max(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    error = 1.0 - correct.mean(axis=1)
+    return LineBarrier(alphas, error, barrier(alphas, error), float(low), float(high))
 
 
 @dataclass

@@ -88,11 +88,16 @@ class Strategy:
         limit = SAMPLES_PER_CALL.get(engine.device.type)
         return int(max(1, min(room // per_sample, limit) if limit else room // per_sample))
 
+    def points_by_weights(self, cap: int) -> int:
+        """Points whose stacked float32 weights the weights budget holds, at most ``cap``."""
+        engine = self.engine
+        return int(max(1, min(cap, engine.weights_budget // max(engine.parameter_count * 4, 1))))
+
     def chunk_points(self, samples: int) -> int:
         """Points per chunk: as many as the weights budget holds, while one call of (up to) a
         full batch of samples still fits."""
         engine = self.engine
-        points = int(max(1, min(MAX_CHUNK_POINTS, engine.weights_budget // max(engine.parameter_count * 4, 1))))
+        points = self.points_by_weights(MAX_CHUNK_POINTS)
         if not self.points_at_once:  # one point's activations at a time: only the weights count
             return points
         wanted = min(samples, SAMPLES_PER_CALL.get(engine.device.type, samples))
@@ -188,9 +193,8 @@ class Fold(Strategy):
         if self.engine.device.type != "cpu":
             return super().chunk_points(samples)
         # On a CPU oneDNN's grouped kernels want many groups, whatever the working set.
-        engine = self.engine
-        points = int(max(1, min(FOLD_POINTS, engine.weights_budget // max(engine.parameter_count * 4, 1))))
-        while points > 1 and self.call_bytes(points, 1) > engine.budget:
+        points = self.points_by_weights(FOLD_POINTS)
+        while points > 1 and self.call_bytes(points, 1) > self.engine.budget:
             points //= 2
         return points
 
