@@ -17,6 +17,7 @@ candidate gives the same bytes from either (the command line's ``--out`` aside).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import shlex
@@ -31,12 +32,14 @@ from soup_core import __version__
 from soup_core.errors import SoupError
 from soup_core.evaluate import Metrics, metrics_to_json
 from soup_core.io import atomic_write, refuse_inputs, save_hf_directory, save_state_dict, state_dict_bytes
+from soup_core.io.weights_out import HF_SHARD_BYTES
 from soup_core.landscape import point_weights
+from soup_core.merge import MergeRun, open_source, write_merge
 from soup_core.models import is_hf_directory
 from soup_core.policies import BN_POLICIES
 from soup_core.recipes import RECIPES, SoupResult, get_recipe
 from soup_core.significance import Comparison, versus_best
-from soup_core.state import StateDict
+from soup_core.state import Progress, StateDict
 from soup_core.zoo import BASE, Zoo, make_soup, zoo_plane
 
 POINT_REFERENCE = "Wortsman et al. 2022, Figure 2 (plane through three points)"
@@ -164,7 +167,7 @@ class ExportPlan:
     """A soup ready to write: weights, metrics, provenance, the remaking command, a model card."""
 
     title: str
-    state_dict: StateDict
+    state_dict: StateDict | None  # None: streamed to disk by write_streamed, never held
     metrics: Mapping[str, Metrics]
     provenance: Mapping[str, Any]
     command: tuple[str, ...] | None  # None: made from checkpoints the manifest does not list
@@ -225,13 +228,7 @@ def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, resul
     ``local_names`` are checkpoints the manifest does not list (the app's uploads): a soup made
     from any of them has no remaking command, only their sha256 in the provenance.
     """
-    remakeable = not (candidate.names_used(zoo) & set(local_names))
-    command = candidate.command(zoo.name, out) if remakeable else None
-    source = zoo.path(zoo.names[0])
-    hf_source = source if is_hf_directory(source) else None
-    common = {"zoo": zoo.name, "manifest": str(zoo.manifest),
-              "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
-              "library_version": __version__, "command": shlex.join(command) if command else None}
+    command, hf_source, common = _provenance_common(zoo, candidate, out, local_names)
     if candidate.align and zoo.aligned_to != candidate.align:
         zoo = zoo.aligned(candidate.align)
     if zoo.aligned_to:
@@ -254,15 +251,84 @@ def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, resul
     if result.state_dict is None:
         raise SoupError(f"{recipe.pretty_name} is not one set of weights and cannot be written as a "
                         "checkpoint; choose a soup recipe")
-    provenance = {"recipe": result.recipe, "recipe_name": recipe.pretty_name, "reference": recipe.reference,
-                  "ingredients": [{"name": n, "sha256": zoo.sha256[n]} for n in result.ingredients],
-                  "weights": list(result.weights), "options": dict(result.options),
-                  "metrics": metrics_to_json(result.metrics), **common}
+    provenance = _recipe_provenance(result.recipe, result.ingredients, result.weights, result.options,
+                                    zoo.sha256, result.metrics, common)
     comparisons = (versus_best(result, zoo.ingredients(candidate.ingredients), zoo.evaluator)
                    if zoo.evaluator is not None else [])
     return ExportPlan(candidate.title(), result.state_dict, result.metrics, provenance,
                       tuple(command) if command else None, result.ingredients, result.weights,
                       candidate.file_name(), hf_source, dict(result.extras), tuple(comparisons))
+
+
+def _provenance_common(zoo: Zoo, candidate: Candidate, out: str | None,
+                       local_names: Collection[str]) -> tuple[list[str] | None, Path | None, dict[str, Any]]:
+    """The remaking command, the Hugging Face source folder (if any) and the provenance every export shares."""
+    remakeable = not (candidate.names_used(zoo) & set(local_names))
+    command = candidate.command(zoo.name, out) if remakeable else None
+    source = zoo.path(zoo.names[0])
+    hf_source = source if is_hf_directory(source) else None
+    common = {"zoo": zoo.name, "manifest": str(zoo.manifest),
+              "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
+              "library_version": __version__, "command": shlex.join(command) if command else None}
+    return command, hf_source, common
+
+
+def _recipe_provenance(recipe_name: str, ingredients: Sequence[str], weights: Sequence[float],
+                       options: Mapping[str, Any], digests: Mapping[str, str], metrics: Mapping[str, Metrics],
+                       common: Mapping[str, Any]) -> dict[str, Any]:
+    recipe = get_recipe(recipe_name)
+    return {"recipe": recipe_name, "recipe_name": recipe.pretty_name, "reference": recipe.reference,
+            "ingredients": [{"name": n, "sha256": digests[n]} for n in ingredients],
+            "weights": list(weights), "options": dict(options), "metrics": metrics_to_json(metrics), **common}
+
+
+def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: Iterable[str | Path] = (),
+                   hf: bool | None = None, max_shard_bytes: int = HF_SHARD_BYTES, device: str | None = None,
+                   progress: Progress | None = None) -> tuple[ExportPlan, list[Path]]:
+    """Write a weight-only recipe's soup tensor by tensor (:mod:`soup_core.merge`): memory holds a
+    few blocks, never a model, so any model the disk holds can be merged.
+
+    The same files as :meth:`ExportPlan.write` for the same candidate (tested): weights with
+    provenance — the inputs' sha256 computed from the bytes the merge reads — and the model card;
+    a Hugging Face folder is sharded past ``max_shard_bytes``. No metrics: use it for zoos
+    without an evaluator (``soup make`` does); a soup that is to be scored is made in memory.
+    """
+    recipe = get_recipe(candidate.recipe)
+    if candidate.kind != "recipe" or recipe.merge_path is None or candidate.align:
+        raise SoupError(f"{candidate.title()} is not a per-tensor merge and cannot be streamed; "
+                        "write it with plan_export(...).write(...)")
+    merge = recipe.plan_merge(candidate.ingredients or zoo.names, dict(candidate.params))
+    if merge.method.needs_base and not zoo.has_base:
+        raise SoupError(f"the {recipe.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
+    command, hf_source, common = _provenance_common(zoo, candidate, str(out), ())
+    out = Path(out)
+    hf = hf_source is not None and not out.name.endswith(".safetensors") if hf is None else hf
+    options = recipe.resolve(dict(candidate.params))
+    sources = [open_source(zoo.path(n), name=n, roots=zoo.allowed_roots) for n in merge.ingredients]
+    base = open_source(zoo.path(BASE), name=BASE, roots=zoo.allowed_roots) if merge.method.needs_base else None
+    run = MergeRun(merge.method, sources, base, merge.ingredients.index(merge.reference), device)
+
+    def plan(digests: Mapping[str, str]) -> ExportPlan:
+        provenance = _recipe_provenance(recipe.name, merge.ingredients, merge.weights, options, digests, {}, common)
+        return ExportPlan(candidate.title(), None, {}, provenance, tuple(command) if command else None,
+                          merge.ingredients, merge.weights, candidate.file_name(), hf_source)
+
+    inputs = [*inputs, *(zoo.path(n) for n in zoo.all_names)]
+    card = None if hf else (out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md"))
+    if card is not None:
+        refuse_inputs(card, inputs)
+    try:
+        written = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
+                              inputs=inputs, provenance=lambda d: plan(d).provenance,
+                              extra_files=(lambda d: {"README.md": plan(d).model_card()}) if hf else None,
+                              progress=progress)
+    finally:
+        for source in (*sources, *([base] if base is not None else [])):
+            getattr(source, "close", lambda: None)()
+    final = plan({n: zoo.sha256[n] for n in merge.ingredients})
+    if merge.summary_name:
+        final = dataclasses.replace(final, extras={merge.summary_name: dict(run.summaries)})
+    return final, [written] + ([atomic_write(card, final.model_card())] if card is not None else [])
 
 
 def model_card(plan: ExportPlan) -> str:

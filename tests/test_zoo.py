@@ -63,10 +63,21 @@ def test_importing_soup_core_does_not_import_streamlit():
     assert out.stdout.strip() == "False"
 
 
+# What regenerates where. Training on a CPU is deterministic on one processor, not across
+# processors: SIMD kernels of different widths sum in different orders, and thousands of steps
+# amplify the last bits. So these tests compare what is stable on any x86-64 or arm64 CPU:
+# * the hyperparameters (drawn from a seeded ``random.Random``) exactly;
+# * digits-finetune (short runs from a small θ0): every weight within 1e-3 of the committed file
+#   (bit-equal on the machine that built it; 1.7e-5 apart on an Intel Xeon with AVX-512);
+# * digits-soup (θ0 trained 8 epochs on 21,552 images): weights drift by up to 0.4 across
+#   processors, so the rebuilt models are compared by what they do: val and test accuracy within
+#   2 points of the committed models'.
+REBUILT_WEIGHTS_ATOL = 1e-3
+REBUILT_ACCURACY_POINTS = 2.0
+
+
 @pytest.mark.slow
 def test_the_builder_regenerates_the_committed_checkpoints():
-    import torch
-
     from sample_data.build import finetune_sweep, pretrain
     from sample_data.digits import make_mlp
 
@@ -75,24 +86,25 @@ def test_the_builder_regenerates_the_committed_checkpoints():
     theta0 = pretrain(make_mlp)
     rebuilt = finetune_sweep(theta0, make_mlp, 2, sweep_seed=0)
     for key, value in theta0.state_dict().items():
-        assert torch.allclose(value, zoo.base[key], atol=1e-5), key
+        assert torch.allclose(value, zoo.base[key], atol=REBUILT_WEIGHTS_ATOL), key
     for name, (state, hparams) in rebuilt.items():
         assert dict(zoo.hparams(name)) == hparams.__dict__
         for key, value in state.items():
-            assert torch.allclose(value, zoo.state_dict(name)[key], atol=1e-4), (name, key)
+            assert torch.allclose(value, zoo.state_dict(name)[key], atol=REBUILT_WEIGHTS_ATOL), (name, key)
 
 
 @pytest.mark.slow
-def test_the_paper_conditions_builder_regenerates_the_committed_checkpoints():
-    import torch
-
+def test_the_paper_conditions_builder_regenerates_models_that_score_as_the_committed_ones():
     from sample_data.paper import good_sweep, pretrain_on_source
 
     torch.use_deterministic_algorithms(True)
-    zoo = open_zoo("digits-soup")
+    zoo = open_zoo("digits-soup", device="cpu")
     theta0 = pretrain_on_source()
-    for key, value in theta0.state_dict().items():
-        assert torch.allclose(value, zoo.base[key], atol=1e-5), key
+    rebuilt = {"base": theta0.state_dict()}
     for name, (state, hparams) in good_sweep(theta0, 2, sweep_seed=0).items():
         assert dict(zoo.hparams(name)) == hparams.__dict__
-        assert all(torch.allclose(v, zoo.state_dict(name)[k], atol=1e-4) for k, v in state.items()), name
+        rebuilt[name] = state
+    for name, state in rebuilt.items():
+        for split in ("val", "test"):
+            ours, committed = zoo.evaluator.accuracy(state, split), zoo.evaluator.accuracy(zoo.state_dict(name), split)
+            assert abs(ours - committed) * 100 <= REBUILT_ACCURACY_POINTS, (name, split, ours, committed)

@@ -78,6 +78,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a number of bytes (units as transformers' ``max_shard_size``).
+
+    >>> byte_size("5GB"), byte_size("1.5 GiB"), byte_size("1000")
+    (5000000000, 1610612736, 1000)
+    """
+    number = text.strip().upper().rstrip("IBKMGT ")
+    unit = text.strip().upper()[len(number):].strip()
+    try:
+        value = float(number) * BYTE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least one byte")
+    return int(value)
+
+
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per parameter the recipes declare, with its help, default and the recipes using it."""
     group = parser.add_argument_group("recipe parameters (each recipe takes only its own)")
@@ -163,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     alignable(make)
     make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance, and its "
                       "model card as FILE's name with .md (a folder for Hugging Face zoos)")
+    make.add_argument("--shard-size", type=byte_size, default="5GB", metavar="SIZE",
+                      help="largest weights file of a Hugging Face folder written (default 5GB, as save_pretrained)")
     precise(make)
     common(make)
     add_recipe_flags(make)

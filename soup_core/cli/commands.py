@@ -170,6 +170,8 @@ def cmd_make(args: argparse.Namespace) -> None:
     chosen = [n for n in args.ingredients.split(",") if n] if args.ingredients else None
     for name in chosen or ():
         zoo.path(name)  # a clear error for an unknown name
+    if args.out and RECIPES[args.recipe].merge_path and not args.align and zoo.evaluator is None:
+        return make_streamed(args, zoo, chosen, params)
     result = make_soup(zoo, args.recipe, chosen, **params)
     payload = {"recipe": result.recipe, "zoo": zoo.name, "ingredients": list(result.ingredients),
                "weights": list(result.weights), "trace": [s.to_dict() for s in result.trace],
@@ -199,6 +201,25 @@ def cmd_make(args: argparse.Namespace) -> None:
         say(args, f"  vs the {comparison.a} on {comparison.split}: {comparison.sentence()}")
     if args.out:
         say(args, f"  written to {args.out} (model card: {payload['model_card']})")
+
+
+def make_streamed(args: argparse.Namespace, zoo, chosen: list[str] | None, params: dict[str, Any]) -> None:
+    """A weight-only soup of a zoo with nothing to score it: streamed tensor by tensor to ``--out``."""
+    from soup_core.export import Candidate, write_streamed
+    candidate = Candidate.of_recipe(args.recipe, chosen, **params)
+    bar, report = progress_bar("merge")
+    with bar:
+        plan, written = write_streamed(zoo, candidate, args.out, inputs=zoo_inputs(zoo), progress=report,
+                                       max_shard_bytes=args.shard_size, device=check_device(args.device))
+    card = str(written[1]) if len(written) > 1 else str(Path(written[0]) / "README.md")
+    payload = {"recipe": args.recipe, "zoo": zoo.name, "ingredients": list(plan.ingredients),
+               "weights": list(plan.weights), "trace": [], "metrics": {}, "options": plan.provenance["options"],
+               "precision": args.precision, "extras": dict(plan.extras), "out": args.out, "model_card": card,
+               "significance": []}
+    write_json(args.json, payload, zoo_inputs(zoo))
+    say(args, f"{RECIPES[args.recipe].pretty_name}: {len(plan.ingredients)} ingredient(s) "
+              f"{', '.join(plan.ingredients)}")
+    say(args, f"  written to {args.out} tensor by tensor (model card: {card})")
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoint I/O: :mod:`~soup_core.io.read`, :mod:`~soup_core.io.validate`, :mod:`~soup_core.io.write`.
+"""Checkpoint I/O: :mod:`~soup_core.io.read`, :mod:`~soup_core.io.validate`, :mod:`~soup_core.io.write`,
+:mod:`~soup_core.io.weights_out` (safetensors, one file or shards, written progressively).
 
 Loading is safe by default (safetensors first; pickles only with ``weights_only=True``), every
 check happens before any math, and every write is atomic and never lands on an input.
@@ -21,7 +22,8 @@ from soup_core.io.read import (
                                read_provenance,
 )
 from soup_core.io.validate import ValidationReport, validate_state_dicts
-from soup_core.io.write import atomic_write, refuse_inputs, save_hf_directory, save_state_dict, state_dict_bytes
+from soup_core.io.weights_out import save_hf_directory, save_state_dict, state_dict_bytes
+from soup_core.io.write import atomic_write, refuse_inputs
 
 __all__ = ["CHECKPOINT_SUFFIXES", "PROVENANCE_KEY", "LazySafetensors", "ValidationReport", "atomic_write",
            "file_sha256", "load_state_dict", "load_state_dict_bytes", "open_checkpoint", "read_provenance",

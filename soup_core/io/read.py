@@ -157,10 +157,27 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     Hashed once per process: the result is cached by path, size and modification time, so a
     file that changes is hashed again and one that does not is never read twice.
     """
+    stamp = _stamp(hashed_files(path))
+    return _KNOWN_SHA256.get(stamp) or _sha256_of(stamp)
+
+
+def hashed_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files :func:`file_sha256` hashes, in the order it hashes them (one stream of bytes)."""
     path = Path(path).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _sha256_of(stamp)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def remember_sha256(files: Sequence[Path], digest: str) -> None:
+    """Record the sha256 of ``files`` (as :func:`hashed_files` lists them) computed elsewhere —
+    by a merge, from the bytes it read anyway — so that :func:`file_sha256` does not read them again."""
+    _KNOWN_SHA256[_stamp(files)] = digest
+
+
+def _stamp(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+_KNOWN_SHA256: dict[tuple[tuple[str, int, int], ...], str] = {}
 
 
 @lru_cache(maxsize=4096)

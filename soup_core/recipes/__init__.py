@@ -18,7 +18,7 @@ and returns a :class:`SoupResult`.
 from __future__ import annotations
 
 from soup_core.errors import RecipeError
-from soup_core.recipes.base import Brew, Ingredients, Recipe, SoupResult, TraceStep
+from soup_core.recipes.base import Brew, Ingredients, Merge, Recipe, SoupResult, TraceStep
 from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, ORDER, PASSES, SEED,
                                           TIE, TIE_ORDER, VAL_SPLIT, WEIGHTS, Parameter, Params)
 
@@ -28,7 +28,8 @@ LEARNING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, SEED, VAL_SPLIT)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("best", "Best individual model", f"{PAPER}, Table 3", "best_individual:best_individual", (VAL_SPLIT,)),
-    Recipe("uniform", "Uniform soup", f"{PAPER}, §2 / Table 2", "uniform:uniform_soup", needs_evaluator=False),
+    Recipe("uniform", "Uniform soup", f"{PAPER}, §2 / Table 2", "uniform:uniform_soup", needs_evaluator=False,
+           merge_path="uniform:uniform_merge"),
     Recipe("greedy", "Greedy soup", f"{PAPER}, Recipe 1", "greedy:greedy_soup",
            (*CHOOSING, MAX_INGREDIENTS, VAL_SPLIT)),
     Recipe("pruned", "Pruned soup", "Dansereau et al., Algorithm 2", "pruned:pruned_soup", (*CHOOSING, VAL_SPLIT)),
@@ -39,9 +40,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("greedy-ensemble", "Greedy ensemble", f"{PAPER}, Table 3", "greedy_ensemble:greedy_ensemble",
            (*CHOOSING, VAL_SPLIT), is_soup=False),
     Recipe("model-stock", "Model Stock", "Jang et al. 2024, Model Stock", "model_stock:model_stock",
-           needs_evaluator=False, needs_base=True, min_ingredients=2),
+           needs_evaluator=False, needs_base=True, min_ingredients=2, merge_path="model_stock:model_stock_merge"),
     Recipe("weighted", "Weighted soup", "weights by hand, as mergekit's linear merge; learned: App. I",
-           "weighted:weighted_soup", (WEIGHTS,), needs_evaluator=False, by_hand=True),
+           "weighted:weighted_soup", (WEIGHTS,), needs_evaluator=False, by_hand=True,
+           merge_path="weighted:weighted_merge"),
 )}
 
 
@@ -60,5 +62,5 @@ def all_parameters() -> dict[str, tuple[Parameter, tuple[str, ...]]]:
     return out
 
 
-__all__ = ["RECIPES", "Brew", "Ingredients", "Parameter", "Params", "Recipe", "SoupResult", "TraceStep",
+__all__ = ["RECIPES", "Brew", "Ingredients", "Merge", "Parameter", "Params", "Recipe", "SoupResult", "TraceStep",
            "all_parameters", "get_recipe"]

@@ -60,6 +60,33 @@ class Brew:
 
 
 @dataclass(frozen=True)
+class Merge:
+    """A weight-only recipe's plan for given ingredients and parameters: which ingredients, their
+    weights, the per-tensor method (:mod:`soup_core.merge.methods`) and the ingredient whose
+    integer tensors are copied. The same plan is run in memory (:func:`brew_merge`) or streamed
+    to disk tensor by tensor (:func:`soup_core.export.write_streamed`)."""
+
+    ingredients: tuple[str, ...]
+    weights: tuple[float, ...]
+    method: Any  # soup_core.merge.TensorMethod (not imported here: the registry stays torch-free)
+    reference: str
+    summary_name: str | None = None  # the extras key of the method's per-tensor summaries
+
+
+def brew_merge(merge: Merge, ingredients: Ingredients, base: Mapping[str, torch.Tensor] | None,
+               device: Any = None) -> Brew:
+    """Run a weight-only recipe's :class:`Merge` in memory, on ``device``."""
+    from soup_core.merge import MappingSource, merge_in_memory
+    sources = [MappingSource(ingredients[n], name=n) for n in merge.ingredients]
+    base_source = MappingSource(base, name="base") if merge.method.needs_base else None
+    summaries: dict[str, Any] = {}
+    state = merge_in_memory(merge.method, sources, base_source, reference=merge.ingredients.index(merge.reference),
+                            device=device, summaries=summaries)
+    extras = {merge.summary_name: summaries} if merge.summary_name else {}
+    return Brew(merge.ingredients, state, weights=merge.weights, extras=extras)
+
+
+@dataclass(frozen=True)
 class SoupResult:
     """A finished soup. ``state_dict`` is None for ensembles, which are not one set of weights."""
 
@@ -88,6 +115,17 @@ class Recipe:
     is_soup: bool = True  # False for ensembles: no single set of weights to export
     min_ingredients: int = 1
     by_hand: bool = False  # its result is what the user set, not a method: boards and warm-ups skip it
+    merge_path: str | None = None  # weight-only recipes: "module:function" (names, params) -> Merge
+
+    def plan_merge(self, names: tuple[str, ...], values: Mapping[str, Any]) -> Merge | None:
+        """The per-tensor plan of a weight-only recipe (None for recipes that score candidates)."""
+        if self.merge_path is None:
+            return None
+        if len(names) < self.min_ingredients:
+            raise RecipeError(f"the {self.pretty_name} needs at least {self.min_ingredients} ingredient(s), "
+                              f"got {len(names)}")
+        module, _, name = self.merge_path.partition(":")
+        return getattr(importlib.import_module(f"soup_core.recipes.{module}"), name)(names, self.resolve(values))
 
     @property
     def function(self) -> Callable[..., Brew]:

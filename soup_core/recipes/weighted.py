@@ -15,20 +15,25 @@ unnamed: the uniform soup); weight 0 leaves it out.
 from __future__ import annotations
 
 from soup_core.errors import RecipeError
-from soup_core.params import weighted_average
-from soup_core.recipes.base import Brew, Ingredients
+from soup_core.recipes.base import Brew, Ingredients, Merge, brew_merge
 from soup_core.recipes.parameters import Params
 
 
-def weighted_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
+def weighted_merge(names: tuple[str, ...], params: Params) -> Merge:
+    from soup_core.merge import linear
     given = dict(params.weights)
-    unknown = [name for name in given if name not in ingredients]
+    unknown = [name for name in given if name not in names]
     if unknown:
         raise RecipeError(f"weights name {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
-                          f"among this soup's ingredients ({', '.join(ingredients)}); name ingredients only")
-    kept = {name: given.get(name, 1.0) for name in ingredients if given.get(name, 1.0) > 0}
+                          f"among this soup's ingredients ({', '.join(names)}); name ingredients only")
+    kept = {name: given.get(name, 1.0) for name in names if given.get(name, 1.0) > 0}
     if not kept:
         raise RecipeError("every weight is 0: give at least one ingredient a positive weight")
     total = sum(kept.values())
-    names, weights = tuple(kept), tuple(w / total for w in kept.values())
-    return Brew(names, weighted_average([ingredients[n] for n in names], weights), weights=weights)
+    weights = tuple(w / total for w in kept.values())
+    reference = max(kept, key=lambda n: kept[n])  # integer tensors from the heaviest (the first of equals)
+    return Merge(tuple(kept), weights, linear(weights), reference)
+
+
+def weighted_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
+    return brew_merge(weighted_merge(tuple(ingredients), params), ingredients, base)

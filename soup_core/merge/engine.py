@@ -1,0 +1,183 @@
+"""The tensor-streaming merge engine: a model merged a block at a time, never held whole.
+
+For each tensor name, in the order its bytes lie on disk, the engine reads that tensor (or a
+block of it) from every ingredient, widens it to float64 on the chosen device, applies the
+method's per-tensor function (:mod:`soup_core.merge.methods`) and hands the result, in the
+tensor's own dtype, to a writer — then lets it go. Memory is a few blocks: about
+``block_bytes`` whatever the model's size or its largest tensor (methods that need whole
+tensors, such as TIES, hold one tensor per ingredient). Integer tensors (``num_batches_tracked``,
+``position_ids``) are copied from the reference ingredient, never averaged; tied tensors stay
+tied (each group is merged once and its aliases are recorded, as in :mod:`soup_core.params`).
+
+Inputs are checked against each other before any math (same names, shapes and dtypes; the error
+names the tensor and both files), and every block is checked for NaN/Inf as it is read.
+
+>>> import torch
+>>> from soup_core.merge import MappingSource, mean_of, merge_in_memory
+>>> a, b = MappingSource({"w": torch.zeros(2)}, name="a"), MappingSource({"w": torch.ones(2)}, name="b")
+>>> merge_in_memory(mean_of(2), [a, b])["w"].tolist()
+[0.5, 0.5]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soup_core.errors import CheckpointError, RecipeError
+from soup_core.io.layout import TensorInfo
+from soup_core.io.weights_out import HF_SHARD_BYTES, StreamingWriter, weights_metadata
+from soup_core.merge.methods import TensorMethod
+from soup_core.merge.sources import Source
+from soup_core.state import Progress, StateDict, names_list
+
+ACCUMULATE_DTYPE = torch.float64
+BLOCK_BYTES = 256 << 20  # float64 working set per block, all ingredients together
+
+
+@dataclass
+class MergeRun:
+    """One merge: its inputs, and what it learnt on the way (per-tensor summaries, e.g. Model
+    Stock's ratios) once :meth:`blocks` has been consumed."""
+
+    method: TensorMethod
+    sources: Sequence[Source]
+    base: Source | None = None
+    reference: int = 0  # the ingredient whose integer tensors are copied
+    device: torch.device | str | None = None
+    block_bytes: int = BLOCK_BYTES
+    summaries: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise RecipeError("a merge needs at least one ingredient")
+        if self.method.needs_base and self.base is None:
+            raise RecipeError(f"{self.method.name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
+        check_compatible([*self.sources, *([self.base] if self.base is not None else [])])
+        self.device = torch.device(self.device or "cpu")
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return self.sources[self.reference].aliases
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        """The output's tensors (each tied group once), in the first ingredient's order on disk."""
+        reference = self.sources[self.reference].infos
+        return {key: reference[key] for key in self.sources[0].layout_order() if key not in self.aliases}
+
+    def _widened(self, source: Source, key: str, start: int, stop: int | None) -> torch.Tensor:
+        block = source.read(key, start, stop).to(self.device).to(ACCUMULATE_DTYPE)
+        if not bool(torch.isfinite(block).all()):
+            raise CheckpointError(f"{source.name}: tensor {key!r} holds NaN or Inf values; a soup with it would be "
+                                  "NaN too — leave this checkpoint out")
+        return block
+
+    def _read_all(self, key: str, start: int, stop: int | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        blocks = [self._widened(s, key, start, stop) for s in self.sources]
+        return blocks, (self._widened(self.base, key, start, stop) if self.method.needs_base else None)
+
+    def blocks(self, progress: Progress | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """``(name, first element, merged block in the tensor's dtype)`` for every output tensor."""
+        infos = self.infos
+        total = sum(info.nbytes for info in infos.values()) or 1
+        done = 0
+        for key, info in infos.items():
+            if not (info.dtype.is_floating_point or info.dtype.is_complex):
+                yield key, 0, self.sources[self.reference].read(key)
+            else:
+                yield from self._merge_tensor(key, info)
+            done += info.nbytes
+            if progress is not None:
+                progress(done / total, key)
+
+    def _merge_tensor(self, key: str, info: TensorInfo) -> Iterator[tuple[str, int, torch.Tensor]]:
+        inputs = len(self.sources) + (1 if self.method.needs_base else 0) + 2
+        step = max(1, self.block_bytes // (inputs * ACCUMULATE_DTYPE.itemsize))
+        if not self.method.elementwise or step >= info.numel:
+            ranges = [(0, None)]
+        else:
+            ranges = [(start, min(start + step, info.numel)) for start in range(0, info.numel, step)]
+        summary = None
+        if self.method.statistic is not None:
+            total = None
+            for start, stop in ranges:
+                statistic = self.method.statistic(*self._read_all(key, start, stop))
+                total = statistic if total is None else total + statistic
+            summary = self.method.summary(total) if self.method.summary is not None else total
+            self.summaries[key] = summary
+        for start, stop in ranges:
+            blocks, base = self._read_all(key, start, stop)
+            yield key, start, self.method.combine(blocks, base, summary).to(info.dtype)
+
+
+def check_compatible(sources: Sequence[Source]) -> None:
+    """Same tensor names, shapes and dtypes in every input (read from headers, before any math)."""
+    first = sources[0]
+    for other in sources[1:]:
+        missing, extra = sorted(set(first.infos) - set(other.infos)), sorted(set(other.infos) - set(first.infos))
+        if missing or extra:
+            lacks = f"lacks {names_list(missing)}" if missing else ""
+            has = f"has {names_list(extra)} that {first.name} has not" if extra else ""
+            raise CheckpointError(f"{other.name} and {first.name} hold different tensors: {other.name} "
+                                  f"{' and '.join(p for p in (lacks, has) if p)}; a merge needs the same architecture")
+        for key, info in first.infos.items():
+            theirs = other.infos[key]
+            if theirs != info:
+                raise CheckpointError(f"{key!r} is {list(theirs.shape)} {str(theirs.dtype).removeprefix('torch.')} in "
+                                      f"{other.name} but {list(info.shape)} {str(info.dtype).removeprefix('torch.')} "
+                                      f"in {first.name}; a merge needs the same architecture and dtypes")
+
+
+def merge_in_memory(method: TensorMethod, sources: Sequence[Source], base: Source | None = None, *,
+                    reference: int = 0, device: torch.device | str | None = None,
+                    summaries: dict[str, Any] | None = None) -> StateDict:
+    """The merged state dict, assembled in memory (small models, and soups that are scored next)."""
+    run = MergeRun(method, sources, base, reference, device)
+    out: StateDict = {}
+    for key, start, block in run.blocks():
+        if start == 0 and block.shape == run.infos[key].shape:
+            out[key] = block
+        else:  # blocks of one tensor: assemble
+            if start == 0:
+                out[key] = torch.empty(run.infos[key].shape, dtype=block.dtype, device=block.device)
+            out[key].view(-1)[start:start + block.numel()] = block.reshape(-1)
+    for alias, target in run.aliases.items():
+        out[alias] = out[target]
+    if summaries is not None:
+        summaries.update(run.summaries)
+    return out
+
+
+def write_merge(run: MergeRun, out: str | os.PathLike[str], *, folder: bool = False,
+                max_shard_bytes: int = HF_SHARD_BYTES, copy_from: Path | None = None,
+                inputs: Sequence[str | os.PathLike[str]] = (),
+                provenance: Callable[[Mapping[str, str]], Mapping[str, Any]] | None = None,
+                extra_files: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
+                progress: Progress | None = None) -> Path:
+    """Stream ``run`` into a safetensors file or a Hugging Face folder (``folder=True``, sharded past
+    ``max_shard_bytes``), atomically. ``provenance`` and ``extra_files`` (a model card) are made from
+    the inputs' sha256 digests (source name -> hex), which the sources compute from the bytes the
+    merge reads; the header is laid out with placeholders of the same length and rewritten at the end.
+    """
+    everyone = [*run.sources, *([run.base] if run.base is not None else [])]
+    aliases = None if folder else run.aliases  # Hugging Face re-ties from the model's config
+
+    def metadata(digests: Mapping[str, str]) -> dict[str, str]:
+        return weights_metadata(provenance(digests) if provenance is not None else None, aliases)
+
+    placeholders = {s.name: "0" * 64 for s in everyone}
+    with StreamingWriter(out, run.infos, metadata(placeholders), folder=folder, max_shard_bytes=max_shard_bytes,
+                         copy_from=copy_from, inputs=inputs) as writer:
+        for key, start, block in run.blocks(progress):
+            writer.write(key, block, start)
+        digests = {**placeholders, **{s.name: d for s in everyone if (d := s.sha256()) is not None}}
+        return writer.finish(metadata(digests), extra_files(digests) if extra_files is not None else None)
+
+
+__all__ = ["BLOCK_BYTES", "MergeRun", "check_compatible", "merge_in_memory", "write_merge"]

@@ -1,0 +1,95 @@
+"""Weight-only merges as per-tensor functions, run by the engine for every tensor of a model.
+
+A :class:`TensorMethod` is what mergekit writes as one ``@merge_method`` function: a pure
+function of one tensor's ingredient values (and θ0's), here in float64. The engine
+(:mod:`soup_core.merge.engine`) does the reading, the blocks, the dtypes and the writing, so a
+method is a few lines and can be checked on a 2×2 example:
+
+>>> import torch
+>>> blocks = [torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 6.0], dtype=torch.float64)]
+>>> mean_of(2).combine(blocks, None, None).tolist()
+[2.0, 4.0]
+>>> linear([0.75, 0.25]).combine(blocks, None, None).tolist()
+[1.5, 3.0]
+
+An *elementwise* method sees any block of a tensor's elements (the engine bounds memory by
+block size, not tensor size). A method that needs a whole-tensor quantity first (Model Stock's
+angle) declares a ``statistic``: computed on each block, summed over the tensor's blocks, turned
+into a value by ``summary`` and given to ``combine`` — two passes over the tensor, one block at
+a time. A method that is not elementwise (TIES' magnitude threshold) sees whole tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Blocks = Sequence[torch.Tensor]  # one float64 block per ingredient, same elements of one tensor
+
+
+@dataclass(frozen=True)
+class TensorMethod:
+    """``combine(blocks, base_block, summary) -> merged block`` for every block of every float tensor."""
+
+    name: str
+    combine: Callable[[Blocks, torch.Tensor | None, Any], torch.Tensor]
+    statistic: Callable[[Blocks, torch.Tensor | None], torch.Tensor] | None = None
+    summary: Callable[[torch.Tensor], Any] | None = None
+    needs_base: bool = False
+    elementwise: bool = True
+
+
+def mean_of(count: int) -> TensorMethod:
+    """(Σ θ_i) / k, summed in float64 in ingredient order — the same float64 value
+    :class:`soup_core.params.RunningSum` reaches, so streamed and in-memory soups are equal bytes."""
+    def combine(blocks: Blocks, base, summary) -> torch.Tensor:
+        total = torch.zeros_like(blocks[0])
+        for block in blocks:
+            total.add_(block)
+        return total / count
+    return TensorMethod("mean", combine)
+
+
+def linear(weights: Sequence[float]) -> TensorMethod:
+    """Σ w_i θ_i with the weights as given (mergekit's ``linear`` with ``normalize: false``;
+    pass weights that sum to one for an average)."""
+    weights = [float(w) for w in weights]
+
+    def combine(blocks: Blocks, base, summary) -> torch.Tensor:
+        total = torch.zeros_like(blocks[0])
+        for weight, block in zip(weights, blocks):
+            total.add_(block, alpha=weight)
+        return total
+    return TensorMethod("linear", combine)
+
+
+def model_stock_ratio_from_gram(gram: torch.Tensor) -> tuple[float, float]:
+    """(mean pairwise cosine, interpolation ratio t) from the Gram matrix of k deltas θ_i − θ0.
+
+    t = k·cos / (1 + (k − 1)·cos) (Jang et al. 2024, eq. 3, with cos the mean over pairs); t = 0
+    (keep θ0) when cos ≤ 0, when a delta is zero, or for a single delta, where no angle exists.
+    """
+    k = gram.shape[0]
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    if k < 2 or bool((norms == 0).any()):
+        return 0.0, 0.0
+    cosines = gram / (norms[:, None] * norms[None, :])
+    cos = float((cosines.sum() - cosines.diagonal().sum()) / (k * (k - 1)))
+    if cos <= 0:
+        return cos, 0.0
+    return cos, k * cos / (1 + (k - 1) * cos)
+
+
+def model_stock() -> TensorMethod:
+    """Model Stock, per tensor: merged = t·mean(θ_i) + (1 − t)·θ0, t from the deltas' angle."""
+    def statistic(blocks: Blocks, base: torch.Tensor) -> torch.Tensor:
+        deltas = torch.stack([block.reshape(-1) - base.reshape(-1) for block in blocks])
+        return deltas @ deltas.T
+
+    def combine(blocks: Blocks, base: torch.Tensor, t: float) -> torch.Tensor:
+        return t * mean_of(len(blocks)).combine(blocks, None, None) + (1 - t) * base
+    return TensorMethod("model-stock", combine, statistic, summary=lambda gram: model_stock_ratio_from_gram(gram)[1],
+                        needs_base=True)

@@ -1,0 +1,238 @@
+"""Checkpoints as tensor sources: names, dtypes and shapes from the header; values a block at a time.
+
+The merge engine asks a source for one block of one tensor at a time. For safetensors files and
+Hugging Face folders of them (sharded or not), :class:`SafetensorsSource` reads exactly those
+bytes with ``pread`` — no memory map, so a file truncated under a running merge is a clear error,
+not a SIGBUS — and feeds the same bytes to the file's sha256 on the way: when the merge reads
+tensors in the order they lie on disk (it does: :func:`SafetensorsSource.layout_order`), every
+byte is read once, for the merge and the provenance together. Other checkpoints (``.bin``, ``.pt``,
+training checkpoints) load through the safe reader (:func:`soup_core.io.load_state_dict`,
+memory-mapped where the format allows) as a :class:`MappingSource`.
+
+>>> import torch
+>>> source = MappingSource({"w": torch.arange(6.0).reshape(2, 3)}, name="toy")
+>>> source.infos["w"].shape, source.read("w", 2, 5).tolist()
+((2, 3), [2.0, 3.0, 4.0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from soup_core.errors import CheckpointError
+from soup_core.io.layout import StoredTensor, TensorInfo, parse_header
+from soup_core.io.read import (TIED_KEY, file_sha256, hashed_files, inside_roots, load_state_dict,
+                               remember_sha256)
+from soup_core.io.safety import FLOAT_DTYPES, INTEGER_DTYPES, check_header, safetensors_header
+from soup_core.state import tied_aliases
+
+HASH_BLOCK = 8 << 20
+
+
+class MappingSource:
+    """A state dict already in memory (or memory-mapped) as a source."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], *, name: str = "state dict",
+                 path: Path | None = None) -> None:
+        self.name, self.path = name, path
+        self._aliases = tied_aliases(state)
+        self._state = state
+        self.infos = {k: TensorInfo.of(t) for k, t in state.items() if k not in self._aliases}
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor (the whole tensor, shaped, by default)."""
+        tensor = self._state[key]
+        if start == 0 and stop is None:
+            return tensor
+        return tensor.reshape(-1)[start:stop]
+
+    def layout_order(self) -> list[str]:
+        return list(self.infos)
+
+    def sha256(self) -> str | None:
+        return file_sha256(self.path) if self.path is not None else None
+
+
+class _HashedStream:
+    """A checkpoint's files as one byte stream, in :func:`file_sha256`'s order: read anywhere,
+    hashed once — the bytes between the last read and this one are hashed on the way."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = list(files)
+        self.sizes = [f.stat().st_size for f in self.files]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.files))]
+        self._fds: dict[int, int] = {}
+        self._digest = hashlib.sha256()
+        self._hashed = 0  # bytes of the stream hashed so far
+
+    def _fd(self, index: int) -> int:
+        if index not in self._fds:
+            self._fds[index] = os.open(self.files[index], os.O_RDONLY)
+        return self._fds[index]
+
+    def _pread(self, index: int, begin: int, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view, done = memoryview(buffer), 0
+        while done < size:
+            count = os.preadv(self._fd(index), [view[done:]], begin + done)
+            if count == 0:
+                raise CheckpointError(f"{self.files[index]}: the file ended at byte {begin + done:,} while it was "
+                                      "being read (was it changed or truncated during the merge?); nothing was "
+                                      "written")
+            done += count
+        return buffer
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(file index, offset in that file) of a byte of the stream."""
+        return next((i, position - start) for i, (start, size) in enumerate(zip(self.starts, self.sizes))
+                    if start <= position < start + size)
+
+    def _hash_until(self, position: int) -> None:
+        while self._hashed < position:
+            index, local = self._locate(self._hashed)
+            count = min(position - self._hashed, self.sizes[index] - local, HASH_BLOCK)
+            self._digest.update(self._pread(index, local, count))
+            self._hashed += count
+
+    def read(self, index: int, begin: int, end: int) -> bytearray:
+        data = self._pread(index, begin, end - begin)
+        position = self.starts[index] + begin
+        if self._hashed >= position:  # already hashed (or a re-read): hash only what is new
+            if self._hashed < position + len(data):
+                self._digest.update(memoryview(data)[self._hashed - position:])
+                self._hashed = position + len(data)
+        else:
+            self._hash_until(position)
+            self._digest.update(data)
+            self._hashed = position + len(data)
+        return data
+
+    def hexdigest(self) -> str:
+        self._hash_until(sum(self.sizes))
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class SafetensorsSource:
+    """A ``.safetensors`` file or a Hugging Face folder of them, read by byte ranges."""
+
+    def __init__(self, path: Path, weight_files: Sequence[Path], *, name: str | None = None) -> None:
+        self.path, self.name = path, name or path.name
+        self._stream = _HashedStream(hashed_files(path))
+        self._where: dict[str, tuple[int, StoredTensor]] = {}
+        self._aliases: dict[str, str] = {}
+        for weight_file in weight_files:
+            index = self._stream.files.index(weight_file.resolve())
+            self._read_header(index)
+        self.infos = {k: stored.info for k, (_, stored) in self._where.items()}
+
+    def _read_header(self, index: int) -> None:
+        file = self._stream.files[index]
+        size = self._stream.sizes[index]
+        head = bytes(self._stream.read(index, 0, min(8, size)))
+        header = safetensors_header(head, lambda n: bytes(self._stream.read(index, 8, min(8 + n, size))), str(file))
+        check_header(header, str(file))
+        tensors, metadata = parse_header(header, size, str(file))
+        for key, stored in tensors.items():
+            if stored.info.dtype not in FLOAT_DTYPES + INTEGER_DTYPES:
+                raise CheckpointError(f"{file}: tensor {key!r} has dtype {str(stored.info.dtype).removeprefix('torch.')}, "
+                                      "which soups do not average; convert to bfloat16, float16 or float32")
+            if key in self._where:
+                raise CheckpointError(f"{self.path}: tensor {key!r} is in two shards")
+            self._where[key] = (index, stored)
+        if TIED_KEY in metadata:
+            try:
+                ties = json.loads(metadata[TIED_KEY])
+            except ValueError:
+                ties = None
+            if not isinstance(ties, dict) or not all(isinstance(v, str) and v in tensors for v in ties.values()):
+                raise CheckpointError(f"{file}: its {TIED_KEY!r} metadata does not name tensors of the file")
+            self._aliases.update({k: v for k, v in ties.items() if k not in tensors})
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def layout_order(self) -> list[str]:
+        """Tensor names in the order their bytes lie in the files (reading so hashes each byte once)."""
+        return sorted(self._where, key=lambda k: (self._where[k][0], self._where[k][1].begin))
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor (the whole tensor, shaped, by default)."""
+        index, stored = self._where[key]
+        info = stored.info
+        whole = start == 0 and stop is None
+        stop = info.numel if stop is None else stop
+        size = info.dtype.itemsize
+        data = self._stream.read(index, stored.begin + start * size, stored.begin + stop * size)
+        tensor = torch.frombuffer(data, dtype=info.dtype) if data else torch.empty(0, dtype=info.dtype)
+        return tensor.reshape(info.shape) if whole else tensor
+
+    def sha256(self) -> str:
+        digest = self._stream.hexdigest()
+        remember_sha256(self._stream.files, digest)
+        return digest
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+Source = MappingSource | SafetensorsSource
+
+
+def open_source(path: str | os.PathLike[str], *, name: str | None = None,
+                roots: Sequence[Path] | None = None) -> Source:
+    """A source for a checkpoint file or Hugging Face folder; safetensors are read by byte ranges."""
+    path = Path(path)
+    if roots is not None:
+        inside_roots(path, roots)
+    weights = _safetensors_files(path)
+    if weights is None:
+        return MappingSource(load_state_dict(path, roots=roots), name=name or path.name, path=path)
+    if roots is not None:
+        for file in weights:
+            inside_roots(file, roots)
+    return SafetensorsSource(path, weights, name=name)
+
+
+def _safetensors_files(path: Path) -> list[Path] | None:
+    """The safetensors files holding a checkpoint's weights, or None when it is another format."""
+    if path.is_file():
+        with open(path, "rb") as handle:
+            head = handle.read(10)
+        return [path] if path.name.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{") else None
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
+            raise CheckpointError(f"{index}: not a valid shard index (`weight_map` must map tensor names to "
+                                  "shard file names)") from None
+        files = [(path / shard).resolve() for shard in shards]
+        outside = [f for f in files if path.resolve() not in f.parents]
+        if outside:
+            raise CheckpointError(f"{index}: shard {outside[0].name!r} lies outside the checkpoint directory")
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard {missing[0]!r} is missing from {path}")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    return None
