@@ -8,10 +8,12 @@ A merge of big models never holds its output: :class:`StreamingWriter` lays out 
 the tensors' dtypes and shapes before a value exists (one ``.safetensors`` file, or a Hugging Face
 folder of shards ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, split
 as ``save_pretrained`` splits them), reserves the space (a full disk fails before any work), and
-writes each tensor — or each block of one — at its place as soon as it is computed. Everything is
-assembled in a hidden ``.NAME.PID-XXXX.partial`` folder beside the target and renamed into place at
-the end, so the output appears complete or not at all; what a killed writer leaves is swept by the
-next write to the same target (:func:`soup_core.io.write.sweep_partials`).
+writes each tensor — or each block of one — at its place as soon as it is computed. The files have
+no name while they are written (``O_TMPFILE``: a killed merge, SIGKILL included, leaves nothing);
+at the end they are linked into a hidden ``.NAME.PID-XXXX.partial`` folder beside the target with
+the index and copied files, and renamed into place, so the output appears complete or not at all.
+What a writer killed during those last milliseconds (or on a file system without ``O_TMPFILE``)
+leaves is swept by the next write to the same target (:func:`soup_core.io.write.sweep_partials`).
 
 Metadata may change at the end (a provenance whose sha256 digests were computed while the inputs
 were read) as long as its JSON keeps its length: the header is rewritten in place.
@@ -30,12 +32,14 @@ were read) as long as its JSON keeps its length: the header is rewritten in plac
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from typing import Any
@@ -48,6 +52,7 @@ from soup_core.io.read import PROVENANCE_KEY, TIED_KEY
 from soup_core.io.write import PARTIAL_SUFFIX, WEIGHT_FILE_SUFFIXES, refuse_inputs, sweep_partials
 from soup_core.state import tied_aliases
 
+AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000  # linkat(2), Linux
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -69,14 +74,15 @@ def plan_shards(infos: Mapping[str, TensorInfo], max_shard_bytes: int) -> list[l
 class _File:
     """One output file: its header written, its space reserved, tensors written at their offsets."""
 
-    def __init__(self, path: Path, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> None:
-        self.path, self.infos = path, infos
+    def __init__(self, name: str, opened: tuple[int, Path | None], infos: Mapping[str, TensorInfo],
+                 metadata: Mapping[str, str]) -> None:
+        self.name, self.infos = name, infos
+        self.fd, self.path = opened
         self.header, self.offsets = build_header(infos, metadata)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         data_bytes = sum(info.nbytes for info in infos.values())
         self.start = 8 + len(self.header)
-        _reserve(self.fd, self.start + data_bytes, path)
-        _write_at(self.fd, len(self.header).to_bytes(8, "little") + self.header, 0, path)
+        _reserve(self.fd, self.start + data_bytes)
+        _write_at(self.fd, len(self.header).to_bytes(8, "little") + self.header, 0)
 
     def write(self, key: str, values: torch.Tensor, start: int) -> None:
         info = self.infos[key]
@@ -85,15 +91,21 @@ class _File:
                              f"{list(info.shape)} {info.dtype}")
         data = values.detach().reshape(-1).contiguous().cpu()
         raw = data.view(torch.uint8).numpy() if data.numel() else b""
-        _write_at(self.fd, memoryview(raw), self.start + self.offsets[key][0] + start * info.dtype.itemsize,
-                  self.path)
+        _write_at(self.fd, memoryview(raw), self.start + self.offsets[key][0] + start * info.dtype.itemsize)
 
     def finish(self, metadata: Mapping[str, str]) -> None:
         header, _ = build_header(self.infos, metadata)
         if len(header) != len(self.header):
-            raise ValueError(f"{self.path.name}: the final metadata changed the header's length")
-        _write_at(self.fd, header, 8, self.path)
+            raise ValueError(f"{self.name}: the final metadata changed the header's length")
+        _write_at(self.fd, header, 8)
         os.fsync(self.fd)
+
+    def link(self, folder: Path) -> None:
+        """Give the finished file its name in ``folder`` (an anonymous file is linked, a named one moved)."""
+        if self.path is None:
+            _link_unnamed(self.fd, folder / self.name)
+        else:
+            os.replace(self.path, folder / self.name)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -130,25 +142,30 @@ class StreamingWriter:
     def __enter__(self) -> StreamingWriter:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         sweep_partials(self.target)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX,
-                                              dir=self.target.parent))
         try:
             if not self.folder:
-                self._open(self._staging / self.target.name, self.infos)
+                self._open(self.target.name, self.infos)
             else:
                 shards = plan_shards(self.infos, self.max_shard_bytes)
                 for i, keys in enumerate(shards, 1):
                     name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                    self._open(self._staging / name, {k: self.infos[k] for k in keys})
+                    self._open(name, {k: self.infos[k] for k in keys})
         except BaseException:
             self._abort()
             raise
         return self
 
-    def _open(self, path: Path, infos: Mapping[str, TensorInfo]) -> None:
-        handle = _File(path, infos, self.metadata)
+    def _open(self, name: str, infos: Mapping[str, TensorInfo]) -> None:
+        handle = _File(name, _unnamed_file(self.target.parent, lambda: self._scratch() / name), infos, self.metadata)
         self._files.append(handle)
         self._where.update({k: handle for k in infos})
+
+    def _scratch(self) -> Path:
+        """The hidden folder beside the target where the output is assembled (made on first use)."""
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}-",
+                                                  suffix=PARTIAL_SUFFIX, dir=self.target.parent))
+        return self._staging
 
     def write(self, key: str, values: torch.Tensor, start: int = 0) -> None:
         """Write ``values`` (flattened) as elements ``start, start + 1, ...`` of tensor ``key``."""
@@ -156,47 +173,93 @@ class StreamingWriter:
 
     def finish(self, metadata: Mapping[str, str] | None = None, extra_files: Mapping[str, str] | None = None) -> Path:
         """Final metadata (same JSON length), the index, copied and extra files; then the rename."""
-        assert self._staging is not None
         for handle in self._files:
             handle.finish(metadata if metadata is not None else self.metadata)
+        staging = self._scratch()
+        for handle in self._files:
+            handle.link(staging)
             handle.close()
         if self.folder:
             if len(self._files) > 1:
                 index = {"metadata": {"total_size": sum(i.nbytes for i in self.infos.values())},
-                         "weight_map": {k: h.path.name for k, h in self._where.items()}}
-                (self._staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
+                         "weight_map": {k: h.name for k, h in self._where.items()}}
+                (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
             if self.copy_from is not None:
                 for item in sorted(self.copy_from.iterdir()):
                     if item.is_file() and not item.name.endswith(WEIGHT_FILE_SUFFIXES) \
                             and item.name not in (extra_files or {}):
-                        shutil.copy2(item, self._staging / item.name)
+                        shutil.copy2(item, staging / item.name)
             for name, text in (extra_files or {}).items():
-                (self._staging / name).write_text(text)
+                (staging / name).write_text(text)
             if self.target.exists():
                 self.target.rmdir()  # empty, checked when the writer was made
-            os.replace(self._staging, self.target)
+            os.replace(staging, self.target)
         else:
-            os.replace(self._files[0].path, self.target)
-            shutil.rmtree(self._staging, ignore_errors=True)
+            os.replace(staging / self.target.name, self.target)
+            shutil.rmtree(staging, ignore_errors=True)
         self._staging = None
+        self._files = []
         return self.target
 
     def _abort(self) -> None:
         for handle in self._files:
             handle.close()
+        self._files = []
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
     def __exit__(self, kind, exc, tb) -> None:
-        if self._staging is not None:  # an error, or finish() never called: nothing appears
-            self._abort()
+        self._abort()  # after finish() nothing is left to remove; before it, nothing appears
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise CheckpointError(f"{self.target}: no space left on the device; nothing was written and any "
                                   "previous file is unchanged") from None
 
 
-def _reserve(fd: int, size: int, path: Path) -> None:
+def _unnamed_file(folder: Path, fallback: Callable[[], Path]) -> tuple[int, Path | None]:
+    """A file in ``folder`` that has no name until it is finished (``O_TMPFILE``): if the process is
+    killed — even by SIGKILL — it vanishes with it. Where the file system cannot, the named file
+    ``fallback()`` (in the hidden staging folder, swept by the next write)."""
+    if _can_link_unnamed(os.stat(folder).st_dev, folder):
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o644), None
+    path = fallback()
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), path
+
+
+@functools.lru_cache(maxsize=64)
+def _can_link_unnamed(device: int, folder: Path) -> bool:
+    """Whether this file system makes ``O_TMPFILE`` files and lets them be linked (tried once per device)."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return False
+    probe = folder / f".soup-link-probe.{os.getpid()}"
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:
+        return False
+    try:
+        _link_unnamed(fd, probe)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _link_unnamed(fd: int, path: Path) -> None:
+    """Name an ``O_TMPFILE`` file: through ``/proc/self/fd`` where the kernel allows it, else with
+    ``linkat(fd, "", AT_EMPTY_PATH)`` (some kernels and sandboxes allow only one of the two)."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", path)
+        return
+    except OSError as exc:
+        first = exc
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", AT_FDCWD, os.fsencode(path), AT_EMPTY_PATH) != 0:
+        raise first
+
+
+def _reserve(fd: int, size: int) -> None:
     """Take the file's space now, so that a full disk fails before any work (sparse where it cannot)."""
     try:
         os.posix_fallocate(fd, 0, size) if size else None
@@ -206,7 +269,7 @@ def _reserve(fd: int, size: int, path: Path) -> None:
         os.ftruncate(fd, size)  # a file system without fallocate (EOPNOTSUPP, EINVAL)
 
 
-def _write_at(fd: int, data, offset: int, path: Path) -> None:
+def _write_at(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while len(view):
         written = os.pwrite(fd, view, offset)

@@ -1,8 +1,8 @@
 """The tensor-streaming merge engine: a model merged a block at a time, never held whole.
 
 For each tensor name, in the order its bytes lie on disk, the engine reads that tensor (or a
-block of it) from every ingredient, widens it to float64 on the chosen device, applies the
-method's per-tensor function (:mod:`soup_core.merge.methods`) and hands the result, in the
+block of it) from every ingredient onto the chosen device, applies the method's per-tensor
+function (which sums in float64) (:mod:`soup_core.merge.methods`) and hands the result, in the
 tensor's own dtype, to a writer — then lets it go. Memory is a few blocks: about
 ``block_bytes`` whatever the model's size or its largest tensor (methods that need whole
 tensors, such as TIES, hold one tensor per ingredient). Integer tensors (``num_batches_tracked``,
@@ -10,7 +10,8 @@ tensors, such as TIES, hold one tensor per ingredient). Integer tensors (``num_b
 tied (each group is merged once and its aliases are recorded, as in :mod:`soup_core.params`).
 
 Inputs are checked against each other before any math (same names, shapes and dtypes; the error
-names the tensor and both files), and every block is checked for NaN/Inf as it is read.
+names the tensor and both files). A NaN or Inf in any input reaches the merged block, so each
+merged block is checked, and a non-finite one names the input it came from.
 
 >>> import torch
 >>> from soup_core.merge import MappingSource, mean_of, merge_in_memory
@@ -21,6 +22,7 @@ names the tensor and both files), and every block is checked for NaN/Inf as it i
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from soup_core.merge.sources import Source
 from soup_core.state import Progress, StateDict, names_list
 
 ACCUMULATE_DTYPE = torch.float64
-BLOCK_BYTES = 256 << 20  # float64 working set per block, all ingredients together
+BLOCK_BYTES = 16 << 20  # float64 working set per block, all ingredients together (cache-sized: bench_merge)
 
 
 @dataclass
@@ -71,16 +73,20 @@ class MergeRun:
         reference = self.sources[self.reference].infos
         return {key: reference[key] for key in self.sources[0].layout_order() if key not in self.aliases}
 
-    def _widened(self, source: Source, key: str, start: int, stop: int | None) -> torch.Tensor:
-        block = source.read(key, start, stop).to(self.device).to(ACCUMULATE_DTYPE)
-        if not bool(torch.isfinite(block).all()):
-            raise CheckpointError(f"{source.name}: tensor {key!r} holds NaN or Inf values; a soup with it would be "
-                                  "NaN too — leave this checkpoint out")
-        return block
-
     def _read_all(self, key: str, start: int, stop: int | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        blocks = [self._widened(s, key, start, stop) for s in self.sources]
-        return blocks, (self._widened(self.base, key, start, stop) if self.method.needs_base else None)
+        blocks = [s.read(key, start, stop).to(self.device) for s in self.sources]
+        base = self.base.read(key, start, stop).to(self.device) if self.method.needs_base else None
+        return blocks, base
+
+    def _refuse_non_finite(self, key: str, start: int, stop: int | None, merged: torch.Tensor) -> None:
+        """Name the input whose NaN/Inf made a merged block non-finite (read again, on the error path only)."""
+        if bool(torch.isfinite(merged).all()):
+            return  # finite values whose float64 sum overflowed
+        for source in (*self.sources, *([self.base] if self.method.needs_base else [])):
+            if not bool(torch.isfinite(source.read(key, start, stop)).all()):
+                raise CheckpointError(f"{source.name}: tensor {key!r} holds NaN or Inf values; a soup with it would "
+                                      "be NaN too — leave this checkpoint out")
+        raise CheckpointError(f"{key!r}: the merge overflowed (the merged values are not finite)")
 
     def blocks(self, progress: Progress | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
         """``(name, first element, merged block in the tensor's dtype)`` for every output tensor."""
@@ -112,8 +118,10 @@ class MergeRun:
             summary = self.method.summary(total) if self.method.summary is not None else total
             self.summaries[key] = summary
         for start, stop in ranges:
-            blocks, base = self._read_all(key, start, stop)
-            yield key, start, self.method.combine(blocks, base, summary).to(info.dtype)
+            merged = self.method.combine(*self._read_all(key, start, stop), summary)
+            if not math.isfinite(float(merged.sum())):  # NaN and Inf inputs reach the output of every method
+                self._refuse_non_finite(key, start, stop, merged)
+            yield key, start, merged.to(info.dtype)
 
 
 def check_compatible(sources: Sequence[Source]) -> None:

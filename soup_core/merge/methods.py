@@ -27,12 +27,19 @@ from typing import Any
 
 import torch
 
-Blocks = Sequence[torch.Tensor]  # one float64 block per ingredient, same elements of one tensor
+Blocks = Sequence[torch.Tensor]  # one block per ingredient (its own dtype), same elements of one tensor
+ACCUMULATE_DTYPE = torch.float64
+
+
+def widen(block: torch.Tensor) -> torch.Tensor:
+    """A block in float64 (the accumulation dtype; exact for every float input dtype)."""
+    return block.to(ACCUMULATE_DTYPE)
 
 
 @dataclass(frozen=True)
 class TensorMethod:
-    """``combine(blocks, base_block, summary) -> merged block`` for every block of every float tensor."""
+    """``combine(blocks, base_block, summary) -> merged float64 block`` for every block of every float
+    tensor; blocks come in their own dtype and are widened to float64 by the method."""
 
     name: str
     combine: Callable[[Blocks, torch.Tensor | None, Any], torch.Tensor]
@@ -43,13 +50,13 @@ class TensorMethod:
 
 
 def mean_of(count: int) -> TensorMethod:
-    """(Σ θ_i) / k, summed in float64 in ingredient order — the same float64 value
-    :class:`soup_core.params.RunningSum` reaches, so streamed and in-memory soups are equal bytes."""
+    """(Σ θ_i) / k, summed in float64 in ingredient order (exact for up to 2^29 bfloat16 or 2^13
+    float32 inputs of one binade; then rounded once to the tensor's dtype: the correctly rounded mean)."""
     def combine(blocks: Blocks, base, summary) -> torch.Tensor:
-        total = torch.zeros_like(blocks[0])
-        for block in blocks:
-            total.add_(block)
-        return total / count
+        total = widen(blocks[0]).clone() if blocks[0].dtype == ACCUMULATE_DTYPE else widen(blocks[0])
+        for block in blocks[1:]:
+            total.add_(widen(block))
+        return total.div_(count)
     return TensorMethod("mean", combine)
 
 
@@ -59,9 +66,9 @@ def linear(weights: Sequence[float]) -> TensorMethod:
     weights = [float(w) for w in weights]
 
     def combine(blocks: Blocks, base, summary) -> torch.Tensor:
-        total = torch.zeros_like(blocks[0])
-        for weight, block in zip(weights, blocks):
-            total.add_(block, alpha=weight)
+        total = widen(blocks[0]).mul(weights[0])
+        for weight, block in zip(weights[1:], blocks[1:]):
+            total.add_(widen(block), alpha=weight)
         return total
     return TensorMethod("linear", combine)
 
@@ -86,10 +93,11 @@ def model_stock_ratio_from_gram(gram: torch.Tensor) -> tuple[float, float]:
 def model_stock() -> TensorMethod:
     """Model Stock, per tensor: merged = t·mean(θ_i) + (1 − t)·θ0, t from the deltas' angle."""
     def statistic(blocks: Blocks, base: torch.Tensor) -> torch.Tensor:
-        deltas = torch.stack([block.reshape(-1) - base.reshape(-1) for block in blocks])
+        theta0 = base.reshape(-1).to(ACCUMULATE_DTYPE)
+        deltas = torch.stack([block.reshape(-1).to(ACCUMULATE_DTYPE) - theta0 for block in blocks])
         return deltas @ deltas.T
 
     def combine(blocks: Blocks, base: torch.Tensor, t: float) -> torch.Tensor:
-        return t * mean_of(len(blocks)).combine(blocks, None, None) + (1 - t) * base
+        return mean_of(len(blocks)).combine(blocks, None, None).mul_(t).add_(widen(base), alpha=1 - t)
     return TensorMethod("model-stock", combine, statistic, summary=lambda gram: model_stock_ratio_from_gram(gram)[1],
                         needs_base=True)

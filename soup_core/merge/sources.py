@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from soup_core.io.safety import FLOAT_DTYPES, INTEGER_DTYPES, check_header, safe
 from soup_core.state import tied_aliases
 
 HASH_BLOCK = 8 << 20
+MAX_PENDING_HASHES = 8  # blocks read but not yet hashed, per checkpoint
 
 
 class MappingSource:
@@ -73,7 +76,15 @@ class _HashedStream:
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.files))]
         self._fds: dict[int, int] = {}
         self._digest = hashlib.sha256()
-        self._hashed = 0  # bytes of the stream hashed so far
+        self._hashed = 0  # bytes of the stream fed to the digest so far
+        # sha256 runs on a thread of its own (hashlib releases the GIL), in order, beside the merge
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._pending: deque[Future] = deque()
+
+    def _feed(self, data) -> None:
+        self._pending.append(self._hasher.submit(self._digest.update, data))
+        while len(self._pending) > MAX_PENDING_HASHES:
+            self._pending.popleft().result()
 
     def _fd(self, index: int) -> int:
         if index not in self._fds:
@@ -101,7 +112,7 @@ class _HashedStream:
         while self._hashed < position:
             index, local = self._locate(self._hashed)
             count = min(position - self._hashed, self.sizes[index] - local, HASH_BLOCK)
-            self._digest.update(self._pread(index, local, count))
+            self._feed(self._pread(index, local, count))
             self._hashed += count
 
     def read(self, index: int, begin: int, end: int) -> bytearray:
@@ -109,19 +120,22 @@ class _HashedStream:
         position = self.starts[index] + begin
         if self._hashed >= position:  # already hashed (or a re-read): hash only what is new
             if self._hashed < position + len(data):
-                self._digest.update(memoryview(data)[self._hashed - position:])
+                self._feed(memoryview(data)[self._hashed - position:])
                 self._hashed = position + len(data)
         else:
             self._hash_until(position)
-            self._digest.update(data)
+            self._feed(data)
             self._hashed = position + len(data)
         return data
 
     def hexdigest(self) -> str:
         self._hash_until(sum(self.sizes))
+        while self._pending:
+            self._pending.popleft().result()
         return self._digest.hexdigest()
 
     def close(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -1,0 +1,275 @@
+"""The streaming merge engine and the one safetensors writer, specified.
+
+The oracles: ``safetensors``' own writer for the bytes of a file, ``transformers``'
+``from_pretrained`` for sharded folders, ``hashlib`` over whole files for the hashes taken while
+reading, hand-worked 2×2 examples for the methods, and the in-memory soups for the streamed ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from soup_core.errors import CheckpointError, SoupError
+from soup_core.export import Candidate, plan_export, write_streamed
+from soup_core.io import file_sha256, load_state_dict, save_state_dict, state_dict_bytes
+from soup_core.io.weights_out import StreamingWriter, plan_shards, save_hf_directory
+from soup_core.io.layout import TensorInfo
+from soup_core.merge import MappingSource, MergeRun, linear, mean_of, merge_in_memory, model_stock, open_source
+from soup_core.zoo import open_zoo, sample_zoos
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def safetensors_own_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """What safetensors itself writes, with its metadata put first and sorted (our one change)."""
+    blob = safetensors.torch.save(tensors, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    return blob[:8] + text + b" " * (size - len(text)) + blob[8 + size:]
+
+
+def test_our_writer_gives_the_bytes_safetensors_gives_for_every_dtype(tmp_path):
+    tensors = {"z.f32": torch.randn(3, 2), "a.i32": torch.arange(3, dtype=torch.int32),
+               "y.f64": torch.randn(2, dtype=torch.float64), "b.i64": torch.tensor(7),
+               "x.bf16": torch.randn(5).bfloat16(), "c.f16": torch.randn(1).half(),
+               "w.i16": torch.ones(2, dtype=torch.int16), "d.u8": torch.ones(3, dtype=torch.uint8),
+               "e.bool": torch.tensor([True, False]), "empty": torch.zeros(0)}
+    path = save_state_dict(tensors, tmp_path / "w.safetensors", provenance={"é": "ü", "recipe": "x"})
+    metadata = {"format": "pt", "soup_provenance": json.dumps({"é": "ü", "recipe": "x"}, sort_keys=True)}
+    assert path.read_bytes() == safetensors_own_bytes(tensors, metadata)
+    assert state_dict_bytes(tensors, {"é": "ü", "recipe": "x"}) == path.read_bytes()
+
+
+def test_every_sample_zoos_uniform_soup_is_written_as_safetensors_writes_it(tmp_path):
+    for name in sample_zoos():
+        zoo = open_zoo(name, device="cpu")
+        plan = plan_export(zoo, Candidate.ticked(zoo.names[:3]))
+        written = Path(plan.write(tmp_path / f"{name}.safetensors")[0])
+        metadata = safetensors.safe_open(str(written), "pt").metadata()
+        assert written.read_bytes() == safetensors_own_bytes(dict(plan.state_dict), metadata), name
+
+
+def test_blocks_written_in_any_order_land_where_they_belong(tmp_path):
+    infos = {"a": TensorInfo(torch.float32, (2, 3)), "b": TensorInfo(torch.bfloat16, (4,))}
+    with StreamingWriter(tmp_path / "x.safetensors", infos, {"format": "pt"}) as writer:
+        writer.write("b", torch.tensor([3.0, 4.0]).bfloat16(), start=2)
+        writer.write("a", torch.arange(3.0, 6.0), start=3)
+        writer.write("b", torch.tensor([1.0, 2.0]).bfloat16(), start=0)
+        writer.write("a", torch.arange(3.0), start=0)
+        writer.finish()
+    out = safetensors.torch.load_file(tmp_path / "x.safetensors")
+    assert out["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and out["b"].tolist() == [1, 2, 3, 4]
+
+
+def test_an_unfinished_write_leaves_nothing_and_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "soup.safetensors"
+    target.write_bytes(b"the previous soup")
+    with pytest.raises(RuntimeError):
+        with StreamingWriter(target, {"w": TensorInfo(torch.float32, (2,))}, {"format": "pt"}) as writer:
+            writer.write("w", torch.ones(2))
+            raise RuntimeError("the merge failed")
+    assert target.read_bytes() == b"the previous soup" and os.listdir(tmp_path) == ["soup.safetensors"]
+
+
+def test_shards_are_split_as_save_pretrained_splits_them():
+    infos = {k: TensorInfo(torch.float32, (n,)) for k, n in [("a", 10), ("b", 10), ("huge", 100), ("c", 5)]}
+    assert plan_shards(infos, max_shard_bytes=80) == [["a", "b"], ["huge"], ["c"]]
+    assert plan_shards(infos, max_shard_bytes=10**9) == [["a", "b", "huge", "c"]]
+
+
+def test_hashes_taken_while_reading_equal_hashing_the_files(tmp_path):
+    save_state_dict({"b": torch.randn(300), "a": torch.randn(7, 5), "n": torch.tensor(3)}, tmp_path / "one.safetensors")
+    folder = tmp_path / "hf"
+    save_hf_directory({f"layer.{i}": torch.randn(64) for i in range(6)}, folder, source=_config_folder(tmp_path),
+                      max_shard_bytes=600)
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    for path in (tmp_path / "one.safetensors", folder):
+        source = open_source(path)
+        for key in reversed(source.layout_order()):  # out of order: the gaps are hashed on the way
+            source.read(key)
+        expected = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())
+                                  if path.is_dir() else path.read_bytes()).hexdigest()
+        assert source.sha256() == expected == file_sha256(path)
+
+
+def _config_folder(tmp_path: Path) -> Path:
+    source = tmp_path / "source"
+    source.mkdir(exist_ok=True)
+    (source / "config.json").write_text("{}")
+    return source
+
+
+def test_methods_on_a_worked_example():
+    a, b, base = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, 2.0], [3.0, 0.0], [1.0, 0.0]))
+    assert mean_of(2).combine([a, b], None, None).tolist() == [2.0, 1.0]
+    assert linear([0.25, 0.75]).combine([a, b], None, None).tolist() == [2.5, 0.5]
+    # deltas (0, 2) and (2, 0) are orthogonal: cos = 0, so Model Stock keeps θ0
+    stock = model_stock()
+    gram = stock.statistic([a, b], base)
+    assert gram.tolist() == [[4.0, 0.0], [0.0, 4.0]] and stock.summary(gram) == 0.0
+    assert stock.combine([a, b], base, 0.0).tolist() == [1.0, 0.0]
+    # deltas (1, 1) and (1, 0): cos = 1/√2, t = 2c/(1+c); merged = t·mean + (1 − t)·θ0
+    c = 2 ** -0.5
+    t = stock.summary(stock.statistic([base + torch.tensor([1.0, 1.0]), base + torch.tensor([1.0, 0.0])], base))
+    assert t == pytest.approx(2 * c / (1 + c), abs=1e-15)
+
+
+def test_a_streamed_merge_is_the_same_whatever_the_block_size():
+    torch.manual_seed(0)
+    states = [{"w": torch.randn(1000), "b": torch.randn(3, 7), "n": torch.tensor(i)} for i in range(3)]
+    base = {"w": torch.randn(1000), "b": torch.randn(3, 7), "n": torch.tensor(9)}
+    sources = [MappingSource(s, name=str(i)) for i, s in enumerate(states)]
+    for method, exact in ((mean_of(3), True), (linear([0.2, 0.3, 0.5]), True), (model_stock(), False)):
+        whole = merge_in_memory(method, sources, MappingSource(base))
+        run = MergeRun(method, sources, MappingSource(base), block_bytes=8 * 6 * 10)  # 10-element blocks
+        blocked = {}
+        for key, start, block in run.blocks():
+            blocked.setdefault(key, []).append((start, block.reshape(-1)))
+        for key, parts in blocked.items():
+            flat = torch.cat([b for _, b in sorted(parts, key=lambda p: p[0])]).reshape(whole[key].shape)
+            assert (torch.equal(flat, whole[key]) if exact else torch.allclose(flat, whole[key], atol=1e-6)), key
+        assert whole["n"].item() == 0  # integer tensors from the reference ingredient
+
+
+def test_inputs_that_do_not_match_are_refused_by_name_before_any_math():
+    a = MappingSource({"w": torch.zeros(2), "v": torch.zeros(1)}, name="ft-0")
+    with pytest.raises(CheckpointError, match="'w' is \\[3\\] float32 in ft-1 but \\[2\\] float32 in ft-0"):
+        MergeRun(mean_of(2), [a, MappingSource({"w": torch.zeros(3), "v": torch.zeros(1)}, name="ft-1")])
+    with pytest.raises(CheckpointError, match="ft-2 lacks 'v'"):
+        MergeRun(mean_of(2), [a, MappingSource({"w": torch.zeros(2)}, name="ft-2")])
+    nan = MappingSource({"w": torch.tensor([0.0, float("nan")]), "v": torch.zeros(1)}, name="ft-3")
+    with pytest.raises(CheckpointError, match="ft-3: tensor 'w' holds NaN"):
+        merge_in_memory(mean_of(2), [a, nan])
+
+
+@pytest.fixture
+def folder_zoo(tmp_path):
+    """Five digits-finetune checkpoints and θ0 in a plain folder: a zoo with no evaluator."""
+    source = sample_zoos()["digits-finetune"].parent
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    shutil.copy(source / "base.safetensors", folder / "base.safetensors")
+    for name in ("ft-00", "ft-03", "ft-05", "ft-17", "ft-22"):
+        shutil.copy(source / "checkpoints" / f"{name}.safetensors", folder / f"{name}.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("recipe, params", [("uniform", {}), ("weighted", {"weights": "ft-03=2,ft-05=0"}),
+                                            ("model-stock", {})])
+def test_a_streamed_export_is_the_in_memory_export_byte_for_byte(folder_zoo, tmp_path, monkeypatch, recipe, params):
+    zoo = open_zoo(folder_zoo)
+    assert zoo.evaluator is None
+    candidate = Candidate.of_recipe(recipe, **params)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")  # the same --out in both remaking commands
+    in_memory = [Path("soup.safetensors").resolve(), Path("soup.md").resolve()]
+    plan_export(zoo, candidate, out="soup.safetensors").write("soup.safetensors")
+    monkeypatch.chdir(tmp_path / "b")
+    streamed = [p.resolve() for p in write_streamed(zoo, candidate, "soup.safetensors")[1]]
+    assert [p.name for p in streamed] == [p.name for p in in_memory] == ["soup.safetensors", "soup.md"]
+    for ours, theirs in zip(streamed, in_memory):
+        assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_soup_make_streams_a_zoo_without_an_evaluator_and_records_the_inputs_hashes(folder_zoo, tmp_path):
+    out = tmp_path / "soup.safetensors"
+    result = subprocess.run([sys.executable, "-m", "soup_core", "make", "uniform", str(folder_zoo), "--out", str(out),
+                             "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tensor by tensor" in result.stdout
+    provenance = json.loads(safetensors.safe_open(str(out), "pt").metadata()["soup_provenance"])
+    assert {i["name"]: i["sha256"] for i in provenance["ingredients"]} == {
+        p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder_zoo.glob("ft-*.safetensors")}
+    zoo = open_zoo("digits-finetune", device="cpu")
+    expected = merge_in_memory(mean_of(5), [MappingSource(zoo.state_dict(n)) for n in
+                                            ("ft-00", "ft-03", "ft-05", "ft-17", "ft-22")])
+    assert all(torch.equal(load_state_dict(out)[k], v) for k, v in expected.items())
+
+
+def test_a_sharded_soup_loads_with_from_pretrained_and_equals_the_single_file_soup(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=100)
+    zoo = tmp_path / "zoo"
+    for i, name in enumerate(("base", "ft-0", "ft-1", "ft-2")):
+        torch.manual_seed(i)
+        transformers.LlamaForCausalLM(config).save_pretrained(zoo / name)
+    opened = open_zoo(zoo)
+    candidate = Candidate.of_recipe("model-stock")
+    plan, written = write_streamed(opened, candidate, tmp_path / "soup", max_shard_bytes=20_000)
+    folder = written[0]
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 2 and (folder / "README.md").exists()
+    single = write_streamed(opened, candidate, tmp_path / "soup.safetensors")[1][0]
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    loaded = load_state_dict(single)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded.items() if k in model.state_dict())
+    ratios = plan.extras["ratios"]  # independent inits: cos ≈ ½, t ≈ 3·½/(1 + 2·½); norms unmoved: t = 0
+    assert all(t == 0 if k.endswith("norm.weight") else 0.7 < t < 0.8 for k, t in ratios.items())
+
+
+def test_a_merge_holds_blocks_not_models(tmp_path):
+    """Three 128 MB checkpoints merged in a process whose memory grows by less than one of them."""
+    for i in range(3):
+        torch.manual_seed(i)
+        save_state_dict({"big": torch.randn(32 << 20), "small": torch.randn(10)}, tmp_path / f"ft-{i}.safetensors")
+    code = f"""
+import resource, sys
+from pathlib import Path
+from soup_core.merge import MergeRun, mean_of, open_source, write_merge
+folder = Path({str(tmp_path)!r})
+sources = [open_source(folder / f"ft-{{i}}.safetensors", name=str(i)) for i in range(3)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+write_merge(MergeRun(mean_of(3), sources, block_bytes=16 << 20), folder / "out" / "soup.safetensors")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    grown = int(result.stdout.strip())
+    assert grown < 64 << 20, f"the merge grew the process by {grown / 2**20:.0f} MB"
+    merged = load_state_dict(tmp_path / "out" / "soup.safetensors")["big"]
+    inputs = [load_state_dict(tmp_path / f"ft-{i}.safetensors")["big"] for i in range(3)]
+    assert torch.equal(merged, (sum(t.double() for t in inputs) / 3).float())
+
+
+def test_a_killed_merge_leaves_nothing_behind(tmp_path):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for i in range(3):
+        save_state_dict({"big": torch.randn(24 << 20)}, zoo / f"ft-{i}.safetensors")
+    before = sorted(os.listdir(zoo))
+    out = tmp_path / "out" / "soup.safetensors"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "soup_core", "make", "uniform", str(zoo), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    writing = False
+    while time.monotonic() < deadline and proc.poll() is None and not writing:
+        try:
+            targets = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        except OSError:
+            targets = []
+        writing = any(t.startswith(str(out.parent)) for t in targets)  # an output file is open
+        time.sleep(0.005)
+    assert writing, "the merge finished before it could be killed; make the zoo larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert sorted(os.listdir(out.parent)) == [] and sorted(os.listdir(zoo)) == before
+
+
+def test_streaming_needs_a_per_tensor_recipe(folder_zoo):
+    with pytest.raises(SoupError, match="not a per-tensor merge"):
+        write_streamed(open_zoo(folder_zoo), Candidate.of_recipe("greedy"), folder_zoo.parent / "x.safetensors")
