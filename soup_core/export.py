@@ -318,14 +318,14 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
     if card is not None:
         refuse_inputs(card, inputs)
     try:
-        written = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
+        written, digests = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
                               inputs=inputs, provenance=lambda d: plan(d).provenance,
                               extra_files=(lambda d: {"README.md": plan(d).model_card()}) if hf else None,
                               progress=progress)
     finally:
         for source in (*sources, *([base] if base is not None else [])):
             getattr(source, "close", lambda: None)()
-    final = plan({n: zoo.sha256[n] for n in merge.ingredients})
+    final = plan(digests)
     if merge.summary_name:
         final = dataclasses.replace(final, extras={merge.summary_name: dict(run.summaries)})
     return final, [written] + ([atomic_write(card, final.model_card())] if card is not None else [])

@@ -173,6 +173,11 @@ def remember_sha256(files: Sequence[Path], digest: str) -> None:
     _KNOWN_SHA256[_stamp(files)] = digest
 
 
+def known_sha256(files: Sequence[Path]) -> str | None:
+    """The sha256 of ``files`` if this process computed it already and none of them changed since."""
+    return _KNOWN_SHA256.get(_stamp(files))
+
+
 def _stamp(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 

@@ -167,11 +167,12 @@ def write_merge(run: MergeRun, out: str | os.PathLike[str], *, folder: bool = Fa
                 inputs: Sequence[str | os.PathLike[str]] = (),
                 provenance: Callable[[Mapping[str, str]], Mapping[str, Any]] | None = None,
                 extra_files: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
-                progress: Progress | None = None) -> Path:
+                progress: Progress | None = None) -> tuple[Path, dict[str, str]]:
     """Stream ``run`` into a safetensors file or a Hugging Face folder (``folder=True``, sharded past
     ``max_shard_bytes``), atomically. ``provenance`` and ``extra_files`` (a model card) are made from
     the inputs' sha256 digests (source name -> hex), which the sources compute from the bytes the
     merge reads; the header is laid out with placeholders of the same length and rewritten at the end.
+    Returns what was written and those digests.
     """
     everyone = [*run.sources, *([run.base] if run.base is not None else [])]
     aliases = None if folder else run.aliases  # Hugging Face re-ties from the model's config
@@ -185,7 +186,7 @@ def write_merge(run: MergeRun, out: str | os.PathLike[str], *, folder: bool = Fa
         for key, start, block in run.blocks(progress):
             writer.write(key, block, start)
         digests = {**placeholders, **{s.name: d for s in everyone if (d := s.sha256()) is not None}}
-        return writer.finish(metadata(digests), extra_files(digests) if extra_files is not None else None)
+        return writer.finish(metadata(digests), extra_files(digests) if extra_files is not None else None), digests
 
 
 __all__ = ["BLOCK_BYTES", "MergeRun", "check_compatible", "merge_in_memory", "write_merge"]

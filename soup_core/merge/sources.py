@@ -29,7 +29,7 @@ import torch
 
 from soup_core.errors import CheckpointError
 from soup_core.io.layout import StoredTensor, TensorInfo, parse_header
-from soup_core.io.read import (TIED_KEY, file_sha256, hashed_files, inside_roots, load_state_dict,
+from soup_core.io.read import (TIED_KEY, file_sha256, hashed_files, inside_roots, known_sha256, load_state_dict,
                                remember_sha256)
 from soup_core.io.safety import FLOAT_DTYPES, INTEGER_DTYPES, check_header, safetensors_header
 from soup_core.state import tied_aliases
@@ -80,8 +80,11 @@ class _HashedStream:
         # sha256 runs on a thread of its own (hashlib releases the GIL), in order, beside the merge
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self._pending: deque[Future] = deque()
+        self._known = known_sha256(self.files)  # hashed earlier in this process and unchanged: not again
 
     def _feed(self, data) -> None:
+        if self._known is not None:
+            return
         self._pending.append(self._hasher.submit(self._digest.update, data))
         while len(self._pending) > MAX_PENDING_HASHES:
             self._pending.popleft().result()
@@ -129,6 +132,8 @@ class _HashedStream:
         return data
 
     def hexdigest(self) -> str:
+        if self._known is not None:
+            return self._known
         self._hash_until(sum(self.sizes))
         while self._pending:
             self._pending.popleft().result()
