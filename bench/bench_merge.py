@@ -157,12 +157,24 @@ def compare(ours: Path, theirs: Path) -> tuple[int, int, float]:
 
 
 def exact_mean_elements(output: Path, inputs: list[Path]) -> tuple[int, int]:
-    """(elements, elements that differ from the exactly rounded mean): the float64 mean of the bf16
-    inputs (exact for a few inputs) rounded once to bf16, the correctly rounded uniform soup."""
+    """(elements, elements that differ from the correctly rounded mean of the bf16 inputs).
+
+    The reference is the float64 sum divided by the (power-of-two) count, rounded once to bf16.
+    It is the exact mean where the float64 sum is exact, which is checked here, not assumed: in
+    every tensor the inputs' exponents span few enough binades that 8-bit significands and the
+    carries of the sum fit float64's 53 bits.
+    """
     from soup_core.io import load_state_dict
     merged, states = load_state_dict(output), [load_state_dict(p) for p in inputs]
+    if len(states) & (len(states) - 1):
+        raise SystemExit("the exact-mean check needs a power-of-two number of ingredients")
     count = wrong = 0
     for key, tensor in merged.items():
+        values = torch.stack([s[key].double().reshape(-1) for s in states]).abs()
+        _, exponents = torch.frexp(values[values > 0])
+        span = int(exponents.max() - exponents.min()) if exponents.numel() else 0
+        if span + 8 + len(states).bit_length() > 53:
+            raise SystemExit(f"{key}: values span 2^{span}: the float64 sum may round; no exact reference")
         exact = (sum(s[key].double() for s in states) / len(states)).to(tensor.dtype)
         count += tensor.numel()
         wrong += int((exact.view(torch.int16) != tensor.view(torch.int16)).sum())
@@ -203,8 +215,8 @@ def main() -> None:
             for tool in args.tools.split(","):
                 best = None
                 if tool != "mergekit":
-                    from soup_core.io.read import _KNOWN_SHA256, _sha256_of
-                    _KNOWN_SHA256.clear(), _sha256_of.cache_clear()  # this tool's first run hashes
+                    from soup_core.io.read import _KNOWN_SHA256
+                    _KNOWN_SHA256.clear()  # this tool's first run hashes
                 for r in range(args.repeats):
                     out = scratch / f"{tool}-{recipe}-{r}"
                     if tool == "mergekit":

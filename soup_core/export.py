@@ -17,7 +17,6 @@ candidate gives the same bytes from either (the command line's ``--out`` aside).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import shlex
@@ -196,15 +195,13 @@ class ExportPlan:
         ``README.md``. A safetensors file gets its card as ``<out without suffix>.md``.
         """
         out, inputs = Path(out), list(inputs)
-        if hf is None:
-            hf = self.hf_source is not None and not out.name.endswith(".safetensors")
-        if hf:
+        if _writes_folder(self.hf_source, out, hf):
             if self.hf_source is None:
                 raise SoupError("a Hugging Face folder needs a Hugging Face source checkpoint")
             folder = save_hf_directory(self.state_dict, out, source=self.hf_source, provenance=self.provenance,
                                        inputs=inputs, extra_files={"README.md": self.model_card()})
             return [folder]
-        card = out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md")
+        card = _card_path(out)
         refuse_inputs(card, inputs)
         written = [save_state_dict(self.state_dict, out, provenance=self.provenance, inputs=inputs)]
         return written + [atomic_write(card, self.model_card())]
@@ -260,6 +257,16 @@ def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, resul
                       candidate.file_name(), hf_source, dict(result.extras), tuple(comparisons))
 
 
+def _writes_folder(hf_source: Path | None, out: Path, hf: bool | None) -> bool:
+    """``hf=None``: a Hugging Face folder when the zoo's checkpoints are and ``out`` is not ``*.safetensors``."""
+    return hf_source is not None and not out.name.endswith(".safetensors") if hf is None else hf
+
+
+def _card_path(out: Path) -> Path:
+    """The model card beside a safetensors file: its name with ``.md``."""
+    return out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md")
+
+
 def _provenance_common(zoo: Zoo, candidate: Candidate, out: str | None,
                        local_names: Collection[str]) -> tuple[list[str] | None, Path | None, dict[str, Any]]:
     """The remaking command, the Hugging Face source folder (if any) and the provenance every export shares."""
@@ -290,7 +297,8 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
 
     The same files as :meth:`ExportPlan.write` for the same candidate (tested): weights with
     provenance — the inputs' sha256 computed from the bytes the merge reads — and the model card;
-    a Hugging Face folder is sharded past ``max_shard_bytes``. No metrics: use it for zoos
+    a Hugging Face folder is sharded past ``max_shard_bytes``; nothing is written over the zoo's
+    checkpoints or ``inputs``. No metrics: use it for zoos
     without an evaluator (``soup make`` does); a soup that is to be scored is made in memory.
     """
     recipe = get_recipe(candidate.recipe)
@@ -302,32 +310,30 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
         raise SoupError(f"the {recipe.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
     command, hf_source, common = _provenance_common(zoo, candidate, str(out), ())
     out = Path(out)
-    hf = hf_source is not None and not out.name.endswith(".safetensors") if hf is None else hf
+    hf = _writes_folder(hf_source, out, hf)
     options = recipe.resolve(dict(candidate.params))
     sources = [open_source(zoo.path(n), name=n, roots=zoo.allowed_roots) for n in merge.ingredients]
     base = open_source(zoo.path(BASE), name=BASE, roots=zoo.allowed_roots) if merge.method.needs_base else None
     run = MergeRun(merge.method, sources, base, merge.ingredients.index(merge.reference), device)
 
-    def plan(digests: Mapping[str, str]) -> ExportPlan:
+    def plan(digests: Mapping[str, str], extras: Mapping[str, Any] | None = None) -> ExportPlan:
         provenance = _recipe_provenance(recipe.name, merge.ingredients, merge.weights, options, digests, {}, common)
         return ExportPlan(candidate.title(), None, {}, provenance, tuple(command) if command else None,
-                          merge.ingredients, merge.weights, candidate.file_name(), hf_source)
+                          merge.ingredients, merge.weights, candidate.file_name(), hf_source, extras or {})
 
     inputs = [*inputs, *(zoo.path(n) for n in zoo.all_names)]
-    card = None if hf else (out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md"))
+    card = None if hf else _card_path(out)
     if card is not None:
         refuse_inputs(card, inputs)
     try:
         written, digests = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
-                              inputs=inputs, provenance=lambda d: plan(d).provenance,
-                              extra_files=(lambda d: {"README.md": plan(d).model_card()}) if hf else None,
-                              progress=progress)
+                                       inputs=inputs, provenance=lambda d: plan(d).provenance,
+                                       extra_files=(lambda d: {"README.md": plan(d).model_card()}) if hf else None,
+                                       progress=progress)
     finally:
         for source in (*sources, *([base] if base is not None else [])):
-            getattr(source, "close", lambda: None)()
-    final = plan(digests)
-    if merge.summary_name:
-        final = dataclasses.replace(final, extras={merge.summary_name: dict(run.summaries)})
+            source.close()
+    final = plan(digests, {merge.summary_name: dict(run.summaries)} if merge.summary_name else None)
     return final, [written] + ([atomic_write(card, final.model_card())] if card is not None else [])
 
 

@@ -80,14 +80,18 @@ def test_the_same_soup_is_the_same_bytes(tmp_path):
     assert len(blobs) == 1 and files == blobs
 
 
-def test_a_file_is_hashed_once_until_it_changes(tmp_path):
-    from soup_core.io.read import _sha256_of
+def test_a_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    import soup_core.io.read as read
+    hashed = []
+    monkeypatch.setattr(read, "_sha256_of", lambda files: hashed.append(files) or hashlib.sha256(
+        b"".join(f.read_bytes() for f in files)).hexdigest())
     path = save_state_dict({"w": torch.ones(3)}, tmp_path / "w.safetensors")
     first = file_sha256(path)
-    misses = _sha256_of.cache_info().misses
-    assert file_sha256(path) == first and _sha256_of.cache_info().misses == misses
+    assert file_sha256(path) == first == hashlib.sha256(path.read_bytes()).hexdigest() and len(hashed) == 1
     save_state_dict({"w": torch.zeros(3)}, path)
-    assert file_sha256(path) != first
+    assert file_sha256(path) != first and len(hashed) == 2
 
 
 def test_make_writes_the_model_card_beside_the_soup(tmp_path):

@@ -209,8 +209,8 @@ def make_streamed(args: argparse.Namespace, zoo, chosen: list[str] | None, param
     candidate = Candidate.of_recipe(args.recipe, chosen, **params)
     bar, report = progress_bar("merge")
     with bar:
-        plan, written = write_streamed(zoo, candidate, args.out, inputs=zoo_inputs(zoo), progress=report,
-                                       max_shard_bytes=args.shard_size, device=check_device(args.device))
+        plan, written = write_streamed(zoo, candidate, args.out, progress=report, max_shard_bytes=args.shard_size,
+                                       device=check_device(args.device))  # never over the zoo's files
     card = str(written[1]) if len(written) > 1 else str(Path(written[0]) / "README.md")
     payload = {"recipe": args.recipe, "zoo": zoo.name, "ingredients": list(plan.ingredients),
                "weights": list(plan.weights), "trace": [], "metrics": {}, "options": plan.provenance["options"],

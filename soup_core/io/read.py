@@ -28,8 +28,7 @@ import json
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,7 @@ def load_state_dict(path: str | os.PathLike[str], *, prefer_ema: bool = True,
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    if _is_safetensors(path):
+    if is_safetensors_file(path):
         return _read_safetensors_file(path)
     return _finish_pickle(_torch_load(path, str(path)), str(path), prefer_ema)
 
@@ -130,7 +129,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
 def open_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     """A lazy view for safetensors files, :func:`load_state_dict` (memory-mapped) otherwise."""
     path = Path(path)
-    if path.is_file() and _is_safetensors(path) and path.stat().st_size > 0:
+    if path.is_file() and is_safetensors_file(path) and path.stat().st_size > 0:
         return LazySafetensors(path)
     return load_state_dict(path)
 
@@ -157,8 +156,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     Hashed once per process: the result is cached by path, size and modification time, so a
     file that changes is hashed again and one that does not is never read twice.
     """
-    stamp = _stamp(hashed_files(path))
-    return _KNOWN_SHA256.get(stamp) or _sha256_of(stamp)
+    files = hashed_files(path)
+    stamp = _stamp(files)
+    if stamp not in _KNOWN_SHA256:
+        _KNOWN_SHA256[stamp] = _sha256_of(files)
+    return _KNOWN_SHA256[stamp]
 
 
 def hashed_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -182,13 +184,13 @@ def _stamp(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
+# sha256 by (path, size, modification time) of every file hashed: by file_sha256, or by a merge.
 _KNOWN_SHA256: dict[tuple[tuple[str, int, int], ...], str] = {}
 
 
-@lru_cache(maxsize=4096)
-def _sha256_of(stamp: tuple[tuple[str, int, int], ...]) -> str:
+def _sha256_of(files: Sequence[Path]) -> str:
     digest = hashlib.sha256()
-    for file, _, _ in stamp:
+    for file in files:
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -201,7 +203,8 @@ def short(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-def _is_safetensors(path: Path) -> bool:
+def is_safetensors_file(path: Path) -> bool:
+    """Whether a file holds safetensors: by its suffix, or (other names) by its first bytes."""
     if path.name.endswith(SAFETENSORS_SUFFIXES):
         return True
     if path.name.endswith(PICKLE_SUFFIXES):
@@ -336,7 +339,9 @@ def _load_directory(path: Path, *, prefer_ema: bool, roots: Sequence[Path] | Non
         f"{path}: a directory without model.safetensors, pytorch_model.bin or a sharded index")
 
 
-def _load_sharded(index: Path, *, prefer_ema: bool, roots: Sequence[Path] | None) -> StateDict:
+def shard_index(index: Path) -> tuple[dict[str, str], list[Path]]:
+    """A sharded checkpoint's ``weight_map`` (tensor name -> shard file) and its shard files, each
+    checked to lie inside the checkpoint's folder."""
     try:
         data = json.loads(index.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -345,14 +350,27 @@ def _load_sharded(index: Path, *, prefer_ema: bool, roots: Sequence[Path] | None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: not a valid shard index (`weight_map` must map tensor names to "
                               "shard file names)")
-    state: StateDict = {}
     root = index.parent.resolve()
+    shards = []
     for shard in sorted(set(weight_map.values())):
         shard_path = (root / shard).resolve()
         if root not in shard_path.parents:
             raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint directory")
-        state.update(load_state_dict(shard_path, prefer_ema=prefer_ema, roots=roots))
-    missing = sorted(set(weight_map) - set(state))
+        shards.append(shard_path)
+    return weight_map, shards
+
+
+def check_index_keys(index: Path, weight_map: Mapping[str, str], found: Iterable[str]) -> None:
+    """Every tensor the index lists must be in one of its shards."""
+    missing = sorted(set(weight_map) - set(found))
     if missing:
         raise CheckpointError(f"{index}: keys listed in the index but in no shard: {names_list(missing)}")
+
+
+def _load_sharded(index: Path, *, prefer_ema: bool, roots: Sequence[Path] | None) -> StateDict:
+    weight_map, shards = shard_index(index)
+    state: StateDict = {}
+    for shard_path in shards:
+        state.update(load_state_dict(shard_path, prefer_ema=prefer_ema, roots=roots))
+    check_index_keys(index, weight_map, state)
     return state

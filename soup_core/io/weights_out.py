@@ -41,7 +41,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -150,8 +149,9 @@ class StreamingWriter:
                 for i, keys in enumerate(shards, 1):
                     name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                     self._open(name, {k: self.infos[k] for k in keys})
-        except BaseException:
+        except BaseException as exc:
             self._abort()
+            _raise_no_space(exc, self.target)
             raise
         return self
 
@@ -211,24 +211,30 @@ class StreamingWriter:
 
     def __exit__(self, kind, exc, tb) -> None:
         self._abort()  # after finish() nothing is left to remove; before it, nothing appears
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise CheckpointError(f"{self.target}: no space left on the device; nothing was written and any "
-                                  "previous file is unchanged") from None
+        _raise_no_space(exc, self.target)
+
+
+def _raise_no_space(exc: BaseException | None, target: Path) -> None:
+    """A full disk, wherever it struck (reserving, writing, syncing), as one clear line."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        raise CheckpointError(f"{target}: no space left on the device; nothing was written and any "
+                              "previous file is unchanged") from None
 
 
 def _unnamed_file(folder: Path, fallback: Callable[[], Path]) -> tuple[int, Path | None]:
     """A file in ``folder`` that has no name until it is finished (``O_TMPFILE``): if the process is
     killed — even by SIGKILL — it vanishes with it. Where the file system cannot, the named file
     ``fallback()`` (in the hidden staging folder, swept by the next write)."""
-    if _can_link_unnamed(os.stat(folder).st_dev, folder):
+    if _can_link_unnamed(folder):
         return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o644), None
     path = fallback()
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), path
 
 
 @functools.lru_cache(maxsize=64)
-def _can_link_unnamed(device: int, folder: Path) -> bool:
-    """Whether this file system makes ``O_TMPFILE`` files and lets them be linked (tried once per device)."""
+def _can_link_unnamed(folder: Path) -> bool:
+    """Whether ``folder``'s file system makes ``O_TMPFILE`` files and lets them be linked (tried once
+    per folder and process)."""
     if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
         return False
     probe = folder / f".soup-link-probe.{os.getpid()}"

@@ -26,6 +26,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,11 @@ class MergeRun:
         check_compatible([*self.sources, *([self.base] if self.base is not None else [])])
         self.device = torch.device(self.device or "cpu")
 
-    @property
+    @cached_property
     def aliases(self) -> dict[str, str]:
         return self.sources[self.reference].aliases
 
-    @property
+    @cached_property
     def infos(self) -> dict[str, TensorInfo]:
         """The output's tensors (each tied group once), in the first ingredient's order on disk."""
         reference = self.sources[self.reference].infos
@@ -94,8 +95,8 @@ class MergeRun:
         total = sum(info.nbytes for info in infos.values()) or 1
         done = 0
         for key, info in infos.items():
-            if not (info.dtype.is_floating_point or info.dtype.is_complex):
-                yield key, 0, self.sources[self.reference].read(key)
+            if not (info.dtype.is_floating_point or info.dtype.is_complex):  # a copy: never the caller's tensor
+                yield key, 0, self.sources[self.reference].read(key).clone()
             else:
                 yield from self._merge_tensor(key, info)
             done += info.nbytes

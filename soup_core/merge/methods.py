@@ -50,8 +50,11 @@ class TensorMethod:
 
 
 def mean_of(count: int) -> TensorMethod:
-    """(Σ θ_i) / k, summed in float64 in ingredient order (exact for up to 2^29 bfloat16 or 2^13
-    float32 inputs of one binade; then rounded once to the tensor's dtype: the correctly rounded mean)."""
+    """(Σ θ_i) / k, summed in float64 in ingredient order, then rounded once to the tensor's dtype.
+
+    For 16-bit inputs the float64 sum is exact (8 or 11 significant bits, 53 to hold them) unless
+    the values of one element span more than about 2^40 — so for k a power of two the result is
+    the correctly rounded mean (``bench/bench_merge.py`` checks it element by element)."""
     def combine(blocks: Blocks, base, summary) -> torch.Tensor:
         total = widen(blocks[0]).clone() if blocks[0].dtype == ACCUMULATE_DTYPE else widen(blocks[0])
         for block in blocks[1:]:

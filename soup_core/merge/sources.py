@@ -29,8 +29,8 @@ import torch
 
 from soup_core.errors import CheckpointError
 from soup_core.io.layout import StoredTensor, TensorInfo, parse_header
-from soup_core.io.read import (TIED_KEY, file_sha256, hashed_files, inside_roots, known_sha256, load_state_dict,
-                               remember_sha256)
+from soup_core.io.read import (TIED_KEY, check_index_keys, file_sha256, hashed_files, inside_roots,
+                               is_safetensors_file, known_sha256, load_state_dict, remember_sha256, shard_index)
 from soup_core.io.safety import FLOAT_DTYPES, INTEGER_DTYPES, check_header, safetensors_header
 from soup_core.state import tied_aliases
 
@@ -64,6 +64,9 @@ class MappingSource:
 
     def sha256(self) -> str | None:
         return file_sha256(self.path) if self.path is not None else None
+
+    def close(self) -> None:
+        """Nothing to release: the tensors belong to the caller."""
 
 
 class _HashedStream:
@@ -219,39 +222,33 @@ def open_source(path: str | os.PathLike[str], *, name: str | None = None,
     path = Path(path)
     if roots is not None:
         inside_roots(path, roots)
-    weights = _safetensors_files(path)
-    if weights is None:
+    found = _safetensors_files(path)
+    if found is None:
         return MappingSource(load_state_dict(path, roots=roots), name=name or path.name, path=path)
+    weights, index, weight_map = found
     if roots is not None:
         for file in weights:
             inside_roots(file, roots)
-    return SafetensorsSource(path, weights, name=name)
+    source = SafetensorsSource(path, weights, name=name)
+    if index is not None:
+        check_index_keys(index, weight_map, source.infos)
+    return source
 
 
-def _safetensors_files(path: Path) -> list[Path] | None:
-    """The safetensors files holding a checkpoint's weights, or None when it is another format."""
+def _safetensors_files(path: Path) -> tuple[list[Path], Path | None, dict[str, str]] | None:
+    """The safetensors files holding a checkpoint's weights, with its shard index and the index's
+    ``weight_map`` when it is sharded; None when it is another format."""
     if path.is_file():
-        with open(path, "rb") as handle:
-            head = handle.read(10)
-        return [path] if path.name.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{") else None
+        return ([path], None, {}) if is_safetensors_file(path) else None
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
-            raise CheckpointError(f"{index}: not a valid shard index (`weight_map` must map tensor names to "
-                                  "shard file names)") from None
-        files = [(path / shard).resolve() for shard in shards]
-        outside = [f for f in files if path.resolve() not in f.parents]
-        if outside:
-            raise CheckpointError(f"{index}: shard {outside[0].name!r} lies outside the checkpoint directory")
-        missing = [f.name for f in files if not f.is_file()]
+        weight_map, shards = shard_index(index)
+        missing = [f.name for f in shards if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard {missing[0]!r} is missing from {path}")
-        return files
+        return shards, index, weight_map
     if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
+        return [path / "model.safetensors"], None, {}
     return None

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the registry is read without importing torch
     import torch
 
     from soup_core.evaluate import Evaluator, Metrics
+    from soup_core.merge import TensorMethod
     from soup_core.state import StateDict
 
 Ingredients = Mapping[str, Mapping[str, "torch.Tensor"]]
@@ -68,18 +69,20 @@ class Merge:
 
     ingredients: tuple[str, ...]
     weights: tuple[float, ...]
-    method: Any  # soup_core.merge.TensorMethod (not imported here: the registry stays torch-free)
+    method: TensorMethod
     reference: str
     summary_name: str | None = None  # the extras key of the method's per-tensor summaries
 
 
 def brew_merge(merge: Merge, ingredients: Ingredients, base: Mapping[str, torch.Tensor] | None,
-               device: Any = None) -> Brew:
-    """Run a weight-only recipe's :class:`Merge` in memory, on ``device``."""
+               evaluator: Evaluator | None) -> Brew:
+    """Run a weight-only recipe's :class:`Merge` in memory, on the evaluator's device (where the
+    soup is scored next), else where the ingredients are."""
     from soup_core.merge import MappingSource, merge_in_memory
     sources = [MappingSource(ingredients[n], name=n) for n in merge.ingredients]
     base_source = MappingSource(base, name="base") if merge.method.needs_base else None
     summaries: dict[str, Any] = {}
+    device = evaluator.device if evaluator is not None else _device_of(ingredients[merge.reference])
     state = merge_in_memory(merge.method, sources, base_source, reference=merge.ingredients.index(merge.reference),
                             device=device, summaries=summaries)
     extras = {merge.summary_name: summaries} if merge.summary_name else {}

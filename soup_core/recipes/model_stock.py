@@ -35,4 +35,4 @@ def model_stock_merge(names: tuple[str, ...], params: Params) -> Merge:
 
 
 def model_stock(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
-    return brew_merge(model_stock_merge(tuple(ingredients), params), ingredients, base)
+    return brew_merge(model_stock_merge(tuple(ingredients), params), ingredients, base, evaluator)

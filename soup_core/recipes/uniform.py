@@ -17,5 +17,4 @@ def uniform_merge(names: tuple[str, ...], params: Params) -> Merge:
 
 
 def uniform_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
-    device = evaluator.device if evaluator is not None else None  # summed where it is scored
-    return brew_merge(uniform_merge(tuple(ingredients), params), ingredients, base, device)
+    return brew_merge(uniform_merge(tuple(ingredients), params), ingredients, base, evaluator)

@@ -36,4 +36,4 @@ def weighted_merge(names: tuple[str, ...], params: Params) -> Merge:
 
 
 def weighted_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
-    return brew_merge(weighted_merge(tuple(ingredients), params), ingredients, base)
+    return brew_merge(weighted_merge(tuple(ingredients), params), ingredients, base, evaluator)
