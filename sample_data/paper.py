@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sample_data.build import PRETRAIN_SEED, HParams, linear_probe, train
+from sample_data.training import PRETRAIN_SEED, HParams, linear_probe, train
 from sample_data.digits import load_splits, make_mlp
 from soup_core.state import StateDict
 

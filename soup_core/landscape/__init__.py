@@ -39,7 +39,9 @@ forward), :mod:`~soup_core.landscape.batchnorm`, :mod:`~soup_core.landscape.grid
 """
 
 from soup_core.landscape.batchnorm import batchnorm_keys, point_weights, recompute_batchnorm
-from soup_core.landscape.engine import PointValues, SliceEvaluator, device_budget
+from soup_core.landscape.budget import device_budget
+from soup_core.landscape.engine import SliceEvaluator
+from soup_core.landscape.scores import PointValues
 from soup_core.landscape.grid import Landscape, coarse_to_fine, grid_extent, plane_landscape
 from soup_core.landscape.path import LineBarrier, Path, barrier_interval, interpolation_path, path_alphas
 from soup_core.landscape.strategies import STRATEGIES

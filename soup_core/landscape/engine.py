@@ -6,11 +6,7 @@ See :mod:`soup_core.landscape` for what it does and why; this module holds
 
 from __future__ import annotations
 
-import math
-import os
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,60 +16,19 @@ from soup_core.errors import SoupError
 from soup_core.evaluate import Evaluator, Split
 from soup_core.geometry import Direction, plane_keys
 from soup_core.landscape.batchnorm import BatchNormSlice
+from soup_core.landscape.budget import Budget
+from soup_core.landscape.choice import PROBE_SAMPLES, fastest_strategy
 from soup_core.landscape.first_layer import AFFINE_LAYERS, AffineFirstLayer, folded_first_layer
 from soup_core.landscape.folded import FoldedForward, Unsupported
+from soup_core.landscape.scores import PointValues, loss_and_wrong
 from soup_core.landscape.strategies import STRATEGIES, STRATEGY_TYPES, Loop, Strategy
 from soup_core.policies import BN_POLICIES
 from soup_core.precision import check_precision, precision
 from soup_core.state import Progress, ShouldStop, tied_aliases
 
-# Bytes of activations one batched call may touch on a CPU: tiny calls drown in per-call
-# overhead and huge ones leave the cache (`bench/bench_landscape.py --strategy vmap
-# --working-set N` measures it; bench/RESULTS.md, "Landscape"). A GPU wants large calls: its
-# working set is its whole budget.
-CPU_WORKING_SET = 32 << 20
-CPU_WEIGHTS_BUDGET = 1 << 30  # bytes of stacked weights per chunk on a CPU
-# Of the memory free when a run starts, the share it may allocate (the rest is the caching
-# allocator's slack and whatever else runs in the process).
-BUDGET_SHARE = {"cuda": 0.75, "cpu": 0.5}
-# Timing the strategies at start-up: a probe of PROBE_SAMPLES samples checks they agree; then
-# each runs its own chunk (up to PROBE_POINTS points, PROBE_SAMPLES samples), best of
-# PROBE_ROUNDS (the first warms up).
-PROBE_SAMPLES = 128
-PROBE_POINTS = 32
-PROBE_ROUNDS = 4
 # In bf16/tf32 the first DEVIATION_POINTS points of a run are scored in fp32 as well; the
 # largest loss difference is reported as the run's precision_deviation.
 DEVIATION_POINTS = 4
-
-
-def device_budget(device: torch.device) -> int:
-    """Bytes a landscape run may allocate on ``device``: a share of the memory free now."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # not Linux: assume a modest machine
-            free = 8 << 30
-    return int(free * BUDGET_SHARE.get(device.type, BUDGET_SHARE["cpu"]))
-
-
-@dataclass(frozen=True)
-class PointValues:
-    """Mean cross-entropy and error (1 − accuracy) per split, one entry per point."""
-
-    loss: dict[str, np.ndarray]
-    error: dict[str, np.ndarray]
-
-
-def _loss_and_wrong(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy (float64) and count of wrong predictions per point of [G, N, C] logits."""
-    # Cross-entropy as logsumexp − logit of the label; max gives argmax too.
-    top, predicted = logits.max(dim=-1)
-    lse = top + (logits - top.unsqueeze(-1)).exp().sum(-1).log()
-    picked = logits.gather(-1, labels.expand(len(logits), -1).unsqueeze(-1)).squeeze(-1)
-    return (lse - picked).sum(-1, dtype=torch.float64), (predicted != labels).sum(-1)
 
 
 def _subsample(split: Split, max_samples: int | None, seed: int) -> Split:
@@ -119,12 +74,8 @@ class SliceEvaluator:
         # update_bn's loader batch size: it defines the recomputed statistics, so it is fixed
         # here and never shrunk for memory (chunks get fewer points instead).
         self.bn_batch_size = bn_batch_size or evaluator.batch_size
-        # Memory: ``budget`` bounds what one call allocates (stacked weights + activations);
-        # ``working_set`` is the activations a batched call aims at (cache-sized on a CPU).
-        self.budget = memory_budget or device_budget(self.device)
-        on_cpu = self.device.type == "cpu"
-        self.working_set = min(working_set or (CPU_WORKING_SET if on_cpu else self.budget), self.budget)
-        self.weights_budget = min(CPU_WEIGHTS_BUDGET, self.budget // 2) if on_cpu else self.budget // 2
+        budget = Budget.on(self.device, memory_budget, working_set)  # see soup_core.landscape.budget
+        self.budget, self.working_set, self.weights_budget = budget.total, budget.working_set, budget.weights
         model = evaluator.model_copy().eval()
         # No gradients here, ever; and autocast caches its bf16 copy of a leaf that requires
         # grad, so the loops' in-place writes would not reach a bf16 forward.
@@ -190,7 +141,14 @@ class SliceEvaluator:
             raise SoupError(f"one point on one sample needs {smallest / 2**20:.1f} MiB (weights and activations), "
                             f"more than this run's memory budget of {self.budget / 2**20:.1f} MiB; free memory "
                             "on the device or give a larger memory_budget")
-        self._strategy = self._fastest_strategy() if strategy == "auto" else STRATEGY_TYPES[strategy](self)
+        if strategy == "auto":
+            candidates = [STRATEGY_TYPES[name](self) for name in STRATEGY_TYPES
+                          if name != "loop" and (name != "fold" or self.folded is not None)]
+            split = next(iter(self.evaluator.splits.values()))
+            self._strategy = fastest_strategy(self._strategy, candidates, self._logits_with, split.inputs, self.k,
+                                              self.device)
+        else:
+            self._strategy = STRATEGY_TYPES[strategy](self)
         self._strategy.prepare()
 
     @property
@@ -267,67 +225,6 @@ class SliceEvaluator:
         self._release()
         return peak // len(x)
 
-    def _fastest_strategy(self) -> Strategy:
-        """Whichever of fold, vmap, the batched loop and the loop is fastest here, on any device.
-
-        Batched convolutions become grouped convolutions under vmap, which CPUs run slowly in
-        channels-first memory, while the folded layout runs them in channels-last memory; small
-        matmul networks gain from batching; a GPU is busy only with large calls: so it is
-        measured, not guessed. A strategy whose fp32 logits disagree with the plain loop's, or
-        that cannot run this model (vmap and data-dependent control flow), is never chosen.
-        """
-        split = next(iter(self.evaluator.splits.values()))
-        loop = self._strategy
-        candidates = [STRATEGY_TYPES[name](self) for name in STRATEGY_TYPES
-                      if name != "loop" and (name != "fold" or self.folded is not None)]
-        probe = torch.linspace(-1, 1, 4 * self.k, device=self.device).view(4, self.k)
-        with precision("fp32", self.device):  # agreement is checked in exact arithmetic
-            reference = self._logits(probe, split.inputs[:PROBE_SAMPLES])
-        runs = [loop]
-        for candidate in candidates:
-            self._strategy = candidate
-            try:
-                with precision("fp32", self.device):
-                    logits = self._logits(probe, split.inputs[:PROBE_SAMPLES])
-                if torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
-                    runs.append(candidate)
-            except Exception:  # noqa: BLE001 - a strategy that cannot run this model is not a candidate
-                pass
-            finally:
-                self._strategy = loop
-        # Each timed at its own chunk size (up to PROBE_POINTS points), per point and sample.
-        timings = {}
-        for candidate in runs:
-            points = min(candidate.chunk_points(len(split)), PROBE_POINTS)
-            coords = torch.linspace(-1, 1, points * self.k, device=self.device).view(points, self.k)
-            timings[candidate] = (coords, split.inputs[:min(candidate.batch_size(points, len(split)), PROBE_SAMPLES)],
-                                  math.inf)
-        for round_ in range(PROBE_ROUNDS):  # interleaved: a shared machine's noise hits all alike
-            for candidate in list(timings):
-                coords, x, best = timings[candidate]
-                self._strategy = candidate
-                try:
-                    seconds = self._timed_logits(coords, x)
-                except Exception:  # noqa: BLE001 - e.g. an op without a bf16 kernel here
-                    if candidate is not loop:
-                        del timings[candidate]
-                        continue
-                    raise
-                finally:
-                    self._strategy = loop
-                timings[candidate] = (coords, x, min(best, seconds / (len(coords) * len(x))))
-            if round_ and max(t for *_, t in timings.values()) * PROBE_POINTS * PROBE_SAMPLES > 0.5:
-                break  # a large model: one timed round (after the warm-up) tells them apart
-        return min(timings, key=lambda c: timings[c][2])
-
-    def _timed_logits(self, coords: torch.Tensor, x: torch.Tensor) -> float:
-        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda device=None: None)
-        synchronize(self.device)
-        start = time.perf_counter()
-        self._logits(coords, x)
-        synchronize(self.device)
-        return time.perf_counter() - start
-
     # ---- evaluation ---------------------------------------------------------------------
 
     def _coefficients(self, coords: torch.Tensor) -> torch.Tensor:
@@ -360,6 +257,14 @@ class SliceEvaluator:
                 return self._run(self._forward, self._point_params(coords), self._coefficients(coords), x)
         finally:
             self._release()
+
+    def _logits_with(self, strategy: Strategy, coords: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_logits` run with ``strategy`` (for :func:`~soup_core.landscape.choice.fastest_strategy`)."""
+        chosen, self._strategy = self._strategy, strategy
+        try:
+            return self._logits(coords, x)
+        finally:
+            self._strategy = chosen
 
     def chunk_points(self, samples: int) -> int:
         """Points per chunk of the chosen strategy (see :mod:`soup_core.landscape.strategies`)."""
@@ -429,7 +334,7 @@ class SliceEvaluator:
                 for b in range(0, len(split), batch_size):
                     x, y = split.inputs[b:b + batch_size], split.labels[b:b + batch_size]
                     logits = self._run(self._forward, params, coefficients, x).float()
-                    losses, wrongs = _loss_and_wrong(logits, y)
+                    losses, wrongs = loss_and_wrong(logits, y)
                     total_loss += losses
                     wrong += wrongs
                 out[s] = (total_loss / len(split), wrong / len(split))

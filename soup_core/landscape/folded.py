@@ -21,7 +21,8 @@ position, then point g, then channel c — and runs the model's layers on it dir
 * ``Flatten`` reorders to each point's (c, h, w) order — or, when a Linear reads it, is left
   undone and the Linear's weights are permuted to the (h, w, c) order of memory.
 
-The model is traced with ``torch.fx``; any operation outside that list makes it
+The model is traced with ``torch.fx`` and run node by node here; the layers' kernels on the
+folded layout are in :mod:`soup_core.landscape.folded_layers`. Any operation outside that list makes it
 :class:`Unsupported`, and :class:`soup_core.landscape.SliceEvaluator` falls back to vmap or a
 loop. Results equal the model's own forward up to float32 summation order.
 
@@ -40,13 +41,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-
 import torch
 import torch.fx
 from torch import nn
 
-from soup_core.errors import SoupError
+from soup_core.landscape.folded_layers import (Folded, Unsupported, folded_conv2d, folded_flatten, folded_linear,
+                                               layer_filters, repeat_points)
 
 # Per-channel modules that run unchanged on the folded layout.
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
@@ -60,22 +60,6 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # outputs per point than this (a classifier head) gets zero rows up to it, despite the extra
 # FLOPs (bench/RESULTS.md, "Landscape", "Variants").
 SMALL_LINEAR = 32
-
-
-class Unsupported(SoupError):
-    """The model uses an operation the folded forward does not implement."""
-
-
-@dataclass
-class Folded:
-    """Activations of G points: ``[N, G·C]`` or ``[N, G·C, H, W]`` in channels-last memory."""
-
-    tensor: torch.Tensor
-    points: int
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
 
 
 class FoldedForward:
@@ -226,10 +210,7 @@ class FoldedForward:
 
     def fold(self, value: torch.Tensor | Folded) -> Folded:
         """A point-independent activation as the same activation at every point."""
-        if isinstance(value, Folded):
-            return value
-        repeated = value.unsqueeze(1).expand(value.shape[0], self._points, *value.shape[1:])
-        return Folded(_channels_last(repeated.flatten(1, 2)), self._points)
+        return repeat_points(value, self._points)
 
     def _run(self, node: torch.fx.Node, args: list, folded_in: set[torch.fx.Node]):
         module = self._module(node)
@@ -260,17 +241,17 @@ class FoldedForward:
                     pad = SMALL_LINEAR - weight.shape[1]
                     weight = nn.functional.pad(weight, (0, 0, 0, pad))
                     bias = None if bias is None else nn.functional.pad(bias, (0, pad))
-                self._layers[node] = (layer, *self.filters(layer, weight, bias), batchnorm)
+                self._layers[node] = (layer, *layer_filters(layer, weight, bias), batchnorm)
                 return self._apply(*self._layers[node], value, folded_in)
             if isinstance(module, self.batchnorms):
                 return self._batchnorm(node.target, module, args[0])
             if isinstance(module, nn.Flatten):
-                return self._flatten(args[0])
+                return folded_flatten(args[0])
             return self._elementwise(node, module, args)
         if node.target is torch.flatten or node.target == "flatten":
             if tuple(args[1:]) not in ((1,), (1, -1)) or node.kwargs:
                 raise Unsupported("flatten must flatten all but the batch dimension")
-            return self._flatten(args[0])
+            return folded_flatten(args[0])
         if node.target in ADD_FUNCTIONS:
             a, b = args
             if isinstance(a, Folded) or isinstance(b, Folded):
@@ -280,84 +261,15 @@ class FoldedForward:
         function = torch.relu if node.target == "relu" else node.target
         return self._elementwise(node, function, args)
 
-    # ---- layers ----------------------------------------------------------------------------
-
-    @staticmethod
-    def filters(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
-        """G points' ``weight`` [G, out, …] and ``bias`` [G, out] as one layer's, points outermost."""
-        flat_bias = None if bias is None else bias.reshape(-1)
-        if isinstance(layer, nn.Linear):
-            return weight.reshape(-1, weight.shape[-1]), flat_bias
-        # Channels-last filters make the output channels-last even when C_in = 1.
-        return weight.flatten(0, 1).contiguous(memory_format=torch.channels_last), flat_bias
+    # ---- layers (the kernels are in soup_core.landscape.folded_layers) ----------------------
 
     def _apply(self, layer: nn.Module, filters: torch.Tensor, bias: torch.Tensor | None,
                batchnorm: torch.fx.Node | None, value, folded_in: set[torch.fx.Node]) -> Folded:
         if batchnorm is not None:
             folded_in.add(batchnorm)
         if isinstance(layer, nn.Linear):
-            return self.linear(value, filters, bias, layer.out_features)
-        return self.convolve(layer, value, filters, bias)
-
-    def linear(self, value: torch.Tensor | Folded, filters: torch.Tensor, bias: torch.Tensor | None,
-               out_features: int | None = None) -> Folded:
-        """A Linear with G points' weights stacked as ``filters`` [G·rows, in], ``bias`` [G·rows].
-
-        Rows beyond ``out_features`` (zero padding) are dropped from the output.
-        """
-        g = self._points
-        if not isinstance(value, Folded):  # one GEMM with every point's rows stacked
-            if value.dim() != 2:
-                raise Unsupported("Linear on inputs with more than 2 dimensions")
-            return Folded(nn.functional.linear(value, filters, bias), g)
-        t = value.tensor
-        n = t.shape[0]
-        if t.dim() == 4:  # a deferred Flatten; ``filters`` are in (h, w, c) order
-            inputs = t.permute(0, 2, 3, 1).reshape(n, -1, g, t.shape[1] // g)  # [N, H·W, G, C], a view
-            inputs = inputs.permute(2, 0, 1, 3).reshape(g, n, -1)  # a copy in runs of C floats
-            weights = filters.view(g, -1, filters.shape[1]).transpose(1, 2)
-            y = torch.bmm(inputs, weights) if bias is None else torch.baddbmm(bias.view(g, 1, -1), inputs, weights)
-            return Folded(y.transpose(0, 1).reshape(n, -1), g)
-        if t.dim() != 2:
-            raise Unsupported("Linear on inputs with more than 2 dimensions")
-        rows = filters.shape[0] // g
-        # [N, G·in] is channels-last [1, G·in, N, 1]: a grouped 1×1 convolution, no copy.
-        image = t.view(1, n, 1, -1).permute(0, 3, 1, 2)
-        y = nn.functional.conv2d(image, filters[:, :, None, None], bias, groups=g).permute(0, 2, 3, 1)
-        if out_features is None or out_features == rows:
-            return Folded(y.reshape(n, -1), g)
-        return Folded(y.reshape(n, g, rows)[:, :, :out_features].reshape(n, -1), g)
-
-    def convolve(self, module: nn.Conv2d, value: torch.Tensor | Folded, filters: torch.Tensor,
-                 bias: torch.Tensor | None) -> Folded:
-        """``module``'s convolution with G points' filters stacked: ``[G·C_out, C_in/groups, kh, kw]``."""
-        g, groups = self._points, module.groups
-        if not isinstance(value, Folded) and module.in_channels == 1:
-            return self._convolve_single_channel(module, value, filters, bias)
-        if isinstance(value, Folded) or groups != 1:
-            value, groups = self.fold(value), g * groups
-        # An input shared by all points needs no copies: the points' filters are output channels.
-        t = _channels_last(value.tensor if isinstance(value, Folded) else value)
-        if t.dim() != 4:
-            raise Unsupported(f"{type(module).__name__} needs [N, C, H, W] inputs")
-        y = nn.functional.conv2d(t, filters, bias, module.stride, module.padding, module.dilation, groups)
-        return Folded(_channels_last(y), g)
-
-    def _convolve_single_channel(self, module: nn.Conv2d, x: torch.Tensor, filters: torch.Tensor,
-                                 bias: torch.Tensor | None) -> Folded:
-        """A one-channel input (grey images): im2col and one GEMM, whose [N·H·W, G·C] result is
-        already channels-last. (oneDNN cannot tell the layouts of a one-channel input apart and
-        returns channels-first, which would then cost a copy.)"""
-        if x.dim() != 4:
-            raise Unsupported(f"{type(module).__name__} needs [N, C, H, W] inputs")
-        n = x.shape[0]
-        columns = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        height = (x.shape[2] + 2 * module.padding[0] - module.dilation[0] * (module.kernel_size[0] - 1) - 1) \
-            // module.stride[0] + 1
-        columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # [N·L, kh·kw]
-        kernels = filters.reshape(filters.shape[0], -1).T  # one input channel: both layouts agree
-        y = columns @ kernels if bias is None else torch.addmm(bias, columns, kernels)
-        return Folded(y.view(n, height, -1, filters.shape[0]).permute(0, 3, 1, 2), self._points)
+            return folded_linear(value, filters, bias, self._points, layer.out_features)
+        return folded_conv2d(layer, value, filters, bias, self._points)
 
     def _batchnorm_affine(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode BatchNorm as y = x·scale + shift, each [G, C]."""
@@ -406,13 +318,5 @@ class FoldedForward:
                 return Folded(first.tensor.relu_(), first.points)
         return Folded(function(first.tensor, *args[1:], **node.kwargs), first.points)
 
-    def _flatten(self, value):
-        if not isinstance(value, Folded):
-            return value.flatten(1)
-        t = value.tensor
-        if t.dim() == 2:
-            return value
-        n, gc = t.shape[:2]
-        # Channels-last memory is [N, *spatial, G, C]: bring each point's (c, *spatial) together.
-        per_point = t.permute(0, *range(2, t.dim()), 1).reshape(n, -1, value.points, gc // value.points)
-        return Folded(per_point.permute(0, 2, 3, 1).reshape(n, -1), value.points)
+
+__all__ = ["Folded", "FoldedForward", "Unsupported"]

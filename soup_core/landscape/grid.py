@@ -12,7 +12,8 @@ import torch
 from soup_core.errors import SoupError
 from soup_core.evaluate import Evaluator
 from soup_core.geometry import Plane, Projection
-from soup_core.landscape.engine import PointValues, SliceEvaluator
+from soup_core.landscape.engine import SliceEvaluator
+from soup_core.landscape.scores import PointValues
 from soup_core.state import Progress, ShouldStop
 
 

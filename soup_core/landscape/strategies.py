@@ -27,15 +27,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 if TYPE_CHECKING:
-    from soup_core.landscape.engine import SliceEvaluator
+    from soup_core.evaluate import Evaluator
+    from soup_core.landscape.folded import FoldedForward
 
 Params = dict[str, torch.Tensor]
+
+
+class SliceEngine(Protocol):
+    """What a strategy reads from the engine that holds it (the
+    :class:`~soup_core.landscape.engine.SliceEvaluator`): its model and sizes, never its methods."""
+
+    device: torch.device
+    evaluator: Evaluator
+    model: nn.Module
+    model_tensors: dict[str, torch.Tensor]  # the model's own tensors by state-dict key
+    fixed: dict[str, torch.Tensor]  # values held at the origin's
+    folded: FoldedForward | None
+    parameter_count: int  # moving entries per point
+    budget: int
+    working_set: int
+    weights_budget: int
+    activation_bytes: int  # per sample and point
+    largest_activation_bytes: int
 
 MAX_CHUNK_POINTS = 256
 # Samples per batched call: beyond this a call gains nothing on a CPU (bench_landscape.py
@@ -64,7 +84,7 @@ class Strategy:
     batched_batchnorm = False  # BatchNorm sees a leading point dimension (vmap)
     points_at_once = True  # activations of all the chunk's points are alive together
 
-    def __init__(self, engine: SliceEvaluator) -> None:
+    def __init__(self, engine: SliceEngine) -> None:
         self.engine = engine
 
     def __repr__(self) -> str:
@@ -155,7 +175,7 @@ class BatchedLoop(Loop):
 
     name = "batched-loop"
 
-    def __init__(self, engine: SliceEvaluator) -> None:
+    def __init__(self, engine: SliceEngine) -> None:
         super().__init__(engine)
         self.channels_last = engine.device.type == "cuda" and any(
             isinstance(m, torch.nn.Conv2d) for m in engine.model.modules())
