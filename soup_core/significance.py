@@ -1,4 +1,4 @@
-"""Is a difference real? Exact McNemar tests on paired predictions, bootstrap intervals.
+"""Is a difference real? Exact McNemar tests on paired predictions, score intervals that keep 95%.
 
 Two models scored on the same images disagree on some of them: ``a_only`` images only model A
 gets right, ``b_only`` only B. Under "no difference" each disagreement is a fair coin, so the
@@ -6,10 +6,16 @@ exact McNemar test is a two-sided binomial test of ``b_only`` successes in ``a_o
 trials (McNemar 1947; the exact form for small counts, Edwards 1948). With 630 test images one
 image is 0.16 points, so "+0.3" is two images — this module says whether that means anything.
 
-The 95% interval of the accuracy difference is a paired bootstrap over images (seeded, 2,000
-resamples): resampling pairs keeps the correlation between the two models' errors. A pair is one of
-three kinds (only A right, only B right, the same), so a resample is a multinomial draw of those
-three counts: the same distribution as drawing images, in O(resamples) instead of O(resamples × n).
+The 95% interval of the accuracy difference is Tango's score interval for a difference of paired
+proportions (Tango 1998) with a continuity correction of ½: every difference Δ whose score test
+(the restricted maximum-likelihood variance of ``b_only − a_only`` under Δ) does not reject. It
+keeps its coverage where the paired percentile bootstrap used before did not: with few
+disagreements, and when one count is 0. Computed exactly over the trinomial of discordant counts
+on 630 images, it covers at least 95% at every expected count from ¼ to 40 and every split
+between the two directions tried; without the correction it falls below 94%
+(``tests/test_significance.py``). The interval and the exact test are two procedures: where they
+disagree on whether 0 is plausible, the exact p-value lies between 0.05 and 0.065 (tested for
+counts up to 40).
 
 >>> import torch
 >>> from soup_core.significance import compare
@@ -27,12 +33,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
+import math
+
 import torch
-from scipy.stats import binom
+from scipy.optimize import brentq
+from scipy.stats import binom, norm
 
 LEVEL = 0.05
-RESAMPLES = 2000
+CONTINUITY = 0.5  # Tango's numerator moved ½ towards 0: coverage ≥ 95% at every count (see above)
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:
@@ -43,20 +51,42 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     return float(min(1.0, 2.0 * binom.cdf(min(a_only, b_only), n, 0.5)))
 
 
-def bootstrap_interval(a_correct: torch.Tensor, b_correct: torch.Tensor, *, resamples: int = RESAMPLES,
-                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Paired bootstrap interval of accuracy(b) − accuracy(a) (fractions).
+def tango_score(a_only: int, b_only: int, n: int, delta: float, correction: float = CONTINUITY) -> float:
+    """Tango's score statistic for H0: accuracy(B) − accuracy(A) = ``delta``.
 
-    Each resample draws n pairs with replacement; only the counts of "B right, A wrong" and
-    "A right, B wrong" among them matter, and those are one multinomial draw."""
-    n = len(a_correct)
-    a_correct, b_correct = a_correct.bool(), b_correct.bool()
-    b_only = int((b_correct & ~a_correct).sum())
-    a_only = int((a_correct & ~b_correct).sum())
-    counts = np.random.default_rng(seed).multinomial(n, [b_only / n, a_only / n, (n - a_only - b_only) / n],
-                                                     size=resamples)
-    difference = (counts[:, 0] - counts[:, 1]) / n
-    low, high = np.quantile(difference, [(1 - level) / 2, (1 + level) / 2])
+    Under H0 the probabilities of "A only" (q) and "B only" (q + Δ) have a restricted MLE with q
+    the positive root of 2n·q² + w·q − a·Δ(1 − Δ) = 0, w = Δ(2n − b + a) − (a + b); then
+    Var(b − a) = n(2q + Δ(1 − Δ)). The numerator's distance from 0 shrinks by ``correction``."""
+    w = delta * (2 * n - b_only + a_only) - (a_only + b_only)
+    q = (-w + math.sqrt(w * w + 8 * n * a_only * delta * (1 - delta))) / (4 * n)
+    variance = n * (2 * q + delta * (1 - delta))
+    excess = b_only - a_only - n * delta
+    excess = math.copysign(max(abs(excess) - correction, 0.0), excess)
+    if variance <= 0:
+        return 0.0 if excess == 0 else math.copysign(math.inf, excess)
+    return excess / math.sqrt(variance)
+
+
+def score_interval(a_only: int, b_only: int, n: int, *, level: float = 0.95,
+                   correction: float = CONTINUITY) -> tuple[float, float]:
+    """Tango's score interval (continuity-corrected) of accuracy(B) − accuracy(A), as fractions.
+
+    >>> low, high = score_interval(0, 4, 630)  # B right on 4 more images, p = 0.125
+    >>> low < 0 < high
+    True
+    """
+    if n <= 0:
+        raise ValueError("a paired interval needs at least one image")
+    z = float(norm.ppf((1 + level) / 2))
+    estimate, edge = (b_only - a_only) / n, 1e-12
+
+    def rejects_above(delta: float) -> float:  # > 0 while the difference is above delta's reach
+        return tango_score(a_only, b_only, n, delta, correction) - z
+
+    def rejects_below(delta: float) -> float:
+        return tango_score(a_only, b_only, n, delta, correction) + z
+    low = -1.0 if rejects_above(-1 + edge) <= 0 else brentq(rejects_above, -1 + edge, estimate, xtol=1e-12)
+    high = 1.0 if rejects_below(1 - edge) >= 0 else brentq(rejects_below, estimate, 1 - edge, xtol=1e-12)
     return float(low), float(high)
 
 
@@ -92,7 +122,7 @@ class Comparison:
     def to_json(self) -> dict:
         return {**asdict(self), "interval": list(self.interval), "difference": self.difference,
                 "significant": self.significant, "test": "exact McNemar (two-sided)",
-                "interval_method": f"paired bootstrap, {RESAMPLES} resamples, 95%"}
+                "interval_method": "Tango score interval, continuity-corrected, 95%"}
 
 
 def compare(a: str, logits_a: torch.Tensor, b: str, logits_b: torch.Tensor, labels: torch.Tensor,
@@ -103,7 +133,7 @@ def compare(a: str, logits_a: torch.Tensor, b: str, logits_b: torch.Tensor, labe
     right_b = logits_b.cpu().argmax(dim=1) == labels
     a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     return Comparison(a, b, split, len(labels), float(right_a.double().mean()), float(right_b.double().mean()),
-                      a_only, b_only, mcnemar_exact(a_only, b_only), bootstrap_interval(right_a, right_b))
+                      a_only, b_only, mcnemar_exact(a_only, b_only), score_interval(a_only, b_only, len(labels)))
 
 
 def report_splits(split_names: tuple[str, ...] | list[str], choice_split: str = "val") -> list[str]:
