@@ -21,6 +21,7 @@ from soup_core.geometry import pairwise_angles
 from soup_core.landscape import LineBarrier, barrier_interval, interpolation_path, path_alphas, plane_landscape
 from soup_core.pairs import flattest_pair, pair_analyses
 from soup_core.recipes import SoupResult
+from soup_core.recipes.best_individual import tie_sentence
 from soup_core.significance import report_splits, versus_best
 from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
 
@@ -127,7 +128,7 @@ def _live_soup(_zoo: Zoo, key: tuple, chosen: tuple[str, ...]) -> dict:
     versus = {r: next(iter(versus_best(results[r], ingredients, _zoo.evaluator, first)), None)
               for r in ("uniform", "ensemble")}
     return {"soup": rows["uniform"], "best": rows["best"], "best_name": results["best"].ingredients[0],
-            "ensemble": rows["ensemble"], "versus": versus}
+            "best_ties": tie_sentence(results["best"]), "ensemble": rows["ensemble"], "versus": versus}
 
 
 @st.cache_data(show_spinner="Testing the differences…", max_entries=64)

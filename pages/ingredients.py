@@ -6,6 +6,7 @@ import streamlit as st
 
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
 from appkit.figures import figure_footer
+from appkit.plain import literal
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
 from appkit.workspace import seed_ticks, set_ticks, tick_changed, tick_key, ticked
@@ -105,6 +106,8 @@ def soup_of_the_ticked_set() -> None:
         cols[0].markdown(f"**{label}**")
         for col, split in zip(cols[1:], live[key]):
             col.metric(f"{key} {split}", f"{100 * live[key][split]:.2f}%")
+    if live["best_ties"]:
+        st.caption(literal(live["best_ties"]))  # checkpoint names, shown as typed
     for label, key in (("Uniform soup", "uniform"), ("Logit ensemble", "ensemble")):
         versus = live["versus"][key]
         if versus is not None:

@@ -524,6 +524,8 @@ def test_a_new_server_sweeps_the_upload_folders_of_dead_ones(tmp_path):
 
 
 def test_the_live_soup_says_whether_it_beats_the_best_model_and_how_surely():
+    from appkit.plain import literal
+    from soup_core.recipes.best_individual import tie_sentence
     from soup_core.significance import versus_best
     at = _app()
     zoo = open_zoo("digits-finetune")
@@ -535,6 +537,10 @@ def test_the_live_soup_says_whether_it_beats_the_best_model_and_how_surely():
     expected = versus_best(uniform, zoo.ingredients(["ft-03", "ft-17"]), zoo.evaluator)[0]
     captions = " ".join(c.value for c in at.caption)
     assert f"Uniform soup vs the {expected.a} on test: {expected.sentence()}" in captions
+    assert not any("tie on val" in c.value for c in at.caption)  # ft-03 and ft-17 do not tie
+    at.checkbox(key="tick:digits-finetune:ft-20").check().run()  # ft-17 and ft-20 do
+    tie = tie_sentence(make_soup(zoo, "best", ["ft-03", "ft-17", "ft-20"]))
+    assert tie.startswith("2 models tie on val") and literal(tie) in [c.value for c in at.caption]
     at.switch_page("pages/recipes.py").run()
     assert not at.exception
     table = at.dataframe[0].value

@@ -74,6 +74,14 @@ def test_make_on_chosen_ingredients():
     assert payload["ingredients"] == ["ft-01", "ft-02"] and payload["weights"] == [0.5, 0.5]
 
 
+def test_make_best_names_every_model_tied_on_val():
+    result = soup("make", "best", "digits-finetune", "--ingredients", "ft-03,ft-17,ft-20", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    payload = ok_json("make", "best", "digits-finetune", "--ingredients", "ft-03,ft-17,ft-20", "--device", "cpu")
+    tied = payload["extras"]["tied_on_val"]
+    assert tied == ["ft-17", "ft-20"] and "2 models tie on val" in result.stdout and "ft-17, ft-20" in result.stdout
+
+
 def test_make_weighted_takes_weights_by_name_and_its_help_says_the_default(tmp_path):
     out = tmp_path / "weighted.safetensors"
     payload = ok_json("make", "weighted", "digits-finetune", "--ingredients", "ft-01,ft-02", "--weights", "ft-01=3",

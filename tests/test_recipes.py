@@ -6,6 +6,7 @@ import torch
 from soup_core.evaluate import ensemble_logits, metrics_from_logits
 from soup_core.params import RunningSum, uniform_average
 from soup_core.recipes import RECIPES
+from soup_core.recipes.best_individual import tie_sentence
 from soup_core.recipes.model_stock import model_stock_ratio
 from soup_core.zoo import open_zoo
 
@@ -220,3 +221,19 @@ def test_a_running_sum_lives_on_its_device_and_stays_exact():
     assert soup.mean()["n"] == 0  # integer buffers from the first ingredient
     soup.remove("m1")
     assert torch.equal(soup.mean()["w"], ((states["m0"]["w"].double() + states["m2"]["w"].double()) / 2).half())
+
+
+def test_a_tie_for_the_best_model_is_said_out_loud_with_the_spread_on_test(finetune):
+    zoo, ingredients, evaluator = finetune
+    val = {n: evaluator.accuracy(s, "val") for n, s in ingredients.items()}
+    tied = [n for n in ingredients if val[n] == max(val.values())]  # manifest order
+    assert len(tied) > 1  # digits-finetune has a four-way tie on val
+    best = RECIPES["best"].make(ingredients, evaluator)
+    assert best.ingredients == (tied[0],) and best.extras["tied_on_val"] == tied
+    test = {n: evaluator.accuracy(ingredients[n], "test") for n in tied}
+    assert best.extras["tied_report"] == {"split": "test", "accuracy": test}
+    assert tie_sentence(best) == (f"{len(tied)} models tie on val at {max(val.values()):.2%} ({', '.join(tied)}); "
+                                  f"on test they score {min(test.values()):.2%} to {max(test.values()):.2%}; "
+                                  f"the first in manifest order, {tied[0]}, is the best individual.")
+    alone = RECIPES["best"].make({tied[0]: ingredients[tied[0]]}, evaluator)
+    assert alone.extras == {} and tie_sentence(alone) is None

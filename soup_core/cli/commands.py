@@ -163,6 +163,7 @@ def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_make(args: argparse.Namespace) -> None:
     from soup_core.evaluate import metrics_to_json
     from soup_core.export import Candidate, plan_export
+    from soup_core.recipes.best_individual import tie_sentence
     from soup_core.significance import versus_best
     from soup_core.zoo import make_soup
     params = recipe_params(args)
@@ -197,6 +198,9 @@ def cmd_make(args: argparse.Namespace) -> None:
               f"{', '.join(result.ingredients)}")
     if result.metrics:
         say(args, "  " + metrics_line(result.metrics, shifts))
+    tie = tie_sentence(result) if result.recipe == "best" else None
+    if tie:
+        say(args, "  " + tie)
     for comparison in comparisons[:1]:  # test, when the zoo has it
         say(args, f"  vs the {comparison.a} on {comparison.split}: {comparison.sentence()}")
     if args.out:
