@@ -69,6 +69,21 @@ class Group:
     size: int
     axes: set[tuple[str, int, int]] = field(default_factory=set)
 
+    @property
+    def label(self) -> str:
+        """The layer whose output units these are (its first weight permuted along axis 0)."""
+        outputs = sorted(key for key, axis, _ in self.axes if axis == 0)
+        return (outputs or sorted(key for key, _, _ in self.axes))[0].rsplit(".", 1)[0]
+
+
+def units_moved(groups: list[Group], perms: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Per layer, how many of its units a permutation moves, and how many it has.
+
+    >>> units_moved([Group(4, {("fc.weight", 0, 1)})], [torch.tensor([0, 2, 1, 3])])
+    {'fc': (2, 4)}
+    """
+    return {g.label: (int((p != torch.arange(g.size)).sum()), g.size) for g, p in zip(groups, perms)}
+
 
 class _Groups:
     """Union-find over groups (a residual ``+`` makes two groups one)."""

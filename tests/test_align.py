@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soup_core.align import AlignmentError, align, barrier_table, permutation_groups, permute
+from soup_core.align import (AlignmentError, align, barrier_table, permutation_groups, permute, units_moved,
+                             weight_matching)
 from soup_core.zoo import open_zoo
 from tests.test_cli import ok_json
 
@@ -28,9 +29,13 @@ def test_aligning_a_model_to_itself_is_the_identity(zoo):
 def test_a_permuted_copy_aligns_back_exactly(zoo):
     model, state = zoo.evaluator.model, zoo.state_dict(zoo.names[1])
     groups = permutation_groups(model, example(zoo))
-    shuffled = permute(state, groups, [torch.randperm(g.size, generator=torch.Generator().manual_seed(i))
-                                       for i, g in enumerate(groups)])
+    perms = [torch.randperm(g.size, generator=torch.Generator().manual_seed(i)) for i, g in enumerate(groups)]
+    shuffled = permute(state, groups, perms)
     assert any(not torch.equal(shuffled[k], state[k]) for k in state)
+    # The permutation back moves exactly the units the shuffle did not leave in place.
+    displaced = [int((p != torch.arange(len(p))).sum()) for p in perms]
+    back_perms = weight_matching(state, shuffled, groups)
+    assert [m for m, _ in units_moved(groups, back_perms).values()] == displaced
     back = align(state, shuffled, model, example(zoo))
     assert all(torch.allclose(back[k], state[k], atol=1e-6) for k in state)
     for split in ("val", "test"):
@@ -81,6 +86,9 @@ def test_groups_come_from_the_graph_and_unsupported_operations_are_named():
 def test_the_command_line_aligns_and_soups_the_aligned_checkpoints(tmp_path):
     payload = ok_json("align", "digits-scratch", "--to", "scratch-00", "--out", str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"scratch-0{i}.safetensors" for i in range(8)]
+    assert sorted(payload["units_moved"]) == [f"scratch-0{i}" for i in range(1, 8)]
+    assert all(0 < layer["moved"] <= layer["units"] for layers in payload["units_moved"].values()
+               for layer in layers.values())
     before, after = payload["uniform_soup_accuracy"]["before"], payload["uniform_soup_accuracy"]["after"]
     soup = ok_json("make", "uniform", "digits-scratch", "--align", "scratch-00", "--out", str(tmp_path / "s.safetensors"))
     assert soup["metrics"]["test"]["accuracy"] == pytest.approx(after) and after > before

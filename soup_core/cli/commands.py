@@ -356,8 +356,12 @@ def cmd_align(args: argparse.Namespace) -> None:
     table = barrier_table(zoo, aligned, evaluator, split)
     before, after = (uniform_average([z.state_dict(n) for n in zoo.names]) for z in (zoo, aligned))
     soup = {"before": evaluator.accuracy(before, split), "after": evaluator.accuracy(after, split)}
+    moved = {name: {layer: {"moved": m, "units": n} for layer, (m, n) in layers.items()}
+             for name, layers in aligned.units_moved.items()}
     write_json(args.json, {"zoo": zoo.name, "aligned_to": args.to, "out": str(out), "split": split,
-                           "pairs": table, "uniform_soup_accuracy": soup}, inputs)
+                           "units_moved": moved, "pairs": table, "uniform_soup_accuracy": soup}, inputs)
+    for name, layers in aligned.units_moved.items():
+        say(args, f"{name}: units moved " + ", ".join(f"{layer} {m}/{n}" for layer, (m, n) in layers.items()))
     for label in ("before", "after"):
         values = np.array([row[label] for row in table]) * 100
         say(args, f"error barrier {label} alignment, {len(table)} pairs on {split}: {values.mean():.1f} ± "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from soup_core.align import permutation_groups, permute, weight_matching
+from soup_core.align import permutation_groups, permute, units_moved, weight_matching
 from soup_core.data import data_evaluator
 from soup_core.errors import CheckpointError, DataError, ModelError, SoupError, ZooError
 from soup_core.evaluate import Evaluator, Metrics
@@ -45,6 +45,7 @@ class Zoo:
         self.entries: dict[str, CheckpointEntry] = {e.name: e for e in manifest.entries}
         self.base_path: Path | None = manifest.base_path
         self.aligned_to: str | None = None  # see aligned()
+        self.units_moved: dict[str, dict[str, tuple[int, int]]] = {}  # aligned(): per checkpoint and layer
         self._states: dict[str, StateDict] = {}
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -124,10 +125,12 @@ class Zoo:
         ingredients = self.ingredients()
         other = copy.copy(self)
         other._states = dict(self._states)
+        other.units_moved = {}
         for name, state in ingredients.items():
             if name != reference:
                 perms = weight_matching(ingredients[reference], state, groups)
                 other._states[name] = permute(state, groups, perms)
+                other.units_moved[name] = units_moved(groups, perms)
         other.aligned_to = reference
         return other
 
