@@ -8,7 +8,7 @@ import streamlit as st
 from appkit.cache import cached_angles, cached_pairs, cached_path, zoo_key
 from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
-from soup_core.policies import BN_POLICIES
+from soup_core.policies import BN_POLICIES, CURVATURE_WORDS
 from soup_core.zoo import BASE
 
 zoo = sidebar()
@@ -77,14 +77,15 @@ if "geometry:pairs" in st.session_state:
                   "ensemble (Figure 4): dots above the dotted line are pairs where the soup wins.",
                   pd.DataFrame(pairs).drop(columns=[c for c in ("curve",) if c in pairs[0]]), figure=tuple(shown))
     r_loss = report["correlations"]["approximation_vs_loss_difference"]
-    methods = {p["curvature_method"] for p in pairs}
-    how = "a quadratic fit of the loss curve (the network has kinks)" if methods == {"fit"} else "jvp"
+    how = " and ".join(CURVATURE_WORDS[m] for m in sorted({p["curvature_method"] for p in pairs}))
     strength = ("n/a" if r_loss is None else
                 f"{r_loss:+.2f}: " + ("the approximation tracks the measured difference" if r_loss >= 0.5 else
                                       "the approximation does not track the measured difference here"))
+    r_var = report["correlations"]["variance_term_vs_ensemble_gain"]
     st.caption(f"§4 approximation of the soup − ensemble loss difference vs the measured one over {len(pairs)} "
                f"pairs: r = {strength}; same sign in {report['approximation_sign_agreement']}/{len(pairs)} pairs. "
-               f"Curvature by {how}; β fitted on val.")
+               f"Curvature {how}; β fitted on val. Its ensemble term alone against the ensemble's gain over the "
+               f"two models' mean loss: r = {'n/a' if r_var is None else f'{r_var:+.2f}'}.")
 
 st.subheader("Interpolation between two points")
 points = ([BASE] if zoo.has_base else []) + names + ["uniform", "greedy"]

@@ -192,7 +192,7 @@ def scores(ray, zoo, names: Sequence[str], *, workers: int = 2, cpus_per_worker:
     return {n: out[n] for n in names}
 
 
-def pair_report(ray, zoo, names: Sequence[str], *, split: str = "test", curvature: str = "auto", workers: int = 2,
+def pair_report(ray, zoo, names: Sequence[str], *, split: str = "test", curvature: str = "segment", workers: int = 2,
                 cpus_per_worker: float = 1, progress: Progress | None = None):
     """:func:`soup_core.pairs.pair_analyses` over ``workers`` actors (angles on the driver)."""
     import itertools

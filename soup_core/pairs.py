@@ -14,16 +14,20 @@ For every pair (θ1, θ2) of a zoo, on one report split:
   with Δf = f(x;θ2) − f(x;θ1). β is the temperature that calibrates the soup (App. K.4); it is
   fitted on the held-out ``val`` split, never on the report split.
 
-The curvature d²L/dα² — a pitfall. For a smooth network (tanh, GELU, softmax attention) it is
-computed exactly by forward-over-forward ``torch.func.jvp`` in float64. A ReLU network's loss
-along a line is piecewise smooth with a kink wherever a unit switches, and automatic
-differentiation sees only the linear region α sits in: it misses every kink, and its "exact"
-value can have the wrong sign (on ``digits-finetune`` +0.32 where the curve's own curvature is
-about −1). So for networks with kinks (ReLU-family activations, max-pooling, or anything
-``torch.fx`` cannot trace) the curvature is that of the actual curve L(α): a least-squares
-quadratic through L at α + kh, k = −2…2, h = :data:`CURVATURE_STEP` (±0.05 around α = ½),
-which averages over the kinks at the scale of the interpolation and is stable for steps from
-0.01 to 0.1. ``curvature_method`` in each pair says which was used.
+The curvature d²L/dα² — a pitfall: at which scale? The paper expands the loss over the whole
+segment from θ1 to θ2, so its curvature is the segment's: the second difference of L at α = 0, ½
+and 1, 8·(mean(L0, L1) − L½) (``segment``, the default; exact for a quadratic L). Two local
+scales are offered beside it. ``jvp``: forward-over-forward ``torch.func.jvp`` in float64, exact
+at the point α = ½ for a smooth network (tanh, GELU, softmax attention); a ReLU network's loss
+along a line is piecewise smooth with a kink wherever a unit switches, and jvp sees only the
+linear region α = ½ sits in. ``fit``: a least-squares quadratic through L at α + kh, k = −2…2,
+h = :data:`CURVATURE_STEP` (±0.05 around α = ½), the curve's own curvature at that scale.
+``auto`` picks jvp for smooth networks and fit for networks with kinks. With the segment's
+curvature the approximation is L½ − mean(L0, L1) + β²·Var/8: part of its agreement with the
+measured L_soup − L_ens is by construction (both contain L_soup), which is why ``soup pairs`` also
+reports each term alone: L½ − mean(L0, L1) against the measured difference, and the variance term
+against the ensemble's gain mean(L0, L1) − L_ens. ``curvature_method`` in each pair
+says which was used.
 
 The correlations across pairs (angle vs advantage; approximation vs measured loss and error
 differences) are what the paper reports.
@@ -42,6 +46,7 @@ import torch.fx
 from scipy.optimize import minimize_scalar
 from torch.func import functional_call, jvp
 
+from soup_core.errors import SoupError
 from soup_core.evaluate import VAL, Evaluator
 from soup_core.geometry import pairwise_angles
 from soup_core.params import interpolate
@@ -68,7 +73,11 @@ class PairAnalysis:
     error_difference: float
     approximation: float
     curvature: float = 0.0
-    curvature_method: str = "jvp"
+    curvature_method: str = "segment"
+    endpoint_loss: float = 0.0  # mean(L0, L1): the two models' own β-calibrated losses
+    variance_term: float = 0.0  # α(1 − α)/2 · β² E Var[Δf]: the approximation's ensemble part
+    ensemble_gain: float = 0.0  # mean(L0, L1) − L_ens: what the variance term approximates
+    soup_term: float = 0.0  # L½ − mean(L0, L1): the segment-curvature part, measured, not approximated
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,9 @@ class PairReport:
         return {"split": self.split, "pairs": [asdict(p) for p in self.pairs], "correlations": {
             "angle_vs_interpolation_advantage": self.correlation("angle_deg", "interpolation_advantage"),
             "approximation_vs_loss_difference": self.correlation("approximation", "loss_difference"),
-            "approximation_vs_error_difference": self.correlation("approximation", "error_difference")},
+            "approximation_vs_error_difference": self.correlation("approximation", "error_difference"),
+            "variance_term_vs_ensemble_gain": self.correlation("variance_term", "ensemble_gain"),
+            "soup_term_vs_loss_difference": self.correlation("soup_term", "loss_difference")},
             "approximation_sign_agreement": int(self.sign_agreement())}
 
 
@@ -149,22 +160,35 @@ def curvature_method(model: torch.nn.Module) -> str:
 
 
 def loss_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                   split: str, *, beta: float = 1.0, alpha: float = 0.5, method: str = "auto") -> float:
+                   split: str, *, beta: float = 1.0, alpha: float = 0.5, method: str = "segment") -> float:
     """d²/dα² of the β-scaled mean cross-entropy at θ_α = (1 − α)·a + α·b (see the module's note).
 
-    ``method``: ``auto`` (:func:`curvature_method`), ``jvp`` (exact within α's linear region) or
-    ``fit`` (the curve's own curvature, :func:`quadratic_fit_curvature`).
+    ``method``: ``segment`` (over α ∈ [0, 1], the paper's scale; :func:`segment_curvature`), ``fit``
+    (the curve's own at ±0.05, :func:`quadratic_fit_curvature`), ``jvp`` (exact within α's linear
+    region) or ``auto`` (:func:`curvature_method`: jvp or fit).
     """
     if method not in CURVATURE_METHODS:
-        raise ValueError(f"method must be one of {', '.join(CURVATURE_METHODS)}, not {method!r}")
+        raise SoupError(f"curvature must be one of {', '.join(CURVATURE_METHODS)}, not {method!r}")
     if method == "auto":
         method = curvature_method(evaluator.model)
+    labels = evaluator.labels(split)
+
+    def loss_at(t: float) -> float:
+        return _calibrated_loss(evaluator.logits(interpolate(a, b, t), split, cache=False), labels, beta)
+    if method == "segment":
+        return segment_curvature(loss_at(0.0), loss_at(0.5), loss_at(1.0))
     if method == "fit":
-        labels = evaluator.labels(split)
-        return quadratic_fit_curvature(
-            lambda t: _calibrated_loss(evaluator.logits(interpolate(a, b, t), split, cache=False), labels, beta),
-            alpha)
+        return quadratic_fit_curvature(loss_at, alpha)
     return _jvp_curvature(evaluator, a, b, split, beta=beta, alpha=alpha)
+
+
+def segment_curvature(at_start: float, at_middle: float, at_end: float) -> float:
+    """The second difference of L over α ∈ [0, 1]: (L0 − 2·L½ + L1) / (½)² = 8·(mean(L0, L1) − L½).
+
+    >>> segment_curvature(1.0, 0.5, 1.0)  # L(α) = 1 − 2α(1 − α): L'' = 4
+    4.0
+    """
+    return 4.0 * (at_start - 2.0 * at_middle + at_end)
 
 
 def _jvp_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
@@ -205,7 +229,7 @@ def _jvp_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mappi
 
 def analyse_pair(evaluator: Evaluator, names: tuple[str, str], a: Mapping[str, torch.Tensor],
                  b: Mapping[str, torch.Tensor], split: str, angle_deg: float | None = None, *,
-                 curvature: str = "auto") -> PairAnalysis:
+                 curvature: str = "segment") -> PairAnalysis:
     """All of the module docstring's numbers for one pair, at α = ½."""
     labels = evaluator.labels(split)
     soup = interpolate(a, b, 0.5)
@@ -222,18 +246,24 @@ def analyse_pair(evaluator: Evaluator, names: tuple[str, str], a: Mapping[str, t
     p = torch.softmax(beta * f_soup, dim=1)
     delta = f_b - f_a
     variance = float(((p * delta ** 2).sum(1) - (p * delta).sum(1) ** 2).mean())
+    endpoint_loss = (_calibrated_loss(f_a, labels, beta) + _calibrated_loss(f_b, labels, beta)) / 2
     method = curvature_method(evaluator.model) if curvature == "auto" else curvature
-    second = loss_curvature(evaluator, a, b, split, beta=beta, method=method)
-    approximation = 0.5 * 0.5 / 2 * (-second + beta ** 2 * variance)
+    if method == "segment":  # from the three losses already at hand
+        second = segment_curvature(_calibrated_loss(f_a, labels, beta), soup_loss, _calibrated_loss(f_b, labels, beta))
+    else:
+        second = loss_curvature(evaluator, a, b, split, beta=beta, method=method)
+    weight = 0.5 * 0.5 / 2  # α(1 − α)/2 at α = ½
+    approximation = weight * (-second + beta ** 2 * variance)
     return PairAnalysis(names[0], names[1], angle_deg, acc_a, acc_b, acc_soup, acc_ens,
                         acc_soup - (acc_a + acc_b) / 2, beta, soup_loss, ens_loss, soup_loss - ens_loss,
-                        (1 - acc_soup) - (1 - acc_ens), approximation, second, method)
+                        (1 - acc_soup) - (1 - acc_ens), approximation, second, method, endpoint_loss,
+                        weight * beta ** 2 * variance, endpoint_loss - ens_loss, soup_loss - endpoint_loss)
 
 
 def pair_analyses(states: Mapping[str, Mapping[str, torch.Tensor]], evaluator: Evaluator, *,
                   base: Mapping[str, torch.Tensor] | None = None, split: str = "test",
                   pairs: Sequence[tuple[str, str]] | None = None, progress: Progress | None = None,
-                  curvature: str = "auto") -> PairReport:
+                  curvature: str = "segment") -> PairReport:
     """Every pair of ``states`` (or the given ``pairs``) analysed on ``split``.
 
     Angles need ``base`` (θ0); without it they are None and the other numbers still come.

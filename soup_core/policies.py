@@ -13,9 +13,13 @@ training data (``torch.optim.swa_utils.update_bn``), ``interpolate`` them with t
 
 BN_POLICIES = ("recompute", "interpolate", "keep")
 
-# How the §4 approximation measures d²L/dα² (see soup_core.pairs): exactly by jvp (smooth
-# networks), by a quadratic fit of the loss curve (networks with kinks), or chosen from the model.
-CURVATURE_METHODS = ("auto", "jvp", "fit")
+# How the §4 approximation measures d²L/dα² (see soup_core.pairs), at three scales: over the whole
+# segment α ∈ [0, 1] (the paper's expansion; the default), by a quadratic fit of L(α) over ±0.05
+# (local; networks with kinks), exactly by jvp (one point; smooth networks), or jvp/fit from the model.
+CURVATURE_METHODS = ("segment", "fit", "jvp", "auto")
+CURVATURE_WORDS = {"segment": "over the whole segment (the paper's scale)",  # in the app's sentences
+                   "fit": "of a quadratic fit of L(α) over α = ½ ± 0.05",
+                   "jvp": "exact at α = ½ by jvp"}
 
 # The arithmetic of a landscape's (or a soup's) forward passes (see soup_core.precision):
 # exact float32, TF32 tensor cores (CUDA), or bfloat16 autocast with its deviation measured.

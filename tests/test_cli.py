@@ -201,7 +201,9 @@ def test_pairs_json_has_each_pair_and_the_correlations():
         pair["soup_accuracy"] - (pair["accuracy_a"] + pair["accuracy_b"]) / 2)
     assert 0 < pair["angle_deg"] < 180
     assert set(out["correlations"]) == {"angle_vs_interpolation_advantage", "approximation_vs_loss_difference",
-                                        "approximation_vs_error_difference"}
+                                        "approximation_vs_error_difference", "variance_term_vs_ensemble_gain",
+                                        "soup_term_vs_loss_difference"}
+    assert {p["curvature_method"] for p in out["pairs"]} == {"segment"}  # the paper's scale by default
 
 
 @pytest.mark.parametrize("args, message", [

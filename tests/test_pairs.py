@@ -48,7 +48,11 @@ def test_curvature_of_a_quadratic_line_is_exact():
     p = torch.softmax(x.double() @ mid["weight"].T + mid["bias"], dim=1)
     dz = x.double() @ (b["weight"] - a["weight"]).double().T + (b["bias"] - a["bias"]).double()
     expected = ((p * dz ** 2).sum(1) - (p * dz).sum(1) ** 2).mean()
-    assert loss_curvature(ev, a, b, "val") == pytest.approx(float(expected), rel=1e-6)
+    assert loss_curvature(ev, a, b, "val", method="jvp") == pytest.approx(float(expected), rel=1e-6)
+    # The segment's curvature is the second difference of the same losses, computed here by hand.
+    ce = [torch.nn.functional.cross_entropy(x.double() @ w.double().T + c.double(), y).item()
+          for w, c in ((a["weight"], a["bias"]), (mid["weight"], mid["bias"]), (b["weight"], b["bias"]))]
+    assert loss_curvature(ev, a, b, "val") == pytest.approx(4 * (ce[0] - 2 * ce[1] + ce[2]), rel=1e-6)
 
 
 def test_temperature_calibrates():
@@ -76,7 +80,7 @@ def test_a_relu_networks_curvature_is_the_curve_s_own_not_one_linear_region_s(zo
     ev = zoo.evaluator
     a, b = zoo.state_dict("ft-17"), zoo.state_dict("ft-22")
     assert curvature_method(ev.model) == "fit"
-    fitted = loss_curvature(ev, a, b, "test")
+    fitted = loss_curvature(ev, a, b, "test", method="auto")
     labels = ev.labels("test")
     alphas = np.linspace(0.45, 0.55, 21)
     losses = [_calibrated_loss(ev.logits(interpolate(a, b, t), "test", cache=False), labels, 1.0) for t in alphas]
@@ -90,3 +94,26 @@ def test_smooth_networks_keep_the_exact_jvp_curvature():
     smooth = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     kinked = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     assert curvature_method(smooth) == "jvp" and curvature_method(kinked) == "fit"
+
+
+def test_with_the_segment_s_curvature_the_approximation_is_its_closed_form(zoo):
+    """α(1−α)/2·(−L'' + β²Var) at α = ½ with L'' = 8·(mean(L0, L1) − L½) is L½ − mean(L0, L1) + β²Var/8:
+    every term computed here from the logits, independently of analyse_pair."""
+    ev = zoo.evaluator
+    a, b = zoo.state_dict("ft-03"), zoo.state_dict("ft-09")
+    pair = analyse_pair(ev, ("ft-03", "ft-09"), a, b, "test")
+    assert pair.curvature_method == "segment"
+    labels = ev.labels("test")
+    f_a, f_b = ev.logits(a, "test").double(), ev.logits(b, "test").double()
+    f_soup = ev.logits(interpolate(a, b, 0.5), "test", cache=False).double()
+    beta = pair.beta
+
+    def loss(f):
+        return torch.nn.functional.cross_entropy(beta * f, labels).item()
+    p = torch.softmax(beta * f_soup, dim=1)
+    variance = ((p * (f_b - f_a) ** 2).sum(1) - (p * (f_b - f_a)).sum(1) ** 2).mean().item()
+    endpoints = (loss(f_a) + loss(f_b)) / 2
+    assert pair.approximation == pytest.approx(loss(f_soup) - endpoints + beta ** 2 * variance / 8, rel=1e-9)
+    assert pair.ensemble_gain == pytest.approx(endpoints - loss((f_a + f_b) / 2), rel=1e-9)
+    assert pair.variance_term == pytest.approx(beta ** 2 * variance / 8, rel=1e-9)
+    assert pair.soup_term == pytest.approx(loss(f_soup) - endpoints, rel=1e-9)

@@ -224,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--ingredients", metavar="A,B,...", help="only pairs among these checkpoints (default: all)")
     alignable(pairs)
     distributable(pairs)
-    pairs.add_argument("--curvature", choices=CURVATURE_METHODS, default="auto",
-                       help="d²L/dα² for §4: jvp (exact in one linear region; smooth networks), fit (quadratic "
-                            "fit of L(α) over ±0.05; networks with kinks), auto (jvp only for smooth networks)")
+    pairs.add_argument("--curvature", choices=CURVATURE_METHODS, default="segment",
+                       help="d²L/dα² for §4: segment (over the whole segment, 8·(mean(L0, L1) − L½), the paper's "
+                            "scale), fit (quadratic fit of L(α) over ±0.05), jvp (exact at α = ½ in one linear region; "
+                            "smooth networks), auto (jvp for smooth networks, else fit)")
     precise(pairs)
     common(pairs)
 
