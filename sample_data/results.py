@@ -1,6 +1,7 @@
 """The README's results table: every recipe on ``digits-finetune``-style sweeps, over seeds.
 
     python -m sample_data.results [--zoo digits-finetune|digits-soup] [--seeds 5] [--models 32]
+    python -m sample_data.results --committed [--zoo ...]   # seed 0 from the committed files only
 
 θ0 (pretraining + linear probe) and the data splits are fixed; each sweep seed draws new
 hyperparameters and training seeds for all fine-tuned models (seed 0 is the committed zoo).
@@ -23,6 +24,7 @@ from sample_data.digits import make_evaluator, make_mlp
 from soup_core.evaluate import shift_average
 from soup_core.recipes import RECIPES
 from soup_core.significance import versus_best
+from soup_core.zoo import open_zoo
 
 ROWS = ["best", "uniform", "greedy", "pruned", "learned", "learned-by-layer", "ensemble",
         "greedy-ensemble", "model-stock"]
@@ -31,12 +33,21 @@ ROWS = ["best", "uniform", "greedy", "pruned", "learned", "learned-by-layer", "e
 def run_seed(theta0, seed: int, models: int, zoo: str = "digits-finetune") -> dict[str, tuple]:
     sweep = (good_sweep(theta0, models, sweep_seed=seed) if zoo == "digits-soup"
              else finetune_sweep(theta0, make_mlp, models, sweep_seed=seed))
-    ingredients = {name: state for name, (state, _) in sweep.items()}
+    return score_recipes({name: state for name, (state, _) in sweep.items()}, theta0.state_dict())
+
+
+def committed_seed(zoo: str) -> dict[str, tuple]:
+    """Sweep seed 0 as committed: the zoo's own files, nothing trained but the learned soups."""
+    opened = open_zoo(zoo, device="cpu")
+    return score_recipes(opened.ingredients(), opened.base)
+
+
+def score_recipes(ingredients, base) -> dict[str, tuple]:
     evaluator = make_evaluator(make_mlp, device="cpu")
     out = {}
     for name in ROWS:
         params = {"passes": 2} if name == "pruned" else {}
-        result = RECIPES[name].make(ingredients, evaluator, base=theta0.state_dict(), **params)
+        result = RECIPES[name].make(ingredients, evaluator, base=base, **params)
         m = result.metrics
         test = next((c for c in versus_best(result, ingredients, evaluator) if c.split == "test"), None)
         out[name] = (m["val"].accuracy, m["test"].accuracy,
@@ -53,22 +64,42 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=32)
     parser.add_argument("--zoo", choices=["digits-finetune", "digits-soup"], default="digits-finetune",
                         help="the sweep: digits-finetune's (bad runs included) or digits-soup's (the paper's conditions)")
+    parser.add_argument("--committed", action="store_true",
+                        help="seed 0 only, from the committed checkpoints (the same digits on any machine)")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
+    if args.committed:
+        per_seed = [committed_seed(args.zoo)]
+        print(f"{args.zoo} as committed: {len(open_zoo(args.zoo).names)} fine-tuned models, sweep seed 0; accuracy in %")
+        print_table(per_seed, mean_std=False)
+        return
     theta0 = pretrain_on_source() if args.zoo == "digits-soup" else pretrain(make_mlp)
     per_seed = [run_seed(theta0, seed, args.models, args.zoo) for seed in range(args.seeds)]
-
-    def cell(values, percent=True):
-        mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.1f} ± {std:.1f}"
-
     print(f"{args.zoo}: {args.models} fine-tuned models per sweep, {args.seeds} sweep seeds (0–{args.seeds - 1}); "
           "accuracy in %, mean ± std over seeds")
-    print("| recipe | val | test | shift avg | ingredients | test − best (points) | seeds p < 0.05 |")
+    print_table(per_seed)
+
+
+def print_table(per_seed: list[dict[str, tuple]], mean_std: bool = True) -> None:
+
+    def cell(values, percent=True):
+        scale = 100 if percent else 1
+        if not mean_std:
+            return f"{scale * values[0]:.1f}" if percent else f"{values[0]:.0f}"
+        mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{scale * mean:.1f} ± {scale * std:.1f}"
+
+    print(f"| recipe | val | test | shift avg | ingredients | test − best (points) | {'seeds ' if mean_std else ''}"
+          "p < 0.05 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in ROWS:
         cols = list(zip(*(seed[name] for seed in per_seed)))
-        verdict = "—" if name == "best" else f"{sum(cols[5])}↑ {sum(cols[6])}↓ of {len(per_seed)}"
+        if name == "best":
+            verdict = "—"
+        elif mean_std:
+            verdict = f"{sum(cols[5])}↑ {sum(cols[6])}↓ of {len(per_seed)}"
+        else:
+            verdict = "better" if cols[5][0] else "worse" if cols[6][0] else "no"
         print(f"| {RECIPES[name].pretty_name} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} | "
               f"{cell(cols[3], percent=False)} | {cell(cols[4])} | {verdict} |")
 

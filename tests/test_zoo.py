@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -108,3 +109,26 @@ def test_the_paper_conditions_builder_regenerates_models_that_score_as_the_commi
         for split in ("val", "test"):
             ours, committed = zoo.evaluator.accuracy(state, split), zoo.evaluator.accuracy(zoo.state_dict(name), split)
             assert abs(ours - committed) * 100 <= REBUILT_ACCURACY_POINTS, (name, split, ours, committed)
+
+
+TRAINED_ROWS = ("Learned soup", "Learned soup (by layer)")  # gradient descent: not bit-stable across processors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo", ["digits-finetune", "digits-soup"])
+def test_the_readme_tables_of_the_committed_zoos_regenerate_from_the_committed_files(zoo):
+    """`python -m sample_data.results --committed` reads the committed checkpoints only: its table
+    is the README's, line for line (the learned soups, which train, to 0.5 points)."""
+    out = subprocess.run([sys.executable, "-m", "sample_data.results", "--committed", "--zoo", zoo],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=True).stdout
+    ours = [line for line in out.splitlines() if line.startswith("|")]
+    readme = (ROOT / "README.md").read_text()
+    title = next(line for line in out.splitlines() if line.startswith(f"{zoo} as committed"))
+    block = readme[readme.index(title):].splitlines()[1:1 + len(ours)]
+    assert len(ours) == 11 and len(block) == len(ours)
+    for mine, theirs in zip(ours, block):
+        if mine.split(" | ")[0].removeprefix("| ") in TRAINED_ROWS:
+            a, b = (np.array([float(v) for v in row.split(" | ")[1:4]]) for row in (mine, theirs))
+            assert np.abs(a - b).max() <= 0.5, (mine, theirs)
+        else:
+            assert mine == theirs
