@@ -9,6 +9,7 @@ from appkit.cache import (aligned_zoo, cached_barrier_interval, cached_barriers,
                           cached_path, load_zoo, recipe_result, recipe_significance, zoo_key)
 from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
+from soup_core.pairs import section_four_sentence
 from soup_core.recipes import RECIPES
 
 ONE_BASIN = 0.01  # a line whose error barrier is under 1 point (6 of 630 test images) counts as one basin
@@ -105,6 +106,7 @@ if step == STEPS[0]:
                   f"the straight segment between {a} and {b} in this plane.",
                   pd.DataFrame({"x": gx.ravel(), "y": gy.ravel(), "test error (%)": z.ravel()}), figure=fig)
 elif step == STEPS[1]:
+
     zoo = story_zoo
     uses(zoo)
     names = tuple(zoo.names[:10])
@@ -127,6 +129,7 @@ elif step == STEPS[1]:
     st.plotly_chart(fig, key="tour-angles")
     figure_footer("tour-2", "one dot per pair of models: right is a wider angle between their updates, up is more "
                   "gained by averaging the two than by their mean accuracy.", frame, figure=fig)
+    st.markdown(section_four_sentence(report))  # from the same pairs
 elif step == STEPS[2]:
     zoo = story_zoo
     uses(zoo)

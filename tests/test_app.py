@@ -554,7 +554,7 @@ def test_the_tour_says_what_its_own_data_shows():
     import numpy as np
 
     from soup_core.landscape import barrier_interval, interpolation_path
-    from soup_core.pairs import flattest_pair
+    from soup_core.pairs import flattest_pair, pair_analyses
     from soup_core.significance import versus_best
     zoo = open_zoo("digits-finetune")
     at = _app()
@@ -576,6 +576,13 @@ def test_the_tour_says_what_its_own_data_shows():
     assert drawn["layout"]["annotations"][0]["text"] == f"barrier {barrier:.1f} points"
     assert drawn["data"][0]["y"] == pytest.approx(100 * np.array(line.error["test"]))
     at.button(key="tour-next").click().run()
+    assert at.radio(key="tour-step").value.startswith("2")
+    report = pair_analyses(zoo.ingredients(zoo.names[:10]), zoo.evaluator, base=zoo.base, split="test")
+    r = report.correlation("approximation", "loss_difference")
+    soup_only = report.correlation("soup_term", "loss_difference")
+    text = " ".join(m.value for m in at.markdown)
+    assert (f"follows the measured gap with r = {r:+.2f} (the same sign in {report.sign_agreement()} of 45)" in text
+            and f"alone gives r = {soup_only:+.2f}" in text and "over the whole segment" in text)
     at.button(key="tour-next").click().run()
     assert at.radio(key="tour-step").value.startswith("3")
     uniform = versus_best(make_soup(zoo, "uniform"), zoo.ingredients(), zoo.evaluator)[0]
