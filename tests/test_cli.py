@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,18 @@ def test_angles_json_is_symmetric_with_zero_diagonal():
     angle = torch.tensor(payload["angle_deg"])
     assert torch.equal(angle, angle.T) and angle.diagonal().abs().max() == 0
     assert {"cosine", "distance"} <= set(payload)
+
+
+def test_angles_takes_a_zoo_like_every_command_and_names_rows_by_checkpoint(tmp_path):
+    paths = [str(FINETUNE / "checkpoints" / f"ft-0{i}.safetensors") for i in range(3)]
+    by_files = ok_json("angles", *paths, "--base", str(FINETUNE / "base.safetensors"))
+    by_zoo = ok_json("angles", "digits-finetune", "--ingredients", "ft-00,ft-01,ft-02")  # its base by default
+    assert by_zoo["names"] == ["ft-00", "ft-01", "ft-02"] and by_zoo["angle_deg"] == by_files["angle_deg"]
+    for i in range(2):  # checkpoints with generic file names are named after their folders
+        (tmp_path / f"run-{i}").mkdir()
+        shutil.copy(paths[i], tmp_path / f"run-{i}" / "model.safetensors")
+    short = ok_json("angles", *(str(tmp_path / f"run-{i}" / "model.safetensors") for i in range(2)), "--short-names")
+    assert short["names"] == ["run-0", "run-1"]
 
 
 def malicious(tmp_path: Path) -> Path:

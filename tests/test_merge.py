@@ -288,3 +288,24 @@ def test_a_killed_merge_leaves_nothing_behind(tmp_path):
 def test_streaming_needs_a_per_tensor_recipe(folder_zoo):
     with pytest.raises(SoupError, match="not a per-tensor merge"):
         write_streamed(open_zoo(folder_zoo), Candidate.of_recipe("greedy"), folder_zoo.parent / "x.safetensors")
+
+
+def test_weight_only_work_on_hugging_face_folders_needs_no_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")  # to write the folders; the commands run without it
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=50)
+    zoo = tmp_path / "zoo"
+    for i, name in enumerate(("base", "ft-0", "ft-1")):
+        torch.manual_seed(i)
+        transformers.LlamaForCausalLM(config).save_pretrained(zoo / name)
+    blocked = tmp_path / "blocked" / "transformers"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('transformers is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked.parent), str(ROOT)])}
+    for argv in (["make", "uniform", str(zoo), "--out", str(tmp_path / "uniform")],
+                 ["make", "model-stock", str(zoo), "--out", str(tmp_path / "stock.safetensors")],
+                 ["angles", str(zoo)]):
+        result = subprocess.run([sys.executable, "-m", "soup_core", *argv], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, (argv, result.stderr)
+    assert (tmp_path / "uniform" / "config.json").exists() and (tmp_path / "stock.safetensors").exists()

@@ -163,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(inspect, device=False)
 
     angles = command("angles", "pairwise cosine, angle and distance (float64, streamed)", cmd.cmd_angles)
-    angles.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or Hugging Face folders")
-    angles.add_argument("--base", metavar="PATH", help="θ0: measure θi − θ0 instead of θi")
+    angles.add_argument("paths", nargs="+", metavar="ZOO|PATH",
+                        help="one zoo (a sample zoo's name, a zoo.toml or a folder of checkpoints: its checkpoints, "
+                             "relative to its base), or checkpoint files and Hugging Face folders")
+    angles.add_argument("--ingredients", metavar="A,B,...", help="with a zoo: only these checkpoints")
+    angles.add_argument("--base", metavar="PATH", help="θ0: measure θi − θ0 instead of θi (a zoo's base by default)")
     angles.add_argument("--short-names", action="store_true", help="name checkpoints by file stem")
     angles.add_argument("--include-buffers", action="store_true",
                         help="count BatchNorm running statistics too (default: parameters only, as the paper does)")

@@ -101,23 +101,43 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     say(args, f"{len(states)} checkpoint(s) compatible" if len(states) > 1 else "ok")
 
 
+def angle_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], str | None, list[str]]:
+    """The checkpoints ``soup angles`` compares (name -> path), θ0's path and the row names: a zoo's
+    checkpoints and base when given one zoo (a sample zoo's name, a zoo.toml, a folder), else the files."""
+    from soup_core.models import is_hf_directory
+    from soup_core.zoo import open_zoo, sample_zoos
+    from soup_core.zoo.manifest import checkpoint_name
+    single = args.paths[0] if len(args.paths) == 1 else None
+    if single is not None and (single in sample_zoos() or Path(single).is_file() and single.endswith(".toml")
+                               or Path(single).is_dir() and not is_hf_directory(Path(single))):
+        zoo = open_zoo(single)
+        names = [n for n in args.ingredients.split(",") if n] if args.ingredients else list(zoo.names)
+        base = args.base or (str(zoo.base_path) if zoo.has_base else None)
+        return {n: zoo.path(n) for n in names}, base, names
+    if args.ingredients:
+        raise UsageError("--ingredients picks checkpoints of a zoo; give one zoo instead of files")
+    names = [checkpoint_name(Path(p), Path(p).parent.parent) if args.short_names else p for p in args.paths]
+    return {p: Path(p) for p in args.paths}, args.base, names
+
+
 def cmd_angles(args: argparse.Namespace) -> None:
     from soup_core.geometry import pairwise_angles
     from soup_core.io import open_checkpoint, validate_state_dicts
-    if len(args.paths) < 2:
-        raise UsageError("angles needs at least two checkpoints")
-    states = [open_checkpoint(p) for p in args.paths]
-    base = open_checkpoint(args.base) if args.base else None
-    named = {p: s for p, s in zip(args.paths, states)}
+    paths, base_path, names = angle_inputs(args)
+    if len(paths) < 2:
+        raise UsageError("angles needs at least two checkpoints (files, or one zoo with two or more)")
+    states = [open_checkpoint(p) for p in paths.values()]
+    base = open_checkpoint(base_path) if base_path else None
+    named = {str(p): s for p, s in zip(paths.values(), states)}  # errors name the files
     if base is not None:
-        named = {args.base: base, **named}
+        named = {base_path: base, **named}
     validate_state_dicts(named, check_values=False).raise_for_errors()  # values stream below
     bar, report = progress_bar("angles")
     with bar:
         angles = pairwise_angles(states, base, progress=report, include_buffers=args.include_buffers,
                                  device=check_device(args.device))
-    names = [Path(p).stem if args.short_names else p for p in args.paths]
-    write_json(args.json, {**angles.to_json(names), "relative_to": args.base}, [Path(p) for p in named])
+    write_json(args.json, {**angles.to_json(names), "relative_to": base_path},
+               [*paths.values(), *([Path(base_path)] if base_path else [])])
     if args.json != "-":
         width = max(len(n) for n in names)
         print(f"angle (degrees) between {'θi − θ0' if base is not None else 'θi'}, over the {angles.over}:")

@@ -153,8 +153,10 @@ class Zoo:
 
     @cached_property
     def evaluator(self) -> Evaluator | None:
-        """None for a weights-only zoo (no model, or neither an evaluator nor ``[data]``)."""
-        if self.model_factory is None:
+        """None for a weights-only zoo (neither an evaluator nor ``[data]``, or no model). A zoo with
+        nothing to score on never builds its model, so weight-only work on Hugging Face or timm
+        checkpoints (soups, angles, export) needs neither transformers nor timm."""
+        if not (self.spec.evaluator_spec or self.spec.data_spec) or self.model_factory is None:
             return None
         if self.spec.evaluator_spec:
             make = load_callable(self.spec.evaluator_spec, self.root, self.allowed_roots)
