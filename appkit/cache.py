@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from appkit.admission import HEAVY_WORK
+from appkit.lru import ByteBudgetCache, tensor_bytes
 from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
 from soup_core.align import barrier_table
 from soup_core.evaluate import TEST, VAL, shift_average
@@ -102,15 +103,21 @@ def _checkpoint_table(_zoo: Zoo, key: tuple) -> pd.DataFrame:
 LIVE_RECIPES = ("uniform", "best", "ensemble")
 
 
-@st.cache_resource(show_spinner="Cooking…", max_entries=64)
+# Soups of every session, bounded in bytes (a 1B-parameter soup holds 4 GB): SOUP_SOUP_CACHE_MB.
+SOUPS = ByteBudgetCache(int(os.environ.get("SOUP_SOUP_CACHE_MB", "2048")) << 20)
+
+
 def recipe_result(_zoo: Zoo, key: tuple, recipe: str, ingredients: tuple[str, ...] | None = None,
                   params: tuple[tuple[str, Any], ...] = ()) -> SoupResult:
-    """A recipe's result on the session's zoo (cached per zoo, ingredients and parameters; never mutate).
+    """A recipe's result on the session's zoo (cached per zoo, ingredients and parameters in
+    :data:`SOUPS`, least recently used out past its byte budget; never mutate).
 
     The live soup's recipes score each model once and never wait in line behind a landscape;
     the others (greedy, pruned, learned…) take a slot of the server's heavy work."""
-    with contextlib.nullcontext() if recipe in LIVE_RECIPES else HEAVY_WORK.admitted():
-        return make_soup(_zoo, recipe, ingredients, **dict(params))
+    def make() -> SoupResult:
+        with contextlib.nullcontext() if recipe in LIVE_RECIPES else HEAVY_WORK.admitted():
+            return make_soup(_zoo, recipe, ingredients, **dict(params))
+    return SOUPS.get_or_make((key, recipe, ingredients, params), make, lambda r: tensor_bytes(r.state_dict))
 
 
 def live_soup(zoo: Zoo, names: list[str]) -> dict:

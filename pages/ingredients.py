@@ -132,7 +132,8 @@ def replay() -> None:
     if not chosen:
         st.warning("Tick at least one ingredient to replay a recipe on.")
         return
-    result = recipe_result(zoo, zoo_key(zoo), recipe, tuple(chosen))
+    with st.spinner("Cooking…"):
+        result = recipe_result(zoo, zoo_key(zoo), recipe, tuple(chosen))
     if st.button(f"Tick this soup's {len(result.ingredients)} ingredient(s)", key="replay-apply"):
         # The tick boxes live in another fragment: set the workspace, then redraw the whole page.
         set_ticks(zoo, result.ingredients)

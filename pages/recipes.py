@@ -41,7 +41,8 @@ if "test" not in evaluator.splits:
     st.info("This zoo's data has no test split: the board needs val and test.")
     st.stop()
 available = [r for r in RECIPES.values() if not (r.needs_base and not zoo.has_base) and not r.by_hand]
-results = {r.name: recipe_result(zoo, zoo_key(zoo), r.name) for r in available}
+with st.spinner("Cooking…"):
+    results = {r.name: recipe_result(zoo, zoo_key(zoo), r.name) for r in available}
 
 rows = []
 for recipe in available:

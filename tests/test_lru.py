@@ -1,0 +1,61 @@
+"""The byte-bounded cache the app keeps soups in: least recently used out, never past its budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from appkit.lru import ByteBudgetCache, tensor_bytes
+
+
+def test_the_least_recently_used_goes_first_and_the_budget_holds():
+    cache = ByteBudgetCache(budget_bytes=100)
+    for key in "abc":
+        cache.get_or_make(key, lambda: key, size=lambda _: 40)
+    assert cache.keys() == ["b", "c"] and cache.bytes_held == 80  # a went when c came
+    cache.get_or_make("b", lambda: "never made", size=lambda _: 40)  # b is used again: now the newest
+    cache.get_or_make("d", lambda: "d", size=lambda _: 40)
+    assert cache.keys() == ["b", "d"]
+
+
+def test_an_entry_larger_than_the_budget_is_returned_not_kept():
+    cache = ByteBudgetCache(budget_bytes=10)
+    assert cache.get_or_make("big", lambda: "x" * 11, size=len) == "x" * 11 and cache.keys() == []
+
+
+def test_concurrent_requests_for_one_key_compute_it_once():
+    cache, made = ByteBudgetCache(budget_bytes=100), []
+
+    def make():
+        made.append(1)
+        time.sleep(0.2)
+        return "soup"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_make("k", make, size=len)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["soup"] * 4 and len(made) == 1
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    w = torch.zeros(10)  # 40 bytes
+    assert tensor_bytes({"w": w, "tied": w, "b": torch.zeros(2, dtype=torch.float64)}) == 40 + 16
+    assert tensor_bytes(None) == 0
+
+
+def test_the_apps_soups_are_held_within_the_byte_budget(monkeypatch):
+    import appkit.cache as cache
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo("digits-finetune", device="cpu")
+    one_soup = tensor_bytes(zoo.state_dict("ft-00"))
+    monkeypatch.setattr(cache, "SOUPS", ByteBudgetCache(budget_bytes=int(1.5 * one_soup)))
+    key = cache.zoo_key(zoo)
+    first = cache.recipe_result(zoo, key, "uniform", ("ft-00", "ft-01"))
+    assert cache.recipe_result(zoo, key, "uniform", ("ft-00", "ft-01")) is first  # kept, not remade
+    cache.recipe_result(zoo, key, "uniform", ("ft-02", "ft-03"))
+    assert len(cache.SOUPS.keys()) == 1 and cache.SOUPS.bytes_held <= 1.5 * one_soup
