@@ -15,8 +15,9 @@ drives the recipes, ``test`` reports, every ``[data.shifts]`` entry is a distrib
 
 Options: ``features = [...]`` (table; default every column but the label), ``size`` /
 ``mean`` / ``std`` (images: resize to size×size, then normalise per channel; defaults 32,
-0.5, 0.5), ``text`` / ``max_length`` (text; the tokenizer is read from the first checkpoint
-directory that has one, never from a hub).
+0.5, 0.5), ``channels`` (images: 1 for grayscale, 3 for RGB; default the checkpoint config's
+``num_channels`` when there is one, else 3), ``text`` / ``max_length`` (text; the tokenizer is
+read from the first checkpoint directory that has one, never from a hub).
 
 Class names are sorted and numbered once over every split, so label ids agree between them.
 """
@@ -85,10 +86,15 @@ def table_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dic
     return out
 
 
-def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Split]:
-    """Folders with one subfolder per class → normalised [N, C, size, size] float32."""
+def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
+                 default_channels: int = 3) -> dict[str, Split]:
+    """Folders with one subfolder per class → normalised [N, C, size, size] float32, C = ``channels``."""
     from PIL import Image, UnidentifiedImageError
     size = int(spec.get("size", 32))
+    channels = spec.get("channels", default_channels)
+    if channels not in (1, 3):
+        raise DataError(f"[data] channels must be 1 (grayscale) or 3 (RGB), not {channels!r}")
+    mode = "L" if channels == 1 else "RGB"
     folders = _split_paths(spec, resolve)
     classes = sorted({d.name for f in folders.values() if f.is_dir() for d in f.iterdir() if d.is_dir()})
     if not classes:
@@ -107,7 +113,8 @@ def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dic
                     continue
                 try:
                     with Image.open(file) as img:
-                        array = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+                        array = np.asarray(img.convert(mode).resize((size, size)), dtype=np.float32) / 255.0
+                    array = array.reshape(size, size, channels)
                 except (UnidentifiedImageError, OSError) as exc:
                     raise DataError(f"{file}: not a readable image ({exc})") from None
                 images.append((array - mean) / std)
@@ -146,7 +153,7 @@ def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokeniz
 
 def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn.Module],
                    resolve: Callable[[str], Path], *, tokenizer_dir: Path | None = None,
-                   device: str | None = None) -> Evaluator:
+                   default_channels: int = 3, device: str | None = None) -> Evaluator:
     """An Evaluator over the splits a manifest's ``[data]`` table describes."""
     kind = spec.get("kind")
     if kind not in KINDS:
@@ -154,7 +161,7 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
     if kind == "table":
         splits = table_splits(spec, resolve)
     elif kind == "images":
-        splits = image_splits(spec, resolve)
+        splits = image_splits(spec, resolve, default_channels)
     else:
         splits = text_splits(spec, resolve, tokenizer_dir)
     train = splits.pop("train", None)

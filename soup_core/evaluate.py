@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.func import functional_call
 
-from soup_core.errors import SoupError
+from soup_core.errors import ModelError, SoupError
 from soup_core.precision import check_precision, precision
 from soup_core.state import state_dict_digest
 
@@ -71,6 +71,17 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
     conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
     return float((acc - conf).abs().sum() / len(labels))
+
+
+def as_logits(output: object, samples: int) -> torch.Tensor:
+    """A model's output as ``[samples, classes]`` logits: a tensor, or an object with ``.logits``
+    (what Hugging Face models return); anything else is one clear error (the model contract)."""
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != samples:
+        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelError(f"the model returned {shape} for {samples} inputs; a zoo's model must return logits "
+                         "[samples, classes] (a tensor, or an object with .logits)")
+    return logits
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
@@ -159,7 +170,7 @@ class Evaluator:
         # functional_call swaps the shared model's tensors for the duration of the call; the lock
         # keeps two app sessions (threads) from seeing each other's weights.
         with self._lock, torch.no_grad(), precision(self.precision, self.device):
-            outputs = [functional_call(self.model, params, (x,)) for x, _ in self.batches(split)]
+            outputs = [as_logits(functional_call(self.model, params, (x,)), len(x)) for x, _ in self.batches(split)]
         result = torch.cat(outputs).float().cpu()
         if key is None:
             return result

@@ -10,15 +10,26 @@
 Both libraries are optional extras: ``pip install -e ".[hf]"`` (transformers) and ``".[timm]"``.
 
 Hugging Face models return an output object and take keyword inputs; the factory returns a
-subclass of the config's class whose ``forward(x)`` returns logits, with the same parameter
-names, so state dicts apply unchanged. Text inputs are ``[N, 2, L]``: token ids and attention
-mask (see :mod:`soup_core.data`); vision inputs are pixel values.
+subclass of the config's class whose ``forward(x)`` returns logits. Text inputs are ``[N, 2, L]``:
+token ids and attention mask (see :mod:`soup_core.data`); vision inputs are pixel values.
+
+**Checkpoint names, a pitfall of transformers 5.** Files on disk keep the legacy tensor names
+(``vit.encoder.layer.0.attention.attention.query.weight``), and transformers 5 writes them that
+way too, while the module it builds from the config names the same tensor
+``vit.layers.0.attention.q_proj.weight``; its ``from_pretrained`` converts between the two, a
+``load_state_dict`` of the file does not. Every soup, angle, landscape and export here works in
+the checkpoint's own names, so the model learns them: :func:`answer_to_checkpoint_names` asks
+transformers' own conversion (``get_model_conversion_mapping``, ``rename_source_key``) where each
+checkpoint tensor goes, and makes the checkpoint's path lead to that module as well (plain
+attributes, so each tensor is still listed once). ``functional_call`` with checkpoint names then
+fills the real module. A conversion that changes tensors (fusing, transposing) cannot be an alias and is refused
+by name. transformers 4 has no such mapping: names already agree.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -30,6 +41,18 @@ HF_CONFIG = "config.json"
 
 def is_hf_directory(path: Path) -> bool:
     return path.is_dir() and (path / HF_CONFIG).is_file()
+
+
+def config_channels(folders: Iterable[Path]) -> int:
+    """Image channels the first Hugging Face config among ``folders`` names (``num_channels``), else 3."""
+    for folder in folders:
+        if is_hf_directory(folder):
+            try:
+                channels = json.loads((folder / HF_CONFIG).read_text()).get("num_channels")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                channels = None
+            return channels if channels in (1, 3) else 3
+    return 3
 
 
 def _logits_class(cls: type) -> type:
@@ -59,13 +82,70 @@ def hf_model_factory(directory: Path) -> Callable[[], torch.nn.Module]:
         raise ModelError(f"{directory / HF_CONFIG}: 'architectures' must name a transformers model class, "
                          f"got {names!r}")
     cls = _logits_class(getattr(transformers, names[0]))
+    from soup_core.io import load_state_dict  # memory-mapped: only the names are read
+    checkpoint_keys = tuple(load_state_dict(directory))
 
     def factory() -> torch.nn.Module:
         model = cls(config)
+        answer_to_checkpoint_names(model, checkpoint_keys, directory)
         model.eval()
         return model
 
     return factory
+
+
+def answer_to_checkpoint_names(model: torch.nn.Module, keys: Iterable[str], where: Path | str = "") -> int:
+    """Register ``model``'s modules under the paths the checkpoint names their tensors by, as
+    transformers' own loading conversion maps them; returns how many tensors needed it."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: the checkpoint's names are the model's
+        return 0
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    own = model.state_dict()
+    aliased = 0
+    for key in keys:
+        if key in own:
+            continue
+        target, converted = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
+                                              own)
+        if converted is not None:
+            raise ModelError(f"{where}: transformers converts {key!r} into {target!r} by changing the tensor "
+                             "(not only its name) when it loads; soups of this architecture cannot be scored here yet")
+        if target not in own:
+            raise ModelError(f"{where}: the checkpoint's {key!r} has no place in {type(model).__name__} "
+                             f"(transformers maps it to {target!r}); is the config the checkpoint's own?")
+        _alias(model, key, target)
+        aliased += 1
+    return aliased
+
+
+def _alias(model: torch.nn.Module, key: str, target: str) -> None:
+    """Make ``key``'s module path lead to the module that holds ``target`` (same leaf name).
+
+    The path is made of plain attributes, not registered submodules: ``named_parameters`` and
+    ``state_dict`` still list each tensor once, under the model's name, so ``functional_call``
+    sees no tied pair — it would swap the one attribute twice and restore it wrongly — while its
+    dotted-name lookup (``getattr``) follows the checkpoint's name to the real module."""
+    path, _, leaf = key.rpartition(".")
+    target_path, _, target_leaf = target.rpartition(".")
+    if leaf != target_leaf:
+        raise ModelError(f"{key!r} becomes {target!r}: a renamed tensor inside one module cannot be aliased")
+    holder = model.get_submodule(target_path)
+    parent = model
+    parts = path.split(".") if path else []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        child = getattr(parent, part, None)
+        if child is None:
+            child = holder if last else torch.nn.Module()
+            object.__setattr__(parent, part, child)  # an attribute, not a registered submodule
+        elif not isinstance(child, torch.nn.Module) or (last and child is not holder):
+            raise ModelError(f"{key!r}: {part!r} is already something else in {type(parent).__name__}")
+        parent = child
 
 
 def timm_model_factory(arch: str, num_classes: int) -> Callable[[], torch.nn.Module]:

@@ -270,3 +270,57 @@ def test_a_timm_checkpoint_is_recognised_by_its_arch(tmp_path):
             zoo.model_factory
     else:
         assert zoo.model_factory().num_classes == 7
+
+
+def test_a_vit_zoo_with_legacy_names_and_grayscale_images_scores_as_from_pretrained(tmp_path):
+    """transformers 5 builds ViT with renamed modules while the files keep the legacy names; the
+    zoo scores through transformers' own conversion: the accuracies of from_pretrained, on one channel."""
+    from PIL import Image
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=2)
+    zoo = tmp_path / "vit"
+    for i, name in enumerate(("base", "ft-0", "ft-1", "ft-2")):
+        torch.manual_seed(i)
+        transformers.ViTForImageClassification(config).save_pretrained(zoo / name)
+    on_disk = list(load_state_dict(zoo / "ft-0"))
+    assert any(".encoder.layer." in k for k in on_disk)  # the legacy names the files keep
+    from torch.func import functional_call
+
+    from soup_core.models import hf_model_factory
+    model = hf_model_factory(zoo / "ft-0")()
+    own = dict(model.named_parameters())
+    assert not set(on_disk) <= set(own)  # the module itself names them otherwise
+    functional_call(model, dict(load_state_dict(zoo / "ft-1")), (torch.zeros(2, 1, 8, 8),))
+    assert all(p is own[n] for n, p in model.named_parameters())  # the call left the model's own tensors
+    rng = np.random.default_rng(0)
+    for split in ("val", "test"):
+        for cls, level in (("dark", 40), ("light", 210)):
+            (zoo / "data" / split / cls).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(np.clip(rng.normal(level, 60, (8, 8)), 0, 255).astype(np.uint8), mode="L").save(
+                    zoo / "data" / split / cls / f"{i}.png")
+    (zoo / "zoo.toml").write_text('base = "base"\ncheckpoints = ["ft-*"]\n[data]\nkind = "images"\nsize = 8\n'
+                                  'val = "data/val"\ntest = "data/test"\n')  # channels: the config's num_channels
+    result = soup("evaluate", str(zoo), "--json", "-", env={"SOUP_ALLOWED_ROOTS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    scored = {row["name"]: row["metrics"]["test"]["accuracy"] for row in json.loads(result.stdout)["checkpoints"]}
+
+    def reference_accuracy(folder: Path) -> float:
+        model = transformers.ViTForImageClassification.from_pretrained(folder).eval()
+        files = sorted((zoo / "data" / "test").glob("*/*.png"))
+        x = torch.tensor(np.stack([(np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255 - 0.5) / 0.5
+                                   for f in files]))[:, None]
+        labels = torch.tensor([0 if f.parent.name == "dark" else 1 for f in files])
+        with torch.no_grad():
+            return float((model(pixel_values=x).logits.argmax(1) == labels).double().mean())
+    assert scored == {name: reference_accuracy(zoo / name) for name in ("base", "ft-0", "ft-1", "ft-2")}
+    out = tmp_path / "greedy"
+    made = soup("make", "greedy", str(zoo), "--out", str(out), "--json", "-", env={"SOUP_ALLOWED_ROOTS": str(tmp_path)})
+    assert made.returncode == 0, made.stderr
+    assert set(load_state_dict(out)) == set(on_disk)  # the export keeps the names on disk
+    assert json.loads(made.stdout)["metrics"]["test"]["accuracy"] == reference_accuracy(out)
+    opened = open_zoo(zoo, allowed_roots=[tmp_path])
+    from soup_core.landscape import plane_landscape
+    from soup_core.zoo import zoo_plane
+    grid = plane_landscape(opened.evaluator, zoo_plane(opened, ("base", "ft-0", "ft-1")), grid=3, splits=["test"])
+    assert np.isfinite(np.asarray(grid.error["test"])).all()

@@ -6,11 +6,13 @@ See :mod:`soup_core.landscape` for what it does and why; this module holds
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
 from soup_core.errors import SoupError
 from soup_core.evaluate import Evaluator, Split
@@ -121,6 +123,11 @@ class SliceEvaluator:
         # each point's moving tensors into them).
         self.model_tensors = {**dict(model.named_parameters(remove_duplicate=False)),
                               **dict(model.named_buffers(remove_duplicate=False))}
+        accessor = NamedMemberAccessor(model)  # checkpoint names that are attribute aliases (soup_core.models)
+        for key in origin:
+            if key not in self.model_tensors:
+                with contextlib.suppress(AttributeError):
+                    self.model_tensors[key] = accessor.get_tensor(key)
         with torch.no_grad():
             for key, value in self.fixed.items():
                 if key in self.model_tensors:

@@ -25,7 +25,7 @@ from soup_core.errors import CheckpointError, DataError, ModelError, SoupError, 
 from soup_core.evaluate import Evaluator, Metrics
 from soup_core.io import ValidationReport, file_sha256, load_state_dict, validate_state_dicts
 from soup_core.io.read import short
-from soup_core.models import detect_model_factory
+from soup_core.models import config_channels, detect_model_factory
 from soup_core.state import StateDict
 from soup_core.zoo.manifest import (BASE, CheckpointEntry, Manifest, allowed_roots_from_env, load_callable,
                                     read_manifest, resolve_path)
@@ -180,7 +180,8 @@ class Zoo:
                 return data_evaluator(self.spec.data_spec, self.model_factory,
                                       lambda rel: resolve_path(rel, "data file", self.manifest, self.root,
                                                                self.allowed_roots),
-                                      tokenizer_dir=tokenizer, device=self.device)
+                                      tokenizer_dir=tokenizer, default_channels=config_channels(folders),
+                                      device=self.device)
             except DataError as exc:
                 raise ZooError(f"{self.manifest}: {exc}") from None
         return None
