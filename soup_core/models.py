@@ -162,9 +162,11 @@ def timm_arch(path: Path) -> str | None:
     """The ``arch`` a timm training checkpoint records, or None (read with weights_only=True)."""
     if path.suffix not in (".pth", ".pt", ".tar") and not path.name.endswith(".pth.tar"):
         return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip/pickle we may read: not a timm checkpoint either
+    from soup_core.errors import CheckpointError
+    from soup_core.io.read import _torch_load
+    try:  # the safe reader: timm's train.py saves its argparse Namespace beside the weights
+        data = _torch_load(path, str(path))
+    except CheckpointError:  # not a pickle we may read: not a timm checkpoint either
         return None
     arch = data.get("arch") if isinstance(data, dict) else None
     return arch if isinstance(arch, str) else None

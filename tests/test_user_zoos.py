@@ -272,6 +272,44 @@ def test_a_timm_checkpoint_is_recognised_by_its_arch(tmp_path):
         assert zoo.model_factory().num_classes == 7
 
 
+def test_a_timm_training_checkpoint_with_data_says_timm_is_missing_in_one_line(tmp_path):
+    import argparse
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "fc.weight": torch.randn(2, 4), "fc.bias": torch.zeros(2)}
+    for i in range(2):  # as timm's train.py saves them: its args Namespace beside the weights
+        torch.save({"arch": "resnet18", "epoch": 3, "state_dict": state, "args": argparse.Namespace(lr=0.1)},
+                   tmp_path / f"run{i}.pth.tar")
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    (tmp_path / "zoo.toml").write_text('checkpoints = ["run*.pth.tar"]\n[data]\nkind = "images"\nval = "data/val"\n')
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        result = soup("evaluate", str(tmp_path), env={"SOUP_ALLOWED_ROOTS": str(tmp_path)})
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert "arch 'resnet18'" in result.stderr and "pip install timm" in result.stderr
+    else:  # a machine with timm: the model is built from the arch
+        assert open_zoo(tmp_path, allowed_roots=[tmp_path]).model_factory().num_classes == 2
+
+
+def test_the_app_says_timm_is_missing_in_the_same_words(monkeypatch, tmp_path):
+    pytest.importorskip("PIL")
+    try:
+        import timm  # noqa: F401
+        pytest.skip("timm is installed here: its model is built, nothing is missing")
+    except ImportError:
+        pass
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "fc.weight": torch.randn(2, 4), "fc.bias": torch.zeros(2)}
+    for i in range(2):
+        torch.save({"arch": "resnet18", "state_dict": state}, tmp_path / f"run{i}.pth.tar")
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    (tmp_path / "zoo.toml").write_text('checkpoints = ["run*.pth.tar"]\n[data]\nkind = "images"\nval = "data/val"\n')
+    at = _app(monkeypatch, [tmp_path])
+    at.sidebar.text_input(key="folder").input(str(tmp_path)).run()
+    assert not at.exception  # the folder is refused with the CLI's words; the sample zoo stays open
+    assert [e.value for e in at.sidebar.error] == [
+        "a timm checkpoint (arch 'resnet18') needs the optional extra: pip install timm (the [timm] extra)"]
+    assert not any("Weights only" in i.value for i in at.sidebar.info)
+
+
 def test_a_vit_zoo_with_legacy_names_and_grayscale_images_scores_as_from_pretrained(tmp_path):
     """transformers 5 builds ViT with renamed modules while the files keep the legacy names; the
     zoo scores through transformers' own conversion: the accuracies of from_pretrained, on one channel."""
