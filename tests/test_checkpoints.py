@@ -212,3 +212,24 @@ def test_digest_depends_on_values_keys_and_dtypes():
     assert state_dict_digest(a) != state_dict_digest({"w": torch.tensor([1.0, 1.5])})
     assert state_dict_digest(a) != state_dict_digest({"v": torch.ones(2)})
     assert state_dict_digest(a) != state_dict_digest({"w": torch.ones(2, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("name, data, said", [
+    ("photo.safetensors", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "this is a PNG image, not a checkpoint"),
+    ("photo.pt", b"\xff\xd8\xff\xe0" + b"\x00" * 64, "this is a JPEG image, not a checkpoint"),
+    ("saved-page.bin", b"<!DOCTYPE html><html><body>404</body></html>", "this is an HTML page, not a checkpoint"),
+    ("config.safetensors", b'{"architectures": ["ViTModel"], "hidden_size": 768}', "this is JSON text"),
+])
+def test_a_file_of_another_format_is_named_as_such(tmp_path, name, data, said):
+    (tmp_path / name).write_bytes(data)
+    for load in (lambda: load_state_dict(tmp_path / name), lambda: load_state_dict_bytes(data, name)):
+        with pytest.raises(CheckpointError, match=said):
+            load()
+
+
+def test_a_zip_of_other_files_is_not_taken_for_a_torch_checkpoint(tmp_path):
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "export.pt", "w") as archive:
+        archive.writestr("weights/readme.txt", "hello")
+    with pytest.raises(CheckpointError, match="a ZIP archive of other files, not a PyTorch checkpoint"):
+        load_state_dict(tmp_path / "export.pt")

@@ -38,7 +38,7 @@ import torch
 
 from soup_core.errors import CheckpointError
 from soup_core.io.safety import (TRAINER_GLOBALS, check_header, check_keys, check_tensors, check_zip,
-                                 safetensors_header)
+                                 not_a_checkpoint, safetensors_header)
 from soup_core.state import StateDict, names_list
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -281,12 +281,33 @@ def _torch_load(source: Path | io.BytesIO, name: str) -> Any:
         lines = [line.strip() for line in str(exc).splitlines()]
         detail = next((line for line in lines if "GLOBAL" in line), None)
         if detail is None:  # not a refusal: the bytes are simply not a pickle
-            raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({short(exc)})") from None
+            raise _other_format(source, name) or CheckpointError(
+                f"{name}: not a readable PyTorch checkpoint ({short(exc)})") from None
         raise CheckpointError(
             f"{name}: refused to unpickle — the file holds Python objects other than tensors "
             f"and is only ever loaded with weights_only=True ({detail})") from None
     except Exception as exc:  # truncated zips, garbage bytes, ...
-        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({short(exc)})") from None
+        raise _other_format(source, name) or CheckpointError(
+            f"{name}: not a readable PyTorch checkpoint ({short(exc)})") from None
+
+
+def _other_format(source: Path | io.BytesIO, name: str) -> CheckpointError | None:
+    """The error naming what a file that failed to load really is (a PNG, an HTML page), if its
+    first bytes say; None otherwise."""
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:16]
+    else:
+        with open(source, "rb") as handle:
+            head = handle.read(16)
+    if head.startswith(b"PK\x03\x04"):  # torch.save writes a ZIP too: only one without data.pkl is something else
+        try:
+            with zipfile.ZipFile(source) as archive:
+                if not any(member.endswith("data.pkl") for member in archive.namelist()):
+                    return CheckpointError(f"{name}: this is a ZIP archive of other files, not a PyTorch checkpoint "
+                                           "(it has no data.pkl); unpack it, or choose the weights file itself")
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+    return not_a_checkpoint(head, name)
 
 
 def _finish_pickle(obj: Any, name: str, prefer_ema: bool) -> StateDict:

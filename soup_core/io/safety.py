@@ -84,13 +84,40 @@ def check_header(header: bytes, name: str) -> None:
         raise CheckpointError(f"{name}: not a valid safetensors file (header: {str(exc)[:120]})") from None
 
 
+# What a file that is not a checkpoint most often is, by its first bytes.
+MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+         (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"),
+         (b"<!doctype", "an HTML page"), (b"<html", "an HTML page"), (b"{", "JSON text"))
+
+
+def sniff_format(head: bytes) -> str | None:
+    """What the first bytes of a file say it is, when that is a common non-checkpoint format.
+
+    >>> sniff_format(b"\\x89PNG\\r\\n\\x1a\\n"), sniff_format(b"<!DOCTYPE html>")
+    ('a PNG image', 'an HTML page')
+    """
+    start = head.lstrip()[:16].lower()
+    return next((kind for magic, kind in MAGIC if start.startswith(magic.lower())), None)
+
+
+def not_a_checkpoint(head: bytes, name: str) -> CheckpointError | None:
+    """The error for a file whose first bytes are another format (a PNG renamed ``.safetensors``)."""
+    kind = sniff_format(head)
+    if kind is None:
+        return None
+    return CheckpointError(f"{name}: this is {kind}, not a checkpoint (its first bytes say so); "
+                           "choose a .safetensors, .pt, .pth or .bin file of model weights")
+
+
 def safetensors_header(head: bytes, read_more, name: str) -> bytes:
     """The JSON header of a safetensors file, its length checked before it is read."""
     if len(head) < 8:
-        raise CheckpointError(f"{name}: not a valid safetensors file (shorter than its 8-byte header length)")
+        raise not_a_checkpoint(head, name) or CheckpointError(
+            f"{name}: not a valid safetensors file (shorter than its 8-byte header length)")
     size = int.from_bytes(head[:8], "little")
     if size > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{name}: not a valid safetensors file (a {size:,}-byte header)")
+        raise not_a_checkpoint(head, name) or CheckpointError(
+            f"{name}: not a valid safetensors file (a {size:,}-byte header)")
     return read_more(size)
 
 
