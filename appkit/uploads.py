@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
@@ -21,6 +21,7 @@ from soup_core.io import CHECKPOINT_SUFFIXES, load_state_dict_bytes, save_state_
 from soup_core.io.write import process_alive
 from soup_core.recipes import RECIPES
 from soup_core.zoo import BASE, Zoo
+from soup_core.zoo.manifest import GENERIC_STEMS
 
 FOLDER_PREFIX = "soup-uploads-"
 # All participants' uploads on this server together, on disk (SOUP_UPLOAD_BUDGET_MB to change).
@@ -136,7 +137,16 @@ def _session_folder() -> Path:
 
 
 def _safe_stem(filename: str) -> str:
-    stem = Path(filename).name.split(".")[0] or "upload"
+    """A checkpoint name from an uploaded file's name: its stem, or its folder's name for the
+    generic stems trainers write (as a zoo folder names them).
+
+    >>> _safe_stem("ft-3/model.safetensors"), _safe_stem("runs/lr 1e-4/adapter_model.bin"), _safe_stem("ft-7.pt")
+    ('ft-3', 'lr_1e-4', 'ft-7')
+    """
+    path = PurePosixPath(filename.replace("\\", "/"))
+    stem = path.name.split(".")[0] or "upload"
+    if stem in GENERIC_STEMS and path.parent.name:
+        stem = path.parent.name
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:64]
 
 

@@ -46,7 +46,7 @@ from soup_core.errors import CheckpointError, ZooError
 from soup_core.io.read import CHECKPOINT_SUFFIXES, inside_roots
 
 BASE = "base"
-GENERIC_STEMS = {"model", "pytorch_model", "checkpoint", "weights", "last", "best", "model_best"}
+GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "checkpoint", "weights", "last", "best", "model_best"}
 ALLOWED_ROOTS_ENV = "SOUP_ALLOWED_ROOTS"
 MANIFEST_FIELDS = {"name": str, "description": str, "model": str, "evaluator": str, "base": str,
                    "data": dict, "checkpoints": list}
