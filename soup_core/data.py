@@ -38,14 +38,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("table", "images", "text")
 
 
-def _split_paths(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Path]:
+def _split_specs(spec: Mapping[str, Any]) -> dict[str, str]:
+    """Each split's path as the manifest writes it (relative to the zoo)."""
     if "val" not in spec:
         raise DataError("[data] needs a 'val' split: recipes choose on held-out data")
     names = {"val": spec["val"], **({"test": spec["test"]} if "test" in spec else {}),
              **dict(spec.get("shifts", {}))}
     if "train" in spec:
         names["train"] = spec["train"]
-    return {name: resolve(str(p)) for name, p in names.items()}
+    return {name: str(p) for name, p in names.items()}
+
+
+def _split_paths(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Path]:
+    return {name: resolve(p) for name, p in _split_specs(spec).items()}
 
 
 def _read_table(path: Path):
@@ -166,4 +171,4 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
         splits = text_splits(spec, resolve, tokenizer_dir)
     train = splits.pop("train", None)
     return Evaluator(model_factory, splits, train=train, device=device,
-                     info={"data": kind, "splits": {k: str(v) for k, v in _split_paths(spec, resolve).items()}})
+                     info={"data": kind, "splits": _split_specs(spec)})  # provenance: paths relative to the zoo

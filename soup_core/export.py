@@ -39,7 +39,7 @@ from soup_core.policies import BN_POLICIES
 from soup_core.recipes import RECIPES, SoupResult, get_recipe
 from soup_core.significance import Comparison, versus_best
 from soup_core.state import Progress, StateDict
-from soup_core.zoo import BASE, Zoo, make_soup, zoo_plane
+from soup_core.zoo import BASE, Zoo, make_soup, sample_zoos, zoo_plane
 
 POINT_REFERENCE = "Wortsman et al. 2022, Figure 2 (plane through three points)"
 
@@ -271,13 +271,19 @@ def _provenance_common(zoo: Zoo, candidate: Candidate, out: str | None,
                        local_names: Collection[str]) -> tuple[list[str] | None, Path | None, dict[str, Any]]:
     """The remaking command, the Hugging Face source folder (if any) and the provenance every export shares."""
     remakeable = not (candidate.names_used(zoo) & set(local_names))
-    command = candidate.command(zoo.name, out) if remakeable else None
+    command = candidate.command(zoo_reference(zoo), out) if remakeable else None
     source = zoo.path(zoo.names[0])
     hf_source = source if is_hf_directory(source) else None
-    common = {"zoo": zoo.name, "manifest": str(zoo.manifest),
+    common = {"zoo": zoo.name, "manifest": zoo.manifest.name if zoo.manifest.is_file() else ".",
               "data": dict(zoo.evaluator.info) if zoo.evaluator is not None else {},
               "library_version": __version__, "command": shlex.join(command) if command else None}
     return command, hf_source, common
+
+
+def zoo_reference(zoo: Zoo) -> str:
+    """How a remaking command names the zoo: a sample zoo by its name, any other by its folder's
+    absolute path (a command that works from wherever it is run)."""
+    return zoo.name if sample_zoos().get(zoo.name) == zoo.manifest else str(zoo.root)
 
 
 def _recipe_provenance(recipe_name: str, ingredients: Sequence[str], weights: Sequence[float],

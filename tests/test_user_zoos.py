@@ -337,8 +337,10 @@ def test_a_vit_zoo_with_legacy_names_and_grayscale_images_scores_as_from_pretrai
             for i in range(5):
                 Image.fromarray(np.clip(rng.normal(level, 60, (8, 8)), 0, 255).astype(np.uint8), mode="L").save(
                     zoo / "data" / split / cls / f"{i}.png")
-    (zoo / "zoo.toml").write_text('base = "base"\ncheckpoints = ["ft-*"]\n[data]\nkind = "images"\nsize = 8\n'
-                                  'val = "data/val"\ntest = "data/test"\n')  # channels: the config's num_channels
+    readme = (ROOT / "README.md").read_text()  # the quick start's manifest, as written
+    start = readme.index("`my-zoo/zoo.toml` (image classifiers):")
+    manifest = readme[readme.index("```toml\n", start) + 8:readme.index("```", readme.index("```toml\n", start) + 8)]
+    (zoo / "zoo.toml").write_text(manifest)  # channels: the config's num_channels
     result = soup("evaluate", str(zoo), "--json", "-", env={"SOUP_ALLOWED_ROOTS": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     scored = {row["name"]: row["metrics"]["test"]["accuracy"] for row in json.loads(result.stdout)["checkpoints"]}
@@ -356,6 +358,10 @@ def test_a_vit_zoo_with_legacy_names_and_grayscale_images_scores_as_from_pretrai
     made = soup("make", "greedy", str(zoo), "--out", str(out), "--json", "-", env={"SOUP_ALLOWED_ROOTS": str(tmp_path)})
     assert made.returncode == 0, made.stderr
     assert set(load_state_dict(out)) == set(on_disk)  # the export keeps the names on disk
+    provenance = read_provenance(out)
+    assert provenance["command"].startswith(f"soup make greedy {zoo.resolve()} ")  # works from any folder
+    assert provenance["manifest"] == "zoo.toml" and provenance["data"]["splits"] == {"val": "data/val",
+                                                                                     "test": "data/test"}
     assert json.loads(made.stdout)["metrics"]["test"]["accuracy"] == reference_accuracy(out)
     opened = open_zoo(zoo, allowed_roots=[tmp_path])
     from soup_core.landscape import plane_landscape

@@ -105,7 +105,8 @@ def within_roots(path: Path, roots: Sequence[Path] | None, what: str) -> Path:
         return inside_roots(path, roots)
     except CheckpointError:
         raise ZooError(f"{what} {path} is outside the allowed folders ({', '.join(map(str, roots))}); "
-                       f"add its folder to {ALLOWED_ROOTS_ENV} to use it") from None
+                       f"add its folder to {ALLOWED_ROOTS_ENV} where the command or the app's server starts "
+                       f"(e.g. {ALLOWED_ROOTS_ENV}=/path/to/zoos make run; a running server must be restarted)") from None
 
 
 def resolve_manifest(zoo: str | Path) -> Path:
