@@ -3,8 +3,8 @@
 Streamlit's own caches bound entries by count; a soup of a 1B-parameter zoo holds 4 GB, so 64
 of them (one per ticked set a room tries) would exhaust the server. :class:`ByteBudgetCache`
 keeps results until their tensors together pass ``budget_bytes``, then drops the least recently
-used. Concurrent requests for one key compute it once (the others wait for it); an entry larger
-than the whole budget is returned and not kept.
+used. Concurrent requests for one key compute it once (the others wait for it and get its value,
+or its error); an entry larger than the whole budget is returned to every waiter and not kept.
 
 >>> cache = ByteBudgetCache(budget_bytes=10)
 >>> cache.get_or_make("a", lambda: "x" * 6, size=len), cache.get_or_make("b", lambda: "y" * 6, size=len)
@@ -18,11 +18,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
+_RETRY = object()  # what waiters get when the request making a value was stopped before it finished
 
 
 class ByteBudgetCache:
@@ -32,7 +34,7 @@ class ByteBudgetCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self._making: dict[Hashable, threading.Lock] = {}
+        self._making: dict[Hashable, Future] = {}
 
     def get_or_make(self, key: Hashable, make: Callable[[], T], size: Callable[[T], int]) -> T:
         while True:
@@ -40,18 +42,31 @@ class ByteBudgetCache:
                 if key in self._entries:
                     self._entries.move_to_end(key)
                     return self._entries[key][0]
-                maker = self._making.setdefault(key, threading.Lock())
-            with maker:  # one computation per key; a second request waits, then finds it
-                with self._lock:
-                    if key in self._entries:
-                        continue
-                try:
-                    value = make()
-                    self._keep(key, value, size(value))
-                finally:
-                    with self._lock:
-                        self._making.pop(key, None)
+                future = self._making.get(key)
+                owner = future is None
+                if owner:
+                    future = self._making[key] = Future()
+            if not owner:  # another request is making it: take its result (or its error)
+                value = future.result()
+                if value is not _RETRY:
+                    return value
+                continue
+            try:
+                value = make()
+                self._keep(key, value, size(value))
+            except Exception as exc:  # the same inputs would fail the same way for every waiter
+                future.set_exception(exc)
+                raise
+            except BaseException:  # stopped, not failed (a Streamlit rerun): a waiter makes it itself
+                future.set_result(_RETRY)
+                raise
+            else:
+                future.set_result(value)
                 return value
+            finally:
+                with self._lock:
+                    if self._making.get(key) is future:
+                        del self._making[key]
 
     def _keep(self, key: Hashable, value: Any, nbytes: int) -> None:
         if nbytes > self.budget_bytes:

@@ -29,6 +29,7 @@ by name. transformers 4 has no such mapping: names already agree.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -116,11 +117,22 @@ def answer_to_checkpoint_names(model: torch.nn.Module, keys: Iterable[str], wher
             raise ModelError(f"{where}: transformers converts {key!r} into {target!r} by changing the tensor "
                              "(not only its name) when it loads; soups of this architecture cannot be scored here yet")
         if target not in own:
+            if _ignored_on_load(model, target):  # e.g. old files' position_ids: from_pretrained drops them too
+                continue
             raise ModelError(f"{where}: the checkpoint's {key!r} has no place in {type(model).__name__} "
                              f"(transformers maps it to {target!r}); is the config the checkpoint's own?")
         _alias(model, key, target)
         aliased += 1
     return aliased
+
+
+def _ignored_on_load(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``from_pretrained`` drops a checkpoint tensor of this name: a buffer the model does
+    not save (``persistent=False``) or a key its class lists in ``_keys_to_ignore_on_load_unexpected``."""
+    if name in dict(model.named_buffers()):
+        return True
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    return any(re.search(pattern, name) for pattern in patterns)
 
 
 def _alias(model: torch.nn.Module, key: str, target: str) -> None:
@@ -134,9 +146,11 @@ def _alias(model: torch.nn.Module, key: str, target: str) -> None:
     target_path, _, target_leaf = target.rpartition(".")
     if leaf != target_leaf:
         raise ModelError(f"{key!r} becomes {target!r}: a renamed tensor inside one module cannot be aliased")
+    if not path or not target_path:
+        raise ModelError(f"{key!r} becomes {target!r}: a tensor of the model itself cannot be aliased")
     holder = model.get_submodule(target_path)
     parent = model
-    parts = path.split(".") if path else []
+    parts = path.split(".")
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         child = getattr(parent, part, None)

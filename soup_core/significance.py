@@ -31,13 +31,14 @@ counts up to 40).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from scipy.optimize import brentq
 from scipy.stats import binom, norm
+
+from soup_core.errors import SoupError
 
 LEVEL = 0.05
 CONTINUITY = 0.5  # Tango's numerator moved ½ towards 0: coverage ≥ 95% at every count (see above)
@@ -75,8 +76,8 @@ def score_interval(a_only: int, b_only: int, n: int, *, level: float = 0.95,
     >>> low < 0 < high
     True
     """
-    if n <= 0:
-        raise ValueError("a paired interval needs at least one image")
+    if n <= 0 or min(a_only, b_only) < 0 or a_only + b_only > n:
+        raise SoupError(f"a paired interval needs 0 <= a_only + b_only <= n images, got {a_only} + {b_only} of {n}")
     z = float(norm.ppf((1 + level) / 2))
     estimate, edge = (b_only - a_only) / n, 1e-12
 

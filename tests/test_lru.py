@@ -30,11 +30,13 @@ def test_concurrent_requests_for_one_key_compute_it_once():
 
     def make():
         made.append(1)
-        time.sleep(0.2)
+        time.sleep(0.5)
         return "soup"
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get_or_make("k", make, size=len)))
-               for _ in range(4)]
+    results, together = [], threading.Barrier(4)
+    def ask():
+        together.wait()
+        results.append(cache.get_or_make("k", make, size=len))
+    threads = [threading.Thread(target=ask) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -59,3 +61,41 @@ def test_the_apps_soups_are_held_within_the_byte_budget(monkeypatch):
     assert cache.recipe_result(zoo, key, "uniform", ("ft-00", "ft-01")) is first  # kept, not remade
     cache.recipe_result(zoo, key, "uniform", ("ft-02", "ft-03"))
     assert len(cache.SOUPS.keys()) == 1 and cache.SOUPS.bytes_held <= 1.5 * one_soup
+
+
+def test_waiters_share_an_oversized_value_and_an_error_without_computing_again():
+    cache, made = ByteBudgetCache(budget_bytes=1), []
+
+    def make():
+        made.append(1)
+        time.sleep(0.5)
+        return "too big to keep"
+    results, together = [], threading.Barrier(3)
+    def ask_big():
+        together.wait()
+        results.append(cache.get_or_make("k", make, size=len))
+    threads = [threading.Thread(target=ask_big) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["too big to keep"] * 3 and len(made) == 1 and cache.keys() == []
+
+    def fail():
+        made.append(1)
+        time.sleep(0.5)
+        raise ValueError("no such soup")
+    errors, together = [], threading.Barrier(3)
+
+    def ask():
+        together.wait()
+        try:
+            cache.get_or_make("bad", fail, size=len)
+        except ValueError as exc:
+            errors.append(str(exc))
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == ["no such soup"] * 3 and len(made) == 2

@@ -26,7 +26,8 @@ from soup_core.export import Candidate, plan_export, write_streamed
 from soup_core.io import file_sha256, load_state_dict, save_state_dict, state_dict_bytes
 from soup_core.io.weights_out import StreamingWriter, plan_shards, save_hf_directory
 from soup_core.io.layout import TensorInfo
-from soup_core.merge import MappingSource, MergeRun, linear, mean_of, merge_in_memory, model_stock, open_source
+from soup_core.merge import (MappingSource, MergeRun, linear, mean_of, merge_in_memory, model_stock, open_source,
+                             write_merge)
 from soup_core.zoo import open_zoo, sample_zoos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +131,7 @@ def _config_folder(tmp_path: Path) -> Path:
 
 def test_methods_on_a_worked_example():
     a, b, base = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, 2.0], [3.0, 0.0], [1.0, 0.0]))
-    assert mean_of(2).combine([a, b], None, None).tolist() == [2.0, 1.0]
+    assert mean_of().combine([a, b], None, None).tolist() == [2.0, 1.0]
     assert linear([0.25, 0.75]).combine([a, b], None, None).tolist() == [2.5, 0.5]
     # deltas (0, 2) and (2, 0) are orthogonal: cos = 0, so Model Stock keeps θ0
     stock = model_stock()
@@ -148,7 +149,7 @@ def test_a_streamed_merge_is_the_same_whatever_the_block_size():
     states = [{"w": torch.randn(1000), "b": torch.randn(3, 7), "n": torch.tensor(i)} for i in range(3)]
     base = {"w": torch.randn(1000), "b": torch.randn(3, 7), "n": torch.tensor(9)}
     sources = [MappingSource(s, name=str(i)) for i, s in enumerate(states)]
-    for method, exact in ((mean_of(3), True), (linear([0.2, 0.3, 0.5]), True), (model_stock(), False)):
+    for method, exact in ((mean_of(), True), (linear([0.2, 0.3, 0.5]), True), (model_stock(), False)):
         whole = merge_in_memory(method, sources, MappingSource(base))
         run = MergeRun(method, sources, MappingSource(base), block_bytes=8 * 6 * 10)  # 10-element blocks
         blocked = {}
@@ -163,12 +164,12 @@ def test_a_streamed_merge_is_the_same_whatever_the_block_size():
 def test_inputs_that_do_not_match_are_refused_by_name_before_any_math():
     a = MappingSource({"w": torch.zeros(2), "v": torch.zeros(1)}, name="ft-0")
     with pytest.raises(CheckpointError, match="'w' is \\[3\\] float32 in ft-1 but \\[2\\] float32 in ft-0"):
-        MergeRun(mean_of(2), [a, MappingSource({"w": torch.zeros(3), "v": torch.zeros(1)}, name="ft-1")])
+        MergeRun(mean_of(), [a, MappingSource({"w": torch.zeros(3), "v": torch.zeros(1)}, name="ft-1")])
     with pytest.raises(CheckpointError, match="ft-2 lacks 'v'"):
-        MergeRun(mean_of(2), [a, MappingSource({"w": torch.zeros(2)}, name="ft-2")])
+        MergeRun(mean_of(), [a, MappingSource({"w": torch.zeros(2)}, name="ft-2")])
     nan = MappingSource({"w": torch.tensor([0.0, float("nan")]), "v": torch.zeros(1)}, name="ft-3")
     with pytest.raises(CheckpointError, match="ft-3: tensor 'w' holds NaN"):
-        merge_in_memory(mean_of(2), [a, nan])
+        merge_in_memory(mean_of(), [a, nan])
 
 
 @pytest.fixture
@@ -248,7 +249,7 @@ from soup_core.merge import MergeRun, mean_of, open_source, write_merge
 folder = Path({str(tmp_path)!r})
 sources = [open_source(folder / f"ft-{{i}}.safetensors", name=str(i)) for i in range(3)]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-write_merge(MergeRun(mean_of(3), sources, block_bytes=16 << 20), folder / "out" / "soup.safetensors")
+write_merge(MergeRun(mean_of(), sources, block_bytes=16 << 20), folder / "out" / "soup.safetensors")
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -309,3 +310,70 @@ def test_weight_only_work_on_hugging_face_folders_needs_no_transformers(tmp_path
                                 text=True, timeout=300)
         assert result.returncode == 0, (argv, result.stderr)
     assert (tmp_path / "uniform" / "config.json").exists() and (tmp_path / "stock.safetensors").exists()
+
+
+def test_a_hub_cache_folder_of_symlinks_is_read_and_hashed(tmp_path):
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir(), snapshot.mkdir()
+    save_state_dict({"w": torch.arange(4.0)}, blobs / "abc123")  # the hub stores content-named blobs
+    (snapshot / "model.safetensors").symlink_to(blobs / "abc123")
+    (blobs / "cfg").write_text("{}")
+    (snapshot / "config.json").symlink_to(blobs / "cfg")
+    source = open_source(snapshot)
+    assert source.read("w").tolist() == [0.0, 1.0, 2.0, 3.0] and source.sha256() == file_sha256(snapshot)
+
+
+def test_a_streamed_merge_reads_every_input_byte_once(tmp_path, monkeypatch):
+    import soup_core.merge.sources as sources
+    folders = []
+    for i in range(2):
+        folder = tmp_path / f"ft-{i}"
+        save_hf_directory({f"layer.{j}": torch.randn(256) for j in range(6)}, folder, source=_config_folder(tmp_path),
+                          max_shard_bytes=2500)
+        folders.append(folder)
+    read = []
+    real = os.preadv
+    monkeypatch.setattr(sources.os, "preadv", lambda fd, buffers, offset: read.append(real(fd, buffers, offset))
+                        or read[-1])
+    opened = [open_source(f, name=f.name) for f in folders]
+    write_merge(MergeRun(mean_of(), opened, block_bytes=1 << 20), tmp_path / "soup.safetensors")
+    header_bytes = sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for f in folders
+                       for p in f.glob("model-*.safetensors"))
+    total = sum(p.stat().st_size for f in folders for p in f.rglob("*") if p.is_file())
+    assert sum(read) == total + header_bytes  # headers twice (parsed apart from the hash), every other byte once
+
+
+def test_an_overflow_of_the_tensor_dtype_is_refused_not_written_as_inf():
+    big = MappingSource({"w": torch.tensor([40000.0], dtype=torch.float16)}, name="big")
+    with pytest.raises(CheckpointError, match="overflow float16"):
+        merge_in_memory(linear([2.0, 0.0]), [big, MappingSource({"w": torch.zeros(1, dtype=torch.float16)})])
+    with pytest.raises(SoupError, match="2 weights for 3 ingredients"):
+        merge_in_memory(linear([0.5, 0.5]), [big, big, big])
+
+
+def test_a_failed_write_leaves_no_open_file(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(CheckpointError):
+            save_state_dict({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.safetensors")
+    assert len(os.listdir("/proc/self/fd")) == before and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("header, said", [
+    ({"__metadata__": [1]}, "__metadata__ is not a map of strings"),
+    ({"a": {"dtype": "F32", "shape": "12", "data_offsets": [0, 8]}}, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "overlap or leave gaps"),
+])
+def test_a_malformed_header_is_refused_by_name(header, said):
+    from soup_core.io.layout import parse_header
+    with pytest.raises(CheckpointError, match=said):
+        parse_header(json.dumps(header).encode(), 1000, "bad.safetensors")
+
+
+def test_a_writer_never_finishes_a_file_with_values_missing(tmp_path):
+    with pytest.raises(ValueError, match="got 2 of 4 elements"):
+        with StreamingWriter(tmp_path / "x.safetensors", {"w": TensorInfo(torch.float32, (4,))}, {"format": "pt"}) as w:
+            w.write("w", torch.ones(2))
+            w.finish()
+    assert os.listdir(tmp_path) == []

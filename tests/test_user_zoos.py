@@ -368,3 +368,15 @@ def test_a_vit_zoo_with_legacy_names_and_grayscale_images_scores_as_from_pretrai
     from soup_core.zoo import zoo_plane
     grid = plane_landscape(opened.evaluator, zoo_plane(opened, ("base", "ft-0", "ft-1")), grid=3, splits=["test"])
     assert np.isfinite(np.asarray(grid.error["test"])).all()
+
+
+def test_checkpoint_names_transformers_drops_on_load_are_dropped_and_unknown_ones_refused():
+    from soup_core.errors import ModelError
+    from soup_core.models import answer_to_checkpoint_names
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+    old_file = [*model.state_dict(), "bert.embeddings.position_ids"]  # what older BERT files hold
+    assert answer_to_checkpoint_names(model, old_file) == 0
+    with pytest.raises(ModelError, match="'bert.pooler.extra.weight' has no place in BertForSequenceClassification"):
+        answer_to_checkpoint_names(model, [*model.state_dict(), "bert.pooler.extra.weight"])

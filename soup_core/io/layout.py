@@ -3,7 +3,7 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header (each tensor's
 dtype, shape and byte range; optional ``__metadata__`` strings), then the tensors' bytes. Since
 the header holds everything but the values, a merge can plan its output before computing
-anything and write each tensor where it belongs as soon as it exists (:mod:`soup_core.io.sharded`),
+anything and write each tensor where it belongs as soon as it exists (:mod:`soup_core.io.weights_out`),
 and read one tensor of an input by its byte range (:mod:`soup_core.merge.sources`).
 
 We write exactly what ``safetensors.torch.save`` writes — tensors ordered by dtype (its enum,
@@ -108,18 +108,29 @@ def parse_header(header: bytes, file_size: int, name: str) -> tuple[dict[str, St
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{name}: not a valid safetensors file (its header is not a JSON object)")
     metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{name}: not a valid safetensors file (its __metadata__ is not a map of strings)")
     start = 8 + len(header)
     tensors: dict[str, StoredTensor] = {}
     for key, entry in parsed.items():
         try:
-            dtype, shape = DTYPES[entry["dtype"]], tuple(int(s) for s in entry["shape"])
-            begin, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            dtype, shape, offsets = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in (*shape, *offsets))):
+                raise TypeError
+        except (KeyError, TypeError):
             raise CheckpointError(f"{name}: tensor {key!r} has a malformed header entry") from None
-        info = TensorInfo(dtype, shape)
+        info, (begin, end) = TensorInfo(dtype, tuple(shape)), offsets
         if min(shape, default=0) < 0 or end - begin != info.nbytes or begin < 0 or start + end > file_size:
             raise CheckpointError(f"{name}: tensor {key!r} claims bytes {begin}–{end} for shape {list(shape)} "
                                   f"{entry['dtype']}, which the file ({file_size:,} bytes) does not hold; "
                                   "the file is truncated or damaged")
         tensors[key] = StoredTensor(info, start + begin, start + end)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    # As safetensors requires: the tensors tile the data, no gaps, no overlaps.
+    position = start
+    for key, stored in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if stored.begin != position:
+            raise CheckpointError(f"{name}: tensor {key!r} starts at byte {stored.begin - start} of the data, "
+                                  f"not {position - start}: the byte ranges overlap or leave gaps")
+        position = stored.end
+    return tensors, dict(metadata)

@@ -48,7 +48,7 @@ import torch
 from soup_core.errors import CheckpointError
 from soup_core.io.layout import TensorInfo, build_header, data_order
 from soup_core.io.read import PROVENANCE_KEY, TIED_KEY
-from soup_core.io.write import PARTIAL_SUFFIX, WEIGHT_FILE_SUFFIXES, refuse_inputs, sweep_partials
+from soup_core.io.write import PARTIAL_SUFFIX, WEIGHT_FILE_SUFFIXES, no_space, refuse_inputs, sweep_partials
 from soup_core.state import tied_aliases
 
 AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000  # linkat(2), Linux
@@ -78,6 +78,7 @@ class _File:
         self.name, self.infos = name, infos
         self.fd, self.path = opened
         self.header, self.offsets = build_header(infos, metadata)
+        self.written = dict.fromkeys(infos, 0)  # elements written so far, per tensor
         data_bytes = sum(info.nbytes for info in infos.values())
         self.start = 8 + len(self.header)
         _reserve(self.fd, self.start + data_bytes)
@@ -91,8 +92,13 @@ class _File:
         data = values.detach().reshape(-1).contiguous().cpu()
         raw = data.view(torch.uint8).numpy() if data.numel() else b""
         _write_at(self.fd, memoryview(raw), self.start + self.offsets[key][0] + start * info.dtype.itemsize)
+        self.written[key] += data.numel()
 
     def finish(self, metadata: Mapping[str, str]) -> None:
+        short = [k for k, n in self.written.items() if n != self.infos[k].numel]
+        if short:  # a writer's own bug; never a file with zeros where values belong
+            raise ValueError(f"{self.name}: {short[0]!r} got {self.written[short[0]]} of "
+                             f"{self.infos[short[0]].numel} elements")
         header, _ = build_header(self.infos, metadata)
         if len(header) != len(self.header):
             raise ValueError(f"{self.name}: the final metadata changed the header's length")
@@ -128,7 +134,7 @@ class StreamingWriter:
         self.target, self.infos, self.metadata, self.folder = Path(target), dict(infos), dict(metadata), folder
         self.max_shard_bytes, self.copy_from = max_shard_bytes, Path(copy_from) if copy_from else None
         refuse_inputs(self.target, (*inputs, *([self.copy_from] if self.copy_from else [])))
-        if self.target.is_dir() and (not folder or any(self.target.iterdir())):
+        if folder and self.target.is_dir() and any(self.target.iterdir()):
             raise CheckpointError(f"{self.target}: exists and is a folder that is not empty; choose a new name")
         if folder and self.target.exists() and not self.target.is_dir():
             raise CheckpointError(f"{self.target}: exists and is not a folder; choose a new name")
@@ -156,7 +162,12 @@ class StreamingWriter:
         return self
 
     def _open(self, name: str, infos: Mapping[str, TensorInfo]) -> None:
-        handle = _File(name, _unnamed_file(self.target.parent, lambda: self._scratch() / name), infos, self.metadata)
+        opened = _unnamed_file(self.target.parent, lambda: self._scratch() / name)
+        try:
+            handle = _File(name, opened, infos, self.metadata)
+        except BaseException:
+            os.close(opened[0])  # an unnamed file vanishes with its descriptor
+            raise
         self._files.append(handle)
         self._where.update({k: handle for k in infos})
 
@@ -217,8 +228,7 @@ class StreamingWriter:
 def _raise_no_space(exc: BaseException | None, target: Path) -> None:
     """A full disk, wherever it struck (reserving, writing, syncing), as one clear line."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        raise CheckpointError(f"{target}: no space left on the device; nothing was written and any "
-                              "previous file is unchanged") from None
+        raise no_space(target) from None
 
 
 def _unnamed_file(folder: Path, fallback: Callable[[], Path]) -> tuple[int, Path | None]:
@@ -268,7 +278,7 @@ def _link_unnamed(fd: int, path: Path) -> None:
 def _reserve(fd: int, size: int) -> None:
     """Take the file's space now, so that a full disk fails before any work (sparse where it cannot)."""
     try:
-        os.posix_fallocate(fd, 0, size) if size else None
+        os.posix_fallocate(fd, 0, size)  # at least the 8-byte length and a header
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise

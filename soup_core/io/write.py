@@ -79,11 +79,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise CheckpointError(f"{path}: no space left on the device; nothing was written and the previous "
-                                  "file is unchanged") from None
+            raise no_space(path) from None
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def no_space(target: Path) -> CheckpointError:
+    """A full disk, as one line: nothing was written, and what was there is as it was."""
+    return CheckpointError(f"{target}: no space left on the device; nothing was written and any previous file is "
+                           "unchanged")
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:

@@ -4,7 +4,8 @@ For each tensor name, in the order its bytes lie on disk, the engine reads that 
 block of it) from every ingredient onto the chosen device, applies the method's per-tensor
 function (which sums in float64) (:mod:`soup_core.merge.methods`) and hands the result, in the
 tensor's own dtype, to a writer — then lets it go. Memory is a few blocks: about
-``block_bytes`` whatever the model's size or its largest tensor (methods that need whole
+``block_bytes``, plus a few MB per input whose bytes await its sha256, whatever the model's size or
+its largest tensor (methods that need whole
 tensors, such as TIES, hold one tensor per ingredient). Integer tensors (``num_batches_tracked``,
 ``position_ids``) are copied from the reference ingredient, never averaged; tied tensors stay
 tied (each group is merged once and its aliases are recorded, as in :mod:`soup_core.params`).
@@ -16,7 +17,7 @@ merged block is checked, and a non-finite one names the input it came from.
 >>> import torch
 >>> from soup_core.merge import MappingSource, mean_of, merge_in_memory
 >>> a, b = MappingSource({"w": torch.zeros(2)}, name="a"), MappingSource({"w": torch.ones(2)}, name="b")
->>> merge_in_memory(mean_of(2), [a, b])["w"].tolist()
+>>> merge_in_memory(mean_of(), [a, b])["w"].tolist()
 [0.5, 0.5]
 """
 
@@ -35,11 +36,10 @@ import torch
 from soup_core.errors import CheckpointError, RecipeError
 from soup_core.io.layout import TensorInfo
 from soup_core.io.weights_out import HF_SHARD_BYTES, StreamingWriter, weights_metadata
-from soup_core.merge.methods import TensorMethod
+from soup_core.merge.methods import ACCUMULATE_DTYPE, TensorMethod
 from soup_core.merge.sources import Source
 from soup_core.state import Progress, StateDict, names_list
 
-ACCUMULATE_DTYPE = torch.float64
 BLOCK_BYTES = 16 << 20  # float64 working set per block, all ingredients together (cache-sized: bench_merge)
 
 
@@ -82,12 +82,13 @@ class MergeRun:
     def _refuse_non_finite(self, key: str, start: int, stop: int | None, merged: torch.Tensor) -> None:
         """Name the input whose NaN/Inf made a merged block non-finite (read again, on the error path only)."""
         if bool(torch.isfinite(merged).all()):
-            return  # finite values whose float64 sum overflowed
+            return  # finite values whose float64 sum overflowed (beyond 1e308: float64 inputs only)
         for source in (*self.sources, *([self.base] if self.method.needs_base else [])):
             if not bool(torch.isfinite(source.read(key, start, stop)).all()):
                 raise CheckpointError(f"{source.name}: tensor {key!r} holds NaN or Inf values; a soup with it would "
                                       "be NaN too — leave this checkpoint out")
-        raise CheckpointError(f"{key!r}: the merge overflowed (the merged values are not finite)")
+        raise CheckpointError(f"{key!r}: the merged values overflow {str(merged.dtype).removeprefix('torch.')} "
+                              "(weights this far outside the inputs' range have no finite value in that dtype)")
 
     def blocks(self, progress: Progress | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
         """``(name, first element, merged block in the tensor's dtype)`` for every output tensor."""
@@ -119,10 +120,11 @@ class MergeRun:
             summary = self.method.summary(total) if self.method.summary is not None else total
             self.summaries[key] = summary
         for start, stop in ranges:
-            merged = self.method.combine(*self._read_all(key, start, stop), summary)
-            if not math.isfinite(float(merged.sum())):  # NaN and Inf inputs reach the output of every method
+            merged = self.method.combine(*self._read_all(key, start, stop), summary).to(info.dtype)
+            # NaN and Inf inputs reach the output of every method; so does an overflow of the dtype
+            if not math.isfinite(float(merged.sum(dtype=ACCUMULATE_DTYPE))):
                 self._refuse_non_finite(key, start, stop, merged)
-            yield key, start, merged.to(info.dtype)
+            yield key, start, merged
 
 
 def check_compatible(sources: Sequence[Source]) -> None:

@@ -7,7 +7,7 @@ method is a few lines and can be checked on a 2×2 example:
 
 >>> import torch
 >>> blocks = [torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 6.0], dtype=torch.float64)]
->>> mean_of(2).combine(blocks, None, None).tolist()
+>>> mean_of().combine(blocks, None, None).tolist()
 [2.0, 4.0]
 >>> linear([0.75, 0.25]).combine(blocks, None, None).tolist()
 [1.5, 3.0]
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from soup_core.errors import RecipeError
 
 Blocks = Sequence[torch.Tensor]  # one block per ingredient (its own dtype), same elements of one tensor
 ACCUMULATE_DTYPE = torch.float64
@@ -49,7 +51,7 @@ class TensorMethod:
     elementwise: bool = True
 
 
-def mean_of(count: int) -> TensorMethod:
+def mean_of() -> TensorMethod:
     """(Σ θ_i) / k, summed in float64 in ingredient order, then rounded once to the tensor's dtype.
 
     For 16-bit inputs the float64 sum is exact (8 or 11 significant bits, 53 to hold them) unless
@@ -59,7 +61,7 @@ def mean_of(count: int) -> TensorMethod:
         total = widen(blocks[0]).clone() if blocks[0].dtype == ACCUMULATE_DTYPE else widen(blocks[0])
         for block in blocks[1:]:
             total.add_(widen(block))
-        return total.div_(count)
+        return total.div_(len(blocks))
     return TensorMethod("mean", combine)
 
 
@@ -69,6 +71,8 @@ def linear(weights: Sequence[float]) -> TensorMethod:
     weights = [float(w) for w in weights]
 
     def combine(blocks: Blocks, base, summary) -> torch.Tensor:
+        if len(blocks) != len(weights):
+            raise RecipeError(f"linear: {len(weights)} weights for {len(blocks)} ingredients; give one weight each")
         total = widen(blocks[0]).mul(weights[0])
         for weight, block in zip(weights[1:], blocks[1:]):
             total.add_(widen(block), alpha=weight)
@@ -101,6 +105,6 @@ def model_stock() -> TensorMethod:
         return deltas @ deltas.T
 
     def combine(blocks: Blocks, base: torch.Tensor, t: float) -> torch.Tensor:
-        return mean_of(len(blocks)).combine(blocks, None, None).mul_(t).add_(widen(base), alpha=1 - t)
+        return mean_of().combine(blocks, None, None).mul_(t).add_(widen(base), alpha=1 - t)
     return TensorMethod("model-stock", combine, statistic, summary=lambda gram: model_stock_ratio_from_gram(gram)[1],
                         needs_base=True)

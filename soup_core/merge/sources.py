@@ -5,7 +5,8 @@ Hugging Face folders of them (sharded or not), :class:`SafetensorsSource` reads 
 bytes with ``pread`` — no memory map, so a file truncated under a running merge is a clear error,
 not a SIGBUS — and feeds the same bytes to the file's sha256 on the way: when the merge reads
 tensors in the order they lie on disk (it does: :func:`SafetensorsSource.layout_order`), every
-byte is read once, for the merge and the provenance together. Other checkpoints (``.bin``, ``.pt``,
+data byte is read once, for the merge and the provenance together (the headers, a few KB, twice:
+they are parsed before the data; tested). Other checkpoints (``.bin``, ``.pt``,
 training checkpoints) load through the safe reader (:func:`soup_core.io.load_state_dict`,
 memory-mapped where the format allows) as a :class:`MappingSource`.
 
@@ -34,7 +35,7 @@ from soup_core.io.read import (TIED_KEY, check_index_keys, file_sha256, hashed_f
 from soup_core.io.safety import FLOAT_DTYPES, INTEGER_DTYPES, check_header, safetensors_header
 from soup_core.state import tied_aliases
 
-HASH_BLOCK = 8 << 20
+HASH_BLOCK = 1 << 20  # bytes a merge did not read, hashed on the way
 MAX_PENDING_HASHES = 8  # blocks read but not yet hashed, per checkpoint
 
 
@@ -97,6 +98,10 @@ class _HashedStream:
             self._fds[index] = os.open(self.files[index], os.O_RDONLY)
         return self._fds[index]
 
+    def read_unhashed(self, index: int, begin: int, size: int) -> bytearray:
+        """Bytes of one file, not fed to the digest (headers, read before the data)."""
+        return self._pread(index, begin, max(0, size))
+
     def _pread(self, index: int, begin: int, size: int) -> bytearray:
         buffer = bytearray(size)
         view, done = memoryview(buffer), 0
@@ -115,6 +120,8 @@ class _HashedStream:
                     if start <= position < start + size)
 
     def _hash_until(self, position: int) -> None:
+        if self._known is not None:  # nothing to hash: skipped bytes need not be read
+            return
         while self._hashed < position:
             index, local = self._locate(self._hashed)
             count = min(position - self._hashed, self.sizes[index] - local, HASH_BLOCK)
@@ -157,16 +164,20 @@ class SafetensorsSource:
         self._stream = _HashedStream(hashed_files(path))
         self._where: dict[str, tuple[int, StoredTensor]] = {}
         self._aliases: dict[str, str] = {}
+        position = {f.resolve(): i for i, f in enumerate(self._stream.files)}  # symlinks (a hub cache) too
         for weight_file in weight_files:
-            index = self._stream.files.index(weight_file.resolve())
-            self._read_header(index)
+            if weight_file.resolve() not in position:
+                raise CheckpointError(f"{path}: cannot find {weight_file.name} among its files")
+            self._read_header(position[weight_file.resolve()])
         self.infos = {k: stored.info for k, (_, stored) in self._where.items()}
 
     def _read_header(self, index: int) -> None:
         file = self._stream.files[index]
         size = self._stream.sizes[index]
-        head = bytes(self._stream.read(index, 0, min(8, size)))
-        header = safetensors_header(head, lambda n: bytes(self._stream.read(index, 8, min(8 + n, size))), str(file))
+        # Headers are read apart from the hash: the stream hashes each file in order, data included.
+        head = bytes(self._stream.read_unhashed(index, 0, min(8, size)))
+        header = safetensors_header(head, lambda n: bytes(self._stream.read_unhashed(index, 8, min(n, size - 8))),
+                                    str(file))
         check_header(header, str(file))
         tensors, metadata = parse_header(header, size, str(file))
         for key, stored in tensors.items():

@@ -13,7 +13,7 @@ from soup_core.recipes.parameters import Params
 
 def uniform_merge(names: tuple[str, ...], params: Params) -> Merge:
     from soup_core.merge import mean_of
-    return Merge(names, tuple(1.0 / len(names) for _ in names), mean_of(len(names)), names[0])
+    return Merge(names, tuple(1.0 / len(names) for _ in names), mean_of(), names[0])
 
 
 def uniform_soup(ingredients: Ingredients, evaluator, base, params: Params) -> Brew:
