@@ -170,7 +170,7 @@ class Evaluator:
         # functional_call swaps the shared model's tensors for the duration of the call; the lock
         # keeps two app sessions (threads) from seeing each other's weights.
         with self._lock, torch.no_grad(), precision(self.precision, self.device):
-            outputs = [as_logits(functional_call(self.model, params, (x,)), len(x)) for x, _ in self.batches(split)]
+            outputs = [as_logits(self._forward(params, x, split), len(x)) for x, _ in self.batches(split)]
         result = torch.cat(outputs).float().cpu()
         if key is None:
             return result
@@ -178,6 +178,17 @@ class Evaluator:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return result
+
+    def _forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, split: str):
+        """The model on one batch; a model that cannot take the data's inputs is one clear error."""
+        try:
+            return functional_call(self.model, params, (x,))
+        except (SoupError, torch.OutOfMemoryError):  # ours, or memory (the landscape engine sizes chunks by it)
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ModelError(f"the model cannot take {split!r}'s inputs of shape {list(x.shape)} ({text}); check "
+                             "the data's size and channels against the model (and that the checkpoints fit it)") from None
 
     def evaluate(self, state: Mapping[str, torch.Tensor], splits: Sequence[str] | None = None) -> dict[str, Metrics]:
         """Metrics of ``state`` on each of ``splits`` (default: all)."""

@@ -151,6 +151,10 @@ def test_an_image_folder_zoo(tmp_path):
     zoo = open_zoo(root)
     assert zoo.evaluator.splits["val"].inputs.shape == (12, 3, 8, 8)
     assert zoo.metrics("m0")["test"].accuracy == 1.0
+    (root / "zoo.toml").write_text((root / "zoo.toml").read_text().replace('size = 8', 'size = 8\nchannels = 1'))
+    result = soup("evaluate", str(root))  # grey inputs for a 3-channel model: one line, exit 2
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "inputs of shape [12, 1, 8, 8]" in result.stderr and "channels" in result.stderr
 
 
 def test_a_folder_without_a_manifest_is_a_weights_only_zoo(tmp_path):
