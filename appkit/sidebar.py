@@ -9,6 +9,7 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from appkit.cache import load_zoo
+from appkit.plain import literal
 from appkit.uploads import add_uploads, uploads_of, with_uploads
 from appkit.workspace import DEFAULT_ZOO, SESSION_KEY, seed, store, update, workspace
 from soup_core.errors import SoupError
@@ -62,7 +63,11 @@ def sidebar() -> Zoo:
     names = list(sample_zoos())
     seed("zoo", workspace().zoo if workspace().zoo in names else DEFAULT_ZOO)
     name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=lambda: update(zoo=st.session_state["zoo"]))
-    opened = _open_folder() or load_zoo(name)
+    folder_zoo = _open_folder()
+    if folder_zoo is not None:  # the folder wins over the sample zoo chosen above: say so
+        st.sidebar.caption(literal(f"Showing the folder {folder_zoo.root}, not the sample zoo; clear the folder "
+                                   "box to go back."))
+    opened = folder_zoo or load_zoo(name)
     whole_folder = st.sidebar.toggle("Upload a whole folder", key="upload-folder")
     limit_mb = int(st.get_option("server.maxUploadSize"))
     files = st.sidebar.file_uploader(f"Add checkpoints (.safetensors, .pt, .pth, .bin; up to {limit_mb} MB each)",

@@ -215,6 +215,9 @@ def test_the_app_opens_a_hugging_face_folder_and_exports_it(monkeypatch, hf_zoo,
     at.sidebar.text_input(key="folder").input(str(hf_zoo)).run()
     assert not at.exception and not at.sidebar.error
     assert _metric(at, "Checkpoints") == "4"
+    from appkit.plain import literal
+    assert literal(f"Showing the folder {hf_zoo.resolve()}, not the sample zoo; clear the folder box to go "
+                   "back.") in [c.value for c in at.sidebar.caption]
     zoo = open_zoo(hf_zoo)
     soup_state = uniform_average([zoo.state_dict(n) for n in zoo.names])
     assert _metric(at, "soup val") == f"{100 * zoo.evaluator.evaluate(soup_state, ['val'])['val'].accuracy:.2f}%"
