@@ -321,12 +321,7 @@ def test_a_vit_zoo_with_legacy_names_and_grayscale_images_scores_as_from_pretrai
     """transformers 5 builds ViT with renamed modules while the files keep the legacy names; the
     zoo scores through transformers' own conversion: the accuracies of from_pretrained, on one channel."""
     from PIL import Image
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=32, num_labels=2)
-    zoo = tmp_path / "vit"
-    for i, name in enumerate(("base", "ft-0", "ft-1", "ft-2")):
-        torch.manual_seed(i)
-        transformers.ViTForImageClassification(config).save_pretrained(zoo / name)
+    zoo = quick_start_zoo(tmp_path)
     on_disk = list(load_state_dict(zoo / "ft-0"))
     assert any(".encoder.layer." in k for k in on_disk)  # the legacy names the files keep
     from torch.func import functional_call
@@ -337,17 +332,6 @@ def test_a_vit_zoo_with_legacy_names_and_grayscale_images_scores_as_from_pretrai
     assert not set(on_disk) <= set(own)  # the module itself names them otherwise
     functional_call(model, dict(load_state_dict(zoo / "ft-1")), (torch.zeros(2, 1, 8, 8),))
     assert all(p is own[n] for n, p in model.named_parameters())  # the call left the model's own tensors
-    rng = np.random.default_rng(0)
-    for split in ("val", "test"):
-        for cls, level in (("dark", 40), ("light", 210)):
-            (zoo / "data" / split / cls).mkdir(parents=True)
-            for i in range(5):
-                Image.fromarray(np.clip(rng.normal(level, 60, (8, 8)), 0, 255).astype(np.uint8), mode="L").save(
-                    zoo / "data" / split / cls / f"{i}.png")
-    readme = (ROOT / "README.md").read_text()  # the quick start's manifest, as written
-    start = readme.index("`my-zoo/zoo.toml` (image classifiers):")
-    manifest = readme[readme.index("```toml\n", start) + 8:readme.index("```", readme.index("```toml\n", start) + 8)]
-    (zoo / "zoo.toml").write_text(manifest)  # channels: the config's num_channels
     result = soup("evaluate", str(zoo), "--json", "-", env={"SOUP_ALLOWED_ROOTS": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     scored = {row["name"]: row["metrics"]["test"]["accuracy"] for row in json.loads(result.stdout)["checkpoints"]}
@@ -387,3 +371,60 @@ def test_checkpoint_names_transformers_drops_on_load_are_dropped_and_unknown_one
     assert answer_to_checkpoint_names(model, old_file) == 0
     with pytest.raises(ModelError, match="'bert.pooler.extra.weight' has no place in BertForSequenceClassification"):
         answer_to_checkpoint_names(model, [*model.state_dict(), "bert.pooler.extra.weight"])
+
+def quick_start_zoo(tmp_path: Path) -> Path:
+    """The README's quick start, generated: four ViT classifiers saved by save_pretrained (legacy
+    tensor names on disk), grayscale PNGs in class folders, and the README's own manifest."""
+    from PIL import Image
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=2)
+    zoo = tmp_path / "vit"
+    for i, name in enumerate(("base", "ft-0", "ft-1", "ft-2")):
+        torch.manual_seed(i)
+        transformers.ViTForImageClassification(config).save_pretrained(zoo / name)
+    rng = np.random.default_rng(0)
+    for split in ("val", "test"):
+        for cls, level in (("dark", 40), ("light", 210)):
+            (zoo / "data" / split / cls).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(np.clip(rng.normal(level, 60, (8, 8)), 0, 255).astype(np.uint8), mode="L").save(
+                    zoo / "data" / split / cls / f"{i}.png")
+    readme = (ROOT / "README.md").read_text()  # the quick start's manifest, as written
+    start = readme.index("`my-zoo/zoo.toml` (image classifiers):")
+    opening = readme.index("```toml\n", start) + len("```toml\n")
+    (zoo / "zoo.toml").write_text(readme[opening:readme.index("```", opening)])
+    return zoo
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="make test installs Debian's chromium")
+def test_the_quick_start_in_chromium(tmp_path):
+    """SOUP_ALLOWED_ROOTS=DIR make run, then the folder typed into the sidebar: the zoo opens and
+    its live soup shows the library's number."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_app import _browser, _serve, _settle
+    zoo = quick_start_zoo(tmp_path)
+    opened = open_zoo(zoo, allowed_roots=[tmp_path])
+    soup_state = uniform_average([opened.state_dict(n) for n in opened.names])
+    expected = f"{100 * opened.evaluator.evaluate(soup_state, ['val'])['val'].accuracy:.2f}%"
+    serving = _serve({"SOUP_ALLOWED_ROOTS": str(tmp_path), "SOUP_WARM": "0"})
+    url = next(serving)
+    try:
+        with sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            page.get_by_test_id("stMetricValue").first.wait_for(timeout=60_000)
+            _settle(page)
+            box = page.get_by_label("Folder on this server (zoo.toml or checkpoint files)", exact=True)
+            box.fill(str(zoo))
+            box.press("Enter")
+            page.get_by_text("Showing the folder").first.wait_for(timeout=60_000)
+            _settle(page)
+            soup_val = page.get_by_test_id("stMetric").filter(has_text="soup val").get_by_test_id("stMetricValue")
+            soup_val.wait_for(timeout=60_000)
+            assert soup_val.inner_text() == expected
+            browser.close()
+    finally:
+        next(serving, None)
