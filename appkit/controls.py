@@ -19,8 +19,9 @@ def recipe_controls(recipe: Recipe, choice_splits: Sequence[str], key: str,
     offer one number per checkpoint in ``names``.
     """
     values: dict[str, Any] = {}
-    columns = st.columns(max(1, min(3, len(recipe.parameters))))
-    for i, p in enumerate(recipe.parameters):
+    shown = [p for p in recipe.parameters if p.in_app]  # not the machine's resources (memory budget)
+    columns = st.columns(max(1, min(3, len(shown))))
+    for i, p in enumerate(shown):
         column, label, widget_key = columns[i % len(columns)], p.name.replace("_", " "), f"{key}:{p.name}"
         if p.type is MixingWeights:
             value = weights_control(p.help, names, widget_key)

@@ -17,13 +17,13 @@ Floating-point sums are accumulated in float64 so that adding and then removing 
 ingredient returns (to float64 rounding) to where it started, independent of order; the
 result is cast back to each tensor's own dtype.
 
-**Where the sum lives.** ``RunningSum(device=...)`` keeps its float64 sum on that device (the
-evaluator's, in greedy and pruned soups), so a GPU scores candidates without copying the soup
-there at every step: each step moves one candidate (in its own dtype, not float64) unless it is
-already on the device, and the greedy step's candidate is moved once for both scoring and
-adding. float64 is kept on every device: these are bandwidth-bound additions and exactness is
-the point. float32 with Kahan compensation would pay only on a device where float64 is slow;
-no GPU has been measured for it yet.
+**Where the sum lives, and in what.** ``RunningSum(device=..., precision=...)`` keeps its sum on
+that device (the evaluator's, in greedy and pruned soups), so a GPU scores candidates without
+copying the soup there at every step: each step moves one candidate (in its own dtype) unless
+it is already on the device, and the greedy step's candidate is moved once for both scoring and
+adding. The sum is float64 (8 bytes a parameter) by default, float32 (4 bytes) where float64
+does not fit; :mod:`soup_core.memory` chooses and explains the bound on float32's error. Every
+other step works one tensor at a time: a candidate soup costs its own bytes, nothing more.
 
 Example::
 
@@ -40,42 +40,55 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
 from soup_core.state import StateDict, is_float, tied_aliases
 
 ACCUMULATE_DTYPE = torch.float64
+SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class RunningSum:
     """Sum of ingredients' float tensors; add or remove one ingredient in O(P).
 
-    Holds one float64 copy of the parameters (on ``device``; default: the first ingredient's)
-    plus references (not copies) to the ingredients, which it needs to subtract them again and
-    to take integer buffers from. Means come back on ``device``.
+    Holds one copy of the parameters in ``precision`` (float64 or float32; on ``device``,
+    default: the first ingredient's) plus references (not copies) to the ingredients, which it
+    needs to subtract them again and to take integer buffers from. Means come back on
+    ``device``, in the ingredients' dtypes, computed one tensor at a time.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, precision: str = "float64") -> None:
+        if precision not in SUM_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(SUM_DTYPES)}, not {precision!r}")
         self.device = torch.device(device) if device is not None else None
+        self.precision, self.dtype = precision, SUM_DTYPES[precision]
         self._sum: dict[str, torch.Tensor] = {}
         self._members: dict[str, Mapping[str, torch.Tensor]] = {}
         self._aliases: dict[str, str] = {}
         self._staged: tuple[str, Mapping[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
-    def _float64(self, name: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state``'s summed tensors on the sum's device in float64: moved in their own dtype,
-        widened there; the last candidate's are kept for the add that often follows."""
+    def _on_device(self, name: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """``state``'s summed tensors on the sum's device, in their own dtype (no copy when
+        already there); a moved candidate is kept for the add that often follows its scoring."""
+        if all(state[k].device == self.device for k in self._sum):
+            return state
         if self._staged is not None and self._staged[0] == name and self._staged[1] is state:
             return self._staged[2]
-        widened = {k: state[k].to(self.device).to(ACCUMULATE_DTYPE) for k in self._sum}
-        self._staged = (name, state, widened)
-        return widened
+        self._staged = None  # release the previous candidate before moving the next
+        moved = {k: state[k].to(self.device) for k in self._sum}
+        self._staged = (name, state, moved)
+        return moved
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._members)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the sum holds (the ingredients it refers to are the caller's)."""
+        return sum(t.numel() * t.element_size() for t in self._sum.values())
 
     def __len__(self) -> int:
         return len(self._members)
@@ -91,12 +104,11 @@ class RunningSum:
             floats = {k: t for k, t in state.items() if is_float(t) and k not in self._aliases}
             if self.device is None:
                 self.device = next((t.device for t in floats.values()), torch.device("cpu"))
-            self._sum = {k: torch.zeros(t.shape, dtype=ACCUMULATE_DTYPE, device=self.device)
-                         for k, t in floats.items()}
+            self._sum = {k: torch.zeros(t.shape, dtype=self.dtype, device=self.device) for k, t in floats.items()}
             self._staged = None
-        widened = self._float64(name, state)
+        moved = self._on_device(name, state)
         for key, total in self._sum.items():
-            total.add_(widened[key])
+            total.add_(moved[key])  # computed in the sum's precision: no widened copy of the candidate
         self._members[name] = state
         self._staged = None
 
@@ -104,10 +116,10 @@ class RunningSum:
         if name not in self._members:
             raise ValueError(f"{name!r} is not in the soup (it holds {list(self._members)})")
         state = self._members[name]
-        widened = self._float64(name, state)
+        moved = self._on_device(name, state)
         del self._members[name]
         for key, total in self._sum.items():
-            total.sub_(widened[key])
+            total.sub_(moved[key])
         self._staged = None
 
     def mean(self) -> StateDict:
@@ -115,42 +127,44 @@ class RunningSum:
         if not self._members:
             raise ValueError("the soup is empty: add at least one ingredient before taking its mean")
         count = len(self._members)
-        reference = next(iter(self._members.values()))
-        return _assemble(reference, {k: v / count for k, v in self._sum.items()}, self._aliases, self.device)
+        return _assemble(next(iter(self._members.values())), self._sum, lambda k: self._sum[k] / count,
+                         self._aliases, self.device)
 
     def mean_with(self, name: str, state: Mapping[str, torch.Tensor]) -> StateDict:
         """The mean if ``state`` were added — without changing this sum (greedy candidates)."""
         if not self._members:
             aliases = tied_aliases(state)
             device = self.device or next((t.device for t in state.values()), torch.device("cpu"))
-            return _assemble(state, {k: t.to(device) for k, t in state.items()
-                                     if is_float(t) and k not in aliases}, aliases, device)
-        widened = self._float64(name, state)
+            floats = [k for k, t in state.items() if is_float(t) and k not in aliases]
+            return _assemble(state, floats, lambda k: state[k].to(device), aliases, device)
+        moved = self._on_device(name, state)
         count = len(self._members) + 1
-        averaged = {k: (v + widened[k]) / count for k, v in self._sum.items()}
-        return _assemble(next(iter(self._members.values())), averaged, self._aliases, self.device)
+        return _assemble(next(iter(self._members.values())), self._sum,
+                         lambda k: torch.add(self._sum[k], moved[k]).div_(count), self._aliases, self.device)
 
     def mean_without(self, name: str) -> StateDict:
         """The mean if ``name`` were removed — without changing this sum (pruning candidates)."""
         if name not in self._members or len(self._members) < 2:
             raise ValueError(f"cannot remove {name!r}: a soup needs at least one ingredient")
-        widened = self._float64(name, self._members[name])
+        moved = self._on_device(name, self._members[name])
         others = [s for n, s in self._members.items() if n != name]
         count = len(others)
-        averaged = {k: (v - widened[k]) / count for k, v in self._sum.items()}
-        return _assemble(others[0], averaged, self._aliases, self.device)
+        return _assemble(others[0], self._sum, lambda k: torch.sub(self._sum[k], moved[k]).div_(count),
+                         self._aliases, self.device)
 
 
-def _assemble(reference: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor],
-              aliases: Mapping[str, str], device: torch.device | None = None) -> StateDict:
-    """Cast float results back to the reference dtypes, copy integer buffers (onto ``device``,
-    where the float results are), re-tie aliases."""
+def _assemble(reference: Mapping[str, torch.Tensor], keys: Collection[str],
+              average: Callable[[str], torch.Tensor], aliases: Mapping[str, str],
+              device: torch.device | None = None) -> StateDict:
+    """The float tensors ``keys`` as ``average(key)``, each cast to the reference's dtype as soon as
+    it is computed (one tensor at a time in the sum's precision); integer buffers copied from
+    the reference (onto ``device``, where the float results are); aliases re-tied."""
     out: StateDict = {}
     for key, tensor in reference.items():
         if key in aliases:
             continue
-        if key in averaged:
-            out[key] = averaged[key].to(tensor.dtype)
+        if key in keys:
+            out[key] = average(key).to(tensor.dtype)
         else:
             out[key] = tensor.clone() if device is None or tensor.device == device else tensor.to(device)
     for alias, target in aliases.items():
@@ -180,15 +194,15 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]],
                          f"{len(weights)} weights")
     reference = states[int(torch.argmax(weights))]
     aliases = tied_aliases(states[0])
-    averaged: dict[str, torch.Tensor] = {}
-    for key, tensor in states[0].items():
-        if key in aliases or not is_float(tensor):
-            continue
-        total = torch.zeros(tensor.shape, dtype=ACCUMULATE_DTYPE)
+
+    def combine(key: str) -> torch.Tensor:
+        total = torch.zeros(states[0][key].shape, dtype=ACCUMULATE_DTYPE)
         for w, state in zip(weights, states):
             total.add_(state[key].to(ACCUMULATE_DTYPE), alpha=float(w))
-        averaged[key] = total
-    return _assemble(reference, averaged, aliases)
+        return total
+
+    floats = {k for k, t in states[0].items() if k not in aliases and is_float(t)}
+    return _assemble(reference, floats, combine, aliases)
 
 
 def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float) -> StateDict:

@@ -10,6 +10,7 @@ from typing import Any
 
 from soup_core import __version__
 from soup_core.cli import commands as cmd
+from soup_core.memory import parse_size
 from soup_core.policies import BN_POLICIES, CURVATURE_METHODS, PRECISIONS
 from soup_core.recipes import RECIPES, all_parameters
 
@@ -78,25 +79,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def byte_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB`` or a number of bytes (units as transformers' ``max_shard_size``).
-
-    >>> byte_size("5GB"), byte_size("1.5 GiB"), byte_size("1000")
-    (5000000000, 1610612736, 1000)
-    """
-    number = text.strip().upper().rstrip("IBKMGT ")
-    unit = text.strip().upper()[len(number):].strip()
+    """A size flag (``5GB``, ``500MB``, ``2GiB``, bytes): :func:`soup_core.memory.parse_size`."""
     try:
-        value = float(number) * BYTE_UNITS[unit]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
-    if not math.isfinite(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least one byte")
-    return int(value)
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:

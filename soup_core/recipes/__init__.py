@@ -9,7 +9,7 @@ controls are derived from these records.
 >>> RECIPES["greedy"].pretty_name
 'Greedy soup'
 >>> [p.name for p in RECIPES["greedy"].parameters]
-['order', 'tie_order', 'seed', 'tie', 'passes', 'max_ingredients', 'val_split']
+['order', 'tie_order', 'seed', 'tie', 'passes', 'max_ingredients', 'val_split', 'sum_precision', 'memory_budget']
 
 Every recipe is made as ``RECIPES[name].make(ingredients, evaluator, base=θ0, **parameters)``
 and returns a :class:`SoupResult`.
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from soup_core.errors import RecipeError
 from soup_core.recipes.base import Brew, Ingredients, Merge, Recipe, SoupResult, TraceStep
-from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, ORDER, PASSES, SEED,
-                                          TIE, TIE_ORDER, VAL_SPLIT, WEIGHTS, Parameter, Params)
+from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, MEMORY_BUDGET, ORDER,
+                                          PASSES, SEED, SUM_PRECISION, TIE, TIE_ORDER, VAL_SPLIT, WEIGHTS, Parameter,
+                                          Params)
 
 PAPER = "Wortsman et al. 2022"
 CHOOSING = (ORDER, TIE_ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share
+SUMMING = (SUM_PRECISION, MEMORY_BUDGET)  # recipes that keep a running sum of the soup
 LEARNING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, SEED, VAL_SPLIT)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -31,8 +33,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("uniform", "Uniform soup", f"{PAPER}, §2 / Table 2", "uniform:uniform_soup", needs_evaluator=False,
            merge_path="uniform:uniform_merge"),
     Recipe("greedy", "Greedy soup", f"{PAPER}, Recipe 1", "greedy:greedy_soup",
-           (*CHOOSING, MAX_INGREDIENTS, VAL_SPLIT)),
-    Recipe("pruned", "Pruned soup", "Dansereau et al., Algorithm 2", "pruned:pruned_soup", (*CHOOSING, VAL_SPLIT)),
+           (*CHOOSING, MAX_INGREDIENTS, VAL_SPLIT, *SUMMING)),
+    Recipe("pruned", "Pruned soup", "Dansereau et al., Algorithm 2", "pruned:pruned_soup",
+           (*CHOOSING, VAL_SPLIT, *SUMMING)),
     Recipe("learned", "Learned soup", f"{PAPER}, Appendix I", "learned:learned_soup", LEARNING),
     Recipe("learned-by-layer", "Learned soup (by layer)", f"{PAPER}, Appendix I", "learned:learned_soup_by_layer",
            LEARNING),

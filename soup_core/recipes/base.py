@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the registry is read without importing torch
 
     from soup_core.evaluate import Evaluator, Metrics
     from soup_core.merge import TensorMethod
+    from soup_core.params import RunningSum
     from soup_core.state import StateDict
 
 Ingredients = Mapping[str, Mapping[str, "torch.Tensor"]]
@@ -187,6 +188,19 @@ def _device_of(state: Mapping[str, torch.Tensor]):
 
 def val_accuracies(ingredients: Ingredients, evaluator: Evaluator, split: str) -> dict[str, float]:
     return {name: evaluator.accuracy(state, split) for name, state in ingredients.items()}
+
+
+def running_sum(ingredients: Ingredients, evaluator: Evaluator, params: Params) -> RunningSum:
+    """An empty running sum on the evaluator's device, in the precision the parameters ask for
+    (``auto``: float64 where it fits in the memory budget; :mod:`soup_core.memory`)."""
+    from soup_core.memory import choose_precision
+    from soup_core.params import RunningSum
+    from soup_core.state import is_float, tied_aliases
+    first = next(iter(ingredients.values()))
+    aliases = tied_aliases(first)
+    keys = [k for k, t in first.items() if is_float(t) and k not in aliases]
+    precision = choose_precision(params.sum_precision, first, keys, evaluator.device, params.memory_budget)
+    return RunningSum(evaluator.device, precision)
 
 
 def candidate_order(ingredients: Ingredients, evaluator: Evaluator, params: Params) -> list[str]:

@@ -8,21 +8,21 @@ candidate is always accepted (baseline 0). With ``passes > 1`` the rejected cand
 offered again; ``max_ingredients`` stops the soup growing past a size.
 
 Each candidate costs one O(P) running-sum update and one evaluation; nothing is reloaded, and
-the float64 sum stays on the evaluator's device (a GPU's), so each step moves at most the one
-candidate there (:class:`soup_core.params.RunningSum`).
+the sum stays on the evaluator's device (a GPU's), so each step moves at most the one candidate
+there (:class:`soup_core.params.RunningSum`). The sum is float64 where it fits, float32 where
+not (``sum_precision``, ``memory_budget``: :mod:`soup_core.memory`); the result records which.
 """
 
 from __future__ import annotations
 
 from soup_core.evaluate import Evaluator
-from soup_core.params import RunningSum
-from soup_core.recipes.base import Brew, Ingredients, TraceStep, candidate_order
+from soup_core.recipes.base import Brew, Ingredients, TraceStep, candidate_order, running_sum
 from soup_core.recipes.parameters import Params, improves
 
 
 def greedy_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
     order = candidate_order(ingredients, evaluator, params)
-    soup, baseline, trace = RunningSum(evaluator.device), 0.0, []
+    soup, baseline, trace = running_sum(ingredients, evaluator, params), 0.0, []
     for _ in range(params.passes):
         for name in order:
             if name in soup:
@@ -36,4 +36,4 @@ def greedy_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Pa
                 soup.add(name, ingredients[name])
                 baseline = score
             trace.append(TraceStep(name, "add", score, accepted, soup.names))
-    return Brew(soup.names, soup.mean(), trace)
+    return Brew(soup.names, soup.mean(), trace, extras={"sum_precision": soup.precision})

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from soup_core.errors import RecipeError
+from soup_core.memory import SUM_PRECISIONS, ByteSize
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Parameter:
     minimum: float | None = None
     reference: str = ""
     default_text: str = ""  # how the default reads in help, where its value says nothing ("")
+    in_app: bool = True  # False: a resource of the machine running the recipe, set on the command line
 
     @property
     def flag(self) -> str:
@@ -101,6 +103,13 @@ PASSES = Parameter("passes", int, 1, "passes over the candidates; rejected ones 
 MAX_INGREDIENTS = Parameter("max_ingredients", int, None, "stop the soup growing past this many ingredients",
                             minimum=1)
 VAL_SPLIT = Parameter("val_split", str, "val", "the held-out split every choice is made on (never test)")
+SUM_PRECISION = Parameter("sum_precision", str, "auto",
+                          "the running sum's precision: float64 (8 bytes a parameter, exact), float32 (4 bytes), "
+                          "or auto: float64 where it fits in the memory budget, float32 otherwise",
+                          choices=SUM_PRECISIONS, in_app=False)
+MEMORY_BUDGET = Parameter("memory_budget", ByteSize, None,
+                          "bytes the running sum and the candidate soup may hold on the evaluator's device "
+                          "(e.g. 16GB)", default_text="what the device has free", in_app=False)
 EPOCHS = Parameter("epochs", int, 3, "epochs of AdamW over the val split", minimum=1,
                    reference="Wortsman et al. 2022, App. I")
 LEARNING_RATE = Parameter("learning_rate", float, 0.1, "AdamW learning rate of the mixing weights",

@@ -9,14 +9,13 @@ a strict gain). By construction the result is never below the uniform soup on va
 from __future__ import annotations
 
 from soup_core.evaluate import Evaluator
-from soup_core.params import RunningSum
-from soup_core.recipes.base import Brew, Ingredients, TraceStep, candidate_order
+from soup_core.recipes.base import Brew, Ingredients, TraceStep, candidate_order, running_sum
 from soup_core.recipes.parameters import Params, improves
 
 
 def pruned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Params) -> Brew:
     order = candidate_order(ingredients, evaluator, params)
-    soup = RunningSum(evaluator.device)
+    soup = running_sum(ingredients, evaluator, params)
     for name in ingredients:
         soup.add(name, ingredients[name])
     baseline = evaluator.accuracy(soup.mean(), params.val_split)
@@ -31,4 +30,4 @@ def pruned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Pa
                 soup.remove(name)
                 baseline = score
             trace.append(TraceStep(name, "remove", score, accepted, soup.names))
-    return Brew(soup.names, soup.mean(), trace)
+    return Brew(soup.names, soup.mean(), trace, extras={"sum_precision": soup.precision})
