@@ -25,6 +25,8 @@ def recipe_controls(recipe: Recipe, choice_splits: Sequence[str], key: str,
         column, label, widget_key = columns[i % len(columns)], p.name.replace("_", " "), f"{key}:{p.name}"
         if p.type is MixingWeights:
             value = weights_control(p.help, names, widget_key)
+        elif p.type is bool:
+            value = column.checkbox(label, value=p.default, help=p.help, key=widget_key)
         elif p.choices or p.type is str:
             options = list(p.choices or choice_splits)
             value = column.selectbox(label, options, index=options.index(p.default) if p.default in options else 0,

@@ -33,7 +33,7 @@ def warm_pages(zoo: Zoo) -> None:
     checkpoint_table(zoo)
     live_soup(zoo, list(zoo.names))
     for recipe in RECIPES.values():
-        if not (recipe.needs_base and not zoo.has_base) and not recipe.by_hand:
+        if recipe.board and not (recipe.needs_base and not zoo.has_base) and not recipe.by_hand:
             recipe_result(zoo, key, recipe.name)
             if recipe.is_soup and recipe.name != "best":
                 recipe_significance(zoo, key, recipe.name)

@@ -33,14 +33,15 @@ st.title("Recipes")
 if zoo.evaluator is None:
     st.info("Weights only: the uniform soup and Model Stock (with a base) can be made and exported; every other "
             "recipe chooses or weighs ingredients by held-out accuracy and needs an evaluator.")
-    export_picker([r for r in RECIPES.values() if not r.needs_evaluator and (zoo.has_base or not r.needs_base)])
+    export_picker([r for r in RECIPES.values()
+                   if r.board and not r.needs_evaluator and (zoo.has_base or not r.needs_base)])
     st.stop()
 evaluator = zoo.evaluator
 shifts = evaluator.shift_names
 if "test" not in evaluator.splits:
     st.info("This zoo's data has no test split: the board needs val and test.")
     st.stop()
-available = [r for r in RECIPES.values() if not (r.needs_base and not zoo.has_base) and not r.by_hand]
+available = [r for r in RECIPES.values() if r.board and not (r.needs_base and not zoo.has_base) and not r.by_hand]
 with st.spinner("Cooking…"):
     results = {r.name: recipe_result(zoo, zoo_key(zoo), r.name) for r in available}
 

@@ -297,7 +297,8 @@ def _recipe_provenance(recipe_name: str, ingredients: Sequence[str], weights: Se
 
 def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: Iterable[str | Path] = (),
                    hf: bool | None = None, max_shard_bytes: int = HF_SHARD_BYTES, device: str | None = None,
-                   progress: Progress | None = None) -> tuple[ExportPlan, list[Path]]:
+                   progress: Progress | None = None, remake: Sequence[str] | None = None,
+                   ) -> tuple[ExportPlan, list[Path]]:
     """Write a weight-only recipe's soup tensor by tensor (:mod:`soup_core.merge`): memory holds a
     few blocks, never a model, so any model the disk holds can be merged.
 
@@ -306,6 +307,7 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
     a Hugging Face folder is sharded past ``max_shard_bytes``; nothing is written over the zoo's
     checkpoints or ``inputs``. No metrics: use it for zoos
     without an evaluator (``soup make`` does); a soup that is to be scored is made in memory.
+    ``remake`` replaces the remaking command recorded (``soup merge CONFIG.yml`` records itself).
     """
     recipe = get_recipe(candidate.recipe)
     if candidate.kind != "recipe" or recipe.merge_path is None or candidate.align:
@@ -315,6 +317,8 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
     if merge.method.needs_base and not zoo.has_base:
         raise SoupError(f"the {recipe.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
     command, hf_source, common = _provenance_common(zoo, candidate, str(out), ())
+    if remake is not None:  # made from something other than a zoo (a mergekit configuration): its own command
+        command, common["command"] = list(remake), shlex.join(remake)
     out = Path(out)
     hf = _writes_folder(hf_source, out, hf)
     options = recipe.resolve(dict(candidate.params))

@@ -93,7 +93,7 @@ def test_make_weighted_takes_weights_by_name_and_its_help_says_the_default(tmp_p
     assert all(torch.equal(load_state_dict(out)[k], expected[k]) for k in expected)
     assert read_provenance(out)["command"].startswith("soup make weighted digits-finetune --ingredients ft-01,ft-02 "
                                                       "--weights ft-01=3")
-    assert "(default: every ingredient 1; weighted)" in " ".join(soup("make", "--help").stdout.split())
+    assert "(default: every ingredient 1; weighted, task-arithmetic," in " ".join(soup("make", "--help").stdout.split())
 
 
 def test_angles_json_is_symmetric_with_zero_diagonal():

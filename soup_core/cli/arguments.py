@@ -10,6 +10,7 @@ from typing import Any
 
 from soup_core import __version__
 from soup_core.cli import commands as cmd
+from soup_core.cli import merging
 from soup_core.memory import parse_size
 from soup_core.policies import BN_POLICIES, CURVATURE_METHODS, PRECISIONS
 from soup_core.recipes import RECIPES, all_parameters
@@ -96,6 +97,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                                   "help": f"{p.help} (default: {default}; {', '.join(users)})"}
         if p.choices:
             kwargs["choices"] = p.choices
+        elif p.type is bool:
+            kwargs["choices"] = ("true", "false")
         elif p.type in (int, float):
             kwargs["type"] = int_in(int(p.minimum or 0)) if p.type is int else finite_float
             kwargs["metavar"] = "N" if p.type is int else "X"
@@ -177,9 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
                       "model card as FILE's name with .md (a folder for Hugging Face zoos)")
     make.add_argument("--shard-size", type=byte_size, default="5GB", metavar="SIZE",
                       help="largest weights file of a Hugging Face folder written (default 5GB, as save_pretrained)")
+    make.add_argument("--mergekit-yml", metavar="FILE", help="also write the mergekit configuration that remakes "
+                      "this soup (weight-only recipes, and greedy/pruned as the linear merge of their choice)")
     precise(make)
     common(make)
     add_recipe_flags(make)
+
+    merge = command("merge", "make the merge a mergekit YAML configures (linear, task_arithmetic, ties, dare_linear, "
+                    "dare_ties, breadcrumbs, breadcrumbs_ties, slerp, model_stock), tensor by tensor",
+                    merging.cmd_merge)
+    merge.add_argument("config", metavar="CONFIG.yml", help="mergekit's configuration; model paths relative to "
+                       "the current folder, as mergekit reads them")
+    merge.add_argument("--out", required=True, metavar="OUT", help="the merged safetensors file, or a folder for "
+                       "Hugging Face models (config and tokenizer copied from the first model)")
+    merge.add_argument("--shard-size", type=byte_size, default="5GB", metavar="SIZE",
+                       help="largest weights file of a Hugging Face folder written (default 5GB)")
+    merge.add_argument("--device", help="cpu, cuda or cuda:N: where each tensor is combined (default: cpu)")
+    merge.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE (- for stdout)")
 
     landscape = zoo_command("landscape", "loss and error over the plane through three points", cmd.cmd_landscape)
     landscape.add_argument("--points", nargs=3, required=True, metavar=("A", "B", "C"),

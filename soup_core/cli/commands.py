@@ -11,29 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from soup_core.cli.inputs import check_device, zoo_inputs
+from soup_core.cli.merging import make_streamed, refuse_mergekit, write_mergekit_yml
 from soup_core.cli.output import metrics_line, progress_bar, say, write_json
 from soup_core.errors import UsageError
 from soup_core.recipes import RECIPES, all_parameters
-
-
-def check_device(device: str | None) -> str | None:
-    """``cpu``, ``cuda`` or ``cuda:N`` that exists here, else a clear error."""
-    if device is None:
-        return None
-    import torch
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
-        if parsed.index is not None and parsed.index >= count:
-            raise UsageError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
-    elif parsed.type != "cpu":
-        raise UsageError(f"--device {device!r}: only cpu and cuda are supported")
-    return device
 
 
 def open_zoo_for(args: argparse.Namespace):
@@ -44,11 +26,6 @@ def open_zoo_for(args: argparse.Namespace):
     if getattr(args, "precision", None) and zoo.evaluator is not None:  # every forward pass of the command
         zoo.evaluator.precision = args.precision
     return zoo
-
-
-def zoo_inputs(zoo) -> list[Path]:
-    """Every checkpoint file of a zoo: outputs are never written over one."""
-    return [zoo.path(n) for n in zoo.all_names]
 
 
 def splits_of(zoo, text: str, what: str) -> list[str]:
@@ -193,6 +170,8 @@ def cmd_make(args: argparse.Namespace) -> None:
         zoo.path(name)  # a clear error for an unknown name
     if args.out and RECIPES[args.recipe].merge_path and not args.align and zoo.evaluator is None:
         return make_streamed(args, zoo, chosen, params)
+    if args.mergekit_yml:
+        refuse_mergekit(args.recipe)
     result = make_soup(zoo, args.recipe, chosen, **params)
     payload = {"recipe": result.recipe, "zoo": zoo.name, "ingredients": list(result.ingredients),
                "weights": list(result.weights), "trace": [s.to_dict() for s in result.trace],
@@ -212,6 +191,9 @@ def cmd_make(args: argparse.Namespace) -> None:
     else:
         comparisons = [] if zoo.evaluator is None else versus_best(result, zoo.ingredients(chosen), zoo.evaluator)
     payload["significance"] = [c.to_json() for c in comparisons]
+    if args.mergekit_yml:
+        payload["mergekit_yml"] = write_mergekit_yml(args.mergekit_yml, zoo, result.recipe, result.ingredients,
+                                                     result.weights, result.options)
     write_json(args.json, payload, zoo_inputs(zoo))
     shifts = zoo.evaluator.shift_names if zoo.evaluator is not None else ()
     say(args, f"{RECIPES[result.recipe].pretty_name}: {len(result.ingredients)} ingredient(s) "
@@ -225,25 +207,6 @@ def cmd_make(args: argparse.Namespace) -> None:
         say(args, f"  vs the {comparison.a} on {comparison.split}: {comparison.sentence()}")
     if args.out:
         say(args, f"  written to {args.out} (model card: {payload['model_card']})")
-
-
-def make_streamed(args: argparse.Namespace, zoo, chosen: list[str] | None, params: dict[str, Any]) -> None:
-    """A weight-only soup of a zoo with nothing to score it: streamed tensor by tensor to ``--out``."""
-    from soup_core.export import Candidate, write_streamed
-    candidate = Candidate.of_recipe(args.recipe, chosen, **params)
-    bar, report = progress_bar("merge")
-    with bar:
-        plan, written = write_streamed(zoo, candidate, args.out, progress=report, max_shard_bytes=args.shard_size,
-                                       device=check_device(args.device))  # never over the zoo's files
-    card = str(written[1]) if len(written) > 1 else str(Path(written[0]) / "README.md")
-    payload = {"recipe": args.recipe, "zoo": zoo.name, "ingredients": list(plan.ingredients),
-               "weights": list(plan.weights), "trace": [], "metrics": {}, "options": plan.provenance["options"],
-               "precision": args.precision, "extras": dict(plan.extras), "out": args.out, "model_card": card,
-               "significance": []}
-    write_json(args.json, payload, zoo_inputs(zoo))
-    say(args, f"{RECIPES[args.recipe].pretty_name}: {len(plan.ingredients)} ingredient(s) "
-              f"{', '.join(plan.ingredients)}")
-    say(args, f"  written to {args.out} tensor by tensor (model card: {card})")
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:

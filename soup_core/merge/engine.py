@@ -119,8 +119,9 @@ class MergeRun:
                 total = statistic if total is None else total + statistic
             summary = self.method.summary(total) if self.method.summary is not None else total
             self.summaries[key] = summary
+        keyword = {"key": key} if self.method.keyed else {}
         for start, stop in ranges:
-            merged = self.method.combine(*self._read_all(key, start, stop), summary).to(info.dtype)
+            merged = self.method.combine(*self._read_all(key, start, stop), summary, **keyword).to(info.dtype)
             # NaN and Inf inputs reach the output of every method; so does an overflow of the dtype
             if not math.isfinite(float(merged.sum(dtype=ACCUMULATE_DTYPE))):
                 self._refuse_non_finite(key, start, stop, merged)

@@ -16,7 +16,9 @@ An *elementwise* method sees any block of a tensor's elements (the engine bounds
 block size, not tensor size). A method that needs a whole-tensor quantity first (Model Stock's
 angle) declares a ``statistic``: computed on each block, summed over the tensor's blocks, turned
 into a value by ``summary`` and given to ``combine`` — two passes over the tensor, one block at
-a time. A method that is not elementwise (TIES' magnitude threshold) sees whole tensors.
+a time. A method that is not elementwise (TIES' magnitude threshold) sees whole tensors. The
+task-vector methods (task arithmetic, TIES, DARE, Breadcrumbs) are in
+:mod:`soup_core.merge.task_vectors`, SLERP in :mod:`soup_core.merge.slerp`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class TensorMethod:
     summary: Callable[[torch.Tensor], Any] | None = None
     needs_base: bool = False
     elementwise: bool = True
+    keyed: bool = False  # combine also takes ``key=`` the tensor's name (DARE seeds its drop with it)
 
 
 def mean_of() -> TensorMethod:

@@ -19,14 +19,25 @@ from __future__ import annotations
 
 from soup_core.errors import RecipeError
 from soup_core.recipes.base import Brew, Ingredients, Merge, Recipe, SoupResult, TraceStep
-from soup_core.recipes.parameters import (BATCH_SIZE, EPOCHS, LEARNING_RATE, MAX_INGREDIENTS, MEMORY_BUDGET, ORDER,
-                                          PASSES, SEED, SUM_PRECISION, TIE, TIE_ORDER, VAL_SPLIT, WEIGHTS, Parameter,
-                                          Params)
+from soup_core.recipes.parameters import (BATCH_SIZE, DENSITY, EPOCHS, GAMMA, INTERPOLATION, LEARNING_RATE,
+                                          MAX_INGREDIENTS, MEMORY_BUDGET, NORMALIZE, NORMALIZE_ON, ORDER, PASSES,
+                                          RESCALE_L1, SCALE, SEED, SUM_PRECISION, TIE, TIE_ORDER, VAL_SPLIT, WEIGHTS,
+                                          Parameter, Params)
 
 PAPER = "Wortsman et al. 2022"
 CHOOSING = (ORDER, TIE_ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share
 SUMMING = (SUM_PRECISION, MEMORY_BUDGET)  # recipes that keep a running sum of the soup
 LEARNING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, SEED, VAL_SPLIT)
+DARE = (WEIGHTS, DENSITY, SCALE, NORMALIZE, RESCALE_L1, SEED)
+BREADCRUMBS = (WEIGHTS, DENSITY, GAMMA, SCALE, NORMALIZE)
+
+
+def _merge(name: str, pretty: str, reference: str, parameters: tuple[Parameter, ...], **kw) -> Recipe:
+    """A weight-only task-vector recipe (:mod:`soup_core.recipes.task_vectors`): needs θ0, no evaluator."""
+    function = name.replace("-", "_")
+    return Recipe(name, pretty, reference, f"task_vectors:{function}", parameters, needs_evaluator=False,
+                  needs_base=True, merge_path=f"task_vectors:{function}_merge", board=False, **kw)
+
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("best", "Best individual model", f"{PAPER}, Table 3", "best_individual:best_individual", (VAL_SPLIT,)),
@@ -47,6 +58,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("weighted", "Weighted soup", "weights by hand, as mergekit's linear merge; learned: App. I",
            "weighted:weighted_soup", (WEIGHTS,), needs_evaluator=False, by_hand=True,
            merge_path="weighted:weighted_merge"),
+    _merge("task-arithmetic", "Task arithmetic", "Ilharco et al. 2023, Editing Models with Task Arithmetic",
+           (WEIGHTS, SCALE, NORMALIZE)),
+    _merge("ties", "TIES merging", "Yadav et al. 2023, TIES-Merging", (WEIGHTS, DENSITY, SCALE, NORMALIZE_ON)),
+    _merge("dare-linear", "DARE (linear)", "Yu et al. 2024, Language Models are Super Mario (DARE)", DARE),
+    _merge("dare-ties", "DARE with TIES signs", "Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES)", DARE),
+    _merge("breadcrumbs", "Model Breadcrumbs", "Davari & Belilovsky 2024, Model Breadcrumbs", BREADCRUMBS),
+    _merge("breadcrumbs-ties", "Model Breadcrumbs with TIES signs",
+           "Davari & Belilovsky 2024 with Yadav et al. 2023 (TIES)", BREADCRUMBS),
+    Recipe("slerp", "SLERP of two models", "Shoemake 1985; mergekit's slerp", "slerp:slerp_soup", (INTERPOLATION,),
+           needs_evaluator=False, min_ingredients=2, max_ingredients=2, merge_path="slerp:slerp_merge", board=False),
 )}
 
 

@@ -118,6 +118,8 @@ class Recipe:
     needs_base: bool = False
     is_soup: bool = True  # False for ensembles: no single set of weights to export
     min_ingredients: int = 1
+    max_ingredients: int | None = None  # SLERP: exactly two
+    board: bool = True  # on the app's Recipes board and warm-up (the merge methods: the command line for now)
     by_hand: bool = False  # its result is what the user set, not a method: boards and warm-ups skip it
     merge_path: str | None = None  # weight-only recipes: "module:function" (names, params) -> Merge
 
@@ -125,9 +127,7 @@ class Recipe:
         """The per-tensor plan of a weight-only recipe (None for recipes that score candidates)."""
         if self.merge_path is None:
             return None
-        if len(names) < self.min_ingredients:
-            raise RecipeError(f"the {self.pretty_name} needs at least {self.min_ingredients} ingredient(s), "
-                              f"got {len(names)}")
+        self.check_count(len(names))
         module, _, name = self.merge_path.partition(":")
         return getattr(importlib.import_module(f"soup_core.recipes.{module}"), name)(names, self.resolve(values))
 
@@ -136,6 +136,18 @@ class Recipe:
         """The recipe's function ``(ingredients, evaluator, base, params) -> Brew``."""
         module, _, name = self.function_path.partition(":")
         return getattr(importlib.import_module(f"soup_core.recipes.{module}"), name)
+
+    def takes(self, count: int) -> bool:
+        """Whether this recipe can be made from ``count`` ingredients."""
+        return self.min_ingredients <= count and (self.max_ingredients is None or count <= self.max_ingredients)
+
+    def check_count(self, count: int) -> None:
+        if not self.takes(count):
+            exactly = self.max_ingredients == self.min_ingredients
+            need = (f"exactly {self.min_ingredients}" if exactly else f"at least {self.min_ingredients}"
+                    if self.max_ingredients is None else f"{self.min_ingredients} to {self.max_ingredients}")
+            raise RecipeError(f"the {self.pretty_name} needs {need} ingredient(s), got {count}"
+                              + ("; choose them with --ingredients" if count > (self.max_ingredients or count) else ""))
 
     def parameter(self, name: str) -> Parameter:
         return next(p for p in self.parameters if p.name == name)
@@ -165,9 +177,7 @@ class Recipe:
                               "evaluator; give the zoo one (uniform and Model Stock soups do not)")
         if self.needs_base and base is None:
             raise RecipeError(f"the {self.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
-        if len(ingredients) < self.min_ingredients:
-            raise RecipeError(f"the {self.pretty_name} needs at least {self.min_ingredients} ingredient(s), "
-                              f"got {len(ingredients)}")
+        self.check_count(len(ingredients))
         brew = self.function(ingredients, evaluator, base, params)
         names = brew.ingredients
         weights = brew.weights if brew.weights is not None else tuple(1.0 / len(names) for _ in names)

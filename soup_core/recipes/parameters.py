@@ -47,7 +47,7 @@ class Parameter:
         if value is None and self.default is None:
             return None
         try:
-            converted = self.type(value)
+            converted = switch(value) if self.type is bool else self.type(value)
         except RecipeError:  # the type's own message says what is wrong
             raise
         except (TypeError, ValueError):
@@ -59,6 +59,18 @@ class Parameter:
         if self.minimum is not None and converted < self.minimum:
             raise RecipeError(f"{self.name} must be at least {self.minimum:g}, not {value!r}")
         return converted
+
+
+def switch(value: Any) -> bool:
+    """A yes/no parameter from ``True``/``False`` or their spellings (``true``, ``false``, ``1``, ``0``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 class Params(Mapping[str, Any]):
@@ -151,6 +163,19 @@ class MixingWeights(tuple):
             checked[str(name)] = number
         return super().__new__(cls, tuple(checked.items()))
 
+    def for_names(self, names: tuple[str, ...]) -> dict[str, float]:
+        """Each of ``names``' weight (1 where not given), leaving out weight 0; a name that is not
+        an ingredient, or every weight 0, is a :class:`RecipeError`."""
+        given = dict(self)
+        unknown = [name for name in given if name not in names]
+        if unknown:
+            raise RecipeError(f"weights name {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
+                              f"among this soup's ingredients ({', '.join(names)}); name ingredients only")
+        kept = {name: given.get(name, 1.0) for name in names if given.get(name, 1.0) > 0}
+        if not kept:
+            raise RecipeError("every weight is 0: give at least one ingredient a positive weight")
+        return kept
+
     def __str__(self) -> str:  # the shortest text that reads back as exactly each weight
         return ",".join(f"{name}={repr(weight).removesuffix('.0')}" for name, weight in self)
 
@@ -159,9 +184,29 @@ class MixingWeights(tuple):
 
 
 WEIGHTS = Parameter("weights", MixingWeights, MixingWeights(),
-                    "relative weight of each ingredient, NAME=WEIGHT,… (the soup divides by their sum); an "
-                    "ingredient not named weighs 1, weight 0 leaves it out", default_text="every ingredient 1",
-                    reference="mergekit's linear merge")
+                    "weight of each ingredient, NAME=WEIGHT,… (weighted soup: relative, divided by their sum; "
+                    "task-vector methods: each task vector's weight, mergekit's per-model weight); an ingredient "
+                    "not named weighs 1, weight 0 leaves it out", default_text="every ingredient 1",
+                    reference="mergekit's linear merge and per-model weight")
+DENSITY = Parameter("density", float, 0.5, "share of each task vector's entries kept (TIES keeps the largest, "
+                    "DARE a random draw, Breadcrumbs the largest after dropping gamma's outliers)", minimum=0.0,
+                    reference="Yadav et al. 2023; Yu et al. 2024; mergekit's density")
+GAMMA = Parameter("gamma", float, 0.01, "share of each task vector's largest entries dropped as outliers",
+                  minimum=0.0, reference="Davari & Belilovsky 2024; mergekit's gamma")
+SCALE = Parameter("lambda", float, 1.0, "scale of the merged task vector added to θ0",
+                  reference="Ilharco et al. 2023 (λ); mergekit's lambda")
+NORMALIZE_HELP = ("divide the merged task vector by the sum of the weights that went into each entry (TIES' "
+                  "disjoint mean); default true for ties, false for the others, as in mergekit")
+NORMALIZE = Parameter("normalize", bool, False, NORMALIZE_HELP, default_text="per method")
+NORMALIZE_ON = Parameter("normalize", bool, True, NORMALIZE_HELP, default_text="per method")
+RESCALE_HELP = ("rescale each sparsified task vector: l1 restores its L1 norm (mergekit), density divides by the "
+                "share kept (DARE's paper), none; default l1 for DARE, none for the others")
+RESCALE = Parameter("rescale", str, "none", RESCALE_HELP, choices=("none", "l1", "density"),
+                    default_text="per method")
+RESCALE_L1 = Parameter("rescale", str, "l1", RESCALE_HELP, choices=("none", "l1", "density"),
+                       default_text="per method", reference="Yu et al. 2024 (1/density); mergekit (l1)")
+INTERPOLATION = Parameter("t", float, 0.5, "where on the arc from the first ingredient (0) to the second (1)",
+                          reference="mergekit's slerp t")
 
 
 def improves(score: float, baseline: float, tie: str) -> bool:

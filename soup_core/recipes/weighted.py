@@ -14,21 +14,13 @@ unnamed: the uniform soup); weight 0 leaves it out.
 
 from __future__ import annotations
 
-from soup_core.errors import RecipeError
 from soup_core.recipes.base import Brew, Ingredients, Merge, brew_merge
 from soup_core.recipes.parameters import Params
 
 
 def weighted_merge(names: tuple[str, ...], params: Params) -> Merge:
     from soup_core.merge import linear
-    given = dict(params.weights)
-    unknown = [name for name in given if name not in names]
-    if unknown:
-        raise RecipeError(f"weights name {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
-                          f"among this soup's ingredients ({', '.join(names)}); name ingredients only")
-    kept = {name: given.get(name, 1.0) for name in names if given.get(name, 1.0) > 0}
-    if not kept:
-        raise RecipeError("every weight is 0: give at least one ingredient a positive weight")
+    kept = params.weights.for_names(names)
     total = sum(kept.values())
     weights = tuple(w / total for w in kept.values())
     reference = max(kept, key=lambda n: kept[n])  # integer tensors from the heaviest (the first of equals)

@@ -1,0 +1,261 @@
+"""The merge methods, specified: each as its paper defines it on a hand-worked example, and each equal
+to mergekit's on the same folders (mergekit is the oracle; DARE, being random, by its statistics)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from soup_core.errors import RecipeError, SoupError
+from soup_core.io import load_state_dict
+from soup_core.merge import MappingSource, merge_in_memory
+from soup_core.merge.slerp import slerp
+from soup_core.merge.task_vectors import magnitude_mask, outlier_mask, random_mask, rescaled, task_vector_method
+from soup_core.mergekit_config import read_mergekit, to_mergekit
+from soup_core.recipes import RECIPES
+
+ROOT = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+def t(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=F64)
+
+
+# --- each method as its paper writes it, on 2×2 examples worked by hand -------------------------------------
+
+BASE = t([1.0, 1.0], [1.0, 1.0])
+A = t([2.0, 1.0], [0.0, 1.5])  # δ_A = [[1, 0], [-1, 0.5]]
+B = t([1.5, 3.0], [2.0, 1.0])  # δ_B = [[0.5, 2], [1, 0]]
+
+
+def combine(method, *blocks, base=BASE):
+    return method.combine(list(blocks), base, None, key="w")
+
+
+def test_task_arithmetic_adds_lambda_times_the_weighted_task_vectors_to_theta0():
+    method = task_vector_method("task-arithmetic", [1.0, 0.5], scale=0.5)
+    # θ0 + 0.5·(δ_A + 0.5·δ_B) = 1 + 0.5·[[1.25, 1], [-0.5, 0.5]]
+    assert combine(method, A, B).tolist() == [[1.625, 1.5], [0.75, 1.25]]
+
+
+def test_ties_trims_elects_the_sign_of_the_sum_and_takes_the_disjoint_mean():
+    method = task_vector_method("ties", [1.0, 1.0], sparsify="magnitude", density=0.5, consensus=True, normalize=True)
+    # trim to 2 of 4: δ_A → [[1, 0], [-1, 0]], δ_B → [[0, 2], [1, 0]]
+    # signs of the sum [[1, 2], [0, 0]]: all +; entry (1,0): δ_A = -1 disagrees, δ_B = 1 agrees
+    assert combine(method, A, B).tolist() == [[2.0, 3.0], [2.0, 1.0]]
+
+
+def test_ties_without_normalize_sums_the_agreeing_entries():
+    method = task_vector_method("ties", [1.0, 1.0], sparsify="magnitude", density=1.0, consensus=True)
+    # sums [[1.5, 2], [0, 0.5]] → signs +; (1,0): only δ_B = 1 agrees; (0,0): 1 + 0.5
+    assert combine(method, A, B).tolist() == [[2.5, 3.0], [2.0, 1.5]]
+
+
+def test_breadcrumbs_drops_the_largest_gamma_and_the_smallest_to_keep_density():
+    delta = t([4.0, -1.0], [0.5, -2.0])
+    # 4 entries, density 0.5 → keep 2; gamma 0.25 → drop the largest (4); the smallest (0.5) goes too
+    assert outlier_mask(delta, 0.5, 0.25).tolist() == [[False, True], [False, True]]
+    assert magnitude_mask(delta, 0.5).tolist() == [[True, False], [False, True]]
+
+
+def test_dare_keeps_density_at_random_and_rescales_as_asked():
+    delta = torch.randn(400, 500, dtype=F64, generator=torch.Generator().manual_seed(0))
+    mask = random_mask(delta, 0.3, seed=7)
+    assert abs(mask.double().mean().item() - 0.3) < 0.005  # 200,000 draws: 5 standard deviations
+    assert torch.equal(mask, random_mask(delta, 0.3, seed=7)) and not torch.equal(mask, random_mask(delta, 0.3, 8))
+    paper = rescaled(delta, mask, "density", 0.3)
+    assert torch.equal(paper[mask], delta[mask] / 0.3) and bool((paper[~mask] == 0).all())
+    l1 = rescaled(delta, mask, "l1", 0.3)
+    assert torch.isclose(l1.abs().sum(), delta.abs().sum(), rtol=1e-12)
+
+
+def test_slerp_follows_the_arc_and_falls_back_to_the_line_for_parallel_tensors():
+    def run(a, b, at):
+        method = slerp(at)
+        return method.combine([a, b], None, method.summary(method.statistic([a, b], None)))
+
+    a, b = t(1.0, 0.0), t(0.0, 1.0)
+    half = run(a, b, 0.5)
+    assert torch.allclose(half, t(2**-0.5, 2**-0.5), atol=1e-15)  # on the unit circle, not the chord's (0.5, 0.5)
+    assert torch.allclose(run(a, b, 0.0), a) and torch.allclose(run(a, b, 1.0), b)
+    assert torch.equal(run(t(1.0, 2.0), t(2.0, 4.0), 0.25), t(1.25, 2.5))  # parallel: the straight line
+
+
+def test_dare_is_the_same_merge_in_memory_whichever_order_the_tensors_come_in():
+    g = torch.Generator().manual_seed(1)
+    states = [{"a": torch.randn(8, 8, generator=g), "b": torch.randn(16, generator=g)} for _ in range(3)]
+    base = {"a": torch.zeros(8, 8), "b": torch.zeros(16)}
+    method = task_vector_method("dare-ties", [1.0, 1.0], sparsify="random", density=0.5, consensus=True,
+                                rescale="l1", seed=3)
+    forward = merge_in_memory(method, [MappingSource(s) for s in states[:2]], MappingSource(base))
+    flipped = [{k: s[k] for k in ("b", "a")} for s in states[:2]]
+    backward = merge_in_memory(method, [MappingSource(s) for s in flipped], MappingSource(base))
+    assert all(torch.equal(forward[k], backward[k]) for k in forward)
+
+
+def test_the_merge_recipes_need_what_they_need(tiny_states):
+    with pytest.raises(RecipeError, match="needs a base checkpoint"):
+        RECIPES["ties"].make(tiny_states)
+    with pytest.raises(RecipeError, match="exactly 2 ingredient"):
+        RECIPES["slerp"].make(tiny_states)
+    with pytest.raises(RecipeError, match="density must be at least 0"):
+        RECIPES["ties"].make(tiny_states, base=tiny_states["m0"], density=-0.5)
+
+
+# --- mergekit's YAML: refused by name where it cannot be made exactly --------------------------------------------
+
+@pytest.mark.parametrize("config, message", [
+    ({"slices": []}, "slices"),
+    ({"merge_method": "della", "models": [{"model": "."}]}, "merge_method 'della' is not supported"),
+    ({"merge_method": "ties", "models": [{"model": "org/some-model-on-the-hub"}]}, "downloads nothing"),
+    ({"merge_method": "ties", "models": [{"model": ".", "parameters": {"weight": [0.1, 0.9]}}]}, "gradients"),
+    ({"merge_method": "linear", "models": [{"model": "."}], "parameters": {"normalize": False}}, "normalize: false"),
+    ({"merge_method": "linear", "models": [{"model": "."}], "chat_template": "x"}, "chat_template"),
+])
+def test_a_mergekit_config_we_cannot_make_exactly_is_refused_by_name(config, message, tmp_path):
+    with pytest.raises(SoupError, match=message):
+        read_mergekit(yaml.safe_dump(config), relative_to=tmp_path)
+
+
+def test_differing_per_model_densities_are_refused(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "base").mkdir()
+    config = {"merge_method": "ties", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 1, "density": 0.5}},
+        {"model": "b", "parameters": {"weight": 1, "density": 0.7}}]}
+    with pytest.raises(SoupError, match=r"per-model density values differ \(0.5, 0.7\)"):
+        read_mergekit(yaml.safe_dump(config), relative_to=tmp_path)
+
+
+def test_yaml_that_is_not_a_config_is_one_line():
+    with pytest.raises(SoupError, match="not valid YAML"):
+        read_mergekit("merge_method: [unclosed")
+    with pytest.raises(SoupError, match="a mapping"):
+        read_mergekit("- just a list")
+
+
+def test_to_mergekit_refuses_what_mergekit_cannot_remake():
+    with pytest.raises(SoupError, match="no mergekit equivalent"):
+        to_mergekit("learned", {"a": "/a"}, [1.0], {}, None)
+    with pytest.raises(SoupError, match="rescale l1"):
+        to_mergekit("dare-linear", {"a": "/a"}, [1.0], {"rescale": "density", "density": 0.5}, "/b")
+
+
+# --- the same folders through mergekit and through ours ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_zoo(tmp_path_factory) -> Path:
+    """θ0 and three fine-tunings of a tiny float32 Llama, written by transformers' save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=96,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder / "base")
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    shared = {k: 0.02 * torch.randn(v.shape, generator=g) for k, v in theta0.items()}
+    for i in range(3):
+        with torch.no_grad():
+            for key, param in model.state_dict().items():
+                param.copy_(theta0[key] + shared[key] + 0.02 * torch.randn(param.shape, generator=g))
+        model.save_pretrained(folder / f"ft-{i}")
+    return folder
+
+
+def mergekit_merge(config: dict, out: Path) -> dict[str, torch.Tensor]:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    return load_state_dict(out)
+
+
+def soup_merge(config: dict, folder: Path, name: str) -> dict[str, torch.Tensor]:
+    path = folder / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run([sys.executable, "-m", "soup_core", "merge", str(path), "--out", str(folder / name),
+                          "--json", str(folder / f"{name}.json")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    return load_state_dict(folder / name)
+
+
+def config_of(zoo: Path, method: str, parameters: dict, per_model: dict | None = None, models=("ft-0", "ft-1", "ft-2"),
+              base: bool = True) -> dict:
+    config = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": str(zoo / m), **({"parameters": per_model} if per_model else {})} for m in models]}
+    if base:
+        config["base_model"] = str(zoo / "base")
+    if parameters:
+        config["parameters"] = parameters
+    return config
+
+
+METHODS = {
+    "linear": ({"normalize": True}, {"weight": 0.7}, False),
+    "task_arithmetic": ({"lambda": 0.6}, {"weight": 0.5}, True),
+    "ties": ({"density": 0.4}, {"weight": 0.8}, True),
+    "ties-unnormalized": ({"density": 0.6, "normalize": False, "lambda": 0.5}, {"weight": 1.0}, True),
+    "breadcrumbs": ({"density": 0.7, "gamma": 0.05}, {"weight": 0.5}, True),
+    "breadcrumbs_ties": ({"density": 0.7, "gamma": 0.05}, {"weight": 0.5}, True),
+    "model_stock": ({}, None, True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_soup_merge_gives_mergekits_tensors(llama_zoo, tmp_path, name):
+    pytest.importorskip("mergekit")
+    parameters, per_model, base = METHODS[name]
+    config = config_of(llama_zoo, name.split("-")[0], parameters, per_model, base=base)
+    theirs = mergekit_merge(config, tmp_path / "mergekit")
+    ours = soup_merge(config, tmp_path, "ours")
+    assert set(theirs) == set(ours)
+    for key in theirs:
+        assert torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_soup_merge_gives_mergekits_slerp(llama_zoo, tmp_path):
+    pytest.importorskip("mergekit")
+    config = config_of(llama_zoo, "slerp", {"t": 0.3}, models=("base", "ft-1"))
+    theirs, ours = mergekit_merge(config, tmp_path / "mergekit"), soup_merge(config, tmp_path, "ours")
+    for key in theirs:
+        assert torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_matches_mergekit_in_its_statistics(llama_zoo, tmp_path, method):
+    """Random drops differ draw by draw; what must agree is the share kept and the L1 norm restored."""
+    pytest.importorskip("mergekit")
+    config = config_of(llama_zoo, method, {"density": 0.3}, {"weight": 1.0}, models=("ft-0",))
+    theirs, ours = mergekit_merge(config, tmp_path / "mergekit"), soup_merge(config, tmp_path, "ours")
+    base, tuned = load_state_dict(llama_zoo / "base"), load_state_dict(llama_zoo / "ft-0")
+    for key in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        delta = (tuned[key] - base[key]).double()
+        for merged in (theirs, ours):
+            kept = (merged[key] - base[key]).double()
+            assert abs((kept != 0).double().mean().item() - 0.3) < 0.02, key
+            assert torch.isclose(kept.abs().sum(), delta.abs().sum(), rtol=1e-4), key
+
+
+@pytest.mark.slow
+def test_a_soup_exported_with_its_mergekit_yaml_is_remade_by_mergekit(llama_zoo, tmp_path):
+    pytest.importorskip("mergekit")
+    out, yml = tmp_path / "soup", tmp_path / "soup.mergekit.yml"
+    run = subprocess.run([sys.executable, "-m", "soup_core", "make", "ties", str(llama_zoo), "--density", "0.5",
+                          "--weights", "ft-0=0.5", "--out", str(out), "--mergekit-yml", str(yml), "--json",
+                          str(tmp_path / "make.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "make.json").read_text())["mergekit_yml"] == str(yml)
+    theirs, ours = mergekit_merge(yaml.safe_load(yml.read_text()), tmp_path / "mergekit"), load_state_dict(out)
+    for key in theirs:
+        assert torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6), key
