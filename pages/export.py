@@ -10,6 +10,7 @@ from appkit.uploads import uploads_of
 from appkit.workspace import chosen_export, ticked
 from soup_core.errors import SoupError
 from soup_core.export import Candidate
+from soup_core.mergekit_config import mergekit_of_export
 
 zoo = sidebar()
 st.title("Export")
@@ -53,6 +54,12 @@ if plan.hf_source is not None:
                           file_name=plan.file_name.replace(".safetensors", ".zip"), mime="application/zip",
                           key="export-download-hf", help="config and tokenizer copied from the input, the model "
                                                          "card as README.md; from_pretrained loads the unzipped folder")
+mergekit = mergekit_of_export(zoo, plan.provenance, tuple(uploads_of(zoo.name)))
+if mergekit is not None:
+    st.download_button("Download the mergekit configuration", data=mergekit, on_click="ignore",
+                       file_name=plan.file_name.replace(".safetensors", ".mergekit.yml"), mime="application/yaml",
+                       key="export-mergekit", help="mergekit-yaml remakes this soup from the same checkpoints "
+                                                   "(paths as on this server), at any model size")
 with st.expander("Model card"):
     st.markdown(card)
 with st.expander("Provenance (stored in the file's metadata as `soup_provenance`)"):

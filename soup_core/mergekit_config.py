@@ -4,15 +4,17 @@ here can be remade at LLM scale with mergekit.
 Reading (``soup merge CONFIG.yml --out DIR``): ``merge_method``, ``base_model``, ``models`` (each
 ``model`` a local path, relative to the current folder as mergekit takes it, with per-model
 ``parameters``), global ``parameters`` and ``dtype``. Methods: ``linear``, ``task_arithmetic``,
-``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``slerp`` and
-``model_stock``. Anything this reader cannot make exactly is refused by name, never guessed:
+``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``slerp``,
+``karcher`` and ``model_stock``. Anything this reader cannot make exactly is refused by name, never guessed:
 ``slices``, per-layer parameter lists (gradients) and ``filter`` entries, per-model densities
 that differ, Hugging Face hub names (nothing is downloaded), an ``out_dtype`` other than the
 inputs'. mergekit computes in ``dtype`` (often float32); we compute in float64 and round once.
 
 Writing (:func:`to_mergekit`): the configuration that makes the same merge in mergekit, with
 absolute paths. Soups chosen by scoring (greedy, pruned) are the uniform soup of the chosen
-ingredients: mergekit's ``linear``.
+ingredients: mergekit's ``linear``; WiSE-FT is ``linear`` with θ0 among the models. mergekit
+loads Hugging Face model folders; a configuration naming single checkpoint files says so in a
+comment at its top.
 
 >>> config = to_mergekit("ties", {"ft-0": "/z/ft-0", "ft-1": "/z/ft-1"}, [1.0, 1.0],
 ...                      {"density": 0.5, "lambda": 1.0, "normalize": True, "weights": ""}, "/z/base")
@@ -47,11 +49,13 @@ from soup_core.errors import SoupError
 # mergekit's method -> our recipe
 METHODS = {"linear": "weighted", "task_arithmetic": "task-arithmetic", "ties": "ties", "dare_linear": "dare-linear",
            "dare_ties": "dare-ties", "breadcrumbs": "breadcrumbs", "breadcrumbs_ties": "breadcrumbs-ties",
-           "slerp": "slerp", "model_stock": "model-stock"}
+           "slerp": "slerp", "model_stock": "model-stock", "karcher": "karcher"}
 # recipes made by scoring or by hand whose soup is a linear merge of its ingredients
 LINEAR = {"uniform", "weighted", "greedy", "pruned", "best"}
+OTHERS = {"wise-ft"}  # made by mergekit as one of its methods with other parameters
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-GLOBAL = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise", "density", "gamma", "weight"}
+GLOBAL = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise", "density", "gamma", "weight", "max_iter",
+          "tol"}
 PER_MODEL = {"weight", "density", "gamma"}
 DEFAULTS = {"ties": {"normalize": True}, "dare_linear": {"rescale": True}, "dare_ties": {"rescale": True}}
 
@@ -152,6 +156,9 @@ def _params(method: str, glob: Mapping[str, Any], per_model: Mapping[str, Mappin
             params[shared] = values.pop()
     if method == "slerp":
         return {"t": _number(glob.get("t"), "parameters.t")}
+    if method == "karcher":
+        return {"max_iter": int(_number(glob.get("max_iter", 10), "parameters.max_iter")),
+                "tol": _number(glob.get("tol", 1e-5), "parameters.tol")}
     if method == "model_stock":
         if glob.get("filter_wise"):
             raise SoupError("model_stock with filter_wise: true is not supported (one ratio per tensor)")
@@ -191,10 +198,31 @@ def zoo_of(config: MergeConfig, config_path: Path):
     return Zoo(manifest)
 
 
+def mergekit_of_export(zoo, provenance: Mapping[str, Any], local_names: Sequence[str] = ()) -> str | None:
+    """The mergekit YAML of an exported soup (from its provenance), or None when mergekit cannot
+    remake it: a landscape point, a learned soup, an ensemble, or uploaded checkpoints (whose
+    files live only in the app's session)."""
+    from soup_core.zoo.manifest import BASE
+    recipe = provenance.get("recipe")
+    names = [item["name"] for item in provenance.get("ingredients", [])]
+    if recipe not in LINEAR | OTHERS | set(METHODS.values()) or any(n in local_names for n in names):
+        return None
+    paths = {n: zoo.path(n).resolve() for n in names}
+    base = zoo.path(BASE).resolve() if zoo.has_base else None
+    try:
+        return to_mergekit(recipe, paths, provenance.get("weights", []), provenance.get("options", {}), base)
+    except SoupError:  # e.g. DARE with the paper's rescale, which mergekit does not have
+        return None
+
+
 def to_mergekit(recipe: str, paths: Mapping[str, str | Path], weights: Sequence[float], params: Mapping[str, Any],
                 base: str | Path | None) -> str:
     """The mergekit YAML that makes the same merge (absolute paths as given)."""
     names = list(paths)
+    if recipe == "wise-ft":  # (1 − α)·θ0 + α·mean: a linear merge with θ0 among the models
+        if base is None:
+            raise SoupError("WiSE-FT needs θ0")
+        return to_mergekit("weighted", {"θ0": base, **paths}, [1 - sum(weights), *weights], {}, None)
     if recipe in LINEAR:
         method, glob = "linear", {"normalize": True}
     elif recipe in METHODS.values():
@@ -207,6 +235,8 @@ def to_mergekit(recipe: str, paths: Mapping[str, str | Path], weights: Sequence[
             glob["rescale"] = params["rescale"] == "l1"
         if recipe == "slerp":
             glob = {"t": float(params["t"])}
+        if recipe == "karcher":
+            glob = {"max_iter": int(params["max_iter"]), "tol": float(params["tol"])}
     else:
         raise SoupError(f"the {recipe} recipe has no mergekit equivalent")
     config: dict[str, Any] = {"merge_method": method}
@@ -215,11 +245,15 @@ def to_mergekit(recipe: str, paths: Mapping[str, str | Path], weights: Sequence[
     if method == "slerp":
         config["base_model"] = str(paths[names[0]])
         config["models"] = [{"model": str(paths[n])} for n in names]
-    elif method == "model_stock":
+    elif method in ("model_stock", "karcher"):
         config["models"] = [{"model": str(paths[n])} for n in names]
     else:
         config["models"] = [{"model": str(paths[n]), "parameters": {"weight": float(w)}}
                             for n, w in zip(names, weights)]
     if glob:
         config["parameters"] = glob
-    return yaml.safe_dump(config, sort_keys=False)
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    if any(Path(p).is_file() for p in [*paths.values(), *([base] if base is not None else [])]):
+        text = ("# mergekit loads Hugging Face model folders (config.json beside the weights); the checkpoints\n"
+                "# named here are single files, which `soup merge` reads but mergekit does not.\n") + text
+    return text

@@ -13,6 +13,8 @@ import yaml
 from soup_core.errors import RecipeError, SoupError
 from soup_core.io import load_state_dict
 from soup_core.merge import MappingSource, merge_in_memory
+from soup_core.merge.karcher import karcher
+from soup_core.merge.methods import wise_ft
 from soup_core.merge.slerp import slerp
 from soup_core.merge.task_vectors import magnitude_mask, outlier_mask, random_mask, rescaled, task_vector_method
 from soup_core.mergekit_config import read_mergekit, to_mergekit
@@ -84,6 +86,20 @@ def test_slerp_follows_the_arc_and_falls_back_to_the_line_for_parallel_tensors()
     assert torch.allclose(half, t(2**-0.5, 2**-0.5), atol=1e-15)  # on the unit circle, not the chord's (0.5, 0.5)
     assert torch.allclose(run(a, b, 0.0), a) and torch.allclose(run(a, b, 1.0), b)
     assert torch.equal(run(t(1.0, 2.0), t(2.0, 4.0), 0.25), t(1.25, 2.5))  # parallel: the straight line
+
+
+def test_the_karcher_mean_of_equal_directions_is_their_direction_at_the_mean_norm():
+    method = karcher()
+    merged = method.combine([t([3.0, 4.0]), t([6.0, 8.0])], None, None)  # norms 5 and 10, one direction
+    assert torch.allclose(merged, t([4.5, 6.0]), atol=1e-12)  # 7.5 · (0.6, 0.8)
+    three = method.combine([t([1.0, 0.0]), t([0.0, 1.0]), t([-1.0, 0.0])], None, None)
+    assert torch.allclose(three, t([0.0, 1.0]), atol=1e-9)  # the centre of a half circle's ends and middle
+
+
+def test_wise_ft_moves_from_theta0_to_the_soup_by_alpha():
+    method = wise_ft(0.25)
+    # (1 − 0.25)·θ0 + 0.25·mean(A, B) = 0.75 + 0.25·[[1.75, 2], [1, 1.25]]
+    assert method.combine([A, B], BASE, None).tolist() == [[1.1875, 1.25], [1.0, 1.0625]]
 
 
 def test_dare_is_the_same_merge_in_memory_whichever_order_the_tensors_come_in():
@@ -206,6 +222,7 @@ METHODS = {
     "breadcrumbs": ({"density": 0.7, "gamma": 0.05}, {"weight": 0.5}, True),
     "breadcrumbs_ties": ({"density": 0.7, "gamma": 0.05}, {"weight": 0.5}, True),
     "model_stock": ({}, None, True),
+    "karcher": ({"max_iter": 20}, None, False),
 }
 
 
@@ -248,14 +265,36 @@ def test_dare_matches_mergekit_in_its_statistics(llama_zoo, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_a_soup_exported_with_its_mergekit_yaml_is_remade_by_mergekit(llama_zoo, tmp_path):
+@pytest.mark.parametrize("recipe, flags", [("ties", ["--density", "0.5", "--weights", "ft-0=0.5"]),
+                                           ("wise-ft", ["--alpha", "0.3"])])
+def test_a_soup_exported_with_its_mergekit_yaml_is_remade_by_mergekit(llama_zoo, tmp_path, recipe, flags):
     pytest.importorskip("mergekit")
     out, yml = tmp_path / "soup", tmp_path / "soup.mergekit.yml"
-    run = subprocess.run([sys.executable, "-m", "soup_core", "make", "ties", str(llama_zoo), "--density", "0.5",
-                          "--weights", "ft-0=0.5", "--out", str(out), "--mergekit-yml", str(yml), "--json",
+    run = subprocess.run([sys.executable, "-m", "soup_core", "make", recipe, str(llama_zoo), *flags,
+                          "--out", str(out), "--mergekit-yml", str(yml), "--json",
                           str(tmp_path / "make.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "make.json").read_text())["mergekit_yml"] == str(yml)
     theirs, ours = mergekit_merge(yaml.safe_load(yml.read_text()), tmp_path / "mergekit"), load_state_dict(out)
     for key in theirs:
         assert torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_the_export_pages_mergekit_yaml_is_the_one_soup_make_writes(tmp_path):
+    from soup_core.export import Candidate, plan_export
+    from soup_core.mergekit_config import mergekit_of_export
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo("digits-finetune", device="cpu")
+    plan = plan_export(zoo, Candidate.of_recipe("weighted", weights="ft-00=0,ft-05=3"))
+    yml = tmp_path / "weighted.yml"
+    run = subprocess.run([sys.executable, "-m", "soup_core", "make", "weighted", "digits-finetune", "--weights",
+                          "ft-00=0,ft-05=3", "--mergekit-yml", str(yml)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert mergekit_of_export(zoo, plan.provenance) == yml.read_text()
+    assert "single files" in yml.read_text()  # mergekit needs Hugging Face folders, and the file says so
+    models = yaml.safe_load(yml.read_text())["models"]
+    assert len(models) == 31 and models[4]["parameters"]["weight"] == pytest.approx(3 / 33)
+    point = plan_export(zoo, Candidate.point(("base", "ft-00", "ft-01"), (1.0, 0.5), "interpolate"))
+    assert mergekit_of_export(zoo, point.provenance) is None
+    assert mergekit_of_export(zoo, plan.provenance, local_names=("ft-05",)) is None

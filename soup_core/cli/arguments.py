@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_flags(make)
 
     merge = command("merge", "make the merge a mergekit YAML configures (linear, task_arithmetic, ties, dare_linear, "
-                    "dare_ties, breadcrumbs, breadcrumbs_ties, slerp, model_stock), tensor by tensor",
+                    "dare_ties, breadcrumbs, breadcrumbs_ties, slerp, karcher, model_stock), tensor by tensor",
                     merging.cmd_merge)
     merge.add_argument("config", metavar="CONFIG.yml", help="mergekit's configuration; model paths relative to "
                        "the current folder, as mergekit reads them")

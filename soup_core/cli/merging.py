@@ -16,10 +16,10 @@ from soup_core.recipes import RECIPES
 
 def refuse_mergekit(recipe: str) -> None:
     """A clear error, before any work, for a recipe mergekit cannot remake."""
-    from soup_core.mergekit_config import LINEAR, METHODS
-    if recipe not in LINEAR and recipe not in METHODS.values():
+    from soup_core.mergekit_config import LINEAR, METHODS, OTHERS
+    if recipe not in LINEAR | OTHERS and recipe not in METHODS.values():
         raise UsageError(f"--mergekit-yml: the {RECIPES[recipe].pretty_name} has no mergekit equivalent "
-                         f"(these do: {', '.join(sorted(LINEAR | set(METHODS.values())))})")
+                         f"(these do: {', '.join(sorted(LINEAR | OTHERS | set(METHODS.values())))})")
 
 
 def write_mergekit_yml(target: str, zoo, recipe: str, ingredients: Sequence[str], weights: Sequence[float],

@@ -83,6 +83,16 @@ def linear(weights: Sequence[float]) -> TensorMethod:
     return TensorMethod("linear", combine)
 
 
+def wise_ft(alpha: float) -> TensorMethod:
+    """WiSE-FT (Wortsman et al. 2022b): (1 − α)·θ0 + α·mean(θ_i), the fine-tuned soup pulled back
+    towards θ0 — α = 0 is θ0, α = 1 the uniform soup; one ingredient is WiSE-FT of that model."""
+    alpha = float(alpha)
+
+    def combine(blocks: Blocks, base: torch.Tensor, summary) -> torch.Tensor:
+        return mean_of().combine(blocks, None, None).mul_(alpha).add_(widen(base), alpha=1 - alpha)
+    return TensorMethod("wise-ft", combine, needs_base=True)
+
+
 def model_stock_ratio_from_gram(gram: torch.Tensor) -> tuple[float, float]:
     """(mean pairwise cosine, interpolation ratio t) from the Gram matrix of k deltas θ_i − θ0.
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from soup_core.errors import RecipeError
 from soup_core.recipes.base import Brew, Ingredients, Merge, Recipe, SoupResult, TraceStep
-from soup_core.recipes.parameters import (BATCH_SIZE, DENSITY, EPOCHS, GAMMA, INTERPOLATION, LEARNING_RATE,
-                                          MAX_INGREDIENTS, MEMORY_BUDGET, NORMALIZE, NORMALIZE_ON, ORDER, PASSES,
-                                          RESCALE_L1, SCALE, SEED, SUM_PRECISION, TIE, TIE_ORDER, VAL_SPLIT, WEIGHTS,
-                                          Parameter, Params)
+from soup_core.recipes.parameters import (ALPHA, BATCH_SIZE, DENSITY, EPOCHS, GAMMA, INTERPOLATION, LEARNING_RATE,
+                                          MAX_INGREDIENTS, MAX_ITER, MEMORY_BUDGET, NORMALIZE, NORMALIZE_ON, ORDER,
+                                          PASSES, RESCALE_L1, SCALE, SEED, SUM_PRECISION, TIE, TIE_ORDER, TOLERANCE,
+                                          VAL_SPLIT, WEIGHTS, Parameter, Params)
 
 PAPER = "Wortsman et al. 2022"
 CHOOSING = (ORDER, TIE_ORDER, SEED, TIE, PASSES)  # what greedy-style recipes share
@@ -68,6 +68,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "Davari & Belilovsky 2024 with Yadav et al. 2023 (TIES)", BREADCRUMBS),
     Recipe("slerp", "SLERP of two models", "Shoemake 1985; mergekit's slerp", "slerp:slerp_soup", (INTERPOLATION,),
            needs_evaluator=False, min_ingredients=2, max_ingredients=2, merge_path="slerp:slerp_merge", board=False),
+    Recipe("karcher", "Karcher mean", "Karcher 1977 (Riemannian centre of mass); mergekit's karcher",
+           "karcher:karcher_soup", (MAX_ITER, TOLERANCE), needs_evaluator=False, merge_path="karcher:karcher_merge",
+           board=False),
+    Recipe("wise-ft", "WiSE-FT", "Wortsman et al. 2022b, Robust fine-tuning of zero-shot models",
+           "wise_ft:wise_ft_soup", (ALPHA,), needs_evaluator=False, needs_base=True,
+           merge_path="wise_ft:wise_ft_merge", board=False),
 )}
 
 

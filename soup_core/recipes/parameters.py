@@ -205,6 +205,12 @@ RESCALE = Parameter("rescale", str, "none", RESCALE_HELP, choices=("none", "l1",
                     default_text="per method")
 RESCALE_L1 = Parameter("rescale", str, "l1", RESCALE_HELP, choices=("none", "l1", "density"),
                        default_text="per method", reference="Yu et al. 2024 (1/density); mergekit (l1)")
+MAX_ITER = Parameter("max_iter", int, 10, "most steps of the Karcher mean's iteration on the sphere", minimum=1,
+                     reference="mergekit's karcher max_iter")
+TOLERANCE = Parameter("tol", float, 1e-5, "the Karcher iteration stops when its step is shorter than this",
+                      minimum=0.0, reference="mergekit's karcher tol")
+ALPHA = Parameter("alpha", float, 0.5, "how far from θ0 (0) to the soup of the ingredients (1)",
+                  reference="Wortsman et al. 2022b (WiSE-FT)")
 INTERPOLATION = Parameter("t", float, 0.5, "where on the arc from the first ingredient (0) to the second (1)",
                           reference="mergekit's slerp t")
 
