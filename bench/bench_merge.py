@@ -16,7 +16,9 @@ cache warm:
   hashes the bytes it reads (row ``ours``), later runs on unchanged files reuse the digests (row
   ``ours, hashed``: the best of the remaining repeats);
 * ``model-stock`` against mergekit's ``model_stock`` (the two differ by design where a tensor's
-  mean cosine is ≤ 0 or a delta is zero; here none is).
+  mean cosine is ≤ 0 or a delta is zero; here none is);
+* ``task-arithmetic`` and ``ties`` (density 0.5) against mergekit's methods of the same name
+  (``--methods uniform,model-stock,task-arithmetic,ties``).
 
 Each row: wall time (best of ``--repeats``), peak anonymous memory above the level before the
 run (``RssAnon`` sampled every 2 ms: memory-mapped and page-cache bytes are not counted), and
@@ -117,6 +119,8 @@ def run_mergekit(zoo: Path, names: list[str], out: Path, method: str, device: st
         config["parameters"] = {"normalize": True}
     else:
         config["base_model"] = str(zoo / "base")
+    if method == "ties":
+        config["parameters"] = {"density": 0.5}  # ours' default; weights 1, normalize true for both
     run_merge(MergeConfiguration.model_validate(config), str(out),
               MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False, quiet=True,
                            cuda=device == "cuda"))
@@ -194,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as the soup command does; for mergekit too (one process)
     sizes = ["2M"] if args.tiny else args.sizes.split(",")
-    peers = {"uniform": "linear", "model-stock": "model_stock"}
+    peers = {"uniform": "linear", "model-stock": "model_stock", "task-arithmetic": "task_arithmetic", "ties": "ties"}
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}")
     for size in sizes:
         zoo = build_zoo(size, args.ingredients)

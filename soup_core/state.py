@@ -131,3 +131,10 @@ def names_list(keys: list[str], limit: int = 8) -> str:
 
 __all__ = ["Progress", "STATISTIC_SUFFIXES", "ShouldStop", "StateDict", "is_float", "is_statistic", "names_list",
            "state_dict_digest", "tied_aliases", "tied_groups", "to_device"]
+
+
+def strip_prefix(state: StateDict, prefix: str) -> StateDict:
+    """``state`` without ``prefix`` (``module.`` from DataParallel/DDP) when every key has it."""
+    if state and all(key.startswith(prefix) for key in state):
+        return {key[len(prefix):]: value for key, value in state.items()}
+    return state

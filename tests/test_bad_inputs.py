@@ -37,6 +37,7 @@ CLI_CASES = {
     "meta tensor": (["inspect", "meta.pt"], "on the meta device"),
     "nested tensor": (["inspect", "nested.pt"], "is a nested tensor"),
     "stride-0 expansion": (["inspect", "expanded.pt"], "expanded view (1,073,741,824 elements over 1 stored)"),
+    "a checkpoint that contains itself": (["inspect", "self-referencing.pt"], "refer to themselves"),
     "shard index that is a list": (["inspect", "index-list"], "not a valid shard index"),
     "weight_map that is a list": (["inspect", "index-map-list"], "not a valid shard index"),
     "manifest field of the wrong type": (["evaluate", "wrong-types"], "`checkpoints` must be a list, not int"),

@@ -100,7 +100,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         elif p.type is bool:
             kwargs["choices"] = ("true", "false")
         elif p.type in (int, float):
-            kwargs["type"] = int_in(int(p.minimum or 0)) if p.type is int else finite_float
+            kwargs["type"] = (int_in(int(p.minimum or 0), None if p.maximum is None else int(p.maximum))
+                              if p.type is int else finite_float)
             kwargs["metavar"] = "N" if p.type is int else "X"
         else:
             kwargs["metavar"] = name.upper()

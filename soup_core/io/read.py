@@ -39,7 +39,7 @@ import torch
 from soup_core.errors import CheckpointError
 from soup_core.io.safety import (TRAINER_GLOBALS, check_header, check_keys, check_tensors, check_zip,
                                  not_a_checkpoint, safetensors_header)
-from soup_core.state import StateDict, names_list
+from soup_core.state import StateDict, names_list, strip_prefix
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
@@ -47,6 +47,7 @@ CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 # Keys under which training scripts nest the weights; EMA first because timm prefers it.
 NESTED_KEYS_EMA = ("state_dict_ema", "model_ema")
 NESTED_KEYS = ("state_dict", "model", "module", "net", "network")
+MAX_NESTING = 16  # levels of {"state_dict": {"model": ...}} a training checkpoint may wrap its weights in
 # Metadata keys of the safetensors files we write (see soup_core.io.write).
 PROVENANCE_KEY = "soup_provenance"
 TIED_KEY = "soup_tied"
@@ -311,7 +312,7 @@ def _other_format(source: Path | io.BytesIO, name: str) -> CheckpointError | Non
 
 
 def _finish_pickle(obj: Any, name: str, prefer_ema: bool) -> StateDict:
-    obj = _unnest(obj, prefer_ema)
+    obj = _unnest(obj, prefer_ema, name)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{name}: expected a state dict (a mapping of names to tensors), "
                               f"found {type(obj).__name__}")
@@ -319,25 +320,24 @@ def _finish_pickle(obj: Any, name: str, prefer_ema: bool) -> StateDict:
     if bad:
         raise CheckpointError(f"{name}: entries that are not tensors: {names_list(bad)}")
     check_keys(obj, name)
-    state = _strip_prefix({str(k): v for k, v in obj.items()}, "module.")
+    state = strip_prefix({str(k): v for k, v in obj.items()}, "module.")
     check_tensors(state, name)
     return state
 
 
-def _unnest(obj: Any, prefer_ema: bool) -> Any:
+def _unnest(obj: Any, prefer_ema: bool, name: str = "checkpoint") -> Any:
     order = NESTED_KEYS_EMA + NESTED_KEYS if prefer_ema else NESTED_KEYS + NESTED_KEYS_EMA
+    seen: set[int] = set()  # a dictionary that contains itself would be followed for ever
     while isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[key] for key in order if isinstance(obj.get(key), Mapping)), None)
         if inner is None:
             return obj
+        if id(inner) in seen or len(seen) >= MAX_NESTING:
+            raise CheckpointError(f"{name}: its nested dictionaries refer to themselves or go deeper than "
+                                  f"{MAX_NESTING} levels; save the model's state_dict() itself")
+        seen.add(id(obj))
         obj = inner
     return obj
-
-
-def _strip_prefix(state: StateDict, prefix: str) -> StateDict:
-    if state and all(key.startswith(prefix) for key in state):
-        return {key[len(prefix):]: value for key, value in state.items()}
-    return state
 
 
 def inside_roots(path: Path, roots: Sequence[Path]) -> Path:

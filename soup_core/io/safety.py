@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -70,8 +71,7 @@ def check_zip(source: IO[bytes], name: str, file_size: int) -> None:
 def check_header(header: bytes, name: str) -> None:
     """Refuse a safetensors header with duplicate keys (the reader would keep only the last)."""
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in items]
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        repeated = sorted(k for k, n in Counter(k for k, _ in items).items() if n > 1)  # linear in the keys
         if repeated:
             raise CheckpointError(f"{name}: the header names {names_list(repeated)} more than once; "
                                   "each tensor must appear once")

@@ -21,6 +21,7 @@ import errno
 import glob
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -68,6 +69,7 @@ def sweep_partials(path: Path) -> list[Path]:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temp path beside ``path``; on success it replaces ``path``, on any error it is removed."""
     path = Path(path)
+    refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_partials(path)
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX, dir=path.parent))
@@ -83,6 +85,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def refuse_special(path: Path) -> None:
+    """Outputs are regular files: a FIFO, a device, a socket or a folder at the target is left as it
+    is (a rename would replace it — ``--json /dev/null`` as root would replace the system's own)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write there ({exc.strerror})") from None
+    if stat.S_ISLNK(mode):
+        raise CheckpointError(f"{path} is a symbolic link; write to the file it names, or choose another name")
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, a pipe or a socket)"
+        raise CheckpointError(f"{path} is {kind}; outputs are written as regular files, so choose another name")
 
 
 def no_space(target: Path) -> CheckpointError:

@@ -24,6 +24,7 @@ def greedy_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Pa
     order = candidate_order(ingredients, evaluator, params)
     soup, baseline, trace = running_sum(ingredients, evaluator, params), 0.0, []
     for _ in range(params.passes):
+        before = soup.names
         for name in order:
             if name in soup:
                 continue
@@ -36,4 +37,6 @@ def greedy_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Pa
                 soup.add(name, ingredients[name])
                 baseline = score
             trace.append(TraceStep(name, "add", score, accepted, soup.names))
+        if soup.names == before:  # a pass that changed nothing: the next would not either
+            break
     return Brew(soup.names, soup.mean(), trace, extras={"sum_precision": soup.precision})

@@ -18,6 +18,7 @@ def greedy_ensemble(ingredients: Ingredients, evaluator: Evaluator, base, params
     total, baseline, trace = None, 0.0, []
     order = candidate_order(ingredients, evaluator, params)
     for _ in range(params.passes):
+        before = tuple(members)
         for name in order:
             if name in members:
                 continue
@@ -29,5 +30,7 @@ def greedy_ensemble(ingredients: Ingredients, evaluator: Evaluator, base, params
                 members.append(name)
                 total, baseline = candidate, score
             trace.append(TraceStep(name, "add", score, accepted, tuple(members)))
+        if tuple(members) == before:  # a pass that changed nothing: the next would not either
+            break
     names = tuple(members)
     return Brew(names, None, trace, metrics=ensemble_metrics(ingredients, evaluator, names))

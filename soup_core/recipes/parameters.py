@@ -34,6 +34,7 @@ class Parameter:
     help: str
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
+    maximum: float | None = None  # every number is bounded where work grows with it (passes, epochs, seeds)
     reference: str = ""
     default_text: str = ""  # how the default reads in help, where its value says nothing ("")
     in_app: bool = True  # False: a resource of the machine running the recipe, set on the command line
@@ -58,6 +59,9 @@ class Parameter:
             raise RecipeError(f"{self.name} must be one of {', '.join(self.choices)}, not {value!r}")
         if self.minimum is not None and converted < self.minimum:
             raise RecipeError(f"{self.name} must be at least {self.minimum:g}, not {value!r}")
+        if self.maximum is not None and converted > self.maximum:
+            most = f"{self.maximum:g}" if isinstance(self.maximum, float) else f"{self.maximum}"
+            raise RecipeError(f"{self.name} must be at most {most}, not {value!r}")
         return converted
 
 
@@ -102,7 +106,8 @@ ORDER = Parameter("order", str, "sorted",
                   "order in which candidates are tried: by decreasing val accuracy (sorted, so the soup is "
                   "never below the best model on val) or seeded random", choices=("sorted", "random"),
                   reference="Wortsman et al. 2022, Recipe 1")
-SEED = Parameter("seed", int, 0, "seed of the random order and of the learned soup's batches")
+SEED = Parameter("seed", int, 0, "seed of the random order, the learned soup's batches and DARE's drops",
+                 minimum=0, maximum=2**63 - 1)
 TIE = Parameter("tie", str, "ge",
                 "a candidate that leaves val accuracy unchanged: ge keeps it (as Recipe 1 and Algorithm 2 are "
                 "written), gt rejects it (as the official greedy-soup code compares)", choices=("ge", "gt"))
@@ -110,8 +115,9 @@ TIE_ORDER = Parameter("tie_order", str, "manifest",
                       "order among candidates with equal val accuracy (sorted order only): manifest order, or "
                       "the official greedy-soup code's (sorted ascending, then reversed: later entries first)",
                       choices=("manifest", "official"), reference="github.com/mlfoundations/model-soups")
-PASSES = Parameter("passes", int, 1, "passes over the candidates; rejected ones are offered again",
-                   minimum=1, reference="Dansereau et al., Algorithm 2")
+PASSES = Parameter("passes", int, 1, "passes over the candidates; rejected ones are offered again (a pass that "
+                   "changes nothing ends the recipe)", minimum=1, maximum=100,
+                   reference="Dansereau et al., Algorithm 2")
 MAX_INGREDIENTS = Parameter("max_ingredients", int, None, "stop the soup growing past this many ingredients",
                             minimum=1)
 VAL_SPLIT = Parameter("val_split", str, "val", "the held-out split every choice is made on (never test)")
@@ -122,11 +128,11 @@ SUM_PRECISION = Parameter("sum_precision", str, "auto",
 MEMORY_BUDGET = Parameter("memory_budget", ByteSize, None,
                           "bytes the running sum and the candidate soup may hold on the evaluator's device "
                           "(e.g. 16GB)", default_text="what the device has free", in_app=False)
-EPOCHS = Parameter("epochs", int, 3, "epochs of AdamW over the val split", minimum=1,
+EPOCHS = Parameter("epochs", int, 3, "epochs of AdamW over the val split", minimum=1, maximum=1000,
                    reference="Wortsman et al. 2022, App. I")
 LEARNING_RATE = Parameter("learning_rate", float, 0.1, "AdamW learning rate of the mixing weights",
-                          minimum=1e-12, reference="Wortsman et al. 2022, App. I")
-BATCH_SIZE = Parameter("batch_size", int, 64, "val samples per AdamW step", minimum=1)
+                          minimum=1e-12, maximum=1e3, reference="Wortsman et al. 2022, App. I")
+BATCH_SIZE = Parameter("batch_size", int, 64, "val samples per AdamW step", minimum=1, maximum=2**20)
 
 
 class MixingWeights(tuple):
@@ -190,9 +196,10 @@ WEIGHTS = Parameter("weights", MixingWeights, MixingWeights(),
                     reference="mergekit's linear merge and per-model weight")
 DENSITY = Parameter("density", float, 0.5, "share of each task vector's entries kept (TIES keeps the largest, "
                     "DARE a random draw, Breadcrumbs the largest after dropping gamma's outliers)", minimum=0.0,
+                    maximum=1.0,
                     reference="Yadav et al. 2023; Yu et al. 2024; mergekit's density")
 GAMMA = Parameter("gamma", float, 0.01, "share of each task vector's largest entries dropped as outliers",
-                  minimum=0.0, reference="Davari & Belilovsky 2024; mergekit's gamma")
+                  minimum=0.0, maximum=1.0, reference="Davari & Belilovsky 2024; mergekit's gamma")
 SCALE = Parameter("lambda", float, 1.0, "scale of the merged task vector added to θ0",
                   reference="Ilharco et al. 2023 (λ); mergekit's lambda")
 NORMALIZE_HELP = ("divide the merged task vector by the sum of the weights that went into each entry (TIES' "
@@ -206,6 +213,7 @@ RESCALE = Parameter("rescale", str, "none", RESCALE_HELP, choices=("none", "l1",
 RESCALE_L1 = Parameter("rescale", str, "l1", RESCALE_HELP, choices=("none", "l1", "density"),
                        default_text="per method", reference="Yu et al. 2024 (1/density); mergekit (l1)")
 MAX_ITER = Parameter("max_iter", int, 10, "most steps of the Karcher mean's iteration on the sphere", minimum=1,
+                     maximum=1000,
                      reference="mergekit's karcher max_iter")
 TOLERANCE = Parameter("tol", float, 1e-5, "the Karcher iteration stops when its step is shorter than this",
                       minimum=0.0, reference="mergekit's karcher tol")

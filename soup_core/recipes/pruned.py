@@ -21,6 +21,7 @@ def pruned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Pa
     baseline = evaluator.accuracy(soup.mean(), params.val_split)
     trace = [TraceStep("uniform", "start", baseline, True, soup.names)]
     for _ in range(params.passes):
+        before = soup.names
         for name in order:
             if name not in soup or len(soup) == 1:
                 continue
@@ -30,4 +31,6 @@ def pruned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: Pa
                 soup.remove(name)
                 baseline = score
             trace.append(TraceStep(name, "remove", score, accepted, soup.names))
+        if soup.names == before:  # a pass that changed nothing: the next would not either
+            break
     return Brew(soup.names, soup.mean(), trace, extras={"sum_precision": soup.precision})

@@ -86,6 +86,9 @@ def build() -> None:
     torch.save({"layer.weight": torch.empty(4, 4, device="meta")}, HERE / "meta.pt")
     torch.save({"layer.weight": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])}, HERE / "nested.pt")
     torch.save({"layer.weight": torch.zeros(1).expand(1 << 30)}, HERE / "expanded.pt")
+    looped: dict = {"epoch": 3}
+    looped["state_dict"] = looped  # a training checkpoint whose state_dict is itself
+    torch.save(looped, HERE / "self-referencing.pt")
     for folder, index in (("index-list", []), ("index-map-list", {"weight_map": ["a.safetensors"]})):
         (HERE / folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (HERE / "wrong-types" / "zoo.toml").write_text('name = "wrong-types"\ncheckpoints = 5\n')

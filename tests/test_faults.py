@@ -1,0 +1,86 @@
+"""Round two of bad inputs (issue 24): outputs only as regular files, readers that neither loop nor
+crawl, and every number that work grows with bounded — one line each, nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from soup_core.errors import CheckpointError, RecipeError, SoupError
+from soup_core.export import Candidate
+from soup_core.io import atomic_write
+from soup_core.io.safety import check_header
+from soup_core.recipes import RECIPES
+from tests.test_cli import soup
+
+
+def test_json_onto_a_fifo_is_refused_and_the_fifo_stays(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = soup("angles", "digits-finetune", "--ingredients", "ft-00,ft-01", "--json", str(fifo))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"soup: error: {fifo} is not a regular file (a device, a pipe or a "
+                                                  "socket); outputs are written as regular files, so choose another "
+                                                  "name"]
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_an_output_that_is_a_symlink_or_a_folder_is_left_alone(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    link = tmp_path / "out.json"
+    link.symlink_to(target)
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        atomic_write(link, "{}")
+    assert link.is_symlink() and target.read_text() == "keep me"
+    with pytest.raises(CheckpointError, match="is a folder"):
+        atomic_write(tmp_path, "{}")
+
+
+@pytest.mark.timeout(60)
+def test_a_header_of_200k_names_is_checked_without_crawling():
+    header = {f"layer.{i}.weight": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+              for i in range(200_000)}
+    check_header(json.dumps(header).encode(), "big.safetensors")  # quadratic before: never finished
+    text = json.dumps(header)[:-1] + ', "layer.7.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    with pytest.raises(CheckpointError, match="'layer.7.weight' more than once"):
+        check_header(text.encode(), "big.safetensors")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--passes", "1000000000"], "at most 100"),
+    (["--seed", str(10**23)], "at most 9223372036854775807"),
+])
+def test_numbers_that_work_grows_with_are_bounded_on_the_command_line(flags, message):
+    result = soup("make", "greedy", "digits-finetune", *flags)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"passes": 10**9}, "passes must be at most 100"),
+    ({"epochs": 10**6}, "epochs must be at most 1000"),
+    ({"learning_rate": 1e300}, "learning_rate must be at most 1000"),
+    ({"density": 1.5}, "density must be at most 1"),
+])
+def test_numbers_are_bounded_in_the_library_and_in_shared_links(values, message):
+    recipe = next(r for r in RECIPES.values() if all(p in {q.name for q in r.parameters} for p in values))
+    with pytest.raises(RecipeError, match=message):
+        recipe.resolve(values)
+    if recipe.name == "greedy":
+        with pytest.raises(SoupError, match=message):  # /?export=greedy;passes=1000000000
+            Candidate.from_query(f"greedy;passes={values['passes']}")
+
+
+def test_a_pass_that_changes_nothing_ends_the_recipe(tiny_evaluator, tiny_states):
+    previous = None
+    for passes in range(1, 10):
+        result = RECIPES["greedy"].make(tiny_states, tiny_evaluator, passes=passes, order="random", seed=1)
+        if previous is not None and result.ingredients == previous.ingredients:
+            break
+        previous = result
+    many = RECIPES["greedy"].make(tiny_states, tiny_evaluator, passes=100, order="random", seed=1)
+    assert many.trace == result.trace and many.ingredients == result.ingredients
