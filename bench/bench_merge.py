@@ -18,7 +18,10 @@ cache warm:
 * ``model-stock`` against mergekit's ``model_stock`` (the two differ by design where a tensor's
   mean cosine is ≤ 0 or a delta is zero; here none is);
 * ``task-arithmetic`` and ``ties`` (density 0.5) against mergekit's methods of the same name
-  (``--methods uniform,model-stock,task-arithmetic,ties``).
+  (``--methods uniform,model-stock,task-arithmetic,ties``). On bfloat16 inputs many entries of a
+  task vector share the magnitude at TIES' trim threshold; which of them are kept is arbitrary
+  (mergekit: whatever its sort puts first, which differs between CPU and GPU; ours: the first by
+  position, on every device), so the two TIES outputs differ in those entries.
 
 Each row: wall time (best of ``--repeats``), peak anonymous memory above the level before the
 run (``RssAnon`` sampled every 2 ms: memory-mapped and page-cache bytes are not counted), and
@@ -149,15 +152,17 @@ def timed(function, *args) -> tuple[float, int]:
     return elapsed, memory.used
 
 
-def compare(ours: Path, theirs: Path) -> tuple[int, int, float]:
-    """(tensors, tensors with identical bytes, max abs difference) between two HF output folders."""
+def compare(ours: Path, theirs: Path) -> tuple[int, int, float, float]:
+    """(tensors, tensors with identical bytes, max abs difference, share of elements that differ)
+    between two HF output folders."""
     from soup_core.io import load_state_dict
     a, b = load_state_dict(ours), load_state_dict(theirs)
     if sorted(a) != sorted(b):
         raise SystemExit(f"the outputs hold different tensors: {sorted(set(a) ^ set(b))[:5]}")
     same = sum(bool(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16))) for k in a)
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    return len(a), same, worst
+    differ = sum(int((a[k].view(torch.int16) != b[k].view(torch.int16)).sum()) for k in a)
+    return len(a), same, worst, differ / sum(t.numel() for t in a.values())
 
 
 def exact_mean_elements(output: Path, inputs: list[Path]) -> tuple[int, int]:
@@ -238,9 +243,9 @@ def main() -> None:
                 print(f"  {recipe:12s} {label:9s} {best[0]:8.2f} {best[0] / floor_s:8.2f} {best[1] / 2**20:13.0f}")
             first, *others = list(results)
             for other in others:
-                count, same, worst = compare(results[other], results[first])
+                count, same, worst, share = compare(results[other], results[first])
                 print(f"  {recipe}: {other} {same}/{count} tensors byte-identical to {first}'s, "
-                      f"max |difference| {worst:.3g}")
+                      f"max |difference| {worst:.3g}, {100 * share:.4g}% of elements differ")
             if recipe == "uniform":
                 for tool, out in results.items():
                     elements, wrong = exact_mean_elements(out, inputs)

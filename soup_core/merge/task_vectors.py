@@ -21,6 +21,17 @@ paper's ``density`` (divide by the keep probability, unbiased in expectation).
 DARE's drop is seeded per tensor and per ingredient position (``seed``, the tensor's name), so a
 merge is the same whichever order the engine meets the tensors in, in memory or streamed.
 
+**Ties at the trim threshold.** In bfloat16 checkpoints a task vector takes few distinct values,
+so many entries share the magnitude at TIES' threshold (a fifth of a 1M-entry bf16 tensor in a
+quick check); which of them are kept is the paper's "top k%" left open. We keep the first by
+position, the same on every device; mergekit keeps whatever its sort puts first, which differs
+between CPU and GPU. On such inputs the two TIES merges differ in those entries; on inputs
+without ties they are equal (``tests/test_merge_methods.py``).
+
+Memory: per tensor, two float64 accumulators, one task vector and one copy of its magnitudes at a
+time — the sign election asks for each weighted task vector twice (it is the same tensor both
+times) rather than keeping all k, and θ0 is added in its own dtype a slice at a time.
+
 >>> import torch
 >>> base = torch.zeros(4, dtype=torch.float64)
 >>> blocks = [torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([-3.0, -1.0, 0.5, 0.0])]
@@ -32,7 +43,8 @@ merge is the same whichever order the engine meets the tensors in, in memory or 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -42,17 +54,36 @@ from soup_core.merge.methods import ACCUMULATE_DTYPE, Blocks, TensorMethod, wide
 SPARSIFIERS = ("magnitude", "random", "magnitude_outliers")
 RESCALES = ("none", "l1", "density")
 NORM_EPS = 1e-7  # below this L1 norm a task vector is not rescaled (mergekit's eps)
+IN_PLACE_CHUNK = 1 << 22  # elements converted at a time by in_chunks (32 MB of float64)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """The ``density`` share of entries with the largest |δ| (at least one): TIES' trim."""
+    """The ``density`` share of entries with the largest |δ| (at least one): TIES' trim. The
+    threshold is found by selection, not a sort; among entries equal to it, the first are kept."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    if density > 0 and delta.numel():
-        keep = max(1, int(density * delta.numel()))
-        mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:keep]] = True
-    return mask.reshape(delta.shape)
+    count = delta.numel()
+    if density <= 0 or count == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    keep = max(1, int(density * count))
+    threshold = kth_largest_magnitude(delta, keep)
+    mask = (delta > threshold) | (delta < -threshold)
+    short = keep - int(mask.sum())
+    if short > 0:
+        equal = ((delta == threshold) | (delta == -threshold)).reshape(-1)
+        mask.reshape(-1)[equal.nonzero().reshape(-1)[:short]] = True
+    return mask
+
+
+def kth_largest_magnitude(delta: torch.Tensor, k: int) -> float:
+    """The k-th largest |δ|: on a CPU by partitioning one copy of |δ| in place (``numpy``'s
+    introselect: no index array, one tensor's bytes), elsewhere with ``torch.kthvalue``."""
+    if delta.device.type == "cpu":
+        magnitude = delta.detach().abs().reshape(-1).numpy()
+        position = magnitude.size - k
+        magnitude.partition(position)
+        return float(magnitude[position])
+    return float(torch.kthvalue(delta.abs().reshape(-1), delta.numel() - k + 1).values)
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -64,7 +95,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     keep, top = int(density * count), int(gamma * count)
     bottom = max(0, count - keep - top)
     mask = torch.zeros(count, dtype=torch.bool, device=delta.device)
-    mask[torch.sort(delta.abs().reshape(-1)).indices[bottom:bottom + keep]] = True
+    mask[torch.sort(delta.abs().reshape(-1), stable=True).indices[bottom:bottom + keep]] = True
     return mask.reshape(delta.shape)
 
 
@@ -77,23 +108,27 @@ def random_mask(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
     return (torch.rand(delta.shape, generator=generator, dtype=ACCUMULATE_DTYPE) < density).to(delta.device)
 
 
-def rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: str, density: float) -> torch.Tensor:
+def rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: str, density: float, *,
+             in_place: bool = False) -> torch.Tensor:
     """The kept entries of ``delta``, rescaled: ``l1`` restores the L1 norm it had (mergekit), ``density``
-    divides by the keep probability (DARE's paper), ``none`` leaves them."""
-    kept = delta * mask
+    divides by the keep probability (DARE's paper), ``none`` leaves them. ``in_place`` reuses
+    ``delta``'s memory (a whole tensor's worth of float64 fewer at the peak)."""
+    before = torch.linalg.vector_norm(delta, ord=1) if rescale == "l1" else None
+    kept = delta.masked_fill_(~mask, 0) if in_place else delta * mask
     if rescale == "density" and 0 < density < 1:
-        return kept / density
-    if rescale == "l1":
-        before, after = delta.abs().sum(), kept.abs().sum()
+        return kept.div_(density)
+    if before is not None:
+        after = torch.linalg.vector_norm(kept, ord=1)
         if before >= NORM_EPS and after >= NORM_EPS:
-            return kept * (before / after)
+            return kept.mul_(before / after)
     return kept
 
 
-def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
-    """TIES' elected sign: which entries of each (weighted) δ_i agree with the sign of their sum."""
-    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    return deltas.sign() == elected
+def in_chunks(target: torch.Tensor, other: torch.Tensor, apply: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
+    """``apply(target part, other part in target's dtype)`` over flat slices of 4M elements: an
+    in-place operation with another dtype converts a slice at a time, not a whole tensor's copy."""
+    for start in range(0, target.numel(), IN_PLACE_CHUNK):
+        apply(target[start:start + IN_PLACE_CHUNK], other[start:start + IN_PLACE_CHUNK].to(target.dtype))
 
 
 def tensor_seed(seed: int, key: str, index: int) -> int:
@@ -111,32 +146,49 @@ def task_vector_method(name: str, weights: Sequence[float], *, sparsify: str | N
         raise RecipeError(f"{name}: rescale must be one of {', '.join(RESCALES)}, not {rescale!r}")
     weights = [float(w) for w in weights]
 
+    def weighted_delta(index: int, block: torch.Tensor, base: torch.Tensor, key: str) -> torch.Tensor:
+        """w_i · sparsify(θ_i − θ0), flat: the same tensor every time it is asked for (masks are
+        deterministic, drops seeded), so the sign election can ask twice instead of keeping all."""
+        delta = widen(block).reshape(-1)
+        delta = delta.clone() if delta.data_ptr() == block.data_ptr() else delta  # never the caller's tensor
+        in_chunks(delta, base.reshape(-1), torch.Tensor.sub_)
+        if sparsify == "magnitude":
+            delta = rescaled(delta, magnitude_mask(delta, density), rescale, density, in_place=True)
+        elif sparsify == "magnitude_outliers":
+            delta = rescaled(delta, outlier_mask(delta, density, gamma), rescale, density, in_place=True)
+        elif sparsify == "random":
+            mask = random_mask(delta, density, tensor_seed(seed, key, index))
+            delta = rescaled(delta, mask, rescale, density, in_place=True)
+        return delta.mul_(weights[index])
+
     def combine(blocks: Blocks, base: torch.Tensor, summary, key: str = "") -> torch.Tensor:
         if len(blocks) != len(weights):
             raise RecipeError(f"{name}: {len(weights)} weights for {len(blocks)} ingredients; give one weight each")
-        theta0 = widen(base)
-        deltas = torch.empty((len(blocks), *theta0.shape), dtype=ACCUMULATE_DTYPE, device=theta0.device)
-        for index, block in enumerate(blocks):
-            delta = widen(block) - theta0
-            if sparsify == "magnitude":
-                delta = rescaled(delta, magnitude_mask(delta, density), rescale, density)
-            elif sparsify == "magnitude_outliers":
-                delta = rescaled(delta, outlier_mask(delta, density, gamma), rescale, density)
-            elif sparsify == "random":
-                delta = rescaled(delta, random_mask(delta, density, tensor_seed(seed, key, index)), rescale, density)
-            deltas[index] = delta
-        w = torch.tensor(weights, dtype=ACCUMULATE_DTYPE, device=theta0.device).reshape(-1, *[1] * theta0.dim())
-        deltas.mul_(w)
-        if consensus:
-            mask = sign_consensus(deltas)
-            mixed, divisor = (deltas * mask).sum(dim=0), (w * mask).sum(dim=0)
+        if not consensus:
+            mixed = weighted_delta(0, blocks[0], base, key)
+            for index in range(1, len(blocks)):
+                mixed += weighted_delta(index, blocks[index], base, key)
+            total_weight = sum(weights)
+            divisor: torch.Tensor | float = total_weight if abs(total_weight) >= 1e-8 else 1.0
+        else:  # the elected sign is that of Σ w_i δ_i; an entry of δ_i joins where its sign agrees
+            total = weighted_delta(0, blocks[0], base, key)
+            for index in range(1, len(blocks)):
+                total += weighted_delta(index, blocks[index], base, key)
+            positive = total >= 0
+            del total
+            mixed = torch.zeros(base.numel(), dtype=ACCUMULATE_DTYPE, device=base.device)
+            divisor = torch.zeros_like(mixed)
+            for index, block in enumerate(blocks):
+                delta = weighted_delta(index, block, base, key)
+                agree = torch.where(positive, delta > 0, delta < 0)
+                mixed += delta.masked_fill_(~agree, 0)
+                del delta
+                in_chunks(divisor, agree, lambda part, other, w=weights[index]: part.add_(other, alpha=w))
             divisor[divisor == 0] = 1
-        else:
-            mixed, divisor = deltas.sum(dim=0), w.sum(dim=0).expand(theta0.shape).clone()
-            divisor[divisor.abs() < 1e-8] = 1
         if normalize:
             mixed /= divisor
-        return theta0 + scale * mixed
+        in_chunks(mixed.mul_(scale), base.reshape(-1), torch.Tensor.add_)
+        return mixed.reshape(base.shape)
 
     # ranks, norms and drop masks are taken over whole tensors; plain task arithmetic goes by blocks
     return TensorMethod(name, combine, needs_base=True, elementwise=sparsify is None, keyed=True)
