@@ -22,8 +22,8 @@ DARE's drop is seeded per tensor and per ingredient position (``seed``, the tens
 merge is the same whichever order the engine meets the tensors in, in memory or streamed.
 
 **Ties at the trim threshold.** In bfloat16 checkpoints a task vector takes few distinct values,
-so many entries share the magnitude at TIES' threshold (a fifth of a 1M-entry bf16 tensor in a
-quick check); which of them are kept is the paper's "top k%" left open. We keep the first by
+so many entries can share the magnitude at TIES' threshold; which of them are kept is the paper's
+"top k%" left open. We keep the first by
 position, the same on every device; mergekit keeps whatever its sort puts first, which differs
 between CPU and GPU. On such inputs the two TIES merges differ in those entries; on inputs
 without ties they are equal (``tests/test_merge_methods.py``).
