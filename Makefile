@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test install test-deps chromium bench zoos shell clean
+.PHONY: run test test-fast install test-deps chromium bench zoos shell clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ shell: $(VENV)/.installed
 
 test: test-deps
 	$(PY) -m pytest
+
+# The inner loop: everything but the slow and the browser tests (make test runs the whole suite).
+test-fast: test-deps
+	$(PY) -m pytest -m "not slow and not e2e"
 
 bench: $(VENV)/.test-installed
 	$(PY) -m pip install -q -r requirements-bench.txt

@@ -44,6 +44,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
+from soup_core.errors import RecipeError
 from soup_core.state import StateDict, is_float, tied_aliases
 
 ACCUMULATE_DTYPE = torch.float64
@@ -61,7 +62,7 @@ class RunningSum:
 
     def __init__(self, device: torch.device | str | None = None, precision: str = "float64") -> None:
         if precision not in SUM_DTYPES:
-            raise ValueError(f"precision must be one of {', '.join(SUM_DTYPES)}, not {precision!r}")
+            raise RecipeError(f"precision must be one of {', '.join(SUM_DTYPES)}, not {precision!r}")
         self.device = torch.device(device) if device is not None else None
         self.precision, self.dtype = precision, SUM_DTYPES[precision]
         self._sum: dict[str, torch.Tensor] = {}
@@ -98,7 +99,7 @@ class RunningSum:
 
     def add(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         if name in self._members:
-            raise ValueError(f"{name!r} is already in the soup; each ingredient counts once")
+            raise RecipeError(f"{name!r} is already in the soup; each ingredient counts once")
         if not self._members:
             self._aliases = tied_aliases(state)
             floats = {k: t for k, t in state.items() if is_float(t) and k not in self._aliases}
@@ -114,7 +115,7 @@ class RunningSum:
 
     def remove(self, name: str) -> None:
         if name not in self._members:
-            raise ValueError(f"{name!r} is not in the soup (it holds {list(self._members)})")
+            raise RecipeError(f"{name!r} is not in the soup (it holds {list(self._members)})")
         state = self._members[name]
         moved = self._on_device(name, state)
         del self._members[name]
@@ -125,7 +126,7 @@ class RunningSum:
     def mean(self) -> StateDict:
         """The uniform soup of the current ingredients, in their own dtypes."""
         if not self._members:
-            raise ValueError("the soup is empty: add at least one ingredient before taking its mean")
+            raise RecipeError("the soup is empty: add at least one ingredient before taking its mean")
         count = len(self._members)
         return _assemble(next(iter(self._members.values())), self._sum, lambda k: self._sum[k] / count,
                          self._aliases, self.device)
@@ -145,7 +146,7 @@ class RunningSum:
     def mean_without(self, name: str) -> StateDict:
         """The mean if ``name`` were removed — without changing this sum (pruning candidates)."""
         if name not in self._members or len(self._members) < 2:
-            raise ValueError(f"cannot remove {name!r}: a soup needs at least one ingredient")
+            raise RecipeError(f"cannot remove {name!r}: a soup needs at least one ingredient")
         moved = self._on_device(name, self._members[name])
         others = [s for n, s in self._members.items() if n != name]
         count = len(others)
@@ -190,7 +191,7 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]],
     """
     weights = torch.as_tensor(weights, dtype=ACCUMULATE_DTYPE)
     if len(states) == 0 or len(states) != len(weights):
-        raise ValueError(f"need one weight per state dict: {len(states)} state dicts, "
+        raise RecipeError(f"need one weight per state dict: {len(states)} state dicts, "
                          f"{len(weights)} weights")
     reference = states[int(torch.argmax(weights))]
     aliases = tied_aliases(states[0])
