@@ -24,7 +24,9 @@ from soup_core.pairs import flattest_pair, pair_analyses
 from soup_core.recipes import SoupResult
 from soup_core.recipes.best_individual import tie_sentence
 from soup_core.significance import report_splits, versus_best
+from soup_core.io.resident import files_identity
 from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
+from soup_core.zoo.manifest import read_manifest
 
 
 @st.cache_resource(show_spinner="Connecting to the Ray cluster…")
@@ -45,15 +47,35 @@ def computed_landscapes() -> dict:
     return {}
 
 
-@st.cache_resource(show_spinner="Opening the zoo…")
-def load_zoo(name: str) -> Zoo:
-    """One Zoo per server (checkpoints memory-mapped, evaluator built once). Never mutate it."""
-    return open_zoo(name)
+# Zoos up to this size are read into the server's memory rather than mapped: a checkpoint file
+# replaced or truncated under a mapped zoo would kill the server (SIGBUS) for every session.
+RESIDENT_BYTES = int(os.environ.get("SOUP_RESIDENT_MB", "4096")) << 20
+
+
+def load_zoo(name: str, roots: tuple | None = None) -> Zoo:
+    """One Zoo per server and per state of its files (evaluator built once; never mutate it). A
+    checkpoint file that changed — replaced, rewritten, truncated — opens the zoo again, from the
+    new files; sessions already holding the old one keep its tensors, which live in memory."""
+    manifest = read_manifest(name, None if roots is None else list(roots))
+    files = [entry.path for entry in manifest.entries] + ([manifest.base_path] if manifest.base_path else [])
+    return _open_zoo(name, roots, files_identity(files))
+
+
+@st.cache_resource(show_spinner="Opening the zoo…", max_entries=16)
+def _open_zoo(name: str, roots: tuple | None, identity: tuple) -> Zoo:
+    size = sum(stamp[3] for stamp in identity if len(stamp) == 5)
+    zoo = open_zoo(name, allowed_roots=None if roots is None else list(roots), resident=size <= RESIDENT_BYTES)
+    zoo.identity = identity
+    if roots is not None:  # a folder: refuse it here, with the message, rather than fail on a page
+        zoo.validation.raise_for_errors()
+        zoo.evaluator  # imports the manifest's model and data now: a missing module is an error here too
+    return zoo
 
 
 def zoo_key(zoo: Zoo) -> tuple:
-    """What identifies a session's zoo for caching: its name, checkpoint files and alignment."""
-    return (zoo.name, zoo.aligned_to, *(str(zoo.path(n)) for n in zoo.names))
+    """What identifies a session's zoo for caching: its name, checkpoint files (and their state on
+    disk) and alignment."""
+    return (zoo.name, zoo.aligned_to, *(str(zoo.path(n)) for n in zoo.names), getattr(zoo, "identity", None))
 
 
 @st.cache_resource(show_spinner="Matching hidden units…", max_entries=8)

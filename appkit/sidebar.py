@@ -14,20 +14,12 @@ from appkit.uploads import add_uploads, uploads_of, with_uploads
 from appkit.workspace import DEFAULT_ZOO, SESSION_KEY, seed, store, update, workspace
 from soup_core.errors import SoupError
 from soup_core.params import num_parameters
-from soup_core.zoo import ALLOWED_ROOTS_ENV, Zoo, allowed_roots_from_env, open_zoo, sample_root, sample_zoos
+from soup_core.zoo import ALLOWED_ROOTS_ENV, Zoo, allowed_roots_from_env, sample_root, sample_zoos
 
 
 def app_allowed_roots() -> list[Path]:
     """Folders the app may open: ``SOUP_ALLOWED_ROOTS``, else only the built-in sample zoos."""
     return allowed_roots_from_env() or [sample_root()]
-
-
-@st.cache_resource(show_spinner="Opening the folder…", max_entries=16)
-def load_folder_zoo(path: str, roots: tuple[Path, ...]) -> Zoo:
-    zoo = open_zoo(path, allowed_roots=list(roots))
-    zoo.validation.raise_for_errors()  # refuse it here, with the message, rather than fail on a page
-    zoo.evaluator  # imports the manifest's model and data now: a missing module is an error here too
-    return zoo
 
 
 def _open_folder() -> Zoo | None:
@@ -39,7 +31,7 @@ def _open_folder() -> Zoo | None:
     if not folder:
         return None
     try:
-        zoo = load_folder_zoo(folder, roots)
+        zoo = load_zoo(folder, roots)
     except (SoupError, OSError) as exc:
         st.sidebar.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None

@@ -84,3 +84,50 @@ def test_a_pass_that_changes_nothing_ends_the_recipe(tiny_evaluator, tiny_states
         previous = result
     many = RECIPES["greedy"].make(tiny_states, tiny_evaluator, passes=100, order="random", seed=1)
     assert many.trace == result.trace and many.ingredients == result.ingredients
+
+
+TRUNCATE_UNDER_A_ZOO = """
+import sys
+from soup_core.zoo import make_soup, open_zoo
+zoo = open_zoo(sys.argv[1], resident=sys.argv[2] == "resident")
+before = make_soup(zoo, "uniform").metrics["val"].accuracy
+with open(sys.argv[1] + "/checkpoints/ft-05.safetensors", "r+b") as handle:
+    handle.truncate(100)  # what `cp new.safetensors ft-05.safetensors` does first
+after = make_soup(zoo, "uniform").metrics["val"].accuracy
+print(before == after)
+"""
+
+
+@pytest.fixture
+def zoo_copy(tmp_path):
+    import shutil
+    from pathlib import Path
+    source = Path(__file__).resolve().parents[1] / "sample_data" / "digits-finetune"
+    shutil.copytree(source, tmp_path / "zoo")
+    return tmp_path / "zoo"
+
+
+@pytest.mark.parametrize("mode", ["resident", "mapped"])
+def test_a_checkpoint_truncated_under_a_resident_zoo_changes_nothing_where_a_mapped_one_dies(zoo_copy, mode):
+    import signal
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", TRUNCATE_UNDER_A_ZOO, str(zoo_copy), mode], capture_output=True,
+                         text=True, timeout=300)
+    if mode == "resident":  # what the app's server opens
+        assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+    else:  # why it must: the library's default, memory-mapped, is killed by the kernel
+        assert run.returncode == -signal.SIGBUS, (run.returncode, run.stderr[-500:])
+
+
+def test_a_checkpoint_truncated_under_the_app_is_one_error_and_the_app_keeps_serving(monkeypatch, zoo_copy):
+    from tests.test_bad_inputs import _app, _count
+    at = _app(monkeypatch, [zoo_copy.parent])
+    at.sidebar.text_input(key="folder").input(str(zoo_copy)).run()
+    assert not at.exception and _count(at) == "32" and not at.sidebar.error
+    with open(zoo_copy / "checkpoints" / "ft-05.safetensors", "r+b") as handle:
+        handle.truncate(100)
+    at.run()  # the next interaction: the file changed, so the folder is opened again, and refused
+    assert not at.exception, at.exception
+    assert "ft-05.safetensors" in " ".join(e.value for e in at.sidebar.error)
+    assert _count(at) == "32"  # the sample zoo, still serving

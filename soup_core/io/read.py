@@ -154,14 +154,14 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of a file (or of every file of a directory, in name order), read in 1 MiB blocks.
 
-    Hashed once per process: the result is cached by path, size and modification time, so a
-    file that changes is hashed again and one that does not is never read twice.
+    Hashed once per process: the result is cached by each file's :func:`stamp`, so a file that
+    changes is hashed again and one that does not is never read twice.
     """
     files = hashed_files(path)
-    stamp = _stamp(files)
-    if stamp not in _KNOWN_SHA256:
-        _KNOWN_SHA256[stamp] = _sha256_of(files)
-    return _KNOWN_SHA256[stamp]
+    key = stamp(files)
+    if key not in _KNOWN_SHA256:
+        _KNOWN_SHA256[key] = _sha256_of(files)
+    return _KNOWN_SHA256[key]
 
 
 def hashed_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -173,20 +173,21 @@ def hashed_files(path: str | os.PathLike[str]) -> list[Path]:
 def remember_sha256(files: Sequence[Path], digest: str) -> None:
     """Record the sha256 of ``files`` (as :func:`hashed_files` lists them) computed elsewhere —
     by a merge, from the bytes it read anyway — so that :func:`file_sha256` does not read them again."""
-    _KNOWN_SHA256[_stamp(files)] = digest
+    _KNOWN_SHA256[stamp(files)] = digest
 
 
 def known_sha256(files: Sequence[Path]) -> str | None:
     """The sha256 of ``files`` if this process computed it already and none of them changed since."""
-    return _KNOWN_SHA256.get(_stamp(files))
+    return _KNOWN_SHA256.get(stamp(files))
 
 
-def _stamp(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+def stamp(files: Sequence[Path]) -> tuple[tuple[str, int, int, int, int], ...]:
+    """(path, device, inode, size, modification time) of each file: changes when one is replaced or rewritten."""
+    return tuple((str(f), (s := f.stat()).st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for f in files)
 
 
-# sha256 by (path, size, modification time) of every file hashed: by file_sha256, or by a merge.
-_KNOWN_SHA256: dict[tuple[tuple[str, int, int], ...], str] = {}
+# sha256 by the stamp of every file hashed: by file_sha256, or by a merge.
+_KNOWN_SHA256: dict[tuple[tuple[str, int, int, int, int], ...], str] = {}
 
 
 def _sha256_of(files: Sequence[Path]) -> str:

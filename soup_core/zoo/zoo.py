@@ -25,6 +25,7 @@ from soup_core.errors import CheckpointError, DataError, ModelError, SoupError, 
 from soup_core.evaluate import Evaluator, Metrics
 from soup_core.io import ValidationReport, file_sha256, load_state_dict, validate_state_dicts
 from soup_core.io.read import short
+from soup_core.io.resident import load_resident
 from soup_core.models import config_channels, detect_model_factory
 from soup_core.state import StateDict
 from soup_core.zoo.manifest import (BASE, CheckpointEntry, Manifest, allowed_roots_from_env, load_callable,
@@ -34,7 +35,7 @@ from soup_core.zoo.manifest import (BASE, CheckpointEntry, Manifest, allowed_roo
 class Zoo:
     """Checkpoints of one model family, with what it takes to score them."""
 
-    def __init__(self, manifest: Manifest, *, device: str | None = None) -> None:
+    def __init__(self, manifest: Manifest, *, device: str | None = None, resident: bool = False) -> None:
         self.spec = manifest
         self.manifest: Path = manifest.path
         self.root: Path = manifest.root
@@ -47,6 +48,9 @@ class Zoo:
         self.aligned_to: str | None = None  # see aligned()
         self.units_moved: dict[str, dict[str, tuple[int, int]]] = {}  # aligned(): per checkpoint and layer
         self._states: dict[str, StateDict] = {}
+        # resident: checkpoints read into memory, not mapped (servers: a file replaced under them
+        # must not SIGBUS the process; soup_core.io.resident)
+        self.resident = resident
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -72,9 +76,10 @@ class Zoo:
         return self.entries[name].path
 
     def state_dict(self, name: str) -> StateDict:
-        """The checkpoint's tensors (memory-mapped, shared: never modify them)."""
+        """The checkpoint's tensors (memory-mapped, or in memory when resident; shared: never modify them)."""
         if name not in self._states:
-            self._states[name] = load_state_dict(self.path(name), roots=self.allowed_roots)
+            read = load_resident if self.resident else load_state_dict
+            self._states[name] = read(self.path(name), roots=self.allowed_roots)
         return self._states[name]
 
     @property
@@ -198,12 +203,13 @@ class Zoo:
         return self.require_evaluator("scoring checkpoints").evaluate(self.state_dict(name))
 
 
-def open_zoo(zoo: str | Path, *, device: str | None = None, allowed_roots: Sequence[Path] | None = None) -> Zoo:
+def open_zoo(zoo: str | Path, *, device: str | None = None, allowed_roots: Sequence[Path] | None = None,
+             resident: bool = False) -> Zoo:
     """Open a sample zoo by name, a ``zoo.toml``, or a folder (with a zoo.toml, or of checkpoints);
     raises :class:`ZooError` on bad manifests and paths outside ``allowed_roots`` (default:
     ``SOUP_ALLOWED_ROOTS``, unrestricted when unset)."""
     roots = allowed_roots if allowed_roots is not None else allowed_roots_from_env()
     try:
-        return Zoo(read_manifest(zoo, roots), device=device)
+        return Zoo(read_manifest(zoo, roots), device=device, resident=resident)
     except CheckpointError as exc:
         raise ZooError(str(exc)) from None
