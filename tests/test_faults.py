@@ -131,3 +131,24 @@ def test_a_checkpoint_truncated_under_the_app_is_one_error_and_the_app_keeps_ser
     assert not at.exception, at.exception
     assert "ft-05.safetensors" in " ".join(e.value for e in at.sidebar.error)
     assert _count(at) == "32"  # the sample zoo, still serving
+
+
+def test_align_refuses_a_bad_split_and_a_stranger_file_before_writing_anything(tmp_path):
+    result = soup("align", "digits-scratch", "--to", "scratch-00", "--out", str(tmp_path / "a"), "--split", "nope")
+    assert result.returncode == 2 and "unknown split(s) nope" in result.stderr
+    assert not (tmp_path / "a").exists()  # it wrote 8 files before refusing
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "scratch-03.safetensors").write_bytes(b"a user's own file")
+    result = soup("align", "digits-scratch", "--to", "scratch-00", "--out", str(out))
+    assert result.returncode == 2 and "scratch-03.safetensors exists and was not written by soup align" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["scratch-03.safetensors"]
+    assert (out / "scratch-03.safetensors").read_bytes() == b"a user's own file"
+
+
+def test_json_onto_the_zoos_own_manifest_is_refused(zoo_copy):
+    manifest = zoo_copy / "zoo.toml"
+    before = manifest.read_bytes()
+    result = soup("angles", str(manifest), "--ingredients", "ft-00,ft-01", "--json", str(manifest))
+    assert result.returncode == 2 and "refusing to write over an input" in result.stderr
+    assert manifest.read_bytes() == before

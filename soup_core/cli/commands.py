@@ -14,7 +14,7 @@ from typing import Any
 from soup_core.cli.inputs import check_device, zoo_inputs
 from soup_core.cli.merging import make_streamed, refuse_mergekit, write_mergekit_yml
 from soup_core.cli.output import metrics_line, progress_bar, say, write_json
-from soup_core.errors import UsageError
+from soup_core.errors import SoupError, UsageError
 from soup_core.recipes import RECIPES, all_parameters
 
 
@@ -113,8 +113,9 @@ def cmd_angles(args: argparse.Namespace) -> None:
     with bar:
         angles = pairwise_angles(states, base, progress=report, include_buffers=args.include_buffers,
                                  device=check_device(args.device))
+    named = [Path(p) for p in args.paths if Path(p).is_file()]  # a zoo.toml named on the command line too
     write_json(args.json, {**angles.to_json(names), "relative_to": base_path},
-               [*paths.values(), *([Path(base_path)] if base_path else [])])
+               [*paths.values(), *([Path(base_path)] if base_path else []), *named])
     if args.json != "-":
         width = max(len(n) for n in names)
         print(f"angle (degrees) between {'θi − θ0' if base is not None else 'θi'}, over the {angles.over}:")
@@ -317,6 +318,20 @@ def cmd_point(args: argparse.Namespace) -> None:
               + (f" (model card: {written[1]})" if len(written) > 1 else ""))
 
 
+def refuse_foreign_files(targets: list[Path]) -> None:
+    """Outputs may replace what ``soup align`` wrote before, never a file of someone else's."""
+    from soup_core.io import read_provenance
+    for target in targets:
+        if target.exists() or target.is_symlink():
+            try:
+                ours = "aligned_to" in (read_provenance(target) or {})
+            except (SoupError, OSError):
+                ours = False
+            if not ours:
+                raise UsageError(f"{target} exists and was not written by soup align; choose an empty folder for "
+                                 "--out, or move that file away")
+
+
 def cmd_align(args: argparse.Namespace) -> None:
     """Aligned checkpoints in a folder of their own, and what alignment did to barriers and the soup."""
     import numpy as np
@@ -326,16 +341,17 @@ def cmd_align(args: argparse.Namespace) -> None:
     from soup_core.params import uniform_average
     from soup_core.zoo import open_zoo
     zoo = open_zoo(args.zoo, device=check_device(args.device))
-    aligned = zoo.aligned(args.to)
+    evaluator = zoo.require_evaluator("alignment")  # every request checked before the first byte is written
+    split = splits_of(zoo, args.split, "alignment")[0]
     out = Path(args.out)
     inputs = zoo_inputs(zoo)
+    refuse_foreign_files([out / f"{name}.safetensors" for name in zoo.names])
+    aligned = zoo.aligned(args.to)
     for name in zoo.names:
         save_state_dict(aligned.state_dict(name), out / f"{name}.safetensors", inputs=inputs,
                         provenance={"aligned_to": args.to, "source": str(zoo.path(name)), "source_sha256":
                                     zoo.sha256[name], "method": "weight matching (Ainsworth et al. 2023)",
                                     "zoo": zoo.name})
-    evaluator = zoo.require_evaluator("alignment")
-    split = splits_of(zoo, args.split, "alignment")[0]
     table = barrier_table(zoo, aligned, evaluator, split)
     before, after = (uniform_average([z.state_dict(n) for n in zoo.names]) for z in (zoo, aligned))
     soup = {"before": evaluator.accuracy(before, split), "after": evaluator.accuracy(after, split)}

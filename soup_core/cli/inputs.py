@@ -28,5 +28,6 @@ def check_device(device: str | None) -> str | None:
 
 
 def zoo_inputs(zoo) -> list[Path]:
-    """Every checkpoint file of a zoo: outputs are never written over one."""
-    return [zoo.path(n) for n in zoo.all_names]
+    """Every checkpoint file of a zoo and its manifest: outputs are never written over one."""
+    manifest = [zoo.manifest] if zoo.manifest.is_file() else []  # its zoo.toml too
+    return [zoo.path(n) for n in zoo.all_names] + manifest
