@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-fast install test-deps chromium bench zoos shell clean
+.PHONY: run test test-fast mutate install test-deps chromium bench zoos shell clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ test: test-deps
 # The inner loop: everything but the slow and the browser tests (make test runs the whole suite).
 test-fast: test-deps
 	$(PY) -m pytest -m "not slow and not e2e"
+
+# Mutation testing of the core computations (pyproject.toml's [tool.mutmut]); slow, so not in CI.
+# Prints every surviving mutant; run it before releasing a recipe.
+mutate: $(VENV)/.test-installed
+	$(PY) -m pip install -q mutmut==3.8.1
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut results
 
 bench: $(VENV)/.test-installed
 	$(PY) -m pip install -q -r requirements-bench.txt
