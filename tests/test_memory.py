@@ -1,5 +1,6 @@
 """Memory an evaluated recipe holds, specified: chosen from a budget, bounded, and exact where it says so."""
 
+import os
 import re
 import subprocess
 import sys
@@ -117,7 +118,8 @@ def test_the_readme_table_of_largest_models_is_what_the_plan_computes():
 def test_soup_make_takes_a_memory_budget_and_says_when_it_is_too_small(tmp_path):
     command = [sys.executable, "-m", "soup_core", "make", "greedy", "digits-finetune", "--ingredients",
                "ft-00,ft-01,ft-02", "--memory-budget", "1KB", "--json", str(tmp_path / "soup.json")]
-    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode != 0
     assert "the memory budget" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "soup.json").exists()

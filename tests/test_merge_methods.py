@@ -2,6 +2,7 @@
 to mergekit's on the same folders (mergekit is the oracle; DARE, being random, by its statistics)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from soup_core.mergekit_config import read_mergekit, to_mergekit
 from soup_core.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
+THIS_TREE = {**os.environ, "PYTHONPATH": str(ROOT)}  # subprocesses run this tree's code (a mutation run's copy too)
 F64 = torch.float64
 
 
@@ -197,7 +199,7 @@ def soup_merge(config: dict, folder: Path, name: str) -> dict[str, torch.Tensor]
     path = folder / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
     run = subprocess.run([sys.executable, "-m", "soup_core", "merge", str(path), "--out", str(folder / name),
-                          "--json", str(folder / f"{name}.json")], capture_output=True, text=True, cwd=ROOT,
+                          "--json", str(folder / f"{name}.json")], capture_output=True, text=True, cwd=ROOT, env=THIS_TREE,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     return load_state_dict(folder / name)
@@ -272,7 +274,7 @@ def test_a_soup_exported_with_its_mergekit_yaml_is_remade_by_mergekit(llama_zoo,
     out, yml = tmp_path / "soup", tmp_path / "soup.mergekit.yml"
     run = subprocess.run([sys.executable, "-m", "soup_core", "make", recipe, str(llama_zoo), *flags,
                           "--out", str(out), "--mergekit-yml", str(yml), "--json",
-                          str(tmp_path / "make.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          str(tmp_path / "make.json")], capture_output=True, text=True, cwd=ROOT, env=THIS_TREE, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "make.json").read_text())["mergekit_yml"] == str(yml)
     theirs, ours = mergekit_merge(yaml.safe_load(yml.read_text()), tmp_path / "mergekit"), load_state_dict(out)
@@ -288,7 +290,7 @@ def test_the_export_pages_mergekit_yaml_is_the_one_soup_make_writes(tmp_path):
     plan = plan_export(zoo, Candidate.of_recipe("weighted", weights="ft-00=0,ft-05=3"))
     yml = tmp_path / "weighted.yml"
     run = subprocess.run([sys.executable, "-m", "soup_core", "make", "weighted", "digits-finetune", "--weights",
-                          "ft-00=0,ft-05=3", "--mergekit-yml", str(yml)], capture_output=True, text=True, cwd=ROOT,
+                          "ft-00=0,ft-05=3", "--mergekit-yml", str(yml)], capture_output=True, text=True, cwd=ROOT, env=THIS_TREE,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert mergekit_of_export(zoo, plan.provenance) == yml.read_text()
