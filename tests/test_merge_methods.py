@@ -2,6 +2,7 @@
 to mergekit's on the same folders (mergekit is the oracle; DARE, being random, by its statistics)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -300,3 +301,75 @@ def test_the_export_pages_mergekit_yaml_is_the_one_soup_make_writes(tmp_path):
     point = plan_export(zoo, Candidate.point(("base", "ft-00", "ft-01"), (1.0, 0.5), "interpolate"))
     assert mergekit_of_export(zoo, point.provenance) is None
     assert mergekit_of_export(zoo, plan.provenance, local_names=("ft-05",)) is None
+
+
+# --- more hand-worked cases, one per parameter (what a partial `make mutate` run found unpinned) ------------------
+
+def test_task_arithmetic_normalized_divides_by_the_weights_sum():
+    method = task_vector_method("task-arithmetic", [1.0, 3.0], normalize=True)
+    # θ0 + (δ_A + 3·δ_B) / 4 = 1 + [[2.5, 6], [2, 0.5]] / 4
+    assert combine(method, A, B).tolist() == [[1.625, 2.5], [1.5, 1.125]]
+
+
+def test_ties_elects_the_sign_of_the_weighted_sum():
+    method = task_vector_method("ties", [2.0, 1.0], sparsify="magnitude", density=1.0, consensus=True, normalize=True)
+    a, b, base = t(1.0), t(-1.5), t(0.0)
+    # weighted: 2·1 + 1·(−1.5) = 0.5 > 0, so only A's entry joins: 2 / 2 = 1 (unweighted signs would pick B's −1.5)
+    assert method.combine([a, b], base, None, key="w").tolist() == [1.0]
+
+
+def test_dare_keeping_everything_is_task_arithmetic_and_breadcrumbs_ties_trims_then_elects():
+    dare = task_vector_method("dare-linear", [1.0, 0.5], sparsify="random", density=1.0, rescale="l1", scale=0.5)
+    assert combine(dare, A, B).tolist() == combine(task_vector_method("ta", [1.0, 0.5], scale=0.5), A, B).tolist()
+    crumbs = task_vector_method("breadcrumbs-ties", [1.0, 1.0], sparsify="magnitude_outliers", density=0.5,
+                                gamma=0.25, consensus=True)
+    # 4 entries, density 0.5, gamma 0.25: drop the smallest and the largest, keep the two between (by rank)
+    # |δ_A| sorted 0, 0.5, 1, 1 → keep 0.5 and the first 1 → [[1, 0], [0, 0.5]]
+    # |δ_B| = 0.5, 2, 1, 0 sorted 0, 0.5, 1, 2 → keep 0.5 and 1 → [[0.5, 0], [1, 0]]
+    # sums [[1.5, 0], [1, 0.5]], all +: no normalize, so the agreeing entries add up
+    assert combine(crumbs, A, B).tolist() == [[2.5, 1.0], [2.0, 1.5]]
+
+
+def test_the_magnitude_threshold_is_the_kth_largest_and_gamma_zero_is_ties_trim():
+    from soup_core.merge.task_vectors import kth_largest_magnitude
+    delta = torch.randn(1000, dtype=F64, generator=torch.Generator().manual_seed(3))
+    ordered = delta.abs().sort(descending=True).values
+    for k in (1, 17, 500, 1000):
+        assert kth_largest_magnitude(delta, k) == float(ordered[k - 1])
+    assert torch.equal(outlier_mask(delta, 0.3, 0.0), magnitude_mask(delta, 0.3))
+    assert bool(outlier_mask(delta, 1.0, 0.5).all()) and int(magnitude_mask(delta, 0.0).sum()) == 0
+
+
+def test_karcher_leaves_zero_tensors_out_of_the_direction_but_not_out_of_the_norm():
+    method = karcher()
+    # directions: only (3, 4); norm: the mean of 0 and 5
+    assert torch.allclose(method.combine([t(0.0, 0.0), t(3.0, 4.0)], None, None), t(1.5, 2.0), atol=1e-12)
+    assert method.combine([t(0.0, 0.0), t(0.0, 0.0)], None, None).tolist() == [0.0, 0.0]
+    assert method.combine([t(3.0, 4.0)], None, None).tolist() == [3.0, 4.0]
+
+
+def test_slerp_coefficients_on_the_circle_and_at_the_guards():
+    from soup_core.merge.slerp import slerp_coefficients
+    a, b = slerp_coefficients(0.25, 1.0, 1.0, 0.0)  # orthogonal unit vectors: θ = π/2
+    assert (a, b) == pytest.approx((math.sin(3 * math.pi / 8), math.sin(math.pi / 8)), abs=1e-15)
+    assert slerp_coefficients(0.25, 4.0, 9.0, -6.0) == (0.75, 0.25)  # antiparallel: the straight line
+    assert slerp_coefficients(0.25, 0.0, 1.0, 0.0) == pytest.approx((math.sin(3 * math.pi / 8), math.sin(math.pi / 8)))
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("1", True), ("off", False), ("0", False),
+                                         (False, False)])
+def test_yes_no_parameters_read_their_spellings(text, value):
+    assert RECIPES["ties"].resolve({"normalize": text})["normalize"] is value
+
+
+def test_yes_no_parameters_refuse_anything_else():
+    with pytest.raises(RecipeError, match="normalize must be a bool, not 'maybe'"):
+        RECIPES["ties"].resolve({"normalize": "maybe"})
+
+
+def test_every_merge_method_is_weight_only_and_off_the_board_until_the_app_shows_it():
+    for name in ("task-arithmetic", "ties", "dare-linear", "dare-ties", "breadcrumbs", "breadcrumbs-ties", "wise-ft"):
+        recipe = RECIPES[name]
+        assert recipe.needs_base and not recipe.needs_evaluator and not recipe.board and recipe.merge_path
+        assert recipe.plan_merge(("a", "b"), {}).method.needs_base
+    assert RECIPES["slerp"].takes(2) and not RECIPES["slerp"].takes(3) and not RECIPES["karcher"].needs_base
