@@ -75,7 +75,7 @@ def _open_zoo(name: str, roots: tuple | None, identity: tuple) -> Zoo:
 def zoo_key(zoo: Zoo) -> tuple:
     """What identifies a session's zoo for caching: its name, checkpoint files (and their state on
     disk) and alignment."""
-    return (zoo.name, zoo.aligned_to, *(str(zoo.path(n)) for n in zoo.names), getattr(zoo, "identity", None))
+    return (zoo.name, zoo.aligned_to, *(str(zoo.path(n)) for n in zoo.names), zoo.identity)
 
 
 @st.cache_resource(show_spinner="Matching hidden units…", max_entries=8)

@@ -149,6 +149,7 @@ def test_align_refuses_a_bad_split_and_a_stranger_file_before_writing_anything(t
 def test_json_onto_the_zoos_own_manifest_is_refused(zoo_copy):
     manifest = zoo_copy / "zoo.toml"
     before = manifest.read_bytes()
-    result = soup("angles", str(manifest), "--ingredients", "ft-00,ft-01", "--json", str(manifest))
-    assert result.returncode == 2 and "refusing to write over an input" in result.stderr
-    assert manifest.read_bytes() == before
+    for named in (manifest, zoo_copy):  # the zoo named by its zoo.toml, and by its folder
+        result = soup("angles", str(named), "--ingredients", "ft-00,ft-01", "--json", str(manifest))
+        assert result.returncode == 2 and "refusing to write over an input" in result.stderr
+        assert manifest.read_bytes() == before

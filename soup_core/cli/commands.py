@@ -113,7 +113,8 @@ def cmd_angles(args: argparse.Namespace) -> None:
     with bar:
         angles = pairwise_angles(states, base, progress=report, include_buffers=args.include_buffers,
                                  device=check_device(args.device))
-    named = [Path(p) for p in args.paths if Path(p).is_file()]  # a zoo.toml named on the command line too
+    named = [Path(p) for p in args.paths if Path(p).is_file()]  # a zoo's manifest, named or in its folder, too
+    named += [Path(p) / "zoo.toml" for p in args.paths if (Path(p) / "zoo.toml").is_file()]
     write_json(args.json, {**angles.to_json(names), "relative_to": base_path},
                [*paths.values(), *([Path(base_path)] if base_path else []), *named])
     if args.json != "-":

@@ -51,6 +51,7 @@ class Zoo:
         # resident: checkpoints read into memory, not mapped (servers: a file replaced under them
         # must not SIGBUS the process; soup_core.io.resident)
         self.resident = resident
+        self.identity: tuple | None = None  # the files' stamps when a server opened it (appkit.cache.load_zoo)
 
     # ---- checkpoints -------------------------------------------------------------------
 
