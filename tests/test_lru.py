@@ -25,23 +25,39 @@ def test_an_entry_larger_than_the_budget_is_returned_not_kept():
     assert cache.get_or_make("big", lambda: "x" * 11, size=len) == "x" * 11 and cache.keys() == []
 
 
-def test_concurrent_requests_for_one_key_compute_it_once():
-    cache, made = ByteBudgetCache(budget_bytes=100), []
+def ask_together(cache: ByteBudgetCache, key: str, make, threads: int) -> list:
+    """``get_or_make(key, make)`` from ``threads`` threads released at once: what each got (or the
+    text of the error it got)."""
+    results, together = [], threading.Barrier(threads)
 
+    def ask():
+        together.wait()
+        try:
+            results.append(cache.get_or_make(key, make, size=len))
+        except ValueError as exc:
+            results.append(str(exc))
+    workers = [threading.Thread(target=ask) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def slow(value, made: list):
+    """A maker that records each call and takes long enough for the others to arrive."""
     def make():
         made.append(1)
         time.sleep(0.5)
-        return "soup"
-    results, together = [], threading.Barrier(4)
-    def ask():
-        together.wait()
-        results.append(cache.get_or_make("k", make, size=len))
-    threads = [threading.Thread(target=ask) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == ["soup"] * 4 and len(made) == 1
+        if isinstance(value, Exception):
+            raise value
+        return value
+    return make
+
+
+def test_concurrent_requests_for_one_key_compute_it_once():
+    cache, made = ByteBudgetCache(budget_bytes=100), []
+    assert ask_together(cache, "k", slow("soup", made), 4) == ["soup"] * 4 and len(made) == 1
 
 
 def test_tensor_bytes_counts_each_storage_once():
@@ -65,37 +81,7 @@ def test_the_apps_soups_are_held_within_the_byte_budget(monkeypatch):
 
 def test_waiters_share_an_oversized_value_and_an_error_without_computing_again():
     cache, made = ByteBudgetCache(budget_bytes=1), []
-
-    def make():
-        made.append(1)
-        time.sleep(0.5)
-        return "too big to keep"
-    results, together = [], threading.Barrier(3)
-    def ask_big():
-        together.wait()
-        results.append(cache.get_or_make("k", make, size=len))
-    threads = [threading.Thread(target=ask_big) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == ["too big to keep"] * 3 and len(made) == 1 and cache.keys() == []
-
-    def fail():
-        made.append(1)
-        time.sleep(0.5)
-        raise ValueError("no such soup")
-    errors, together = [], threading.Barrier(3)
-
-    def ask():
-        together.wait()
-        try:
-            cache.get_or_make("bad", fail, size=len)
-        except ValueError as exc:
-            errors.append(str(exc))
-    threads = [threading.Thread(target=ask) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == ["no such soup"] * 3 and len(made) == 2
+    assert ask_together(cache, "k", slow("too big to keep", made), 3) == ["too big to keep"] * 3
+    assert len(made) == 1 and cache.keys() == []
+    assert ask_together(cache, "bad", slow(ValueError("no such soup"), made), 3) == ["no such soup"] * 3
+    assert len(made) == 2

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from soup_core.memory import free_memory
 
 # Bytes of activations one batched call may touch on a CPU: tiny calls drown in per-call
 # overhead and huge ones leave the cache (`bench/bench_landscape.py --strategy vmap
@@ -19,15 +20,9 @@ BUDGET_SHARE = {"cuda": 0.75, "cpu": 0.5}
 
 
 def device_budget(device: torch.device) -> int:
-    """Bytes a landscape run may allocate on ``device``: a share of the memory free now."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # not Linux: assume a modest machine
-            free = 8 << 30
-    return int(free * BUDGET_SHARE.get(device.type, BUDGET_SHARE["cpu"]))
+    """Bytes a landscape run may allocate on ``device``: a share of the memory free now
+    (:func:`soup_core.memory.free_memory`)."""
+    return int(free_memory(device) * BUDGET_SHARE.get(device.type, BUDGET_SHARE["cpu"]))
 
 
 @dataclass(frozen=True)

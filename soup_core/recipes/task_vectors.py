@@ -24,20 +24,20 @@ from __future__ import annotations
 from soup_core.recipes.base import Brew, Ingredients, Merge, brew_merge
 from soup_core.recipes.parameters import Params
 
-# recipe -> (mergekit's name, sparsification, sign consensus)
+# recipe -> (sparsification, sign consensus); mergekit's names are in soup_core.mergekit_config
 FAMILY = {
-    "task-arithmetic": ("task_arithmetic", None, False),
-    "ties": ("ties", "magnitude", True),
-    "dare-linear": ("dare_linear", "random", False),
-    "dare-ties": ("dare_ties", "random", True),
-    "breadcrumbs": ("breadcrumbs", "magnitude_outliers", False),
-    "breadcrumbs-ties": ("breadcrumbs_ties", "magnitude_outliers", True),
+    "task-arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "dare-linear": ("random", False),
+    "dare-ties": ("random", True),
+    "breadcrumbs": ("magnitude_outliers", False),
+    "breadcrumbs-ties": ("magnitude_outliers", True),
 }
 
 
 def task_vector_merge(recipe: str, names: tuple[str, ...], params: Params) -> Merge:
     from soup_core.merge.task_vectors import task_vector_method
-    _, sparsify, consensus = FAMILY[recipe]
+    sparsify, consensus = FAMILY[recipe]
     kept = params.weights.for_names(names)
     weights = tuple(kept.values())
     values = dict(params)
