@@ -21,9 +21,9 @@ from soup_core.export import Candidate, ExportPlan, plan_export
 from soup_core.geometry import pairwise_angles
 from soup_core.landscape import LineBarrier, barrier_interval, interpolation_path, path_alphas, plane_landscape
 from soup_core.pairs import flattest_pair, pair_analyses
-from soup_core.recipes import SoupResult
+from soup_core.recipes import RECIPES, SoupResult
 from soup_core.recipes.best_individual import tie_sentence
-from soup_core.significance import report_splits, versus_best
+from soup_core.significance import report_splits, versus, versus_best
 from soup_core.io.resident import files_identity
 from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
 from soup_core.zoo.manifest import read_manifest
@@ -160,11 +160,25 @@ def _live_soup(_zoo: Zoo, key: tuple, chosen: tuple[str, ...]) -> dict:
             "best_ties": tie_sentence(results["best"]), "ensemble": rows["ensemble"], "versus": versus}
 
 
-@st.cache_data(show_spinner="Testing the differences…", max_entries=64)
-def recipe_significance(_zoo: Zoo, key: tuple, recipe: str) -> list[dict]:
-    """A recipe's result against the best individual model on every report split (JSON)."""
-    result = recipe_result(_zoo, key, recipe)
-    return [c.to_json() | {"sentence": c.sentence()} for c in versus_best(result, _zoo.ingredients(), _zoo.evaluator)]
+def board_result(zoo: Zoo, recipe: str) -> SoupResult:
+    """A recipe as the Recipes board, the Landscape and the Tour show it: every ingredient, and
+    its app values (a merge method's λ chosen on val: :attr:`Recipe.app_values`)."""
+    return recipe_result(zoo, zoo_key(zoo), recipe, None, RECIPES[recipe].app_values)
+
+
+@st.cache_data(show_spinner="Testing the differences…", max_entries=128)
+def recipe_significance(_zoo: Zoo, key: tuple, recipe: str, against: str = "best") -> list[dict]:
+    """A recipe's board result against the best individual model (``best``) or another recipe's
+    board result (``greedy``) on every report split (JSON); empty against itself."""
+    result = recipe_result(_zoo, key, recipe, None, RECIPES[recipe].app_values)
+    if against == "best":
+        comparisons = versus_best(result, _zoo.ingredients(), _zoo.evaluator)
+    elif against == recipe:
+        comparisons = []
+    else:
+        reference = recipe_result(_zoo, key, against, None, RECIPES[against].app_values)
+        comparisons = versus(reference, result, _zoo.ingredients(), _zoo.evaluator)
+    return [c.to_json() | {"sentence": c.sentence()} for c in comparisons]
 
 
 def export_plan(zoo: Zoo, candidate: Candidate, local_names: tuple[str, ...]) -> ExportPlan:

@@ -16,11 +16,11 @@ import os
 import threading
 import time
 
-from appkit.cache import (aligned_zoo, cached_angles, cached_barrier_interval, cached_barriers, cached_flattest_pair, cached_landscape,
-                          cached_pairs, cached_path, checkpoint_table, live_soup, load_zoo, recipe_result,
-                          recipe_significance, zoo_key)
+from appkit.board import board_recipes
+from appkit.cache import (aligned_zoo, board_result, cached_angles, cached_barrier_interval, cached_barriers,
+                          cached_flattest_pair, cached_landscape, cached_pairs, cached_path, checkpoint_table,
+                          live_soup, load_zoo, recipe_result, recipe_significance, zoo_key)
 from appkit.workspace import DEFAULT_ZOO
-from soup_core.recipes import RECIPES
 from soup_core.zoo import BASE, Zoo
 
 TOUR_ZOOS = ("digits-scratch", "digits-bn")
@@ -32,18 +32,19 @@ def warm_pages(zoo: Zoo) -> None:
     key = zoo_key(zoo)
     checkpoint_table(zoo)
     live_soup(zoo, list(zoo.names))
-    for recipe in RECIPES.values():
-        if recipe.board and not (recipe.needs_base and not zoo.has_base) and not recipe.by_hand:
-            recipe_result(zoo, key, recipe.name)
-            if recipe.is_soup and recipe.name != "best":
-                recipe_significance(zoo, key, recipe.name)
+    for recipe in board_recipes(zoo):
+        board_result(zoo, recipe.name)
+        if zoo.evaluator is not None:
+            recipe_significance(zoo, key, recipe.name)
+            recipe_significance(zoo, key, recipe.name, "greedy")
     cached_angles(zoo, key)
     points = ([BASE] if zoo.has_base else []) + list(zoo.names)
     cached_path(zoo, key, points[0], points[1], "recompute")
 
 
 def warm_tour(story: Zoo) -> None:
-    """Every Tour step: steps 1–4 on ``story``, 5 on digits-scratch, 6 on digits-bn."""
+    """Every Tour step: steps 1–4 on ``story``, 5 on digits-scratch, 6 on digits-bn; 7 (the merge
+    methods against greedy) is the Recipes board's, warmed with ``story``'s pages."""
     key = zoo_key(story)
     a, b, _ = cached_flattest_pair(story, key)
     cached_barrier_interval(story, key, a, b, "test")

@@ -1,6 +1,7 @@
 """Landscape: error and loss in the plane through three points (paper Figure 2)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.admission import HEAVY_WORK
-from appkit.cache import computed_landscapes, export_plan, ray_cluster, zoo_key
+from appkit.board import board_recipes, chosen_on_val
+from appkit.cache import board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
 from appkit.figures import html_text
 from appkit.interrupt import Interruptible
 from appkit.sidebar import sidebar
@@ -20,6 +22,7 @@ from soup_core.errors import SoupError
 from soup_core.export import Candidate
 from soup_core.landscape import plane_landscape
 from soup_core.policies import BN_POLICIES, PRECISIONS
+from soup_core.recipes import RECIPES
 from soup_core.zoo import BASE, Zoo, zoo_plane, zoo_point
 
 zoo = sidebar()
@@ -37,9 +40,19 @@ choices = ([BASE] if zoo.has_base else []) + list(zoo.names) + SOUPS
 
 @st.cache_resource(show_spinner="Making the plane…", max_entries=32)
 def plane_for(_zoo: Zoo, key: tuple, a: str, b: str, c: str):
+    """The plane, and every other checkpoint, soup and merge method (as the board makes them) projected onto it."""
     plane = zoo_plane(_zoo, (a, b, c))
-    others = [n for n in ([BASE] if _zoo.has_base else []) + list(_zoo.names) + SOUPS if n not in (a, b, c)]
-    return plane, [plane.project(zoo_point(_zoo, n)[0], n) for n in others]
+    others = [n for n in ([BASE] if _zoo.has_base else []) + list(_zoo.names) if n not in (a, b, c)]
+    soups = [r.name for r in board_recipes(_zoo) if r.is_soup and r.name != "best" and r.name not in (a, b, c)]
+    return plane, ([plane.project(zoo_point(_zoo, n)[0], n) for n in others]
+                   + [plane.project(board_result(_zoo, n).state_dict, n) for n in soups])
+
+
+@st.cache_resource(show_spinner="Merging…", max_entries=128)
+def method_point(_zoo: Zoo, key: tuple, plane_points: tuple[str, str, str], recipe: str, density: float):
+    """A sparsifying merge method at ``density`` (λ chosen on val), projected onto the plane; its result."""
+    result = recipe_result(_zoo, key, recipe, None, (*RECIPES[recipe].app_values, ("density", density)))
+    return plane_for(_zoo, key, *plane_points)[0].project(result.state_dict, recipe), result
 
 
 @st.fragment
@@ -121,8 +134,9 @@ def landscape_view() -> None:
     unit = {"error": f"{s} error (%)", "loss": f"{s} loss", "log10 loss": f"log10 {s} loss"}[shown]
     best = np.unravel_index(np.nanargmin(values), values.shape)
     grid_curve = None  # the clickable trace's index (2D only)
-    soups = [p for p in result.projections if p.name in SOUPS]
-    checkpoints = [p for p in result.projections if p.name not in SOUPS]
+    soups = [p for p in result.projections if p.name in RECIPES and RECIPES[p.name].family == "soup"]
+    methods = [p for p in result.projections if p.name in RECIPES and RECIPES[p.name].family == "merge"]
+    checkpoints = [p for p in result.projections if p.name not in RECIPES]
     if surface:
         figure = go.Figure(go.Surface(x=result.xs, y=result.ys, z=result.preview(values), colorscale="Viridis",
                                       colorbar={"title": unit}))
@@ -139,6 +153,18 @@ def landscape_view() -> None:
             marker={"color": "gold", "size": 11, "symbol": "diamond", "line": {"width": 1, "color": "black"}},
             text=[p.name for p in soups], textposition="bottom center", hovertext=[
                 f"{p.name}<br>off plane {p.off_plane:.3f}" for p in soups], hoverinfo="text"))
+        figure.add_trace(go.Scatter(
+            x=[p.xy[0] for p in methods], y=[p.xy[1] for p in methods], mode="markers", name="merge methods",
+            marker={"color": "#c266ff", "size": 10, "symbol": "triangle-up", "line": {"width": 1, "color": "black"}},
+            hovertext=[f"{RECIPES[p.name].pretty_name}<br>off plane {p.off_plane:.3f}" for p in methods],
+            hoverinfo="text"))
+        sparse = sparse_method_point(shown_key[1:4])
+        if sparse is not None:
+            figure.add_trace(go.Scatter(
+                x=[sparse.xy[0]], y=[sparse.xy[1]], mode="markers", name=sparse.name, hoverinfo="text",
+                hovertext=f"{sparse.name}<br>off plane {sparse.off_plane:.3f}",
+                marker={"color": "#ff4fd8", "size": 15, "symbol": "triangle-up",
+                        "line": {"width": 2, "color": "white"}}))
         figure.add_trace(go.Scatter(
             x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers+text",
             marker={"color": "red", "size": 12, "symbol": "star"}, text=[a.name for a in result.anchors],
@@ -169,9 +195,12 @@ def landscape_view() -> None:
     event = st.plotly_chart(figure, key="land-chart", on_select="ignore" if surface else "rerun",
                             selection_mode="points")
     st.caption("How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
-               "the three points that span it, white dots the other checkpoints and gold diamonds the soups projected "
-               "onto it (how far off the plane in the hover), the orange × the lowest point. "
+               "the three points that span it, white dots the other checkpoints, gold diamonds the soups and purple "
+               "triangles the merge methods projected onto it (how far off the plane in the hover and the table "
+               "below), the pink triangle the merge method at the density chosen above, the orange × the lowest "
+               "point. "
                + ("Switch 3D off to click a point." if surface else "Click a point to see its metrics."))
+    projected_table(soups + methods)
     lowest = f"{values[best]:.2f}%" if shown == "error" else f"{values[best]:.4f}"
     st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "
              f"BatchNorm: {result.bn}; precision: {result.precision}"
@@ -202,6 +231,43 @@ def landscape_view() -> None:
         if st.button("Keep this point for export", key="land-keep"):
             set_export(point)
             st.success("Ready on the Export page.")
+
+def sparse_method_point(plane_points: tuple[str, str, str]):
+    """The density slider's merge method, made at that density and projected (None on a plane of soups
+    only, or a zoo without θ0); shows its accuracy beside the slider."""
+    sparse = [r for r in board_recipes(zoo) if r.is_soup and any(p.name == "density" for p in r.parameters)]
+    if not sparse:
+        return None
+    cols = st.columns([2, 2, 3])
+    recipe = cols[0].selectbox("Merge method", [r.name for r in sparse], key="land-sparse",
+                               format_func=lambda n: RECIPES[n].pretty_name)
+    density = cols[1].slider("Density", 0.1, 1.0, 0.5, 0.1, key="land-density",
+                             help=RECIPES[recipe].parameter("density").help)
+    try:
+        projection, made = method_point(zoo, zoo_key(zoo), plane_points, recipe, density)
+    except SoupError as exc:
+        st.error(str(exc))
+        return None
+    m = made.metrics
+    cols[2].caption(f"{RECIPES[recipe].pretty_name} at density {density:g}, {chosen_on_val(made)} (best on val): "
+                    f"val {100 * m['val'].accuracy:.2f}%"
+                    + (f", test {100 * m['test'].accuracy:.2f}%" if "test" in m else "")
+                    + f"; {projection.off_plane:.3f} off the plane.")
+    return replace(projection, name=f"{RECIPES[recipe].pretty_name}, density {density:g}")
+
+
+def projected_table(projections) -> None:
+    """Where each soup and merge method lies: coordinates, distance off the plane and val accuracy."""
+    if not projections:
+        return
+    rows = [{"soup or method": RECIPES[p.name].pretty_name, "x": p.xy[0], "y": p.xy[1], "off plane": p.off_plane,
+             "chosen on val": chosen_on_val(board_result(zoo, p.name)),
+             "val %": 100 * board_result(zoo, p.name).metrics["val"].accuracy} for p in projections]
+    with st.expander("Soups and merge methods on this plane"):
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="land-projected",
+                     column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("x", "y", "off plane")}
+                     | {"val %": st.column_config.NumberColumn(format="%.2f")})
+
 
 def grid_csv(result) -> str:
     """One row per computed grid point: x, y, then error and loss on each split."""

@@ -5,7 +5,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.cache import cached_ablations, recipe_result, recipe_significance, zoo_key
+from appkit.board import board_recipes, chosen_on_val
+from appkit.cache import board_result, cached_ablations, recipe_significance, zoo_key
 from appkit.controls import recipe_controls
 from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
@@ -33,33 +34,40 @@ st.title("Recipes")
 if zoo.evaluator is None:
     st.info("Weights only: the uniform soup and Model Stock (with a base) can be made and exported; every other "
             "recipe chooses or weighs ingredients by held-out accuracy and needs an evaluator.")
-    export_picker([r for r in RECIPES.values()
-                   if r.board and not r.needs_evaluator and (zoo.has_base or not r.needs_base)])
+    export_picker([r for r in board_recipes(zoo) if not r.needs_evaluator])
     st.stop()
 evaluator = zoo.evaluator
 shifts = evaluator.shift_names
 if "test" not in evaluator.splits:
     st.info("This zoo's data has no test split: the board needs val and test.")
     st.stop()
-available = [r for r in RECIPES.values() if r.board and not (r.needs_base and not zoo.has_base) and not r.by_hand]
+available = board_recipes(zoo)
 with st.spinner("Cooking…"):
-    results = {r.name: recipe_result(zoo, zoo_key(zoo), r.name) for r in available}
+    results = {r.name: board_result(zoo, r.name) for r in available}
+
+
+def on_test(recipe: str, against: str) -> str:
+    versus = {c["split"]: c for c in recipe_significance(zoo, zoo_key(zoo), recipe, against)}
+    return versus["test"]["sentence"] if "test" in versus else "—"
+
 
 rows = []
 for recipe in available:
     result = results[recipe.name]
     m = result.metrics
-    versus = {c["split"]: c for c in recipe_significance(zoo, zoo_key(zoo), recipe.name)}
     rows.append({"recipe": recipe.pretty_name, "ingredients": len(result.ingredients),
+                 "chosen on val": chosen_on_val(result),
                  "val": 100 * m["val"].accuracy, "test": 100 * m["test"].accuracy,
-                 "test vs best": versus["test"]["sentence"] if "test" in versus else "—",
+                 "test vs best": on_test(recipe.name, "best"), "test vs greedy": on_test(recipe.name, "greedy"),
                  "avg shifts": 100 * (shift_average(m, shifts) or float("nan")),
                  **{s: 100 * m[s].accuracy for s in shifts}, "reference": recipe.reference})
-st.subheader("Table 3, on this zoo")
-st.caption("Every choice is made on val; test and the shifts are reports. \"test vs best\" compares each row "
-           "with the best individual model on the same test images (exact McNemar test): a difference with "
-           "p ≥ 0.05 is no evidence that they differ. Ensembles cost one forward pass per ingredient at "
-           "inference; soups cost one.")
+st.subheader("Table 3, on this zoo, with the merge methods")
+st.caption("Every choice is made on val; test and the shifts are reports. \"test vs best\" and \"test vs "
+           "greedy\" compare each row with the best individual model and with the greedy soup on the same test "
+           "images (exact McNemar test): a difference with p ≥ 0.05 is no evidence that they differ. The merge "
+           "methods (task arithmetic to LiNeS) add the mean task vector to θ0 scaled by the λ (LiNeS: the β) that "
+           "is best on val, as their papers choose it (\"chosen on val\"). Ensembles cost one forward pass per "
+           "ingredient at inference; soups cost one.")
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table",
              column_config={c: st.column_config.NumberColumn(format="%.2f")
                             for c in ("val", "test", "avg shifts", *shifts)})

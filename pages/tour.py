@@ -5,8 +5,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.cache import (aligned_zoo, cached_barrier_interval, cached_barriers, cached_flattest_pair, cached_landscape, cached_pairs,
-                          cached_path, load_zoo, recipe_result, recipe_significance, zoo_key)
+from appkit.board import board_recipes, chosen_on_val
+from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, cached_barriers, cached_flattest_pair,
+                          cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, recipe_significance,
+                          zoo_key)
 from appkit.figures import figure_footer
 from appkit.sidebar import sidebar
 from soup_core.pairs import section_four_sentence
@@ -14,7 +16,7 @@ from soup_core.recipes import RECIPES
 
 ONE_BASIN = 0.01  # a line whose error barrier is under 1 point (6 of 630 test images) counts as one basin
 STEPS = ["1 · One basin", "2 · Angles", "3 · Uniform soups", "4 · Greedy and pruned soups",
-         "5 · Scratch models and alignment", "6 · BatchNorm"]
+         "5 · Scratch models and alignment", "6 · BatchNorm", "7 · Soups and merge methods"]
 
 opened = sidebar()
 st.title("Guided tour")
@@ -40,16 +42,16 @@ def uses(zoo, why: str = "") -> None:
     st.info(f"This step uses the zoo **{zoo.name}**{why}.")
 
 
-def versus(zoo, recipe: str) -> dict:
-    """The recipe against the best individual model on test (exact McNemar test)."""
-    return next(c for c in recipe_significance(zoo, zoo_key(zoo), recipe) if c["split"] == "test")
+def versus(zoo, recipe: str, against: str = "best") -> dict:
+    """The recipe against the best individual model (or ``against``'s soup) on test (exact McNemar test)."""
+    return next(c for c in recipe_significance(zoo, zoo_key(zoo), recipe, against) if c["split"] == "test")
 
 
 def bars(zoo, recipes, title, extra: tuple = ()) -> None:
     """Test accuracy of each recipe on ``zoo``, then any ``extra`` (label, zoo, recipe) bars."""
     rows = [(RECIPES[r].pretty_name, zoo, r) for r in recipes] + list(extra)
     names = [label for label, _, _ in rows]
-    values = [100 * recipe_result(z, zoo_key(z), r).metrics["test"].accuracy for _, z, r in rows]
+    values = [100 * board_result(z, r).metrics["test"].accuracy for _, z, r in rows]
     low = max(0.0, min(values) - 5)
     fig = go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}%" for v in values], textposition="outside"))
     fig.update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420)
@@ -176,6 +178,32 @@ elif step == STEPS[4]:
                 f"{100 * after['accuracy_b']:.1f}% ({after['sentence']} against the best model).")
     bars(scratch, ["best", "uniform", "ensemble"], f"digits-scratch: {len(scratch.names)} models from random inits",
          extra=((f"Uniform soup, aligned to {reference}", matched, "uniform"),))
+elif step == STEPS[6]:
+    zoo = story_zoo
+    uses(zoo)
+    methods = [r.name for r in board_recipes(zoo) if r.family == "merge" and r.is_soup]
+    made = {m: board_result(zoo, m) for m in methods}
+    top = max(methods, key=lambda m: made[m].metrics["val"].accuracy)  # chosen on val, like everything else
+    against = {m: versus(zoo, m, "greedy") for m in methods}
+    better = [m for m in methods if against[m]["significant"] and against[m]["difference"] > 0]
+    worse = [m for m in methods if against[m]["significant"] and against[m]["difference"] < 0]
+    top_m = made[top].metrics
+    st.markdown(
+        "**Soups and merge methods** (Ilharco et al. 2023; Yadav et al. 2023; Yu et al. 2024; Davari & Belilovsky "
+        "2024; Wang et al. 2024). Beyond averaging, the field merges *task vectors*, each model's change from θ0: "
+        "task arithmetic adds their mean, TIES keeps each one's largest entries and the sign most of them vote "
+        "for, DARE drops entries at random and rescales the rest, Breadcrumbs drops the largest and the smallest, "
+        "the Karcher mean averages on the sphere, WiSE-FT and LiNeS pull the soup back towards θ0 (LiNeS less in "
+        "the deep layers). The task vectors' scale λ (LiNeS: β) is chosen on val"
+        + (f"; WiSE-FT takes α = {made['wise-ft'].options['alpha']:g}. " if "wise-ft" in made else ". ")
+        + f"On this zoo the method best on val is **{RECIPES[top].pretty_name}**"
+        + (f" ({chosen_on_val(made[top])})" if chosen_on_val(made[top]) != "—" else "")
+        + f": {100 * top_m['val'].accuracy:.1f}% on val and {100 * top_m['test'].accuracy:.1f}% on test; against "
+        f"the greedy soup on test, {against[top]['sentence']}. Of the {len(methods)} methods, "
+        f"{len(worse)} are significantly worse than the greedy soup on test, {len(better)} significantly better, "
+        f"and {len(methods) - len(worse) - len(better)} cannot be told apart from it on these "
+        f"{against[top]['images']} images. The Landscape page draws each of them on a plane.")
+    bars(zoo, ["best", "greedy", *methods], f"{zoo.name}: soups and merge methods")
 else:
     bn_zoo = load_zoo("digits-bn")
     uses(bn_zoo, " (a CNN with BatchNorm)")

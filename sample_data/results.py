@@ -7,8 +7,10 @@
 hyperparameters and training seeds for all fine-tuned models (seed 0 is the committed zoo).
 Every choice is made on val; test and the shift average are reported only. Prints a
 Markdown table of mean ± std over seeds, and for each recipe its test difference from the best
-individual model with how many seeds it was significantly better (↑) or worse (↓) by an exact
-McNemar test at p < 0.05 on the 630 test images.
+individual model and from the greedy soup, with how many seeds it was significantly better (↑)
+or worse (↓) by an exact McNemar test at p < 0.05 on the 630 test images. The merge methods are
+made as the app's board makes them (:attr:`Recipe.app_values`: the mean task vector, λ — LiNeS'
+β — chosen on val).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from sample_data.paper import good_sweep, pretrain_on_source
 from sample_data.digits import make_evaluator, make_mlp
 from soup_core.evaluate import shift_average
 from soup_core.recipes import RECIPES
-from soup_core.significance import versus_best
+from soup_core.significance import versus, versus_best
 from soup_core.zoo import open_zoo
 
 ROWS = ["best", "uniform", "greedy", "pruned", "learned", "learned-by-layer", "ensemble",
-        "greedy-ensemble", "model-stock"]
+        "greedy-ensemble", "model-stock", "task-arithmetic", "ties", "dare-linear", "dare-ties", "breadcrumbs",
+        "breadcrumbs-ties", "karcher", "wise-ft", "lines"]
 
 
 def run_seed(theta0, seed: int, models: int, zoo: str = "digits-finetune") -> dict[str, tuple]:
@@ -44,18 +47,26 @@ def committed_seed(zoo: str) -> dict[str, tuple]:
 
 def score_recipes(ingredients, base) -> dict[str, tuple]:
     evaluator = make_evaluator(make_mlp, device="cpu")
-    out = {}
+    results = {}
     for name in ROWS:
-        params = {"passes": 2} if name == "pruned" else {}
-        result = RECIPES[name].make(ingredients, evaluator, base=base, **params)
+        params = {"passes": 2} if name == "pruned" else dict(RECIPES[name].app_values)
+        results[name] = RECIPES[name].make(ingredients, evaluator, base=base, **params)
+    out = {}
+    for name, result in results.items():
         m = result.metrics
-        test = next((c for c in versus_best(result, ingredients, evaluator) if c.split == "test"), None)
-        out[name] = (m["val"].accuracy, m["test"].accuracy,
-                     shift_average(m, evaluator.shift_names), len(result.ingredients),
-                     0.0 if test is None else test.difference,
-                     0 if test is None else int(test.significant and test.difference > 0),
-                     0 if test is None else int(test.significant and test.difference < 0))
+        best = versus_best(result, ingredients, evaluator, ["test"])
+        greedy = [] if name == "greedy" else versus(results["greedy"], result, ingredients, evaluator, ["test"])
+        out[name] = (m["val"].accuracy, m["test"].accuracy, shift_average(m, evaluator.shift_names),
+                     len(result.ingredients), *counted(best), *counted(greedy))
     return out
+
+
+def counted(comparisons) -> tuple[float, int, int]:
+    """(test difference, 1 if significantly better, 1 if significantly worse); zeros for none."""
+    if not comparisons:
+        return 0.0, 0, 0
+    c = comparisons[0]
+    return c.difference, int(c.significant and c.difference > 0), int(c.significant and c.difference < 0)
 
 
 def main() -> None:
@@ -82,26 +93,34 @@ def main() -> None:
 
 def print_table(per_seed: list[dict[str, tuple]], mean_std: bool = True) -> None:
 
+    def one(value: float) -> str:  # a small negative mean reads 0.0, not -0.0
+        text = f"{value:.1f}"
+        return "0.0" if text == "-0.0" else text
+
     def cell(values, percent=True):
         scale = 100 if percent else 1
         if not mean_std:
-            return f"{scale * values[0]:.1f}" if percent else f"{values[0]:.0f}"
+            return one(scale * values[0]) if percent else f"{values[0]:.0f}"
         mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{scale * mean:.1f} ± {scale * std:.1f}"
+        return f"{one(scale * mean)} ± {one(scale * std)}"
 
-    print(f"| recipe | val | test | shift avg | ingredients | test − best (points) | {'seeds ' if mean_std else ''}"
-          "p < 0.05 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    seeds = "seeds " if mean_std else ""
+    print(f"| recipe | val | test | shift avg | ingredients | test − best (points) | {seeds}p < 0.05 "
+          f"| test − greedy (points) | {seeds}p < 0.05 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def verdict(better, worse) -> str:
+        if mean_std:
+            return f"{sum(better)}↑ {sum(worse)}↓ of {len(per_seed)}"
+        return "better" if better[0] else "worse" if worse[0] else "no"
+
     for name in ROWS:
         cols = list(zip(*(seed[name] for seed in per_seed)))
-        if name == "best":
-            verdict = "—"
-        elif mean_std:
-            verdict = f"{sum(cols[5])}↑ {sum(cols[6])}↓ of {len(per_seed)}"
-        else:
-            verdict = "better" if cols[5][0] else "worse" if cols[6][0] else "no"
+        versus_best_cell = "—" if name == "best" else verdict(cols[5], cols[6])
+        versus_greedy_cell = "—" if name == "greedy" else verdict(cols[8], cols[9])
         print(f"| {RECIPES[name].pretty_name} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} | "
-              f"{cell(cols[3], percent=False)} | {cell(cols[4])} | {verdict} |")
+              f"{cell(cols[3], percent=False)} | {cell(cols[4])} | {versus_best_cell} | {cell(cols[7])} | "
+              f"{versus_greedy_cell} |")
 
 
 if __name__ == "__main__":

@@ -142,25 +142,34 @@ def report_splits(split_names: tuple[str, ...] | list[str], choice_split: str = 
     return [s for s in split_names if s != choice_split]
 
 
+def result_logits(result, ingredients, evaluator, split: str) -> torch.Tensor:
+    """A recipe result's logits on ``split``: its soup's, or an ensemble's averaged logits."""
+    from soup_core.evaluate import ensemble_logits
+    if result.state_dict is not None:
+        return evaluator.logits(result.state_dict, split)
+    return ensemble_logits([evaluator.logits(ingredients[n], split) for n in result.ingredients])
+
+
+def versus(reference, result, ingredients, evaluator, splits: list[str] | None = None, *,
+           reference_name: str | None = None) -> list[Comparison]:
+    """A recipe's ``result`` against another's (``reference``) on every report split (or on
+    ``splits``, a subset of them), on the same images."""
+    from soup_core.recipes import RECIPES
+    name = reference_name or RECIPES[reference.recipe].pretty_name
+    return [compare(name, result_logits(reference, ingredients, evaluator, split), RECIPES[result.recipe].pretty_name,
+                    result_logits(result, ingredients, evaluator, split), evaluator.labels(split), split)
+            for split in report_splits(evaluator.split_names) if splits is None or split in splits]
+
+
 def versus_best(result, ingredients, evaluator, splits: list[str] | None = None) -> list[Comparison]:
     """A recipe's result against the best individual model (chosen on val) on every report split
     (or on ``splits``, a subset of them).
 
     Empty for the best individual itself. Ensembles are compared through their averaged logits.
     """
-    from soup_core.evaluate import ensemble_logits
     from soup_core.recipes import RECIPES
     if result.recipe == "best" or evaluator is None:
         return []
-    name = RECIPES["best"].make(ingredients, evaluator).ingredients[0]
-    out = []
-    for split in report_splits(evaluator.split_names):
-        if splits is not None and split not in splits:
-            continue
-        if result.state_dict is not None:
-            logits = evaluator.logits(result.state_dict, split)
-        else:
-            logits = ensemble_logits([evaluator.logits(ingredients[n], split) for n in result.ingredients])
-        out.append(compare(f"best individual ({name})", evaluator.logits(ingredients[name], split),
-                           RECIPES[result.recipe].pretty_name, logits, evaluator.labels(split), split))
-    return out
+    best = RECIPES["best"].make(ingredients, evaluator)
+    name = f"best individual ({best.ingredients[0]})"
+    return versus(best, result, ingredients, evaluator, splits, reference_name=name)

@@ -340,6 +340,14 @@ def _open_page(page, server: str, title: str) -> None:
     _settle(page)
 
 
+def _download(page, button: str, target: Path) -> Path:
+    """Press a download button and save what it gives to ``target``."""
+    with page.expect_download(timeout=60_000) as info:
+        page.get_by_role("button", name=button).click()
+    info.value.save_as(target)
+    return target
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
 def test_landscape_upload_and_export_in_chromium(server, tmp_path):
@@ -376,8 +384,10 @@ def test_landscape_upload_and_export_in_chromium(server, tmp_path):
         page.get_by_role("button", name="Compute").click()
         page.locator(".js-plotly-plot .contour").first.wait_for(timeout=120_000)
         page.get_by_text("Lowest val error").wait_for(timeout=60_000)
-        # scatter traces: other checkpoints, soups, the three points, then the grid points (clickable)
-        page.locator(".js-plotly-plot .scatterlayer .trace").nth(3).locator(".point").nth(40).click(force=True)
+        # the clickable grid points: the scatter trace with the most points (grid × grid)
+        traces = page.locator(".js-plotly-plot .scatterlayer .trace")
+        grid = max(range(traces.count()), key=lambda i: traces.nth(i).locator(".point").count())
+        traces.nth(grid).locator(".point").nth(40).click(force=True)
         page.get_by_text("Keep this point for export").wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "landscape.png"), full_page=True)
         page.get_by_role("button", name="Keep this point for export").click()
@@ -385,10 +395,7 @@ def test_landscape_upload_and_export_in_chromium(server, tmp_path):
         page.get_by_test_id("stSidebarNav").get_by_text("Export", exact=True).click()
         page.get_by_role("code").filter(has_text="soup point digits-finetune --plane base ft-00 ft-01") \
             .wait_for(timeout=60_000)
-        with page.expect_download(timeout=60_000) as info:
-            page.get_by_role("button", name="Download safetensors").click()
-        point = tmp_path / "point.safetensors"
-        info.value.save_as(point)
+        point = _download(page, "Download safetensors", tmp_path / "point.safetensors")
         browser.close()
     state = load_state_dict(ticked)
     expected = uniform_average([zoo.state_dict(n) for n in zoo.names])
@@ -396,6 +403,39 @@ def test_landscape_upload_and_export_in_chromium(server, tmp_path):
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     assert read_provenance(point)["recipe"] == "landscape-point"
     assert load_state_dict(point).keys() == expected.keys()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
+def test_a_merge_method_from_the_board_exports_with_its_mergekit_configuration_in_chromium(server, tmp_path):
+    """TIES as the board makes it (λ best on val) goes to Export: its command chooses λ again, its
+    mergekit configuration carries the λ chosen."""
+    import yaml
+    from playwright.sync_api import sync_playwright
+
+    zoo = open_zoo("digits-finetune")
+    chosen = make_soup(zoo, "ties", normalize=True, **{"lambda": "val"}).options["lambda"]
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        _open_page(page, server, "Recipes")
+        picker = page.get_by_test_id("stSelectbox").filter(has_text="Soup to export")
+        picker.wait_for(timeout=300_000)  # under the board, which waits for the server's warm-up
+        picker.click()
+        page.keyboard.type("TIES merging")  # the list is long: filter it as a user would
+        page.get_by_role("option", name="TIES merging", exact=True).click()
+        _settle(page)
+        assert page.get_by_role("checkbox", name="lambda: best on val").is_checked()
+        page.get_by_role("button", name="Use for export").click()
+        page.get_by_text("TIES merging is ready on the Export page.").wait_for(timeout=60_000)
+        page.get_by_test_id("stSidebarNav").get_by_text("Export", exact=True).click()
+        page.get_by_role("code").filter(has_text="soup make ties digits-finetune").filter(has_text="--lambda val") \
+            .wait_for(timeout=120_000)
+        target = _download(page, "Download the mergekit configuration", tmp_path / "ties.yml")
+        browser.close()
+    config = yaml.safe_load(target.read_text())
+    assert config["merge_method"] == "ties" and config["parameters"]["lambda"] == chosen
+    assert len(config["models"]) == len(zoo.names)
 
 
 @pytest.mark.e2e

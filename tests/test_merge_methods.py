@@ -367,9 +367,11 @@ def test_yes_no_parameters_refuse_anything_else():
         RECIPES["ties"].resolve({"normalize": "maybe"})
 
 
-def test_every_merge_method_is_weight_only_and_off_the_board_until_the_app_shows_it():
-    for name in ("task-arithmetic", "ties", "dare-linear", "dare-ties", "breadcrumbs", "breadcrumbs-ties", "wise-ft"):
+def test_every_merge_method_is_weight_only_and_on_the_board_but_slerp():
+    for name in ("task-arithmetic", "ties", "dare-linear", "dare-ties", "breadcrumbs", "breadcrumbs-ties", "wise-ft",
+                 "lines"):
         recipe = RECIPES[name]
-        assert recipe.needs_base and not recipe.needs_evaluator and not recipe.board and recipe.merge_path
-        assert recipe.plan_merge(("a", "b"), {}).method.needs_base
+        assert recipe.needs_base and not recipe.needs_evaluator and recipe.board and recipe.merge_path
+        assert recipe.family == "merge" and recipe.plan_merge(("a", "b"), {}).method.needs_base
     assert RECIPES["slerp"].takes(2) and not RECIPES["slerp"].takes(3) and not RECIPES["karcher"].needs_base
+    assert not RECIPES["slerp"].board  # a pair's merge: the board makes every recipe from all checkpoints

@@ -14,6 +14,7 @@ from soup_core.cli import merging
 from soup_core.memory import parse_size
 from soup_core.policies import BN_POLICIES, CURVATURE_METHODS, PRECISIONS
 from soup_core.recipes import RECIPES, all_parameters
+from soup_core.recipes.parameters import ON_VAL
 
 MAX_GRID = 401          # points per side of a landscape: 160k evaluations is already hours
 MAX_PATH_POINTS = 10_001
@@ -23,6 +24,7 @@ EXAMPLES = """examples:
   soup evaluate digits-finetune
   soup make greedy digits-finetune --tie gt --out greedy.safetensors --json greedy.json
   soup make learned digits-finetune --epochs 5 --learning-rate 0.05
+  soup make ties digits-finetune --lambda val --density 0.3 --out ties.safetensors --mergekit-yml ties.yml
   soup landscape digits-finetune --points base ft-03 greedy --grid 21 --json plane.json
   soup path digits-finetune base greedy --range 0 1
   soup angles sample_data/digits-finetune/checkpoints/ft-0*.safetensors \\
@@ -54,6 +56,16 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def float_or_val(text: str) -> float | str:
+    """A number, or ``val``: chosen on the val split (:mod:`soup_core.recipes.tuning`)."""
+    if text.strip().lower() == ON_VAL:
+        return ON_VAL
+    try:
+        return finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor val (chosen on the val split)") from None
 
 
 def non_negative_float(text: str) -> float:
@@ -93,12 +105,16 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe parameters (each recipe takes only its own)")
     for name, (p, users) in all_parameters().items():
         default = p.default_text or ("no limit" if p.default is None else p.default)
+        on_val = (f"; or val: the best on the val split of {p.val_grid[0]:g}, {p.val_grid[1]:g}, …, "
+                  f"{p.val_grid[-1]:g}") if p.val_grid else ""
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
-                                  "help": f"{p.help} (default: {default}; {', '.join(users)})"}
+                                  "help": f"{p.help}{on_val} (default: {default}; {', '.join(users)})"}
         if p.choices:
             kwargs["choices"] = p.choices
         elif p.type is bool:
             kwargs["choices"] = ("true", "false")
+        elif p.val_grid:
+            kwargs["type"], kwargs["metavar"] = float_or_val, "X|val"
         elif p.type in (int, float):
             kwargs["type"] = (int_in(int(p.minimum or 0), None if p.maximum is None else int(p.maximum))
                               if p.type is int else finite_float)

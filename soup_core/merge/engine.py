@@ -120,6 +120,8 @@ class MergeRun:
             summary = self.method.summary(total) if self.method.summary is not None else total
             self.summaries[key] = summary
         keyword = {"key": key} if self.method.keyed else {}
+        if self.method.layout:
+            keyword["layout"] = tuple(self.infos)
         for start, stop in ranges:
             merged = self.method.combine(*self._read_all(key, start, stop), summary, **keyword).to(info.dtype)
             # NaN and Inf inputs reach the output of every method; so does an overflow of the dtype

@@ -18,7 +18,8 @@ angle) declares a ``statistic``: computed on each block, summed over the tensor'
 into a value by ``summary`` and given to ``combine`` — two passes over the tensor, one block at
 a time. A method that is not elementwise (TIES' magnitude threshold) sees whole tensors. The
 task-vector methods (task arithmetic, TIES, DARE, Breadcrumbs) are in
-:mod:`soup_core.merge.task_vectors`, SLERP in :mod:`soup_core.merge.slerp`.
+:mod:`soup_core.merge.task_vectors`, SLERP in :mod:`soup_core.merge.slerp`, LiNeS in
+:mod:`soup_core.merge.lines`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class TensorMethod:
     needs_base: bool = False
     elementwise: bool = True
     keyed: bool = False  # combine also takes ``key=`` the tensor's name (DARE seeds its drop with it)
+    layout: bool = False  # combine also takes ``layout=`` every output tensor's name (LiNeS reads depth from it)
 
 
 def mean_of() -> TensorMethod:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from soup_core.errors import RecipeError
 from soup_core.recipes.parameters import Parameter, Params
+from soup_core.recipes.tuning import choose_on_val, parameter_on_val
 
 if TYPE_CHECKING:  # the registry is read without importing torch
     import torch
@@ -119,17 +120,24 @@ class Recipe:
     is_soup: bool = True  # False for ensembles: no single set of weights to export
     min_ingredients: int = 1
     max_ingredients: int | None = None  # SLERP: exactly two
-    board: bool = True  # on the app's Recipes board and warm-up (the merge methods: the command line for now)
+    board: bool = True  # on the app's Recipes board, its Landscape and warm-up (SLERP, of two models only: not)
     by_hand: bool = False  # its result is what the user set, not a method: boards and warm-ups skip it
     merge_path: str | None = None  # weight-only recipes: "module:function" (names, params) -> Merge
+    app_values: tuple[tuple[str, Any], ...] = ()  # what the board, the Landscape and the sample results set
+    family: Literal["soup", "merge"] = "soup"  # the soups paper's recipes, or the field's merge methods
 
     def plan_merge(self, names: tuple[str, ...], values: Mapping[str, Any]) -> Merge | None:
         """The per-tensor plan of a weight-only recipe (None for recipes that score candidates)."""
         if self.merge_path is None:
             return None
         self.check_count(len(names))
+        params = self.resolve(values)
+        asked = parameter_on_val(self.parameters, params, self.pretty_name)
+        if asked is not None:
+            raise RecipeError(f"{asked.name}=val is chosen by scoring soups on the val split: make the soup with the "
+                              f"zoo's evaluator (its result records the {asked.name} chosen), or give a number")
         module, _, name = self.merge_path.partition(":")
-        return getattr(importlib.import_module(f"soup_core.recipes.{module}"), name)(names, self.resolve(values))
+        return getattr(importlib.import_module(f"soup_core.recipes.{module}"), name)(names, params)
 
     @property
     def function(self) -> Callable[..., Brew]:
@@ -178,7 +186,13 @@ class Recipe:
         if self.needs_base and base is None:
             raise RecipeError(f"the {self.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
         self.check_count(len(ingredients))
-        brew = self.function(ingredients, evaluator, base, params)
+        asked = parameter_on_val(self.parameters, params, self.pretty_name)
+        if asked is None:
+            brew = self.function(ingredients, evaluator, base, params)
+        else:  # one soup per value of its grid, the best on val kept (soup_core.recipes.tuning)
+            brew, params, curve = choose_on_val(asked, params, lambda p: self.function(ingredients, evaluator, base, p),
+                                                evaluator, self.pretty_name)
+            brew = replace(brew, extras={**brew.extras, "chosen_on_val": curve})
         names = brew.ingredients
         weights = brew.weights if brew.weights is not None else tuple(1.0 / len(names) for _ in names)
         metrics = brew.metrics

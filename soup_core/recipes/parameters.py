@@ -23,6 +23,14 @@ from typing import Any
 from soup_core.errors import RecipeError
 from soup_core.memory import SUM_PRECISIONS, ByteSize
 
+ON_VAL = "val"  # a parameter's value that asks for it to be chosen on the val split (see :attr:`Parameter.val_grid`)
+
+
+def grid(low: float, high: float, step: float) -> tuple[float, ...]:
+    """``low, low + step, …, high`` as the decimals they are written as (0.1, not 0.30000000000000004)."""
+    count = round((high - low) / step)
+    return tuple(round(low + i * step, 10) for i in range(count + 1))
+
 
 @dataclass(frozen=True)
 class Parameter:
@@ -38,6 +46,7 @@ class Parameter:
     reference: str = ""
     default_text: str = ""  # how the default reads in help, where its value says nothing ("")
     in_app: bool = True  # False: a resource of the machine running the recipe, set on the command line
+    val_grid: tuple[float, ...] | None = None  # the value may be "val": chosen on the val split from this grid
 
     @property
     def flag(self) -> str:
@@ -47,6 +56,8 @@ class Parameter:
         """``value`` converted to the declared type, or a :class:`RecipeError` saying why not."""
         if value is None and self.default is None:
             return None
+        if self.val_grid is not None and isinstance(value, str) and value.strip().lower() == ON_VAL:
+            return ON_VAL
         try:
             converted = switch(value) if self.type is bool else self.type(value)
         except RecipeError:  # the type's own message says what is wrong
@@ -196,12 +207,12 @@ WEIGHTS = Parameter("weights", MixingWeights, MixingWeights(),
                     reference="mergekit's linear merge and per-model weight")
 DENSITY = Parameter("density", float, 0.5, "share of each task vector's entries kept (TIES keeps the largest, "
                     "DARE a random draw, Breadcrumbs the largest after dropping gamma's outliers)", minimum=0.0,
-                    maximum=1.0,
-                    reference="Yadav et al. 2023; Yu et al. 2024; mergekit's density")
+                    maximum=1.0, reference="Yadav et al. 2023; Yu et al. 2024; mergekit's density",
+                    val_grid=grid(0.1, 1.0, 0.1))
 GAMMA = Parameter("gamma", float, 0.01, "share of each task vector's largest entries dropped as outliers",
                   minimum=0.0, maximum=1.0, reference="Davari & Belilovsky 2024; mergekit's gamma")
 SCALE = Parameter("lambda", float, 1.0, "scale of the merged task vector added to θ0",
-                  reference="Ilharco et al. 2023 (λ); mergekit's lambda")
+                  reference="Ilharco et al. 2023 (λ, chosen on val); mergekit's lambda", val_grid=grid(0.1, 2.0, 0.1))
 NORMALIZE_HELP = ("divide the merged task vector by the sum of the weights that went into each entry (TIES' "
                   "disjoint mean); default true for ties, false for the others, as in mergekit")
 NORMALIZE = Parameter("normalize", bool, False, NORMALIZE_HELP, default_text="per method")
@@ -217,8 +228,15 @@ MAX_ITER = Parameter("max_iter", int, 10, "most steps of the Karcher mean's iter
                      reference="mergekit's karcher max_iter")
 TOLERANCE = Parameter("tol", float, 1e-5, "the Karcher iteration stops when its step is shorter than this",
                       minimum=0.0, reference="mergekit's karcher tol")
-ALPHA = Parameter("alpha", float, 0.5, "how far from θ0 (0) to the soup of the ingredients (1)",
-                  reference="Wortsman et al. 2022b (WiSE-FT)")
+ALPHA_HELP = ("how far from θ0 (0) towards the soup of the ingredients (1); LiNeS: at the shallowest layers "
+              "and outside the numbered blocks")
+ALPHA = Parameter("alpha", float, 0.5, ALPHA_HELP, reference="Wortsman et al. 2022b (WiSE-FT)",
+                  default_text="per method", val_grid=grid(0.0, 1.0, 0.1))
+LINES_ALPHA = Parameter("alpha", float, 1.0, ALPHA_HELP, reference="Wang et al. 2024 (LiNeS), α",
+                        default_text="per method", val_grid=grid(0.0, 1.0, 0.1))
+LINES_BETA = Parameter("beta", float, 0.5, "LiNeS: the scale added at the deepest numbered block (linear in depth "
+                       "from alpha at the shallowest to alpha + beta)", reference="Wang et al. 2024 (LiNeS), β",
+                       val_grid=grid(0.0, 2.0, 0.1))
 INTERPOLATION = Parameter("t", float, 0.5, "where on the arc from the first ingredient (0) to the second (1)",
                           reference="mergekit's slerp t")
 
