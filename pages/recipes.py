@@ -68,7 +68,7 @@ st.caption("Every choice is made on val; test and the shifts are reports. \"test
            "methods (task arithmetic to LiNeS) add the mean task vector to θ0 scaled by the λ (LiNeS: the β) that "
            "is best on val, as their papers choose it (\"chosen on val\"). Ensembles cost one forward pass per "
            "ingredient at inference; soups cost one.")
-st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table",
+st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table", height=35 * (len(rows) + 1) + 3,
              column_config={c: st.column_config.NumberColumn(format="%.2f")
                             for c in ("val", "test", "avg shifts", *shifts)})
 
