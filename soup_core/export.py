@@ -322,7 +322,8 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
     out = Path(out)
     hf = _writes_folder(hf_source, out, hf)
     options = recipe.resolve(dict(candidate.params))
-    sources = [open_source(zoo.path(n), name=n, roots=zoo.allowed_roots) for n in merge.ingredients]
+    sources = [open_source(zoo.path(n), name=n, roots=zoo.allowed_roots, base=zoo.base if zoo.has_base else None)
+               for n in merge.ingredients]
     base = open_source(zoo.path(BASE), name=BASE, roots=zoo.allowed_roots) if merge.method.needs_base else None
     run = MergeRun(merge.method, sources, base, merge.ingredients.index(merge.reference), device)
 

@@ -30,6 +30,7 @@ import torch
 
 from soup_core.errors import CheckpointError
 from soup_core.io.layout import StoredTensor, TensorInfo, parse_header
+from soup_core.io.lora import AdapterWeights, is_adapter_folder, read_updates
 from soup_core.io.read import (TIED_KEY, check_index_keys, file_sha256, hashed_files, inside_roots,
                                is_safetensors_file, known_sha256, load_state_dict, remember_sha256, shard_index)
 from soup_core.io.safety import FLOAT_DTYPES, INTEGER_DTYPES, check_header, safetensors_header
@@ -224,15 +225,33 @@ class SafetensorsSource:
         self._stream.close()
 
 
+class AdapterSource(MappingSource):
+    """A PEFT LoRA adapter folder on θ0 (:mod:`soup_core.io.lora`): θ0's tensors, and each updated
+    one computed when it is read (held until another tensor is read), never the whole model."""
+
+    def __init__(self, path: Path, base: Mapping[str, torch.Tensor], *, name: str | None = None,
+                 roots: Sequence[Path] | None = None) -> None:
+        self.name, self.path = name or path.name, path
+        self._aliases = tied_aliases(base)
+        self._state = AdapterWeights(base, read_updates(path, base, roots=roots))
+        self.infos = {k: TensorInfo.of(t) for k, t in base.items() if k not in self._aliases}
+
+
 Source = MappingSource | SafetensorsSource
 
 
-def open_source(path: str | os.PathLike[str], *, name: str | None = None,
-                roots: Sequence[Path] | None = None) -> Source:
-    """A source for a checkpoint file or Hugging Face folder; safetensors are read by byte ranges."""
+def open_source(path: str | os.PathLike[str], *, name: str | None = None, roots: Sequence[Path] | None = None,
+                base: Mapping[str, torch.Tensor] | None = None) -> Source:
+    """A source for a checkpoint file or Hugging Face folder; safetensors are read by byte ranges.
+    A LoRA adapter folder is read on θ0 (``base``, e.g. the zoo's, memory-mapped)."""
     path = Path(path)
     if roots is not None:
         inside_roots(path, roots)
+    if is_adapter_folder(path):
+        if base is None:
+            raise CheckpointError(f"{path}: a LoRA adapter is an update of θ0; give its zoo a base "
+                                  "(base = \"...\" in zoo.toml: the model the adapter was trained on)")
+        return AdapterSource(path, base, name=name, roots=roots)
     found = _safetensors_files(path)
     if found is None:
         return MappingSource(load_state_dict(path, roots=roots), name=name or path.name, path=path)

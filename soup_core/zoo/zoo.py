@@ -24,7 +24,8 @@ from soup_core.data import data_evaluator
 from soup_core.errors import CheckpointError, DataError, ModelError, SoupError, ZooError
 from soup_core.evaluate import Evaluator, Metrics
 from soup_core.io import ValidationReport, file_sha256, load_state_dict, validate_state_dicts
-from soup_core.io.read import short
+from soup_core.io.lora import apply_adapter, is_adapter_folder
+from soup_core.io.read import inside_roots, short
 from soup_core.io.resident import load_resident
 from soup_core.models import config_channels, detect_model_factory
 from soup_core.state import StateDict
@@ -79,9 +80,22 @@ class Zoo:
     def state_dict(self, name: str) -> StateDict:
         """The checkpoint's tensors (memory-mapped, or in memory when resident; shared: never modify them)."""
         if name not in self._states:
-            read = load_resident if self.resident else load_state_dict
-            self._states[name] = read(self.path(name), roots=self.allowed_roots)
+            path = self.path(name)
+            if name != BASE and is_adapter_folder(path):
+                self._states[name] = self._adapter(name, path)
+            else:
+                read = load_resident if self.resident else load_state_dict
+                self._states[name] = read(path, roots=self.allowed_roots)
         return self._states[name]
+
+    def _adapter(self, name: str, path: Path) -> StateDict:
+        """A LoRA adapter's full weights on θ0 (:mod:`soup_core.io.lora`)."""
+        if not self.has_base:
+            raise ZooError(f"{self.name}: {name} is a LoRA adapter ({path}), an update of θ0; set base = \"...\" "
+                           "in zoo.toml to the model it was trained on")
+        if self.allowed_roots is not None:
+            inside_roots(path, self.allowed_roots)
+        return apply_adapter(self.base, path, roots=self.allowed_roots)
 
     @property
     def base(self) -> StateDict | None:

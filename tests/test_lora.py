@@ -1,0 +1,143 @@
+"""PEFT LoRA adapters as ingredients: each reads as PEFT's own merge_and_unload on θ0, and a soup of
+adapters is the average of their merged models (PEFT is the oracle; adapters written by PEFT)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from soup_core.errors import CheckpointError  # noqa: E402
+from soup_core.io.lora import AdapterConfig, apply_adapter, read_updates  # noqa: E402
+from soup_core.zoo import make_soup, open_zoo  # noqa: E402
+
+ADAPTERS = {  # name -> LoRA configuration: different ranks, alphas, rsLoRA, patterns, target modules, embeddings
+    "r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "r4-rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj"]),
+    "patterns": dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"],
+                     rank_pattern={"up_proj": 5}, alpha_pattern={"layers.1.self_attn.v_proj": 1.5}),
+    "embedding": dict(r=2, lora_alpha=2, target_modules=["embed_tokens", "down_proj"]),
+}
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def adapter_zoo(tmp_path_factory):
+    """θ0 written by save_pretrained and four adapters written by PEFT, their B matrices trained
+    (random: PEFT starts B at zero)."""
+    root = tmp_path_factory.mktemp("lora")
+    tiny_llama().save_pretrained(root / "base")
+    for i, (name, options) in enumerate(ADAPTERS.items()):
+        model = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", **options))
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_" in parameter_name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        model.save_pretrained(root / name)
+    manifest = ['name = "lora-zoo"', 'base = "base"'] + [f'[[checkpoints]]\nname = "{n}"\npath = "{n}"' for n in ADAPTERS]
+    (root / "zoo.toml").write_text("\n".join(manifest) + "\n")
+    return root
+
+
+def merged_by_peft(root: Path, name: str) -> dict[str, torch.Tensor]:
+    model = PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(root / "base"), root / name)
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def test_each_adapter_reads_as_peft_merges_it(adapter_zoo):
+    zoo = open_zoo(adapter_zoo / "zoo.toml")
+    for name in ADAPTERS:
+        ours, theirs = zoo.state_dict(name), merged_by_peft(adapter_zoo, name)
+        assert set(ours) <= set(theirs)
+        changed = [k for k in ours if not torch.equal(ours[k], zoo.base[k])]
+        assert changed and all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-6) for k in ours), name
+
+
+def test_a_soup_of_adapters_is_the_average_of_their_merged_models(adapter_zoo):
+    zoo = open_zoo(adapter_zoo / "zoo.toml")
+    soup = make_soup(zoo, "uniform").state_dict
+    merged = [merged_by_peft(adapter_zoo, n) for n in ADAPTERS]
+    for key, tensor in soup.items():
+        expected = sum(m[key].double() for m in merged) / len(merged)
+        assert torch.allclose(tensor.double(), expected, rtol=0, atol=1e-6), key
+
+
+def test_the_update_is_scale_times_b_a_as_the_paper_writes_it(adapter_zoo):
+    """Hu et al. 2021, eq. 3: h = W0 x + (α/r)·B A x; rsLoRA (Kalajdzievski 2023): α/√r."""
+    updates = read_updates(adapter_zoo / "r4-rslora", open_zoo(adapter_zoo / "zoo.toml").base)
+    update = updates["model.layers.0.self_attn.q_proj.weight"]
+    assert update.scale == 8 / 2  # α / √r with r = 4
+    assert torch.equal(update.delta(), (update.b @ update.a) * 4)
+    config = AdapterConfig.read(adapter_zoo / "patterns")
+    assert config.rank_and_alpha("model.layers.0.mlp.up_proj") == (5, 6.0)
+    assert config.rank_and_alpha("model.layers.1.self_attn.v_proj") == (3, 1.5)
+    assert config.rank_and_alpha("model.layers.0.self_attn.v_proj") == (3, 6.0)
+    embedding = read_updates(adapter_zoo / "embedding", open_zoo(adapter_zoo / "zoo.toml").base)
+    assert embedding["model.embed_tokens.weight"].delta().shape == (64, 16)  # (B·A)ᵀ: vocabulary × hidden
+
+
+def test_streamed_soups_of_adapters_equal_the_soup_in_memory(adapter_zoo, tmp_path):
+    from soup_core.export import Candidate, write_streamed
+    from soup_core.io import load_state_dict
+    zoo = open_zoo(adapter_zoo / "zoo.toml")
+    write_streamed(zoo, Candidate.of_recipe("uniform"), tmp_path / "soup.safetensors")
+    streamed, in_memory = load_state_dict(tmp_path / "soup.safetensors"), make_soup(zoo, "uniform").state_dict
+    assert all(torch.equal(streamed[k], in_memory[k]) for k in in_memory)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "lora_only"}, "bias='lora_only' trains biases"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"peft_type": "IA3"}, "a IA3 adapter; only PEFT LoRA adapters are read"),
+    ({"r": 3}, "has rank 2 but its configuration says r = 3"),
+])
+def test_what_is_not_a_plain_lora_update_is_refused_by_name(adapter_zoo, tmp_path, change, message):
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_zoo / "r2", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        apply_adapter(open_zoo(adapter_zoo / "zoo.toml").base, folder)
+
+
+def test_an_adapter_for_another_model_is_refused(adapter_zoo):
+    base = dict(open_zoo(adapter_zoo / "zoo.toml").base)
+    del base["model.layers.0.self_attn.q_proj.weight"]
+    with pytest.raises(CheckpointError, match="θ0 has no 'model.layers.0.self_attn.q_proj.weight'"):
+        apply_adapter(base, adapter_zoo / "r2")
+
+
+def test_a_gpt2_adapter_on_conv1d_is_transposed_as_peft_does(tmp_path):
+    """GPT-2 stores its projections as Conv1D (in × out): fan_in_fan_out transposes the update."""
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.GPT2LMHeadModel(config),
+                           LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                       tmp_path / "adapter").merge_and_unload().state_dict()
+    from soup_core.io import load_state_dict
+    ours = apply_adapter(load_state_dict(tmp_path / "base"), tmp_path / "adapter")
+    key = "transformer.h.1.attn.c_attn.weight"
+    assert not torch.equal(ours[key], load_state_dict(tmp_path / "base")[key])
+    assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-6) for k in ours)
