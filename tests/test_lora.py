@@ -141,3 +141,61 @@ def test_a_gpt2_adapter_on_conv1d_is_transposed_as_peft_does(tmp_path):
     key = "transformer.h.1.attn.c_attn.weight"
     assert not torch.equal(ours[key], load_state_dict(tmp_path / "base")[key])
     assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-6) for k in ours)
+
+
+# --- a soup of adapters, written back as one adapter ------------------------------------------------------
+
+def run_soup(*argv, cwd=None):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "soup_core", *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root)}, cwd=cwd or root)
+
+
+def test_a_full_rank_adapter_of_the_soup_loads_with_peft_and_is_the_soup(adapter_zoo, tmp_path):
+    """Four adapters of rank ≤ 5 average to an update of rank ≤ 2+4+5+2 on each module: rank 16 is exact."""
+    out = tmp_path / "soup-adapter"
+    result = run_soup("make", "uniform", str(adapter_zoo / "zoo.toml"), "--out", str(out), "--adapter-rank", "16",
+                      "--json", str(tmp_path / "soup.json"))
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((tmp_path / "soup.json").read_text())
+    assert max(payload["adapter"]["relative_frobenius_error"].values()) < 1e-6
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(adapter_zoo / "base"), out)
+    merged = loaded.merge_and_unload().state_dict()
+    soup = make_soup(open_zoo(adapter_zoo / "zoo.toml"), "uniform").state_dict
+    assert all(torch.allclose(merged[k], soup[k], rtol=0, atol=1e-5) for k in soup)
+    assert "--adapter-rank 16" in (out / "README.md").read_text()
+
+
+def test_a_low_rank_adapter_keeps_the_best_approximation_and_says_what_it_lost(adapter_zoo, tmp_path):
+    from soup_core.adapter_out import write_adapter
+    zoo = open_zoo(adapter_zoo / "zoo.toml")
+    soup = make_soup(zoo, "uniform")
+    folder, errors = write_adapter(zoo, soup, tmp_path / "rank1", 1)
+    key = "model.layers.0.self_attn.q_proj"
+    delta = soup.state_dict[f"{key}.weight"].double() - zoo.base[f"{key}.weight"].double()
+    singular = torch.linalg.svdvals(delta)
+    assert errors[key] == pytest.approx(float(singular[1:].norm() / singular.norm()), rel=1e-9)  # Eckart–Young
+    loaded = PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(adapter_zoo / "base"), folder)
+    merged = loaded.merge_and_unload().state_dict()[f"{key}.weight"].double() - zoo.base[f"{key}.weight"].double()
+    assert torch.linalg.matrix_rank(merged, atol=1e-6) == 1
+    assert float((delta - merged).norm() / delta.norm()) == pytest.approx(errors[key], abs=1e-5)
+    assert f"{errors[key]:.2e}" in (folder / "README.md").read_text()
+
+
+def test_an_adapter_export_refuses_full_models_and_keeps_what_is_there(adapter_zoo, tmp_path):
+    from soup_core.adapter_out import write_adapter
+    from soup_core.errors import SoupError
+    zoo = open_zoo(adapter_zoo / "zoo.toml")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="exists and is not an empty folder"):
+        write_adapter(zoo, make_soup(zoo, "uniform"), tmp_path / "taken", 4)
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+    full = zoo.extended({"full": adapter_zoo / "base"})
+    with pytest.raises(SoupError, match="full is not a LoRA adapter: a soup is written as one adapter only"):
+        write_adapter(full, make_soup(full, "uniform", ["r2", "full"]), tmp_path / "mixed", 4)
+    assert not (tmp_path / "mixed").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

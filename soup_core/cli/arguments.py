@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     alignable(make)
     make.add_argument("--out", metavar="FILE", help="write the soup as safetensors with provenance, and its "
                       "model card as FILE's name with .md (a folder for Hugging Face zoos)")
+    make.add_argument("--adapter-rank", type=int_in(1, 4096), metavar="R",
+                      help="a soup of LoRA adapters: write --out as one LoRA adapter folder of rank R (truncated SVD "
+                           "of the soup's update; the error per module is reported) instead of full weights")
     make.add_argument("--shard-size", type=byte_size, default="5GB", metavar="SIZE",
                       help="largest weights file of a Hugging Face folder written (default 5GB, as save_pretrained)")
     make.add_argument("--mergekit-yml", metavar="FILE", help="also write the mergekit configuration that remakes "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_make(args: argparse.Namespace) -> None:
     from soup_core.evaluate import metrics_to_json
-    from soup_core.export import Candidate, plan_export
+    from soup_core.export import Candidate, plan_export, zoo_reference
     from soup_core.recipes.best_individual import tie_sentence
     from soup_core.significance import versus_best
     from soup_core.zoo import make_soup
@@ -170,7 +171,10 @@ def cmd_make(args: argparse.Namespace) -> None:
     chosen = [n for n in args.ingredients.split(",") if n] if args.ingredients else None
     for name in chosen or ():
         zoo.path(name)  # a clear error for an unknown name
-    if args.out and RECIPES[args.recipe].merge_path and not args.align and zoo.evaluator is None:
+    if args.adapter_rank and not args.out:
+        raise UsageError("--adapter-rank writes the adapter to --out: give --out FOLDER")
+    if args.out and RECIPES[args.recipe].merge_path and not args.align and zoo.evaluator is None \
+            and not args.adapter_rank:
         return make_streamed(args, zoo, chosen, params)
     if args.mergekit_yml:
         refuse_mergekit(args.recipe)
@@ -180,7 +184,15 @@ def cmd_make(args: argparse.Namespace) -> None:
                "metrics": metrics_to_json(result.metrics), "options": dict(result.options),
                "precision": args.precision,
                "extras": dict(result.extras)}
-    if args.out:
+    if args.out and args.adapter_rank:
+        from soup_core.adapter_out import write_adapter
+        argv = Candidate.of_recipe(args.recipe, chosen, **params).command(zoo_reference(zoo), args.out)
+        folder, errors = write_adapter(zoo, result, args.out, args.adapter_rank, inputs=zoo_inputs(zoo),
+                                       command=shlex.join([*argv, "--adapter-rank", str(args.adapter_rank)]))
+        comparisons = [] if zoo.evaluator is None else versus_best(result, zoo.ingredients(chosen), zoo.evaluator)
+        payload.update(out=str(folder), model_card=str(folder / "README.md"),
+                       adapter={"rank": args.adapter_rank, "relative_frobenius_error": errors})
+    elif args.out:
         if result.state_dict is None:
             raise UsageError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
                              "be written as a checkpoint; choose a soup recipe")

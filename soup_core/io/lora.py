@@ -129,6 +129,7 @@ class LoraUpdate:
     b: torch.Tensor
     scale: float
     transpose: bool
+    embedding: bool = False  # lora_embedding_A/B (else lora_A/B.weight)
     saved_base: torch.Tensor | None = None  # the layer's own weight, saved with embedding adapters (PEFT loads it)
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -184,7 +185,8 @@ def _update(weights: Path, module: str, found: Mapping[str, torch.Tensor], confi
     if saved is not None and tuple(saved.shape) != tuple(base_keys[target].shape):
         raise CheckpointError(f"{weights}: the adapter resizes {target} from {tuple(base_keys[target].shape)} to "
                               f"{tuple(saved.shape)} (added tokens); soups need every ingredient's shapes equal")
-    return LoraUpdate(a, b, config.scale(module), transpose=embedding or config.fan_in_fan_out, saved_base=saved)
+    return LoraUpdate(a, b, config.scale(module), transpose=embedding or config.fan_in_fan_out, embedding=embedding,
+                      saved_base=saved)
 
 
 def updated(base: torch.Tensor, update: LoraUpdate, key: str = "") -> torch.Tensor:

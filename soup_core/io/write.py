@@ -23,7 +23,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from soup_core.errors import CheckpointError
@@ -114,3 +114,35 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def atomic_folder(target: str | os.PathLike[str], files: Mapping[str, bytes | str],
+                  inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Write a folder of small files (a LoRA adapter: its configuration, weights and card) in one
+    rename: assembled in a hidden folder beside ``target``, each file flushed, then renamed into
+    place. ``target`` must not exist or be an empty folder; an input is never written over."""
+    target = Path(target)
+    refuse_inputs(target, inputs)
+    if target.is_symlink() or (target.exists() and (not target.is_dir() or any(target.iterdir()))):
+        raise CheckpointError(f"{target}: exists and is not an empty folder; choose a new name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_partials(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX, dir=target.parent))
+    try:
+        for name, data in files.items():
+            with open(staging / name, "wb") as handle:
+                handle.write(data.encode() if isinstance(data, str) else data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        if target.is_dir():
+            target.rmdir()
+        os.rename(staging, target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise no_space(target) from None
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
