@@ -1,20 +1,44 @@
-"""User-supplied text (checkpoint names, file names) shown inside Markdown elements, literally.
+r"""User-supplied text (checkpoint names, file names, paths, error messages) shown in Markdown, literally.
 
-Streamlit's captions and labels render Markdown: a checkpoint named ``[x](http://…)`` or
-``**ft**`` would become a link or bold text. :func:`literal` escapes every character Markdown
-(and Streamlit's ``:color[...]``/``$math$`` extensions) gives a meaning, so the text reads as typed.
+Streamlit renders Markdown in errors, captions and labels: a checkpoint named ``[x](http://…)``,
+a shared link's ``?folder=![x](https://host/p.png)`` echoed in an error, or a bare URL would
+become a link, an image fetched from elsewhere or bold text. :func:`literal` escapes every
+character that gives inline Markdown (and Streamlit's ``:color[...]``/``$math$`` extensions) a
+meaning, and the markers that start a block (``#``, ``-``, ``1.``) at the start of a line, so the
+text reads as typed and nothing in it is followed; ``-`` and ``.`` elsewhere stay as they are
+(``ft-05.safetensors`` reads the same in the source and on the page).
 
->>> literal("ft_1 *x* [a](b) $y$ :red[z]")
-'ft\\\\_1 \\\\*x\\\\* \\\\[a\\\\]\\\\(b\\\\) \\\\$y\\\\$ \\\\:red\\\\[z\\\\]'
+>>> print(literal("ft_1 *x* [a](b) $y$ :red[z] ft-05.safetensors"))
+ft\_1 \*x\* \[a\]\(b\) \$y\$ \:red\[z\] ft-05.safetensors
+>>> print(literal("# not a heading\n- not a list"))
+\# not a heading
+\- not a list
 """
 
 from __future__ import annotations
 
 import re
 
-_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+import streamlit as st
+
+_INLINE = re.compile(r"([\\`*_{}\[\]()!|<>~$:])")
+_BLOCK = re.compile(r"^(\s*)([#>+-]|\d+\.)", re.MULTILINE)
 
 
 def literal(text: str) -> str:
     """``text`` with each Markdown-significant character backslash-escaped."""
-    return _SPECIAL.sub(r"\\\1", text)
+    return _BLOCK.sub(lambda m: m.group(1) + "\\" + m.group(2), _INLINE.sub(r"\\\1", text))
+
+
+def error(text: str, where=st) -> None:
+    """An error box (``where``: ``st`` or ``st.sidebar``) showing ``text`` as typed."""
+    where.error(literal(text))
+
+
+def as_read(markdown: str) -> str:
+    """What a reader sees of :func:`literal`'s output (its escapes removed): ``as_read(literal(t)) == t``.
+
+    >>> as_read(literal("ft_1 [a](b) $y$"))
+    'ft_1 [a](b) $y$'
+    """
+    return re.sub(r"\\(.)", r"\1", markdown)

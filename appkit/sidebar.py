@@ -9,7 +9,7 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from appkit.cache import load_zoo
-from appkit.plain import literal
+from appkit.plain import error, literal
 from appkit.uploads import add_uploads, uploads_of, with_uploads
 from appkit.workspace import DEFAULT_ZOO, SESSION_KEY, seed, store, update, workspace
 from soup_core.errors import SoupError
@@ -33,7 +33,7 @@ def _open_folder() -> Zoo | None:
     try:
         zoo = load_zoo(folder, roots)
     except (SoupError, OSError) as exc:
-        st.sidebar.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, st.sidebar)
         return None
     return zoo
 
@@ -66,13 +66,13 @@ def sidebar() -> Zoo:
                                      accept_multiple_files="directory" if whole_folder else True,
                                      key=f"upload:{opened.name}:{whole_folder}")
     for problem in add_uploads(opened, files, limit_mb << 20, skip_other_files=whole_folder):
-        st.sidebar.error(problem)
+        error(problem, st.sidebar)
     for upload in uploads_of(opened.name).values():
         if upload["note"]:
-            st.sidebar.info(upload["note"])
+            st.sidebar.info(literal(upload["note"]))
     zoo = with_uploads(opened)
     store(replace(workspace(), zoo=name).with_zoo_shown(zoo))  # on a first run, also the link's workspace into the URL
-    st.sidebar.caption(zoo.description)
+    st.sidebar.caption(literal(zoo.description))
     base = " + base θ0" if zoo.has_base else " (no base θ0)"
     st.sidebar.write(f"**{len(zoo.names)} checkpoints**{base}, "
                      f"{num_parameters(zoo.state_dict(zoo.names[0])):,} parameters each")
@@ -82,7 +82,7 @@ def sidebar() -> Zoo:
                         "evaluator.")
     report = zoo.validation
     for message in report.errors:
-        st.sidebar.error(message)
+        error(message, st.sidebar)
     for message in report.warnings:
-        st.sidebar.warning(message)
+        st.sidebar.warning(literal(message))
     return zoo

@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from appkit.cache import export_plan
+from appkit.plain import error
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
 from appkit.workspace import chosen_export, ticked
@@ -26,7 +27,7 @@ if candidate.kind == "recipe" and candidate.ingredients == ():
 try:
     plan = export_plan(zoo, candidate, tuple(uploads_of(zoo.name)))
 except SoupError as exc:
-    st.error(str(exc))
+    error(str(exc))
     st.stop()
 st.subheader(plan.title)
 cols = st.columns(3)

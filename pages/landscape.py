@@ -13,6 +13,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
 from appkit.figures import html_text
 from appkit.interrupt import Interruptible
+from appkit.plain import error
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
 from appkit.uploads import uploads_of
@@ -84,7 +85,7 @@ def landscape_view() -> None:
             try:
                 plane, projections = plane_for(zoo, zoo_key(zoo), *points)
             except SoupError as exc:
-                st.error(str(exc))
+                error(str(exc))
                 return
             bar = st.progress(0.0, text="Waiting for a free slot…")
             st.button("Cancel", key="land-cancel", help="Stop: what is computed so far is kept, and Compute "
@@ -246,7 +247,7 @@ def sparse_method_point(plane_points: tuple[str, str, str]):
     try:
         projection, made = method_point(zoo, zoo_key(zoo), plane_points, recipe, density)
     except SoupError as exc:
-        st.error(str(exc))
+        error(str(exc))
         return None
     m = made.metrics
     cols[2].caption(f"{RECIPES[recipe].pretty_name} at density {density:g}, {chosen_on_val(made)} (best on val): "

@@ -10,6 +10,7 @@ from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, ca
                           cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, recipe_significance,
                           zoo_key)
 from appkit.figures import figure_footer
+from appkit.plain import literal
 from appkit.sidebar import sidebar
 from soup_core.pairs import section_four_sentence
 from soup_core.recipes import RECIPES
@@ -39,7 +40,7 @@ story_zoo = opened if (opened.has_base and opened.evaluator is not None and "tes
 
 
 def uses(zoo, why: str = "") -> None:
-    st.info(f"This step uses the zoo **{zoo.name}**{why}.")
+    st.info(f"This step uses the zoo **{literal(zoo.name)}**{why}.")
 
 
 def versus(zoo, recipe: str, against: str = "best") -> dict:

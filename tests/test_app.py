@@ -16,6 +16,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from appkit.plain import as_read
 from soup_core.export import Candidate
 from soup_core.io import load_state_dict, read_provenance
 from soup_core.params import uniform_average
@@ -166,8 +167,8 @@ def test_a_bad_upload_shows_an_error_and_the_app_keeps_serving(tmp_path, name, d
     at = _app()
     at.file_uploader(key="upload:digits-finetune:False").set_value([(name, data, "application/octet-stream")]).run()
     assert not at.exception
-    assert at.sidebar.error and any(name in e.value for e in at.sidebar.error)
-    assert message.lower() in " ".join(e.value for e in at.sidebar.error).lower()
+    assert at.sidebar.error and any(name in as_read(e.value) for e in at.sidebar.error)
+    assert message.lower() in " ".join(as_read(e.value) for e in at.sidebar.error).lower()
     assert _metric(at, "Checkpoints") == str(len(zoo.names))
 
 

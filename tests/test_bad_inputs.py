@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from appkit.plain import as_read
 from tests.conftest import tree_digest
 from tests.corpus.build import MARKER
 
@@ -161,7 +162,7 @@ def test_a_bad_upload_is_an_error_and_the_app_keeps_serving(name):
     at.file_uploader(key="upload:digits-finetune:False").set_value(
         [(Path(name).name, (CORPUS / name).read_bytes(), "application/octet-stream")]).run()
     assert not at.exception
-    errors = " ".join(e.value for e in at.sidebar.error)
+    errors = " ".join(as_read(e.value) for e in at.sidebar.error)
     assert Path(name).name in errors and UPLOADS[name] in errors
     assert _count(at) == "32"
     at.checkbox(key="tick:digits-finetune:ft-00").uncheck().run()  # still serving
@@ -205,7 +206,7 @@ def test_a_bad_folder_is_an_error_and_the_sample_zoo_stays_open(monkeypatch, fol
     at = _app(monkeypatch, [CORPUS / folder])
     at.sidebar.text_input(key="folder").input(str(CORPUS / folder)).run()
     assert not at.exception, at.exception
-    assert message in " ".join(e.value for e in at.sidebar.error)
+    assert message in " ".join(as_read(e.value) for e in at.sidebar.error)
     assert _count(at) == "32"
 
 

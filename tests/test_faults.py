@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,31 @@ def test_json_onto_the_zoos_own_manifest_is_refused(zoo_copy):
         result = soup("angles", str(named), "--ingredients", "ft-00,ft-01", "--json", str(manifest))
         assert result.returncode == 2 and "refusing to write over an input" in result.stderr
         assert manifest.read_bytes() == before
+
+
+def test_a_shared_link_with_markdown_in_it_is_shown_as_typed_never_followed(monkeypatch, tmp_path):
+    """``?folder=![x](https://host/p.png) [Sign in again](https://host/login)`` once made the victim's
+    browser fetch an outside image and showed a phishing link in the app's error box."""
+    from tests.test_bad_inputs import _app
+    at = _app(monkeypatch, [tmp_path])
+    attack = "![x](https://host/p.png) [Sign in again](https://host/login)"
+    at.sidebar.text_input(key="folder").input(attack).run()
+    shown = " ".join(e.value for e in at.sidebar.error)
+    assert not at.exception and shown
+    assert "](" not in shown.replace("\\](", "") and "\\!\\[x\\]" in shown  # no link, no image: escaped
+    assert "\\[Sign in again\\]" in shown
+
+
+def test_a_zoo_description_and_an_upload_name_are_shown_as_typed(monkeypatch, tmp_path):
+    import shutil
+
+    from tests.test_bad_inputs import _app
+    zoo = tmp_path / "zoo"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sample_data" / "digits-finetune", zoo)
+    manifest = zoo / "zoo.toml"
+    manifest.write_text(manifest.read_text().replace(
+        'description = "', 'description = "[Sign in again](https://host/login) ', 1))
+    at = _app(monkeypatch, [tmp_path])
+    at.sidebar.text_input(key="folder").input(str(zoo)).run()
+    captions = [c.value for c in at.sidebar.caption]
+    assert not at.exception and any("\\[Sign in again\\]\\(https\\://host/login\\)" in c for c in captions)

@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from appkit.plain import as_read
 from soup_core.io import load_state_dict, read_provenance, save_hf_directory
 from soup_core.params import uniform_average
 from soup_core.zoo import ZooError, open_zoo
@@ -312,7 +313,7 @@ def test_the_app_says_timm_is_missing_in_the_same_words(monkeypatch, tmp_path):
     at = _app(monkeypatch, [tmp_path])
     at.sidebar.text_input(key="folder").input(str(tmp_path)).run()
     assert not at.exception  # the folder is refused with the CLI's words; the sample zoo stays open
-    assert [e.value for e in at.sidebar.error] == [
+    assert [as_read(e.value) for e in at.sidebar.error] == [
         "a timm checkpoint (arch 'resnet18') needs the optional extra: pip install timm (the [timm] extra)"]
     assert not any("Weights only" in i.value for i in at.sidebar.info)
 
