@@ -719,7 +719,7 @@ def test_the_servers_upload_budget_refuses_what_does_not_fit_and_says_what_to_do
     uploader = at.file_uploader(key="upload:digits-finetune:False")
     uploader.set_value([("mine.safetensors", zoo.path("ft-05").read_bytes(), "application/octet-stream")]).run()
     assert not at.exception and _metric(at, "Checkpoints") == "32"
-    errors = " ".join(e.value for e in at.error)
+    errors = " ".join(as_read(e.value) for e in at.error)
     assert "keeps at most 0.05 MB (SOUP_UPLOAD_BUDGET_MB)" in errors and "remove an upload" in errors
 
 
