@@ -182,3 +182,37 @@ def test_a_zoo_description_and_an_upload_name_are_shown_as_typed(monkeypatch, tm
     at.sidebar.text_input(key="folder").input(str(zoo)).run()
     captions = [c.value for c in at.sidebar.caption]
     assert not at.exception and any("\\[Sign in again\\]\\(https\\://host/login\\)" in c for c in captions)
+
+
+def test_a_landscape_killed_mid_run_keeps_its_resume_file_and_finishes_from_it(tmp_path):
+    """Without --ray too, --resume is saved after every chunk: SIGKILL loses one chunk, never the file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    state = tmp_path / "plane.json"
+    argv = [sys.executable, "-m", "soup_core", "landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01",
+            "--grid", "101", "--resume", str(state)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the landscape finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    partial = json.loads(state.read_text())
+    done = np.array([[v is not None for v in row] for row in partial["loss"]["val"]])
+    assert not partial["complete"] and 0 < done.sum() < done.size
+    i, j = map(int, np.argwhere(done)[0])
+    partial["loss"]["val"][i][j] = 123.0  # a marker: a resumed run keeps computed cells, a fresh one would not
+    state.write_text(json.dumps(partial))
+    finished = subprocess.run([*argv, "--json", str(tmp_path / "out.json")], env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    full = json.loads((tmp_path / "out.json").read_text())
+    assert full["complete"]
+    assert full["loss"]["val"][i][j] == 123.0  # resumed from the file, not recomputed
+    assert np.isfinite(np.array(full["loss"]["val"], dtype=float)).all()

@@ -244,12 +244,12 @@ def cmd_landscape(args: argparse.Namespace) -> None:
         return {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,
                 **result.to_json()}
 
+    # --resume FILE: the partial grid is saved (atomically) after every chunk, so a killed run loses one chunk
+    save = (lambda partial: write_json(args.resume, payload_of(partial), zoo_inputs(zoo))) if args.resume else None
     bar, report = progress_bar("landscape")
     with bar:
         if args.ray:
             from soup_core import distributed
-            save = (lambda partial: write_json(args.resume, payload_of(partial), zoo_inputs(zoo))) if args.resume \
-                else None
             with distributed.cluster(args.ray, workers=args.workers) as ray:
                 result = distributed.landscape(ray, zoo, args.points, grid=args.grid, margin=args.margin,
                                                splits=splits, bn=args.bn, max_samples=args.max_samples,
@@ -258,7 +258,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
         else:
             result = plane_landscape(zoo.evaluator, plane, grid=args.grid, margin=args.margin, splits=splits,
                                      bn=args.bn, projections=projections, max_samples=args.max_samples,
-                                     resume=resume, progress=report)
+                                     resume=resume, progress=report, checkpoint=save)
     payload = payload_of(result)
     write_json(args.json, payload, zoo_inputs(zoo))
     if args.resume:

@@ -71,3 +71,4 @@ def metrics_line(metrics, shifts: Sequence[str]) -> str:
     if avg is not None:
         parts.append(f"shifts {avg:.2%}")
     return "  ".join(parts)
+

@@ -1,8 +1,5 @@
-"""The slice engine: many weight points of θ(c) = origin + Σ_k c_k d_k scored per forward pass.
-
-See :mod:`soup_core.landscape` for what it does and why; this module holds
-:class:`SliceEvaluator` and the chunk sizes it works with.
-"""
+"""The slice engine: many weight points of θ(c) = origin + Σ_k c_k d_k scored per forward pass
+(:class:`SliceEvaluator` and its chunk sizes; :mod:`soup_core.landscape` says what it does and why)."""
 
 from __future__ import annotations
 
@@ -362,11 +359,10 @@ class SliceEvaluator:
         self.precision_deviation = max(self.precision_deviation or 0.0, deviation)
 
     def evaluate(self, coords: torch.Tensor | Sequence[Sequence[float]], splits: Sequence[str] = ("val",),
-                 *, progress: Progress | None = None, should_stop: ShouldStop | None = None) -> PointValues:
-        """Loss and error at each row of ``coords`` ([G, k]); NaN where stopped before.
-
-        Data stays on the device; each chunk's sums come back to the host once, not per batch.
-        """
+                 *, progress: Progress | None = None, should_stop: ShouldStop | None = None,
+                 on_chunk: Callable[[PointValues], None] | None = None) -> PointValues:
+        """Loss and error at each row of ``coords`` ([G, k]); NaN where stopped before. Data stays on
+        the device; each chunk's sums come back to the host once; ``on_chunk`` sees the values so far."""
         coords = torch.as_tensor(coords, dtype=torch.float32).to(self.device).reshape(-1, self.k)
         data = {s: _subsample(self.evaluator.splits[s], self.max_samples, self.sample_seed) for s in splits}
         loss = {s: np.full(len(coords), np.nan) for s in splits}
@@ -385,6 +381,8 @@ class SliceEvaluator:
                     error[s][start:start + len(part)] = errors.cpu().numpy()
                 if progress is not None:
                     progress(min(1.0, (start + len(part)) / len(coords)), f"{start + len(part)}/{len(coords)} points")
+                if on_chunk is not None:
+                    on_chunk(PointValues(loss, error))
         finally:
             self._release()
         return PointValues(loss, error)

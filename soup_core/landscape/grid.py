@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,20 +107,26 @@ def plane_landscape(evaluator: Evaluator, plane: Plane, *, grid: int = 21, margi
                     projections: Sequence[Projection] = (), max_samples: int | None = None,
                     resume: Landscape | None = None, progress: Progress | None = None,
                     should_stop: ShouldStop | None = None, engine: SliceEvaluator | None = None,
-                    precision: str | None = None) -> Landscape:
+                    precision: str | None = None, checkpoint: Callable[[Landscape], None] | None = None) -> Landscape:
     """Loss and error on a grid×grid lattice of ``plane`` (paper Figure 2).
 
     The extent is the anchors' bounding box plus ``margin`` unless given. Points run coarse to
     fine; ``should_stop`` keeps what was done and ``resume`` (a partial result of the same grid)
     computes only the rest. ``precision`` is ``"fp32"`` (exact), ``"tf32"`` or ``"bf16"``
     (:mod:`soup_core.precision`; default: the evaluator's); outside fp32 the result carries
-    its measured deviation.
+    its measured deviation. ``checkpoint(result)`` sees the partial result after every chunk
+    (``soup landscape --resume`` saves it).
     """
     engine = engine or SliceEvaluator(evaluator, plane.origin, plane.directions, bn=bn, max_samples=max_samples,
                                       precision=precision)
     result, todo, coords = grid_plan(plane, engine, grid=grid, margin=margin, splits=splits, extent=extent,
                                      projections=projections, resume=resume)
-    fill(result, todo, engine.evaluate(coords, splits, progress=progress, should_stop=should_stop))
+    def chunk_done(values: PointValues) -> None:
+        fill(result, todo, values)
+        checkpoint(result)
+
+    fill(result, todo, engine.evaluate(coords, splits, progress=progress, should_stop=should_stop,
+                                       on_chunk=chunk_done if checkpoint is not None else None))
     result.precision_deviation = engine.precision_deviation
     return result
 
