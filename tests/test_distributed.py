@@ -50,12 +50,30 @@ def test_two_workers_give_the_same_grid_scores_and_pairs_as_one_process(cluster,
     assert report.to_json() == pair_analyses(zoo.ingredients(names[:3]), zoo.evaluator, base=zoo.base).to_json()
 
 
+def _parent(pid: int) -> int:
+    stat = (Path("/proc") / str(pid) / "stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
+
+
+def _descends_from_this_process(pid: int) -> bool:
+    """Whether ``pid`` was started (through any chain) by this test process: this suite's local
+    cluster's workers, never another suite's or a user's Ray on the same machine."""
+    try:
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == os.getpid():
+                return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
 def _worker_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"ZooWorker" in (entry / "cmdline").read_bytes():
+                if b"ZooWorker" in (entry / "cmdline").read_bytes() and _descends_from_this_process(int(entry.name)):
                     pids.append(int(entry.name))
             except OSError:
                 continue
