@@ -36,6 +36,7 @@ from soup_core.evaluate import Evaluator, Split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("table", "images", "text")
+MAX_IMAGE_SIDE = 4096  # pixels; and the images must fit in memory (checked before any is read)
 
 
 def _split_specs(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -91,11 +92,24 @@ def table_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dic
     return out
 
 
+def _check_fits(folders: Mapping[str, Path], classes: list[str], size: int, channels: int) -> None:
+    """The images at ``size`` must fit in memory twice over (decoded, then stacked): else one line, before any is read."""
+    from soup_core.memory import free_memory
+    count = sum(1 for folder in folders.values() for cls in classes if (folder / cls).is_dir()
+                for file in (folder / cls).iterdir() if file.suffix.lower() in IMAGE_SUFFIXES)
+    need, free = 2 * count * channels * size * size * 4, free_memory(torch.device("cpu"))
+    if need > free:
+        raise DataError(f"[data] size = {size}: {count} images at {size}×{size}×{channels} take {need / 1e9:.1f} GB "
+                        f"to load and {free / 1e9:.1f} GB is free; choose the size the model was trained at")
+
+
 def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
                  default_channels: int = 3) -> dict[str, Split]:
     """Folders with one subfolder per class → normalised [N, C, size, size] float32, C = ``channels``."""
     from PIL import Image, UnidentifiedImageError
-    size = int(spec.get("size", 32))
+    size = spec.get("size", 32)
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IMAGE_SIDE:
+        raise DataError(f"[data] size must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE}, not {size!r}")
     channels = spec.get("channels", default_channels)
     if channels not in (1, 3):
         raise DataError(f"[data] channels must be 1 (grayscale) or 3 (RGB), not {channels!r}")
@@ -104,6 +118,7 @@ def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
     classes = sorted({d.name for f in folders.values() if f.is_dir() for d in f.iterdir() if d.is_dir()})
     if not classes:
         raise DataError("image folders need one subfolder per class")
+    _check_fits(folders, classes, size, channels)
     ids = {c: i for i, c in enumerate(classes)}
     mean = np.asarray(spec.get("mean", 0.5), dtype=np.float32)
     std = np.asarray(spec.get("std", 0.5), dtype=np.float32)

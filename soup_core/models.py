@@ -38,6 +38,8 @@ import torch
 from soup_core.errors import ModelError
 
 HF_CONFIG = "config.json"
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")
+DEPTH_FACTOR = 64  # a config may ask for this many times the layers its checkpoint stores (weight sharing)
 
 
 def is_hf_directory(path: Path) -> bool:
@@ -85,6 +87,7 @@ def hf_model_factory(directory: Path) -> Callable[[], torch.nn.Module]:
     cls = _logits_class(getattr(transformers, names[0]))
     from soup_core.io import load_state_dict  # memory-mapped: only the names are read
     checkpoint_keys = tuple(load_state_dict(directory))
+    check_depth(config, checkpoint_keys, directory)
 
     def factory() -> torch.nn.Module:
         model = cls(config)
@@ -93,6 +96,26 @@ def hf_model_factory(directory: Path) -> Callable[[], torch.nn.Module]:
         return model
 
     return factory
+
+
+def check_depth(config, keys: Iterable[str], where: Path) -> None:
+    """A config asking for far more layers than its checkpoint holds is refused before the model is
+    built (``num_hidden_layers = 10**7`` would allocate until memory runs out). The checkpoint's
+    depth is its longest numbered block list (``encoder.layer.0 … 11``); weight-shared models
+    (ALBERT: 12 layers from one stored group) stay far inside the ``DEPTH_FACTOR`` margin."""
+    from soup_core.merge.lines import numbered_block
+    indices: dict[str, set[int]] = {}
+    for key in keys:
+        found = numbered_block(key)
+        if found is not None:
+            indices.setdefault(found[0], set()).add(found[1])
+    held = max((len(found) for found in indices.values()), default=0)
+    for field in LAYER_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > DEPTH_FACTOR * max(held, 1):
+            raise ModelError(f"{where / HF_CONFIG}: {field} = {value}, but the checkpoint holds {held} numbered "
+                             "layers; a model built that deep would not fit in memory. Is this config the "
+                             "checkpoint's own?")
 
 
 def answer_to_checkpoint_names(model: torch.nn.Module, keys: Iterable[str], where: Path | str = "") -> int:

@@ -216,3 +216,47 @@ def test_a_landscape_killed_mid_run_keeps_its_resume_file_and_finishes_from_it(t
     assert full["complete"]
     assert full["loss"]["val"][i][j] == 123.0  # resumed from the file, not recomputed
     assert np.isfinite(np.array(full["loss"]["val"], dtype=float)).all()
+
+
+def _image_folders(root: Path) -> dict[str, Path]:
+    from PIL import Image
+    for split in ("val", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (4, 4), (10, 20, 30)).save(root / split / cls / "x.png")
+    return {"val": "val", "test": "test"}
+
+
+@pytest.mark.parametrize("size", [100_000, 0, 2.5, "32", True])
+def test_an_image_size_out_of_bounds_is_one_line_before_any_image_is_read(tmp_path, size):
+    from soup_core.data import image_splits
+    from soup_core.errors import DataError
+    spec = {"kind": "images", "size": size, **_image_folders(tmp_path)}
+    with pytest.raises(DataError, match=r"\[data\] size must be a whole number of pixels from 1 to 4096, not"):
+        image_splits(spec, lambda p: tmp_path / p)
+
+
+def test_images_that_would_not_fit_in_memory_are_refused_with_what_they_need(tmp_path, monkeypatch):
+    import soup_core.memory
+    from soup_core.data import image_splits
+    from soup_core.errors import DataError
+    spec = {"kind": "images", "size": 4096, **_image_folders(tmp_path)}
+    monkeypatch.setattr(soup_core.memory, "free_memory", lambda device: 1 << 30)  # a machine with 1 GB free
+    with pytest.raises(DataError, match=r"4 images at 4096×4096×3 take 1\.6 GB to load and 1\.1 GB is free"):
+        image_splits(spec, lambda p: tmp_path / p)
+    assert image_splits({**spec, "size": 8}, lambda p: tmp_path / p)["val"].inputs.shape == (2, 3, 8, 8)
+
+
+def test_a_config_far_deeper_than_its_checkpoint_is_refused_before_the_model_is_built(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from soup_core.errors import ModelError
+    from soup_core.models import hf_model_factory
+    config = transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=16, num_labels=2,
+                                     architectures=["BertForSequenceClassification"])
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    assert hf_model_factory(tmp_path / "model")() is not None  # its own config builds
+    written = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**written, "num_hidden_layers": 10**7}))
+    with pytest.raises(ModelError, match="num_hidden_layers = 10000000, but the checkpoint holds 2 numbered layers"):
+        hf_model_factory(tmp_path / "model")
