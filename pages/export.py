@@ -61,7 +61,7 @@ if mergekit is not None:
                        file_name=plan.file_name.replace(".safetensors", ".mergekit.yml"), mime="application/yaml",
                        key="export-mergekit", help="mergekit-yaml remakes this soup from the same checkpoints "
                                                    "(paths as on this server), at any model size")
-with st.expander("Model card"):
-    st.markdown(card)
+with st.expander("Model card (its Markdown source: names in it are shown as typed, never followed)"):
+    st.code(card, language="markdown")
 with st.expander("Provenance (stored in the file's metadata as `soup_provenance`)"):
     st.code(json.dumps(plan.provenance, indent=2), language="json")

@@ -111,7 +111,7 @@ def soup_of_the_ticked_set() -> None:
     for label, key in (("Uniform soup", "uniform"), ("Logit ensemble", "ensemble")):
         versus = live["versus"][key]
         if versus is not None:
-            st.caption(f"{label} vs the {versus.a} on {versus.split}: {versus.sentence()} "
+            st.caption(f"{label} vs the {literal(versus.a)} on {versus.split}: {versus.sentence()} "
                        f"(exact McNemar test; 95% interval {100 * versus.interval[0]:+.1f} to "
                        f"{100 * versus.interval[1]:+.1f} points).")
 
@@ -142,7 +142,8 @@ def replay() -> None:
     step = st.slider("Step", 1, len(steps), len(steps), key=f"replay-step:{recipe}")
     current = steps[step - 1]
     verdict = "accepted" if current["accepted"] else "rejected"
-    st.markdown(f"Step {step}: **{current['action']} {current['candidate']}** → val {100 * current['score']:.2f}% "
+    st.markdown(f"Step {step}: **{current['action']} {literal(current['candidate'])}** → "
+                f"val {100 * current['score']:.2f}% "
                 f"({verdict}); soup now {len(current['ingredients'])} ingredient(s).")
     frame = pd.DataFrame(steps[:step])
     frame.insert(0, "step", range(1, len(frame) + 1))

@@ -78,8 +78,8 @@ if step == STEPS[0]:
                f"The error rises {measured}. This step calls a line with a barrier under 1 point one basin; the "
                "interval holds values on both sides of that, so these test images cannot tell one basin from two.")
     st.markdown(f"**Fine-tuned models share a basin?** (paper Figure 2). Of the good models (the six best on val), "
-                f"**{a}** and **{b}** have the flattest line between them (chosen on val). With θ0 they span the "
-                f"plane below. {verdict}")
+                f"**{literal(a)}** and **{literal(b)}** have the flattest line between them (chosen on val). With θ0 "
+                f"they span the plane below. {verdict}")
     alphas, errors, chord = line.alphas, 100 * line.error, 100 * line.chord
     worst = int(np.argmax(errors - chord))
     figure = go.Figure([go.Scatter(x=alphas.tolist(), y=errors.tolist(), mode="lines+markers",
@@ -91,8 +91,9 @@ if step == STEPS[0]:
     figure.update_layout(height=360, xaxis_title=f"α: (1 − α)·{a} + α·{b}", yaxis_title="test error (%)",
                          margin={"t": 20})
     st.plotly_chart(figure, key="tour-basin-line")
-    figure_footer("tour-1-line", f"the barrier in words above is the largest gap between the error of (1 − α)·{a} "
-                  f"+ α·{b} (blue) and the straight line between the two models' own errors (grey).",
+    figure_footer("tour-1-line", f"the barrier in words above is the largest gap between the error of "
+                  f"(1 − α)·{literal(a)} + α·{literal(b)} (blue) and the straight line between the two models' own "
+                  "errors (grey).",
                   pd.DataFrame({"alpha": alphas, "test error (%)": errors, "straight line (%)": chord}), figure=figure)
     land = cached_landscape(zoo, zoo_key(zoo), ("base", a, b), 15, "test", "recompute")
     z = 100 * np.array(land["error"]["test"])
@@ -104,9 +105,9 @@ if step == STEPS[0]:
     st.plotly_chart(fig.update_layout(height=520, yaxis={"scaleanchor": "x"}, xaxis_title="x (L2 distance)",
                                       yaxis_title="y (L2 distance)"), key="tour-basin")
     gx, gy = np.meshgrid(land["axes"]["x"], land["axes"]["y"])
-    figure_footer("tour-1", f"colour is test error (%) in the plane through θ0 (base), {a} and {b}; axes are "
-                  f"distances in weight space; about 30 levels, so bumps of a few points show. The line above is "
-                  f"the straight segment between {a} and {b} in this plane.",
+    figure_footer("tour-1", f"colour is test error (%) in the plane through θ0 (base), {literal(a)} and "
+                  f"{literal(b)}; axes are distances in weight space; about 30 levels, so bumps of a few points "
+                  f"show. The line above is the straight segment between {literal(a)} and {literal(b)} in this plane.",
                   pd.DataFrame({"x": gx.ravel(), "y": gy.ravel(), "test error (%)": z.ravel()}), figure=fig)
 elif step == STEPS[1]:
 
@@ -141,7 +142,7 @@ elif step == STEPS[2]:
              else "Here averaging all of them is not worse than the best single model")
     st.markdown(f"**Uniform soups fail when bad models join?** (Table 3, Figure 1). A hyperparameter sweep produces "
                 f"some models far from the basin. {claim}: the uniform soup of all {len(zoo.names)} against "
-                f"the {c['a']} on test, {c['sentence']}.")
+                f"the {literal(c['a'])} on test, {c['sentence']}.")
     bars(zoo, ["best", "uniform", "ensemble"], f"{zoo.name}: all {len(zoo.names)} models")
 elif step == STEPS[3]:
     zoo = story_zoo
@@ -150,7 +151,7 @@ elif step == STEPS[3]:
     for recipe in ("greedy", "pruned"):
         c, name = versus(zoo, recipe), RECIPES[recipe].pretty_name
         side = "above" if c["difference"] > 0 else "below" if c["difference"] < 0 else "level with"
-        lines.append(f"- {name}: {side} the {c['a']} on test — {c['sentence']}.")
+        lines.append(f"- {name}: {side} the {literal(c['a'])} on test — {c['sentence']}.")
     uniform = recipe_result(zoo, zoo_key(zoo), "uniform").metrics["test"].accuracy
     greedy = recipe_result(zoo, zoo_key(zoo), "greedy").metrics["test"].accuracy
     st.markdown("**Greedy and pruned soups** (Recipe 1; reproduction Algorithm 2). Greedy adds models in order of val "
@@ -171,10 +172,10 @@ elif step == STEPS[4]:
     st.markdown("**Models trained from scratch do not soup — until their units are matched** (paper §3.2; Ainsworth "
                 f"et al. 2023). Without a shared pretrained start, solutions lie in different basins: here the "
                 f"uniform soup of all {len(scratch.names)} scores {100 * c['accuracy_b']:.1f}% on test against "
-                f"{100 * c['accuracy_a']:.1f}% for the {c['a']}, and the error rises on average "
+                f"{100 * c['accuracy_a']:.1f}% for the {literal(c['a'])}, and the error rises on average "
                 f"**{before_barrier:.1f} points** above the straight line between two of them. A network's hidden "
                 f"units can be listed in any order without changing what it computes; permuting each model's units "
-                f"to match {reference}'s (weight matching) brings the average barrier down to "
+                f"to match {literal(reference)}'s (weight matching) brings the average barrier down to "
                 f"**{after_barrier:.1f} points**, and the uniform soup of the aligned models scores "
                 f"{100 * after['accuracy_b']:.1f}% ({after['sentence']} against the best model).")
     bars(scratch, ["best", "uniform", "ensemble"], f"digits-scratch: {len(scratch.names)} models from random inits",
@@ -217,9 +218,9 @@ else:
     middle = {policy: e[len(e) // 2] for policy, e in errors.items()}
     keep_end = errors["keep"][-1]
     st.markdown("**BatchNorm** (reproduction: ResNet/EfficientNet soups collapsed). Running statistics belong to the "
-                f"weights they were measured with. Along the line θ0 → {first}, at α = ½ the test error is "
+                f"weights they were measured with. Along the line θ0 → {literal(first)}, at α = ½ the test error is "
                 f"{middle['recompute']:.1f}% with statistics recomputed, {middle['interpolate']:.1f}% with them "
-                f"interpolated and {middle['keep']:.1f}% with θ0's kept; at {first} itself, keeping θ0's "
+                f"interpolated and {middle['keep']:.1f}% with θ0's kept; at {literal(first)} itself, keeping θ0's "
                 f"statistics gives {keep_end:.1f}%.")
     st.plotly_chart(fig.update_layout(xaxis_title=f"α (θ0 → {first})", yaxis_title="test error (%)", height=420),
                     key="tour-bn")

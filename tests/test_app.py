@@ -576,7 +576,7 @@ def test_the_live_soup_says_whether_it_beats_the_best_model_and_how_surely():
     at.run()
     uniform = make_soup(zoo, "uniform", ["ft-03", "ft-17"])
     expected = versus_best(uniform, zoo.ingredients(["ft-03", "ft-17"]), zoo.evaluator)[0]
-    captions = " ".join(c.value for c in at.caption)
+    captions = " ".join(as_read(c.value) for c in at.caption)
     assert f"Uniform soup vs the {expected.a} on test: {expected.sentence()}" in captions
     assert not any("tie on val" in c.value for c in at.caption)  # ft-03 and ft-17 do not tie
     at.checkbox(key="tick:digits-finetune:ft-20").check().run()  # ft-17 and ft-20 do
@@ -600,7 +600,7 @@ def test_the_tour_says_what_its_own_data_shows():
     zoo = open_zoo("digits-finetune")
     at = _app()
     at.switch_page("pages/tour.py").run()
-    text = " ".join(m.value for m in at.markdown)
+    text = " ".join(as_read(m.value) for m in at.markdown)
     a, b, _ = flattest_pair(zoo.ingredients(), zoo.evaluator)
     line = interpolation_path(zoo.evaluator, zoo.state_dict(a), zoo.state_dict(b), np.linspace(0, 1, 11),
                               splits=["test"])
@@ -621,15 +621,15 @@ def test_the_tour_says_what_its_own_data_shows():
     report = pair_analyses(zoo.ingredients(zoo.names[:10]), zoo.evaluator, base=zoo.base, split="test")
     r = report.correlation("approximation", "loss_difference")
     soup_only = report.correlation("soup_term", "loss_difference")
-    text = " ".join(m.value for m in at.markdown)
+    text = " ".join(as_read(m.value) for m in at.markdown)
     assert (f"follows the measured gap with r = {r:+.2f} (the same sign in {report.sign_agreement()} of 45)" in text
             and f"alone gives r = {soup_only:+.2f}" in text and "over the whole segment" in text)
     at.button(key="tour-next").click().run()
     assert at.radio(key="tour-step").value.startswith("3")
     uniform = versus_best(make_soup(zoo, "uniform"), zoo.ingredients(), zoo.evaluator)[0]
-    assert uniform.sentence() in " ".join(m.value for m in at.markdown)
+    assert uniform.sentence() in " ".join(as_read(m.value) for m in at.markdown)
     at.button(key="tour-next").click().run()
-    text = " ".join(m.value for m in at.markdown)
+    text = " ".join(as_read(m.value) for m in at.markdown)
     greedy = versus_best(make_soup(zoo, "greedy"), zoo.ingredients(), zoo.evaluator)[0]
     side = "above" if greedy.difference > 0 else "below" if greedy.difference < 0 else "level with"
     assert f"Greedy soup: {side} the {greedy.a} on test — {greedy.sentence()}" in text
@@ -648,7 +648,7 @@ def test_the_tours_scratch_step_reports_what_alignment_measures():
     at = _app()
     at.switch_page("pages/tour.py").run()
     at.radio(key="tour-step").set_value(next(s for s in at.radio(key="tour-step").options if s.startswith("5"))).run()
-    text = " ".join(m.value for m in at.markdown)
+    text = " ".join(as_read(m.value) for m in at.markdown)
     assert not at.exception
     assert f"**{100 * np.mean([r['before'] for r in table]):.1f} points**" in text
     assert f"**{100 * np.mean([r['after'] for r in table]):.1f} points**" in text

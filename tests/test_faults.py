@@ -260,3 +260,23 @@ def test_a_config_far_deeper_than_its_checkpoint_is_refused_before_the_model_is_
     (tmp_path / "model" / "config.json").write_text(json.dumps({**written, "num_hidden_layers": 10**7}))
     with pytest.raises(ModelError, match="num_hidden_layers = 10000000, but the checkpoint holds 2 numbered layers"):
         hf_model_factory(tmp_path / "model")
+
+
+def test_a_checkpoint_named_like_a_link_is_shown_as_typed_on_the_pages(monkeypatch, tmp_path):
+    """The best model's name appears in the Tour's comparisons: never a link there."""
+    import shutil
+
+    from appkit.plain import as_read
+    from tests.test_bad_inputs import _app
+    zoo = tmp_path / "zoo"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sample_data" / "digits-finetune", zoo)
+    name = "[Sign in again](https://host/login)"
+    manifest = zoo / "zoo.toml"
+    manifest.write_text(manifest.read_text().replace('name = "ft-17"', f'name = "{name}"', 1))
+    at = _app(monkeypatch, [tmp_path])
+    at.sidebar.text_input(key="folder").input(str(zoo)).run()
+    assert not at.exception and not at.sidebar.error
+    at.switch_page("pages/tour.py").run()
+    at.radio(key="tour-step").set_value(next(s for s in at.radio(key="tour-step").options if s.startswith("4"))).run()
+    text = [m.value for m in at.markdown]
+    assert not at.exception and any(name in as_read(m) for m in text) and not any("](https" in m for m in text)

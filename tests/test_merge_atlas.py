@@ -10,6 +10,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from appkit.plain import as_read
 from soup_core.errors import RecipeError
 from soup_core.merge.lines import block_depths, numbered_block
 from soup_core.recipes import RECIPES
@@ -207,7 +208,7 @@ def test_the_tours_merge_step_says_what_its_data_shows(zoo):
     at.switch_page("pages/tour.py").run()
     at.radio(key="tour-step").set_value(next(s for s in at.radio(key="tour-step").options if s.startswith("7"))).run()
     assert not at.exception
-    text = " ".join(m.value for m in at.markdown)
+    text = " ".join(as_read(m.value) for m in at.markdown)
     names = [n for n, r in RECIPES.items() if r.family == "merge" and r.board]
     made = {n: make_soup(zoo, n, **dict(RECIPES[n].app_values)) for n in names}
     top = max(names, key=lambda n: made[n].metrics["val"].accuracy)
