@@ -8,6 +8,7 @@ from typing import Any
 import streamlit as st
 
 from soup_core.recipes import Recipe
+from appkit.plain import literal
 from soup_core.recipes.parameters import ON_VAL, MixingWeights
 
 
@@ -57,7 +58,7 @@ def weights_control(help: str, names: Sequence[str], key: str) -> MixingWeights:
     """A weight per checkpoint (1 unless changed); returns those that differ from 1."""
     st.caption(f"Weights: {help}.")
     columns = st.columns(8)
-    weights = {name: columns[i % 8].number_input(name, min_value=0.0, value=1.0, step=0.5, format="%g",
+    weights = {name: columns[i % 8].number_input(literal(name), min_value=0.0, value=1.0, step=0.5, format="%g",
                                                  key=f"{key}:{name}")
                for i, name in enumerate(names)}
     return MixingWeights({name: w for name, w in weights.items() if w != 1.0})

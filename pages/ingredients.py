@@ -90,7 +90,7 @@ def soup_of_the_ticked_set() -> None:
                           args=(zoo, top_by_val(k)))
     columns = st.columns(8)
     for i, name in enumerate(zoo.names):
-        columns[i % 8].checkbox(name, key=tick_key(zoo, name), on_change=tick_changed, args=(zoo, name))
+        columns[i % 8].checkbox(literal(name), key=tick_key(zoo, name), on_change=tick_changed, args=(zoo, name))
     chosen = ticked(zoo)
     if not chosen:
         st.warning("Tick at least one ingredient.")

@@ -276,6 +276,8 @@ def test_a_checkpoint_named_like_a_link_is_shown_as_typed_on_the_pages(monkeypat
     at = _app(monkeypatch, [tmp_path])
     at.sidebar.text_input(key="folder").input(str(zoo)).run()
     assert not at.exception and not at.sidebar.error
+    label = next(c.label for c in at.checkbox if c.key.endswith(f":{name}"))  # its tick box
+    assert as_read(label) == name and "](https" not in label
     at.switch_page("pages/tour.py").run()
     at.radio(key="tour-step").set_value(next(s for s in at.radio(key="tour-step").options if s.startswith("4"))).run()
     text = [m.value for m in at.markdown]
