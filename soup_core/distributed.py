@@ -66,12 +66,34 @@ def connect(address: str = "auto", *, workers: int | None = None):
     else:
         host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+            grpc = speaks_grpc(host or "127.0.0.1", int(port))
         except (OSError, ValueError):
             raise UsageError(f"cannot reach a Ray cluster at {address!r}: start one with `ray start --head` "
                              "(and give its HOST:PORT), or use --ray auto") from None
+        if not grpc:  # Ray would retry for minutes against, say, a web server
+            raise UsageError(f"{address!r} answers, but not as a Ray cluster does (no gRPC there): give the head "
+                             "node's address (`ray start --head` prints it; port 6379 by default), or use --ray auto")
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     return ray
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+def speaks_grpc(host: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether ``host:port`` answers an HTTP/2 connection preface with a SETTINGS frame, as every
+    gRPC server does (Ray's GCS and Ray Client are gRPC); an ``OSError`` when nothing listens."""
+    with socket.create_connection((host, port), timeout=timeout) as connection:
+        connection.settimeout(timeout)
+        connection.sendall(HTTP2_PREFACE)
+        head = b""
+        with contextlib.suppress(OSError):  # a timeout or a reset: not gRPC
+            while len(head) < 9:
+                chunk = connection.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    return len(head) == 9 and head[3] == 0x04  # a frame header whose type is SETTINGS
 
 
 class ZooWorker:
