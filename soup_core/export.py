@@ -203,6 +203,7 @@ class ExportPlan:
             return [folder]
         card = _card_path(out)
         refuse_inputs(card, inputs)
+        refuse_foreign_card(card)
         written = [save_state_dict(self.state_dict, out, provenance=self.provenance, inputs=inputs)]
         return written + [atomic_write(card, self.model_card())]
 
@@ -265,6 +266,24 @@ def _writes_folder(hf_source: Path | None, out: Path, hf: bool | None) -> bool:
 def _card_path(out: Path) -> Path:
     """The model card beside a safetensors file: its name with ``.md``."""
     return out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md")
+
+
+CARD_MARK = "library_name: model-soup-lab"  # in every card's front matter: a card this library wrote
+
+
+def refuse_foreign_card(card: Path) -> None:
+    """A file at the card's place that this library did not write (a user's notes ``soup.md``) is
+    never replaced: one line, before the weights are written. A previous soup's card is."""
+    try:
+        with open(card, "rb") as handle:
+            head = handle.read(256).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SoupError(f"{card}: cannot check the file at the model card's place ({exc.strerror})") from None
+    if CARD_MARK not in head:
+        raise SoupError(f"{card} exists and was not written by soup; its model card would replace it: move the "
+                        "file away, or choose another --out")
 
 
 def _provenance_common(zoo: Zoo, candidate: Candidate, out: str | None,
@@ -336,6 +355,7 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
     card = None if hf else _card_path(out)
     if card is not None:
         refuse_inputs(card, inputs)
+        refuse_foreign_card(card)
     try:
         written, digests = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
                                        inputs=inputs, provenance=lambda d: plan(d).provenance,
@@ -351,7 +371,7 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
 def model_card(plan: ExportPlan) -> str:
     """A Markdown model card (after mergekit's): what was mixed, how, how well, how to remake it."""
     p = plan.provenance
-    lines = ["---", "library_name: model-soup-lab", "tags:", "- model-soup", "- merge", "---", "",
+    lines = ["---", CARD_MARK, "tags:", "- model-soup", "- merge", "---", "",
              f"# {plan.title} — {p['zoo']}", "",
              f"Made with Model Soup Lab {p['library_version']}: **{p['recipe_name']}** ({p['reference']}).", ""]
     if plan.weights:

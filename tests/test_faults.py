@@ -282,3 +282,34 @@ def test_a_checkpoint_named_like_a_link_is_shown_as_typed_on_the_pages(monkeypat
     at.radio(key="tour-step").set_value(next(s for s in at.radio(key="tour-step").options if s.startswith("4"))).run()
     text = [m.value for m in at.markdown]
     assert not at.exception and any(name in as_read(m) for m in text) and not any("](https" in m for m in text)
+
+
+def test_a_users_file_at_the_model_cards_place_is_never_replaced(tmp_path):
+    notes = tmp_path / "soup.md"
+    notes.write_text("my notes on this soup")
+    refused = soup("make", "uniform", "digits-finetune", "--out", str(tmp_path / "soup.safetensors"))
+    assert refused.returncode == 2 and "soup.md exists and was not written by soup" in refused.stderr
+    assert notes.read_text() == "my notes on this soup" and sorted(p.name for p in tmp_path.iterdir()) == ["soup.md"]
+    notes.unlink()
+    for _ in range(2):  # a previous soup's card is replaced with its soup
+        made = soup("make", "uniform", "digits-finetune", "--out", str(tmp_path / "soup.safetensors"))
+        assert made.returncode == 0, made.stderr
+    assert "library_name: model-soup-lab" in notes.read_text()
+    streamed = soup("make", "uniform", str(_weights_only(tmp_path)), "--out", str(tmp_path / "w.safetensors"))
+    assert streamed.returncode == 0, streamed.stderr
+    (tmp_path / "w.md").write_text("mine")
+    again = soup("make", "uniform", str(_weights_only(tmp_path)), "--out", str(tmp_path / "w.safetensors"))
+    assert again.returncode == 2 and (tmp_path / "w.md").read_text() == "mine"
+
+
+def _weights_only(tmp_path: Path) -> Path:
+    """Two tiny checkpoints and nothing else: `soup make` streams their soup."""
+    import torch
+
+    from soup_core.io import save_state_dict
+    folder = tmp_path / "weights-only"
+    if not folder.exists():
+        folder.mkdir()
+        for i in range(2):
+            save_state_dict({"w": torch.full((4,), float(i))}, folder / f"m{i}.safetensors")
+    return folder
