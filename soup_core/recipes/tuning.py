@@ -54,7 +54,7 @@ def choose_on_val(parameter: Parameter, params: Params, make: Callable[[Params],
     scores = []
     for value in parameter.val_grid or ():
         brew = make(Params({**params, parameter.name: value}))
-        score = evaluator.accuracy(brew.state_dict, split)
+        score = evaluator.accuracy(brew.state_dict, split, cache=False)  # one-off candidates: not kept
         scores.append(score)
         distance = abs(value - parameter.default)
         if best is None or score > best[0] or (score == best[0] and distance < best[1]):
