@@ -160,24 +160,23 @@ def _live_soup(_zoo: Zoo, key: tuple, chosen: tuple[str, ...]) -> dict:
             "best_ties": tie_sentence(results["best"]), "ensemble": rows["ensemble"], "versus": versus}
 
 
-def board_result(zoo: Zoo, recipe: str) -> SoupResult:
+def board_result(zoo: Zoo, recipe: str, key: tuple | None = None) -> SoupResult:
     """A recipe as the Recipes board, the Landscape and the Tour show it: every ingredient, and
     its app values (a merge method's λ chosen on val: :attr:`Recipe.app_values`)."""
-    return recipe_result(zoo, zoo_key(zoo), recipe, None, RECIPES[recipe].app_values)
+    return recipe_result(zoo, key or zoo_key(zoo), recipe, None, RECIPES[recipe].app_values)
 
 
 @st.cache_data(show_spinner="Testing the differences…", max_entries=128)
 def recipe_significance(_zoo: Zoo, key: tuple, recipe: str, against: str = "best") -> list[dict]:
     """A recipe's board result against the best individual model (``best``) or another recipe's
     board result (``greedy``) on every report split (JSON); empty against itself."""
-    result = recipe_result(_zoo, key, recipe, None, RECIPES[recipe].app_values)
+    result = board_result(_zoo, recipe, key)
     if against == "best":
         comparisons = versus_best(result, _zoo.ingredients(), _zoo.evaluator)
     elif against == recipe:
         comparisons = []
     else:
-        reference = recipe_result(_zoo, key, against, None, RECIPES[against].app_values)
-        comparisons = versus(reference, result, _zoo.ingredients(), _zoo.evaluator)
+        comparisons = versus(board_result(_zoo, against, key), result, _zoo.ingredients(), _zoo.evaluator)
     return [c.to_json() | {"sentence": c.sentence()} for c in comparisons]
 
 

@@ -261,9 +261,10 @@ def projected_table(projections) -> None:
     """Where each soup and merge method lies: coordinates, distance off the plane and val accuracy."""
     if not projections:
         return
+    made = {p.name: board_result(zoo, p.name) for p in projections}
     rows = [{"soup or method": RECIPES[p.name].pretty_name, "x": p.xy[0], "y": p.xy[1], "off plane": p.off_plane,
-             "chosen on val": chosen_on_val(board_result(zoo, p.name)),
-             "val %": 100 * board_result(zoo, p.name).metrics["val"].accuracy} for p in projections]
+             "chosen on val": chosen_on_val(made[p.name]), "val %": 100 * made[p.name].metrics["val"].accuracy}
+            for p in projections]
     with st.expander("Soups and merge methods on this plane"):
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="land-projected",
                      column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("x", "y", "off plane")}

@@ -64,10 +64,10 @@ for recipe in available:
 st.subheader("Table 3, on this zoo, with the merge methods")
 st.caption("Every choice is made on val; test and the shifts are reports. \"test vs best\" and \"test vs "
            "greedy\" compare each row with the best individual model and with the greedy soup on the same test "
-           "images (exact McNemar test): a difference with p ≥ 0.05 is no evidence that they differ. The merge "
-           "methods (task arithmetic to LiNeS) add the mean task vector to θ0 scaled by the λ (LiNeS: the β) that "
-           "is best on val, as their papers choose it (\"chosen on val\"). Ensembles cost one forward pass per "
-           "ingredient at inference; soups cost one.")
+           "images (exact McNemar test): a difference with p ≥ 0.05 is no evidence that they differ. Task "
+           "arithmetic, TIES, DARE and Breadcrumbs add the mean task vector to θ0 scaled by the λ that is best on "
+           "val, LiNeS scales it by depth with the β that is best on val, as their papers choose them (\"chosen on "
+           "val\"). Ensembles cost one forward pass per ingredient at inference; soups cost one.")
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table", height=35 * (len(rows) + 1) + 3,
              column_config={c: st.column_config.NumberColumn(format="%.2f")
                             for c in ("val", "test", "avg shifts", *shifts)})

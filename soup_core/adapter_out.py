@@ -81,9 +81,9 @@ def write_adapter(zoo: Zoo, result: SoupResult, out: str | Path, rank: int, *, c
         delta = soup[key].to(torch.float64) - base[key].to(torch.float64)
         b, a, errors[key.removesuffix(".weight")] = low_rank(delta.T if update.transpose else delta, rank)
         module, dtype = PREFIX + key.removesuffix(".weight"), base[key].dtype
-        names = (f"{module}.lora_embedding_A", f"{module}.lora_embedding_B") if update.embedding else \
+        a_key, b_key = (f"{module}.lora_embedding_A", f"{module}.lora_embedding_B") if update.embedding else \
             (f"{module}.lora_A.weight", f"{module}.lora_B.weight")
-        tensors[names[0]], tensors[names[1]] = a.to(dtype), b.to(dtype)
+        tensors[a_key], tensors[b_key] = a.to(dtype), b.to(dtype)
     first = json.loads((zoo.path(result.ingredients[0]) / ADAPTER_CONFIG).read_text())
     config = {"peft_type": "LORA", "task_type": first.get("task_type"), "r": rank, "lora_alpha": rank,
               "use_rslora": False, "lora_dropout": 0.0, "bias": "none",

@@ -30,11 +30,12 @@ from typing import Any, Literal
 from soup_core import __version__
 from soup_core.errors import SoupError
 from soup_core.evaluate import Metrics, metrics_to_json
-from soup_core.io import atomic_write, refuse_inputs, save_hf_directory, save_state_dict, state_dict_bytes
+from soup_core.io import atomic_write, save_hf_directory, save_state_dict, state_dict_bytes
 from soup_core.io.weights_out import HF_SHARD_BYTES
 from soup_core.landscape import point_weights
 from soup_core.merge import MergeRun, open_source, write_merge
 from soup_core.models import is_hf_directory
+from soup_core.model_card import card_beside, model_card
 from soup_core.policies import BN_POLICIES
 from soup_core.recipes import RECIPES, SoupResult, get_recipe
 from soup_core.significance import Comparison, versus_best
@@ -201,9 +202,7 @@ class ExportPlan:
             folder = save_hf_directory(self.state_dict, out, source=self.hf_source, provenance=self.provenance,
                                        inputs=inputs, extra_files={"README.md": self.model_card()})
             return [folder]
-        card = _card_path(out)
-        refuse_inputs(card, inputs)
-        refuse_foreign_card(card)
+        card = card_beside(out, inputs)
         written = [save_state_dict(self.state_dict, out, provenance=self.provenance, inputs=inputs)]
         return written + [atomic_write(card, self.model_card())]
 
@@ -261,29 +260,6 @@ def plan_export(zoo: Zoo, candidate: Candidate, *, out: str | None = None, resul
 def _writes_folder(hf_source: Path | None, out: Path, hf: bool | None) -> bool:
     """``hf=None``: a Hugging Face folder when the zoo's checkpoints are and ``out`` is not ``*.safetensors``."""
     return hf_source is not None and not out.name.endswith(".safetensors") if hf is None else hf
-
-
-def _card_path(out: Path) -> Path:
-    """The model card beside a safetensors file: its name with ``.md``."""
-    return out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md")
-
-
-CARD_MARK = "library_name: model-soup-lab"  # in every card's front matter: a card this library wrote
-
-
-def refuse_foreign_card(card: Path) -> None:
-    """A file at the card's place that this library did not write (a user's notes ``soup.md``) is
-    never replaced: one line, before the weights are written. A previous soup's card is."""
-    try:
-        with open(card, "rb") as handle:
-            head = handle.read(256).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise SoupError(f"{card}: cannot check the file at the model card's place ({exc.strerror})") from None
-    if CARD_MARK not in head:
-        raise SoupError(f"{card} exists and was not written by soup; its model card would replace it: move the "
-                        "file away, or choose another --out")
 
 
 def _provenance_common(zoo: Zoo, candidate: Candidate, out: str | None,
@@ -352,10 +328,7 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
                           merge.ingredients, merge.weights, candidate.file_name(), hf_source, extras or {})
 
     inputs = [*inputs, *(zoo.path(n) for n in zoo.all_names)]
-    card = None if hf else _card_path(out)
-    if card is not None:
-        refuse_inputs(card, inputs)
-        refuse_foreign_card(card)
+    card = None if hf else card_beside(out, inputs)
     try:
         written, digests = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
                                        inputs=inputs, provenance=lambda d: plan(d).provenance,
@@ -366,37 +339,3 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
             source.close()
     final = plan(digests, {merge.summary_name: dict(run.summaries)} if merge.summary_name else None)
     return final, [written] + ([atomic_write(card, final.model_card())] if card is not None else [])
-
-
-def model_card(plan: ExportPlan) -> str:
-    """A Markdown model card (after mergekit's): what was mixed, how, how well, how to remake it."""
-    p = plan.provenance
-    lines = ["---", CARD_MARK, "tags:", "- model-soup", "- merge", "---", "",
-             f"# {plan.title} — {p['zoo']}", "",
-             f"Made with Model Soup Lab {p['library_version']}: **{p['recipe_name']}** ({p['reference']}).", ""]
-    if plan.weights:
-        lines += ["## Ingredients", "", "| checkpoint | weight | sha256 |", "|---|---:|---|"]
-        digests = {i["name"]: i["sha256"] for i in p["ingredients"]}
-        lines += [f"| {n} | {w:.4f} | `{digests.get(n, '')}` |" for n, w in zip(plan.ingredients, plan.weights)]
-    else:
-        lines += ["## Plane", "", f"Plane through {', '.join(p['plane'])} (origin {p['plane'][0]}); point "
-                  f"({p['xy'][0]:.6g}, {p['xy'][1]:.6g}) in parameter-space L2 units; BatchNorm: {p['bn']}."]
-    if p.get("options"):
-        lines += ["", "## Parameters", "", *[f"- `{k}`: {v}" for k, v in p["options"].items()]]
-    if plan.metrics:
-        lines += ["", "## Metrics", "", "Every choice was made on `val`; the other splits are reports.", "",
-                  "| split | accuracy | loss | ECE |", "|---|---:|---:|---:|"]
-        lines += [f"| {s} | {100 * m.accuracy:.2f}% | {m.loss:.4f} | {m.ece:.4f} |" for s, m in plan.metrics.items()]
-    if plan.significance:
-        lines += ["", f"Against the {plan.significance[0].a}, chosen on `val` (exact McNemar test on the same "
-                  "images; 95% score interval of the difference, Tango's, continuity-corrected):", ""]
-        lines += [f"- {c.split}: {c.sentence()} (interval {100 * c.interval[0]:+.1f} to {100 * c.interval[1]:+.1f})"
-                  for c in plan.significance]
-    lines += ["", "## Remake it", ""]
-    if plan.command_line:
-        lines += ["```sh", plan.command_line, "```"]
-    else:
-        lines += ["No single `soup` command remakes it: it uses checkpoints that the zoo's manifest does not "
-                  "list (their sha256 is above)."]
-    lines += ["", "The full provenance is in the weights file's metadata (`soup_provenance`)."]
-    return "\n".join(lines) + "\n"

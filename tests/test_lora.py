@@ -199,3 +199,14 @@ def test_an_adapter_export_refuses_full_models_and_keeps_what_is_there(adapter_z
     with pytest.raises(SoupError, match="full is not a LoRA adapter: a soup is written as one adapter only"):
         write_adapter(full, make_soup(full, "uniform", ["r2", "full"]), tmp_path / "mixed", 4)
     assert not (tmp_path / "mixed").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_an_adapter_in_a_zoo_without_theta0_says_what_to_set(adapter_zoo, tmp_path):
+    from soup_core.errors import ZooError
+    shutil.copytree(adapter_zoo / "r2", tmp_path / "r2")
+    config = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/models/tiny-llama"
+    (tmp_path / "r2" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "zoo.toml").write_text('[[checkpoints]]\nname = "r2"\npath = "r2"\n')
+    with pytest.raises(ZooError, match=r"r2 is a LoRA adapter .* set base = .* names '/models/tiny-llama'"):
+        open_zoo(tmp_path / "zoo.toml").state_dict("r2")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from soup_core.cli.inputs import check_device, zoo_inputs
-from soup_core.cli.merging import make_streamed, refuse_mergekit, write_mergekit_yml
+from soup_core.cli.merging import make_streamed, refuse_mergekit, write_adapter_out, write_mergekit_yml
 from soup_core.cli.output import metrics_line, progress_bar, say, write_json
 from soup_core.errors import SoupError, UsageError
 from soup_core.recipes import RECIPES, all_parameters
@@ -162,7 +161,7 @@ def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_make(args: argparse.Namespace) -> None:
     from soup_core.evaluate import metrics_to_json
-    from soup_core.export import Candidate, plan_export, zoo_reference
+    from soup_core.export import Candidate, plan_export
     from soup_core.recipes.best_individual import tie_sentence
     from soup_core.significance import versus_best
     from soup_core.zoo import make_soup
@@ -184,14 +183,9 @@ def cmd_make(args: argparse.Namespace) -> None:
                "metrics": metrics_to_json(result.metrics), "options": dict(result.options),
                "precision": args.precision,
                "extras": dict(result.extras)}
+    comparisons = None
     if args.out and args.adapter_rank:
-        from soup_core.adapter_out import write_adapter
-        argv = Candidate.of_recipe(args.recipe, chosen, **params).command(zoo_reference(zoo), args.out)
-        folder, errors = write_adapter(zoo, result, args.out, args.adapter_rank, inputs=zoo_inputs(zoo),
-                                       command=shlex.join([*argv, "--adapter-rank", str(args.adapter_rank)]))
-        comparisons = [] if zoo.evaluator is None else versus_best(result, zoo.ingredients(chosen), zoo.evaluator)
-        payload.update(out=str(folder), model_card=str(folder / "README.md"),
-                       adapter={"rank": args.adapter_rank, "relative_frobenius_error": errors})
+        payload.update(write_adapter_out(args, zoo, result, chosen, params))
     elif args.out:
         if result.state_dict is None:
             raise UsageError(f"{RECIPES[result.recipe].pretty_name} is not one set of weights and cannot "
@@ -202,7 +196,7 @@ def cmd_make(args: argparse.Namespace) -> None:
         comparisons = list(plan.significance)  # the plan tested the soup already
         payload["out"] = args.out
         payload["model_card"] = str(written[1]) if len(written) > 1 else str(Path(written[0]) / "README.md")
-    else:
+    if comparisons is None:
         comparisons = [] if zoo.evaluator is None else versus_best(result, zoo.ingredients(chosen), zoo.evaluator)
     payload["significance"] = [c.to_json() for c in comparisons]
     if args.mergekit_yml:

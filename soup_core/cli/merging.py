@@ -1,9 +1,11 @@
 """Weight-only merges on the command line: ``soup make`` streamed to disk, ``soup merge CONFIG.yml``
-(mergekit's format), and the mergekit YAML written beside a soup (``--mergekit-yml``)."""
+(mergekit's format), the mergekit YAML written beside a soup (``--mergekit-yml``), and a soup of
+LoRA adapters written back as one adapter (``--adapter-rank``)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,3 +75,16 @@ def cmd_merge(args: argparse.Namespace) -> None:
     args.recipe = config.recipe
     remake = ["soup", "merge", str(config_path.resolve()), "--out", args.out]
     make_streamed(args, zoo, list(config.models), config.params, remake=remake)
+
+
+def write_adapter_out(args: argparse.Namespace, zoo, result, chosen: list[str] | None,
+                      params: dict[str, Any]) -> dict[str, Any]:
+    """``--adapter-rank R``: the soup of LoRA adapters written to ``--out`` as one adapter of rank R
+    (:mod:`soup_core.adapter_out`); returns what the JSON output adds."""
+    from soup_core.adapter_out import write_adapter
+    from soup_core.export import Candidate, zoo_reference
+    argv = Candidate.of_recipe(args.recipe, chosen, **params).command(zoo_reference(zoo), args.out)
+    folder, errors = write_adapter(zoo, result, args.out, args.adapter_rank, inputs=zoo_inputs(zoo),
+                                   command=shlex.join([*argv, "--adapter-rank", str(args.adapter_rank)]))
+    return {"out": str(folder), "model_card": str(folder / "README.md"),
+            "adapter": {"rank": args.adapter_rank, "relative_frobenius_error": errors}}

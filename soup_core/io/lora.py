@@ -164,7 +164,7 @@ def read_updates(folder: str | Path, base: Mapping[str, torch.Tensor], *,
 
 
 def _update(weights: Path, module: str, found: Mapping[str, torch.Tensor], config: AdapterConfig,
-            base_keys: Mapping[str, torch.Tensor]) -> LoraUpdate:
+            base: Mapping[str, torch.Tensor]) -> LoraUpdate:
     embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
     a, b = (found.get("lora_embedding_A"), found.get("lora_embedding_B")) if embedding else \
         (found.get("lora_A"), found.get("lora_B"))
@@ -178,12 +178,12 @@ def _update(weights: Path, module: str, found: Mapping[str, torch.Tensor], confi
     if a.shape[0] != r or b.shape[1] != r:
         raise CheckpointError(f"{weights}: {module} has rank {a.shape[0]} but its configuration says r = {r}")
     target = f"{module}.weight"
-    if target not in base_keys:
+    if target not in base:
         raise CheckpointError(f"{weights}: the adapter updates {module}, but θ0 has no {target!r}; is θ0 (the "
                               "zoo's base) the model this adapter was trained on?")
     saved = found.get("base_layer")  # save_embedding_layers: PEFT loads this weight under the update
-    if saved is not None and tuple(saved.shape) != tuple(base_keys[target].shape):
-        raise CheckpointError(f"{weights}: the adapter resizes {target} from {tuple(base_keys[target].shape)} to "
+    if saved is not None and tuple(saved.shape) != tuple(base[target].shape):
+        raise CheckpointError(f"{weights}: the adapter resizes {target} from {tuple(base[target].shape)} to "
                               f"{tuple(saved.shape)} (added tokens); soups need every ingredient's shapes equal")
     return LoraUpdate(a, b, config.scale(module), transpose=embedding or config.fan_in_fan_out, embedding=embedding,
                       saved_base=saved)

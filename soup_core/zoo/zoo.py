@@ -24,7 +24,7 @@ from soup_core.data import data_evaluator
 from soup_core.errors import CheckpointError, DataError, ModelError, SoupError, ZooError
 from soup_core.evaluate import Evaluator, Metrics
 from soup_core.io import ValidationReport, file_sha256, load_state_dict, validate_state_dicts
-from soup_core.io.lora import apply_adapter, is_adapter_folder
+from soup_core.io.lora import AdapterConfig, apply_adapter, is_adapter_folder
 from soup_core.io.read import inside_roots, short
 from soup_core.io.resident import load_resident
 from soup_core.models import config_channels, detect_model_factory
@@ -91,8 +91,10 @@ class Zoo:
     def _adapter(self, name: str, path: Path) -> StateDict:
         """A LoRA adapter's full weights on θ0 (:mod:`soup_core.io.lora`)."""
         if not self.has_base:
+            trained_on = AdapterConfig.read(path).base_model
             raise ZooError(f"{self.name}: {name} is a LoRA adapter ({path}), an update of θ0; set base = \"...\" "
-                           "in zoo.toml to the model it was trained on")
+                           "in zoo.toml to the model it was trained on"
+                           + (f" (its adapter_config.json names {trained_on!r})" if trained_on else ""))
         if self.allowed_roots is not None:
             inside_roots(path, self.allowed_roots)
         return apply_adapter(self.base, path, roots=self.allowed_roots)
