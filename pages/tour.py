@@ -204,7 +204,7 @@ elif step == STEPS[6]:
         f"the greedy soup on test, {against[top]['sentence']}. Of the {len(methods)} methods, "
         f"{len(worse)} are significantly worse than the greedy soup on test, {len(better)} significantly better, "
         f"and {len(methods) - len(worse) - len(better)} cannot be told apart from it on these "
-        f"{against[top]['images']} images. The Landscape page draws each of them on a plane.")
+        f"{against[top]['predictions']} {against[top]['unit']}. The Landscape page draws each of them on a plane.")
     bars(zoo, ["best", "greedy", *methods], f"{zoo.name}: soups and merge methods")
 else:
     bn_zoo = load_zoo("digits-bn")

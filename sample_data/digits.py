@@ -102,4 +102,4 @@ def make_evaluator(model_factory, device: str | None = None) -> Evaluator:
     splits = load_splits()
     return Evaluator(model_factory, {k: v for k, v in splits.items() if k != "train"},
                      device=device, train=splits["train"],
-                     info={"data": "sklearn digits", "split_seed": SPLIT_SEED, "shift_seed": SHIFT_SEED})
+                     info={"data": "sklearn digits", "unit": "images", "split_seed": SPLIT_SEED, "shift_seed": SHIFT_SEED})

@@ -5,7 +5,7 @@ drives the recipes, ``test`` reports, every ``[data.shifts]`` entry is a distrib
 ``train`` (optional) is used only for BatchNorm statistics in landscapes::
 
     [data]
-    kind = "table"            # "table" (CSV or Parquet), "images" (one subfolder per class), "text"
+    kind = "table"            # "table" (CSV or Parquet), "images" (one subfolder per class), "text", "lm"
     label = "label"           # the label column (table, text)
     val = "data/val.csv"
     test = "data/test.csv"
@@ -18,6 +18,16 @@ Options: ``features = [...]`` (table; default every column but the label), ``siz
 0.5, 0.5), ``channels`` (images: 1 for grayscale, 3 for RGB; default the checkpoint config's
 ``num_channels`` when there is one, else 3), ``text`` / ``max_length`` (text; the tokenizer is
 read from the first checkpoint directory that has one, never from a hub).
+
+``kind = "lm"`` scores a causal language model on text: each split is a ``.txt`` file (one
+sequence a line; empty lines skipped) or a ``.jsonl`` file (one object a line, its ``text``
+field, or the field ``text = "..."`` names). Each sequence is tokenised as the checkpoint's
+tokenizer does by default (``tokenizer(text)``, its special tokens included) and truncated to
+``max_length`` tokens (default 512); every next token is one prediction (padding never counts),
+so accuracy is next-token accuracy, loss the token-weighted mean cross-entropy (perplexity is
+its exp) and ECE is per token. Significance tests count tokens as the unit, which overstates
+the evidence when tokens of one sequence err together: read a small p-value on a few
+sequences with that in mind.
 
 Class names are sorted and numbered once over every split, so label ids agree between them.
 """
@@ -35,7 +45,10 @@ from soup_core.errors import DataError
 from soup_core.evaluate import Evaluator, Split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-KINDS = ("table", "images", "text")
+KINDS = ("table", "images", "text", "lm")
+UNITS = {"table": "rows", "images": "images", "text": "texts", "lm": "tokens"}  # one prediction, in words
+MAX_LM_LENGTH = 1 << 16  # tokens per sequence
+LM_BATCH_LOGITS = 1 << 26  # floats of next-token logits per batch (256 MB in float32)
 MAX_IMAGE_SIDE = 4096  # pixels; and the images must fit in memory (checked before any is read)
 
 
@@ -146,15 +159,27 @@ def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
     return out
 
 
-def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer_dir: Path | None) -> dict[str, Split]:
-    """A text column tokenised with the checkpoint's own tokenizer → [N, 2, L] (ids, mask)."""
+def _tokenizer(tokenizer_dir: Path | None):
+    """The checkpoint folder's own tokenizer (local files only: never a hub)."""
     if tokenizer_dir is None:
         raise DataError("text data needs a tokenizer saved in a checkpoint directory (tokenizer.json)")
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise DataError("text data needs the optional extra: pip install transformers (the [hf] extra)") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{tokenizer_dir}: not a readable tokenizer ({short_error(exc)})") from None
+
+
+def short_error(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer_dir: Path | None) -> dict[str, Split]:
+    """A text column tokenised with the checkpoint's own tokenizer → [N, 2, L] (ids, mask)."""
+    tokenizer = _tokenizer(tokenizer_dir)
     label, column = spec.get("label", "label"), spec.get("text", "text")
     max_length = int(spec.get("max_length", 128))
     frames = {name: _read_table(path) for name, path in _split_paths(spec, resolve).items()}
@@ -171,9 +196,74 @@ def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokeniz
     return out
 
 
+def read_sequences(path: Path, field: str = "text") -> list[str]:
+    """The sequences of one ``lm`` split: a ``.txt`` file's non-empty lines, or a ``.jsonl`` file's ``field``."""
+    import json
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable UTF-8 text file ({short_error(exc)})") from None
+    if path.suffix.lower() == ".txt":
+        texts = [line for line in lines if line.strip()]
+    elif path.suffix.lower() == ".jsonl":
+        texts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path}, line {number}: not JSON ({short_error(exc)})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(f"{path}, line {number}: needs a string field {field!r}")
+            texts.append(record[field])
+    else:
+        raise DataError(f"{path}: lm data is a .txt file (one sequence a line) or a .jsonl file (a {field!r} field)")
+    if not texts:
+        raise DataError(f"{path}: no sequences")
+    return texts
+
+
+def next_token_split(token_ids: list[list[int]]) -> Split:
+    """Token sequences → inputs [N, 2, L] (ids, mask; right-padded) and next-token labels [N, L].
+
+    ``labels[i, t]`` is token ``t + 1`` of sequence ``i``; the last token of each sequence and the
+    padding are :data:`~soup_core.evaluate.IGNORE_INDEX`::
+
+        >>> split = next_token_split([[5, 6, 7], [8]])
+        >>> split.inputs[:, 0].tolist(), split.labels.tolist(), split.predictions
+        ([[5, 6, 7], [8, 0, 0]], [[6, 7, -100], [-100, -100, -100]], 2)
+    """
+    from soup_core.evaluate import IGNORE_INDEX
+    length = max(len(ids) for ids in token_ids)
+    ids = torch.zeros(len(token_ids), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, sequence in enumerate(token_ids):
+        ids[i, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[i, :len(sequence)] = 1
+        labels[i, :len(sequence) - 1] = ids[i, 1:len(sequence)]
+    return Split(torch.stack([ids, mask], dim=1), labels)
+
+
+def lm_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer) -> dict[str, Split]:
+    """Text files tokenised by the checkpoint's tokenizer → next-token splits (see :func:`next_token_split`)."""
+    max_length = spec.get("max_length", 512)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 <= max_length <= MAX_LM_LENGTH:
+        raise DataError(f"[data] max_length must be a whole number of tokens from 2 to {MAX_LM_LENGTH}, not {max_length!r}")
+    field = str(spec.get("text", "text"))
+    out = {}
+    for name, path in _split_paths(spec, resolve).items():
+        encoded = tokenizer(read_sequences(path, field), truncation=True, max_length=max_length)["input_ids"]
+        if not any(len(ids) > 1 for ids in encoded):
+            raise DataError(f"split {name!r}: no sequence has two tokens, so there is no next token to predict")
+        out[name] = next_token_split(encoded)
+    return out
+
+
 def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn.Module],
                    resolve: Callable[[str], Path], *, tokenizer_dir: Path | None = None,
-                   default_channels: int = 3, device: str | None = None) -> Evaluator:
+                   default_channels: int = 3, device: str | None = None, batch_size: int = 1024) -> Evaluator:
     """An Evaluator over the splits a manifest's ``[data]`` table describes."""
     kind = spec.get("kind")
     if kind not in KINDS:
@@ -182,8 +272,14 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
         splits = table_splits(spec, resolve)
     elif kind == "images":
         splits = image_splits(spec, resolve, default_channels)
+    elif kind == "lm":
+        tokenizer = _tokenizer(tokenizer_dir)
+        splits = lm_splits(spec, resolve, tokenizer)
+        # A batch's logits are sequences × length × vocabulary floats: at most LM_BATCH_LOGITS of them.
+        length = max(s.labels.shape[1] for s in splits.values())
+        batch_size = max(1, min(batch_size, LM_BATCH_LOGITS // (length * len(tokenizer))))
     else:
         splits = text_splits(spec, resolve, tokenizer_dir)
     train = splits.pop("train", None)
-    return Evaluator(model_factory, splits, train=train, device=device,
-                     info={"data": kind, "splits": _split_specs(spec)})  # provenance: paths relative to the zoo
+    return Evaluator(model_factory, splits, train=train, device=device, batch_size=batch_size,
+                     info={"data": kind, "splits": _split_specs(spec), "unit": UNITS[kind]})  # provenance: paths relative to the zoo

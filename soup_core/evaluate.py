@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,29 +37,65 @@ from soup_core.state import state_dict_digest
 
 ECE_BINS = 15
 VAL, TEST = "val", "test"
+# A label that is not scored: a language model's padding, and each sequence's last token (nothing follows it).
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class Metrics:
-    """Accuracy (fraction), mean cross-entropy, and expected calibration error (15 bins)."""
+    """Accuracy (fraction), mean cross-entropy, and expected calibration error (15 bins); for a
+    language model also perplexity, exp(loss) (its accuracy is next-token accuracy)."""
 
     accuracy: float
     loss: float
     ece: float
+    perplexity: float | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs and integer labels of one named split, held in memory."""
+    """Inputs and integer labels of one named split, held in memory.
+
+    Labels ``[N]`` are one class per sample; labels ``[N, L]`` are a language model's next tokens
+    (``labels[i, t]`` is the token after position ``t``, :data:`IGNORE_INDEX` where none is scored),
+    and every scored token is one prediction: metrics, significance tests and ensembles count tokens.
+    """
 
     inputs: torch.Tensor
     labels: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def predictions(self) -> int:
+        """How many predictions the split scores: samples, or scored tokens."""
+        return predictions(self.labels)
+
+
+def predictions(labels: torch.Tensor) -> int:
+    """Scored predictions in a batch's labels: one per sample, or one per token not :data:`IGNORE_INDEX`."""
+    return len(labels) if labels.dim() == 1 else int((labels != IGNORE_INDEX).sum())
+
+
+def scored(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's predictions as ``[predictions, classes]`` logits and ``[predictions]`` labels.
+
+    Classification passes through; next-token logits ``[N, L, V]`` keep the positions whose label is
+    not :data:`IGNORE_INDEX` (padding never counts), in order, sequence by sequence::
+
+        >>> logits = torch.arange(12.).reshape(1, 3, 4)
+        >>> kept, labels = scored(logits, torch.tensor([[2, 0, IGNORE_INDEX]]))
+        >>> kept.tolist(), labels.tolist()
+        ([[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]], [2, 0])
+    """
+    if labels.dim() == 1:
+        return logits, labels
+    keep = labels != IGNORE_INDEX
+    return logits[keep], labels[keep]
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -73,23 +110,27 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return float((acc - conf).abs().sum() / len(labels))
 
 
-def as_logits(output: object, samples: int) -> torch.Tensor:
-    """A model's output as ``[samples, classes]`` logits: a tensor, or an object with ``.logits``
-    (what Hugging Face models return); anything else is one clear error (the model contract)."""
+def as_logits(output: object, labels: torch.Tensor) -> torch.Tensor:
+    """A model's output as logits shaped like ``labels`` plus classes (``[samples, classes]``, or a
+    language model's ``[samples, length, vocabulary]``): a tensor, or an object with ``.logits`` (what
+    Hugging Face models return); anything else is one clear error (the model contract)."""
     logits = getattr(output, "logits", output)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != samples:
+    if not isinstance(logits, torch.Tensor) or logits.shape[:-1] != labels.shape or logits.dim() < 2:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ModelError(f"the model returned {shape} for {samples} inputs; a zoo's model must return logits "
-                         "[samples, classes] (a tensor, or an object with .logits)")
+        wanted = "[samples, classes]" if labels.dim() == 1 else "[samples, length, vocabulary]"
+        raise ModelError(f"the model returned {shape} for labels {list(labels.shape)}; a zoo's model must return "
+                         f"logits {wanted} (a tensor, or an object with .logits)")
     return logits
 
 
-def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
-    """Accuracy, mean cross-entropy and ECE of one split's logits (float64 reductions)."""
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, perplexity: bool = False) -> Metrics:
+    """Accuracy, mean cross-entropy and ECE of one split's logits (float64 reductions); with
+    ``perplexity`` (next-token predictions) also exp(loss)."""
     logits = logits.to(torch.float64)
     loss = torch.nn.functional.cross_entropy(logits, labels, reduction="mean")
     accuracy = (logits.argmax(dim=1) == labels).to(torch.float64).mean()
-    return Metrics(float(accuracy), float(loss), expected_calibration_error(logits.softmax(dim=1), labels))
+    return Metrics(float(accuracy), float(loss), expected_calibration_error(logits.softmax(dim=1), labels),
+                   math.exp(float(loss)) if perplexity else None)
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -101,7 +142,8 @@ class Evaluator:
     """A model factory plus named splits; scores state dicts without mutating them.
 
     ``device`` defaults to CUDA when available. Results for the same content are cached
-    (LRU, keyed by :func:`~soup_core.state.state_dict_digest`), so re-scoring an
+    (LRU, keyed by :func:`~soup_core.state.state_dict_digest`, at most ``cache_size`` entries and
+    ``cache_bytes`` of logits: a language model's are tokens × vocabulary each), so re-scoring an
     ingredient after a toggle costs one hash, not one evaluation.
     """
 
@@ -113,6 +155,7 @@ class Evaluator:
         batch_size: int = 1024,
         device: str | torch.device | None = None,
         cache_size: int = 512,
+        cache_bytes: int = 1 << 30,
         train: Split | None = None,
         info: Mapping[str, object] | None = None,
         precision: str = "fp32",
@@ -137,12 +180,20 @@ class Evaluator:
         self.info = dict(info or {})  # e.g. split seeds, recorded in export provenance
         self._cache: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
-        self._cache_size = cache_size
+        self._cache_size, self._cache_bytes, self._cached_bytes = cache_size, cache_bytes, 0
 
     def model_copy(self) -> torch.nn.Module:
         """A private deep copy of the model (never mid-call with someone else's weights)."""
         with self._lock:
             return copy.deepcopy(self.model)
+
+    @property
+    def unit(self) -> str:
+        """What one prediction is, in words a user reads ("images", "rows", "tokens"…): the ``unit``
+        its ``info`` gives, else tokens for next-token labels and samples for the rest."""
+        if "unit" in self.info:
+            return str(self.info["unit"])
+        return "tokens" if any(s.labels.dim() == 2 for s in self.splits.values()) else "samples"
 
     @property
     def split_names(self) -> tuple[str, ...]:
@@ -155,7 +206,8 @@ class Evaluator:
 
     def logits(self, state: Mapping[str, torch.Tensor], split: str = VAL, *, digest: str | None = None,
                cache: bool = True) -> torch.Tensor:
-        """Logits of ``state`` on ``split`` (float32, on the CPU), cached by content.
+        """Logits of ``state`` on ``split`` (float32, on the CPU), cached by content: one row per
+        prediction (sample, or scored token: see :func:`scored`), in the order of :meth:`labels`.
 
         ``cache=False`` skips hashing and caching: for one-off candidates (greedy/pruned steps)
         that will never be scored again.
@@ -170,13 +222,15 @@ class Evaluator:
         # functional_call swaps the shared model's tensors for the duration of the call; the lock
         # keeps two app sessions (threads) from seeing each other's weights.
         with self._lock, torch.no_grad(), precision(self.precision, self.device):
-            outputs = [as_logits(self._forward(params, x, split), len(x)) for x, _ in self.batches(split)]
-        result = torch.cat(outputs).float().cpu()
+            outputs = [scored(as_logits(self._forward(params, x, split), y), y)[0].float().cpu()
+                       for x, y in self.batches(split)]
+        result = torch.cat(outputs)
         if key is None:
             return result
         self._cache[key] = result
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cached_bytes += result.nbytes
+        while len(self._cache) > 1 and (len(self._cache) > self._cache_size or self._cached_bytes > self._cache_bytes):
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return result
 
     def _forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, split: str):
@@ -193,8 +247,11 @@ class Evaluator:
     def evaluate(self, state: Mapping[str, torch.Tensor], splits: Sequence[str] | None = None) -> dict[str, Metrics]:
         """Metrics of ``state`` on each of ``splits`` (default: all)."""
         digest = state_dict_digest(state)
-        return {name: metrics_from_logits(self.logits(state, name, digest=digest), self.labels(name))
-                for name in (splits or self.split_names)}
+        return {name: self.metrics(self.logits(state, name, digest=digest), name) for name in (splits or self.split_names)}
+
+    def metrics(self, logits: torch.Tensor, split: str) -> Metrics:
+        """The metrics of logits on ``split`` (:meth:`logits`' rows; perplexity for next tokens)."""
+        return metrics_from_logits(logits, self.labels(split), perplexity=self.splits[split].labels.dim() == 2)
 
     def accuracy(self, state: Mapping[str, torch.Tensor], split: str = VAL, *, cache: bool = True) -> float:
         """Accuracy alone (what greedy and pruned soups compare), without loss or ECE."""
@@ -202,7 +259,9 @@ class Evaluator:
         return float((predicted == self.labels(split)).sum()) / len(predicted)
 
     def labels(self, split: str) -> torch.Tensor:
-        return self.splits[split].labels.cpu()
+        """One label per prediction of :meth:`logits` (a language model's scored tokens, flattened)."""
+        labels = self.splits[split].labels
+        return (labels if labels.dim() == 1 else labels[labels != IGNORE_INDEX]).cpu()
 
     def batches(self, split: str, batch_size: int | None = None, *, shuffle: bool = False,
                 seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

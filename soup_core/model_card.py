@@ -58,7 +58,7 @@ def model_card(plan: Any) -> str:
         lines += [f"| {s} | {100 * m.accuracy:.2f}% | {m.loss:.4f} | {m.ece:.4f} |" for s, m in plan.metrics.items()]
     if plan.significance:
         lines += ["", f"Against the {plan.significance[0].a}, chosen on `val` (exact McNemar test on the same "
-                  "images; 95% score interval of the difference, Tango's, continuity-corrected):", ""]
+                  f"{plan.significance[0].unit}; 95% score interval of the difference, Tango's, continuity-corrected):", ""]
         lines += [f"- {c.split}: {c.sentence()} (interval {100 * c.interval[0]:+.1f} to {100 * c.interval[1]:+.1f})"
                   for c in plan.significance]
     lines += ["", "## Remake it", ""]

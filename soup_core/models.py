@@ -11,7 +11,8 @@ Both libraries are optional extras: ``pip install -e ".[hf]"`` (transformers) an
 
 Hugging Face models return an output object and take keyword inputs; the factory returns a
 subclass of the config's class whose ``forward(x)`` returns logits. Text inputs are ``[N, 2, L]``:
-token ids and attention mask (see :mod:`soup_core.data`); vision inputs are pixel values.
+token ids and attention mask (see :mod:`soup_core.data`), for classifiers and causal language
+models (``…ForCausalLM``, ``…LMHeadModel``: logits ``[N, L, vocabulary]``); vision inputs are pixel values.
 
 **Checkpoint names, a pitfall of transformers 5.** Files on disk keep the legacy tensor names
 (``vit.encoder.layer.0.attention.attention.query.weight``), and transformers 5 writes them that
@@ -58,8 +59,11 @@ def config_channels(folders: Iterable[Path]) -> int:
     return 3
 
 
+TEXT_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForCausalLM", "LMHeadModel")
+
+
 def _logits_class(cls: type) -> type:
-    text = "ForSequenceClassification" in cls.__name__ or "ForTokenClassification" in cls.__name__
+    text = any(head in cls.__name__ for head in TEXT_HEADS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if text:

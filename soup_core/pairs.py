@@ -47,7 +47,7 @@ from scipy.optimize import minimize_scalar
 from torch.func import functional_call, jvp
 
 from soup_core.errors import SoupError
-from soup_core.evaluate import VAL, Evaluator
+from soup_core.evaluate import VAL, Evaluator, as_logits, predictions, scored
 from soup_core.geometry import pairwise_angles
 from soup_core.params import interpolate
 from soup_core.policies import CURVATURE_METHODS, CURVATURE_WORDS
@@ -206,7 +206,7 @@ def _jvp_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mappi
     origin = {k: (t.to(device, torch.float64) if is_float(t) else t.to(device)) for k, t in a.items()}
     direction = {k: b[k].to(device, torch.float64) - origin[k] for k, t in a.items() if is_float(t)}
     data = [(x.to(torch.float64), y) for x, y in evaluator.batches(split)]
-    count = sum(len(y) for _, y in data)
+    count = sum(predictions(y) for _, y in data)
     # batch_norm has no forward derivative in its running statistics: hold them at θ_α's values.
     stats = {f"{name}.{buffer}" for name, m in model.named_modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for buffer in ("running_mean", "running_var")}
@@ -215,7 +215,7 @@ def _jvp_curvature(evaluator: Evaluator, a: Mapping[str, torch.Tensor], b: Mappi
 
     def loss_at(t: torch.Tensor) -> torch.Tensor:
         params = {k: origin[k] + t * direction[k] if k in direction else origin[k] for k in origin}
-        total = sum(torch.nn.functional.cross_entropy(beta * functional_call(model, params, (x,)), y,
+        total = sum(torch.nn.functional.cross_entropy(*scored(beta * as_logits(functional_call(model, params, (x,)), y), y),
                                                       reduction="sum") for x, y in data)
         return total / count
 

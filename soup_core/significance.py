@@ -98,13 +98,14 @@ class Comparison:
     a: str
     b: str
     split: str
-    images: int
+    predictions: int
     accuracy_a: float
     accuracy_b: float
     a_only: int
     b_only: int
     p_value: float
     interval: tuple[float, float]
+    unit: str = "images"  # what one prediction is: images, rows, texts, tokens
 
     @property
     def difference(self) -> float:
@@ -118,7 +119,7 @@ class Comparison:
         """``+0.3 points, p = 0.41: not significant on 630 images``."""
         verdict = "significant" if self.significant else "not significant"
         return (f"{100 * self.difference:+.1f} points, p = {self.p_value:.2g}: {verdict} "
-                f"on {self.images} images")
+                f"on {self.predictions} {self.unit}")
 
     def to_json(self) -> dict:
         return {**asdict(self), "interval": list(self.interval), "difference": self.difference,
@@ -127,14 +128,14 @@ class Comparison:
 
 
 def compare(a: str, logits_a: torch.Tensor, b: str, logits_b: torch.Tensor, labels: torch.Tensor,
-            split: str) -> Comparison:
-    """B against A on the same images (their logits, in the same order)."""
+            split: str, unit: str = "images") -> Comparison:
+    """B against A on the same predictions (their logits, in the same order); ``unit`` names one."""
     labels = labels.cpu()
     right_a = logits_a.cpu().argmax(dim=1) == labels
     right_b = logits_b.cpu().argmax(dim=1) == labels
     a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     return Comparison(a, b, split, len(labels), float(right_a.double().mean()), float(right_b.double().mean()),
-                      a_only, b_only, mcnemar_exact(a_only, b_only), score_interval(a_only, b_only, len(labels)))
+                      a_only, b_only, mcnemar_exact(a_only, b_only), score_interval(a_only, b_only, len(labels)), unit)
 
 
 def report_splits(split_names: tuple[str, ...] | list[str], choice_split: str = "val") -> list[str]:
@@ -157,7 +158,7 @@ def versus(reference, result, ingredients, evaluator, splits: list[str] | None =
     from soup_core.recipes import RECIPES
     name = reference_name or RECIPES[reference.recipe].pretty_name
     return [compare(name, result_logits(reference, ingredients, evaluator, split), RECIPES[result.recipe].pretty_name,
-                    result_logits(result, ingredients, evaluator, split), evaluator.labels(split), split)
+                    result_logits(result, ingredients, evaluator, split), evaluator.labels(split), split, evaluator.unit)
             for split in report_splits(evaluator.split_names) if splits is None or split in splits]
 
 

@@ -110,7 +110,7 @@ def test_make_writes_the_model_card_beside_the_soup(tmp_path):
 def test_the_sample_zoos_are_found_in_the_sample_data_package():
     from soup_core.zoo import sample_root, sample_zoos
     assert sample_root() == (ROOT / "sample_data").resolve()
-    assert set(sample_zoos()) == {"digits-bn", "digits-finetune", "digits-scratch", "digits-soup"}
+    assert set(sample_zoos()) == {"code-lm", "digits-bn", "digits-finetune", "digits-scratch", "digits-soup"}
 
 
 def test_json_is_never_written_over_an_input(tmp_path):

@@ -96,7 +96,7 @@ def test_make_reports_the_soup_against_the_best_model_on_every_report_split():
     assert "val" not in splits and splits[0] == "test" and len(splits) == len(payload["metrics"]) - 1
     for c in payload["significance"]:
         assert c["accuracy_b"] == pytest.approx(payload["metrics"][c["split"]]["accuracy"], abs=1e-12)
-        assert c["difference"] == pytest.approx((c["b_only"] - c["a_only"]) / c["images"], abs=1e-12)
+        assert c["difference"] == pytest.approx((c["b_only"] - c["a_only"]) / c["predictions"], abs=1e-12)
         assert c["interval"][0] <= c["difference"] <= c["interval"][1]
         assert c["p_value"] == pytest.approx(mcnemar_exact(c["a_only"], c["b_only"]))
     assert ok_json("make", "best", "digits-finetune")["significance"] == []

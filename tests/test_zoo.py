@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_sample_zoos_are_complete_and_small():
     zoos = sample_zoos()
-    assert set(zoos) == {"digits-finetune", "digits-scratch", "digits-bn", "digits-soup"}
+    assert set(zoos) == {"digits-finetune", "digits-scratch", "digits-bn", "digits-soup", "code-lm"}
     assert len(open_zoo("digits-finetune").names) >= 32
     assert len(open_zoo("digits-scratch").names) >= 8
-    total = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*.safetensors"))
-    assert total < 20 * 2**20
+    assert len(open_zoo("code-lm").names) == 16
+    digits = sum(p.stat().st_size for p in (ROOT / "sample_data").glob("digits-*/**/*.safetensors"))
+    code_lm = sum(p.stat().st_size for p in (ROOT / "sample_data" / "code-lm").rglob("*") if p.is_file())
+    assert digits < 20 * 2**20 and code_lm < 20 * 2**20
 
 
 def test_every_fine_tuned_model_records_its_hyperparameters():

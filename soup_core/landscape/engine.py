@@ -341,7 +341,7 @@ class SliceEvaluator:
                     losses, wrongs = loss_and_wrong(logits, y)
                     total_loss += losses
                     wrong += wrongs
-                out[s] = (total_loss / len(split), wrong / len(split))
+                out[s] = (total_loss / split.predictions, wrong / split.predictions)
         return out
 
     def _measure_deviation(self, part: torch.Tensor, data: Mapping[str, Split],

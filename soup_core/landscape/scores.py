@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from soup_core.evaluate import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class PointValues:
@@ -24,9 +26,13 @@ class PointValues:
 
 
 def loss_and_wrong(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy (float64) and count of wrong predictions per point of [G, N, C] logits."""
+    """Summed cross-entropy (float64) and count of wrong predictions per point of [G, N, C] logits
+    (or a language model's [G, N, L, V] against labels [N, L]: positions labelled IGNORE_INDEX count for nothing)."""
+    scored = labels != IGNORE_INDEX
+    safe = labels.clamp_min(0).expand(logits.shape[:-1])
     # Cross-entropy as logsumexp − logit of the label; max gives argmax too.
     top, predicted = logits.max(dim=-1)
     lse = top + (logits - top.unsqueeze(-1)).exp().sum(-1).log()
-    picked = logits.gather(-1, labels.expand(len(logits), -1).unsqueeze(-1)).squeeze(-1)
-    return (lse - picked).sum(-1, dtype=torch.float64), (predicted != labels).sum(-1)
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    loss = torch.where(scored, lse - picked, 0.0).flatten(1).sum(-1, dtype=torch.float64)
+    return loss, ((predicted != labels) & scored).flatten(1).sum(-1)

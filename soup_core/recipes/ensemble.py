@@ -7,16 +7,14 @@ is no single state dict to export, so ``state_dict`` is None.
 
 from __future__ import annotations
 
-from soup_core.evaluate import Evaluator, Metrics, ensemble_logits, metrics_from_logits
+from soup_core.evaluate import Evaluator, Metrics, ensemble_logits
 from soup_core.recipes.base import Brew, Ingredients
 from soup_core.recipes.parameters import Params
 
 
 def ensemble_metrics(ingredients: Ingredients, evaluator: Evaluator, names: tuple[str, ...]) -> dict[str, Metrics]:
     """Metrics of the logit ensemble of ``names`` on every split (ingredient logits are cached)."""
-    return {split: metrics_from_logits(
-                ensemble_logits([evaluator.logits(ingredients[n], split) for n in names]),
-                evaluator.labels(split))
+    return {split: evaluator.metrics(ensemble_logits([evaluator.logits(ingredients[n], split) for n in names]), split)
             for split in evaluator.split_names}
 
 

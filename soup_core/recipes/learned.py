@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from soup_core.evaluate import Evaluator
+from soup_core.evaluate import Evaluator, as_logits, scored
 from soup_core.params import ACCUMULATE_DTYPE
 from soup_core.recipes.base import Brew, Ingredients, TraceStep
 from soup_core.recipes.parameters import Params
@@ -56,7 +56,7 @@ def learned_soup(ingredients: Ingredients, evaluator: Evaluator, base, params: P
                      for k, w in stacked.items()}
             mixed.update({a: mixed[t] for a, t in aliases.items()})
             output = functional_call(model, {**fixed, **mixed}, (x,))
-            loss = torch.nn.functional.cross_entropy(temperature * output, y)
+            loss = torch.nn.functional.cross_entropy(*scored(temperature * as_logits(output, y), y))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

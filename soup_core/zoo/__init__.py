@@ -6,7 +6,7 @@ Sample zoos and user zoos are the same thing: the built-in ones are ordinary man
 
 >>> from soup_core.zoo import open_zoo, sample_zoos
 >>> sorted(sample_zoos())
-['digits-bn', 'digits-finetune', 'digits-scratch', 'digits-soup']
+['code-lm', 'digits-bn', 'digits-finetune', 'digits-scratch', 'digits-soup']
 """
 
 from soup_core.errors import ZooError

@@ -164,12 +164,14 @@ class Zoo:
     @cached_property
     def model_factory(self) -> Callable[[], torch.nn.Module] | None:
         """The manifest's ``model = "module:function"``, else one found from the checkpoints
-        (Hugging Face directory, timm checkpoint), else None (a weights-only zoo)."""
+        (Hugging Face directory, timm checkpoint; for LoRA adapters, the base's), else None (a weights-only zoo)."""
         if self.spec.model_spec and self.spec.model_spec != "auto":
             return load_callable(self.spec.model_spec, self.root, self.allowed_roots)
-        first = self.path(self.names[0])
+        first, name = self.path(self.names[0]), self.names[0]
+        if is_adapter_folder(first) and self.has_base:  # an adapter's model is its base's
+            first, name = self.base_path, BASE
         try:
-            return detect_model_factory(first, self.state_dict(self.names[0]))
+            return detect_model_factory(first, self.state_dict(name))
         except ModelError as exc:
             raise ZooError(str(exc)) from None
 
