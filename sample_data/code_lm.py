@@ -45,7 +45,7 @@ VOCABULARY = 1024
 CONTEXT = 64
 GPT = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": CONTEXT, "resid_pdrop": 0.0,
        "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-SEQUENCE_CHARS, SEQUENCES = 240, 64
+SEQUENCE_CHARS, SEQUENCES = 240, 48
 TARGET, SHIFTS = "asyncio", ("email", "json")
 PRETRAIN_STEPS, BATCH = 1000, 16
 FULL, ADAPTERS = 3, 13

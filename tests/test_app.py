@@ -850,3 +850,30 @@ def test_the_hyperparameter_view_plots_val_accuracy_against_a_hyperparameter_on_
     chart = next(c for c in at.get("plotly_chart") if json.loads(c.proto.spec)["data"][0].get("customdata"))
     layout = json.loads(chart.proto.spec)["layout"]
     assert layout["xaxis"]["type"] == "log" and layout["yaxis"]["title"]["text"] == "val accuracy (%)"
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
+def test_a_language_model_zoo_opens_scores_tokens_and_draws_its_landscape_in_chromium(server):
+    from playwright.sync_api import sync_playwright
+
+    from soup_core.params import uniform_average
+    zoo = open_zoo("code-lm", device="cpu")
+    soup_val = zoo.evaluator.evaluate(uniform_average([zoo.state_dict(n) for n in zoo.names]), ["val"])["val"]
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server}/?zoo=code-lm&plane=base,full-00,lora-03&grid=5")
+        page.get_by_role("heading", name="Your soup").wait_for(timeout=120_000)
+        _settle(page)
+        metric = page.get_by_test_id("stMetric").filter(has_text="soup val").get_by_test_id("stMetricValue")
+        assert metric.inner_text() == f"{soup_val.accuracy:.2%}"  # next-token accuracy of all 16 averaged
+        assert page.get_by_test_id("stMetric").filter(has_text="Checkpoints") \
+            .get_by_test_id("stMetricValue").inner_text() == "16"
+        page.screenshot(path=str(ARTIFACTS / "code-lm-ingredients.png"), full_page=True)
+        page.get_by_test_id("stSidebarNav").get_by_text("Landscape", exact=True).click()
+        page.get_by_role("button", name="Compute").click()
+        page.locator(".js-plotly-plot .contour").first.wait_for(timeout=240_000)
+        page.get_by_text("Lowest val error").wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "code-lm-landscape.png"), full_page=True)
+        browser.close()

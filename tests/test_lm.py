@@ -24,7 +24,7 @@ from soup_core.errors import DataError  # noqa: E402
 from soup_core.evaluate import IGNORE_INDEX, Evaluator, Split  # noqa: E402
 from soup_core.io import load_state_dict  # noqa: E402
 from soup_core.landscape.scores import loss_and_wrong  # noqa: E402
-from soup_core.zoo import make_soup, open_zoo, sample_root  # noqa: E402
+from soup_core.zoo import open_zoo, sample_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sample_root() / "code-lm"

@@ -93,6 +93,24 @@ def zoo():
     return open_zoo("digits-finetune")
 
 
+def test_a_lambda_search_reuses_the_merged_update_and_each_soup_is_bit_for_bit_the_one_made_alone(zoo):
+    """TIES at λ = 0.3 and 1.7 inside one search (the second reuses the first's trimmed, elected
+    update) equal TIES made alone at each λ, to the bit; the search's curve is theirs."""
+    from soup_core.merge.task_vectors import one_update_for_every_scale
+    names = zoo.names[:5]
+    alone = {x: make_soup(zoo, "ties", names, **{"lambda": x}).state_dict for x in (0.3, 1.7)}
+    with one_update_for_every_scale():
+        shared = {x: make_soup(zoo, "ties", names, **{"lambda": x}).state_dict for x in (0.3, 1.7)}
+    for x in alone:
+        assert all(torch.equal(alone[x][k], shared[x][k]) for k in alone[x]), x
+    assert not all(torch.equal(alone[0.3][k], alone[1.7][k]) for k in alone[0.3])
+    tuned = RECIPES["ties"].make({n: zoo.state_dict(n) for n in names}, zoo.evaluator, base=zoo.base,
+                                 **{"lambda": "val"})
+    curve = tuned.extras["chosen_on_val"]
+    for x, score in list(zip(curve["grid"], curve["val_accuracy"]))[::5]:
+        assert score == zoo.evaluator.accuracy(make_soup(zoo, "ties", names, **{"lambda": x}).state_dict, "val")
+
+
 def test_lambda_val_keeps_the_lambda_whose_soup_is_best_on_val(zoo):
     """The curve is each λ's own soup scored on val; the choice is its maximum, ties to the λ nearest 1."""
     ingredients = zoo.ingredients()

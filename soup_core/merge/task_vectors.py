@@ -28,6 +28,13 @@ position, the same on every device; mergekit keeps whatever its sort puts first,
 between CPU and GPU. On such inputs the two TIES merges differ in those entries; on inputs
 without ties they are equal (``tests/test_merge_methods.py``).
 
+**λ chosen on val** (:mod:`soup_core.recipes.tuning`) makes the same merge at 20 values of λ,
+which scales the merged update last. Inside :func:`one_update_for_every_scale` a sparsified
+method keeps each tensor's merged update (float64, before λ) the first time and applies the
+next λ to that same tensor, with the same operations: every soup is bit for bit the one made
+alone, and the masks, sorts and sign elections run once. It keeps at most
+:data:`REUSED_UPDATE_BYTES`; tensors past that are merged again as usual.
+
 Memory: per tensor, two float64 accumulators, one task vector and one copy of its magnitudes at a
 time — the sign election asks for each weighted task vector twice (it is the same tensor both
 times) rather than keeping all k, and θ0 is added in its own dtype a slice at a time.
@@ -42,8 +49,10 @@ times) rather than keeping all k, and θ0 is added in its own dtype a slice at a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -55,6 +64,19 @@ SPARSIFIERS = ("magnitude", "random", "magnitude_outliers")
 RESCALES = ("none", "l1", "density")
 NORM_EPS = 1e-7  # below this L1 norm a task vector is not rescaled (mergekit's eps)
 IN_PLACE_CHUNK = 1 << 22  # elements converted at a time by in_chunks (32 MB of float64)
+REUSED_UPDATE_BYTES = 2 << 30  # merged updates kept across the scales of one λ search, at most
+
+_reused: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reused_updates", default=None)
+
+
+@contextlib.contextmanager
+def one_update_for_every_scale() -> Iterator[None]:
+    """Within: sparsified merges that differ only in ``scale`` (λ) share each tensor's merged update."""
+    token = _reused.set({"bytes": 0})
+    try:
+        yield
+    finally:
+        _reused.reset(token)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -164,6 +186,21 @@ def task_vector_method(name: str, weights: Sequence[float], *, sparsify: str | N
     def combine(blocks: Blocks, base: torch.Tensor, summary, key: str = "") -> torch.Tensor:
         if len(blocks) != len(weights):
             raise RecipeError(f"{name}: {len(weights)} weights for {len(blocks)} ingredients; give one weight each")
+        reused = _reused.get() if sparsify is not None else None  # whole tensors only: blocks have no names
+        memo_key = (name, tuple(weights), sparsify, density, gamma, consensus, normalize, rescale, seed, key,
+                    tuple(b.data_ptr() for b in blocks), base.data_ptr())
+        if reused is not None and memo_key in reused:
+            mixed = reused[memo_key].clone()
+        else:
+            mixed = merged_update(blocks, base, key)
+            if reused is not None and reused["bytes"] + mixed.nbytes <= REUSED_UPDATE_BYTES:
+                reused[memo_key] = mixed.clone()
+                reused["bytes"] += mixed.nbytes
+        in_chunks(mixed.mul_(scale), base.reshape(-1), torch.Tensor.add_)
+        return mixed.reshape(base.shape)
+
+    def merged_update(blocks: Blocks, base: torch.Tensor, key: str) -> torch.Tensor:
+        """Σ w_i δ_i over the merged entries (÷ the weights where ``normalize``), flat, float64: all but λ."""
         if not consensus:
             mixed = weighted_delta(0, blocks[0], base, key)
             for index in range(1, len(blocks)):
@@ -187,8 +224,7 @@ def task_vector_method(name: str, weights: Sequence[float], *, sparsify: str | N
             divisor[divisor == 0] = 1
         if normalize:
             mixed /= divisor
-        in_chunks(mixed.mul_(scale), base.reshape(-1), torch.Tensor.add_)
-        return mixed.reshape(base.shape)
+        return mixed
 
     # ranks, norms and drop masks are taken over whole tensors; plain task arithmetic goes by blocks
     return TensorMethod(name, combine, needs_base=True, elementwise=sparsify is None, keyed=True)

@@ -16,11 +16,15 @@ whole curve. One parameter at a time: a grid of grids would be chosen on val man
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from soup_core.errors import RecipeError
+from soup_core.merge.task_vectors import one_update_for_every_scale
 from soup_core.recipes.parameters import ON_VAL, Parameter, Params
+
+SCALE_NAME = "lambda"  # the task-vector methods' last step: θ0 + λ · merged update (one update for every λ)
 
 if TYPE_CHECKING:
     from soup_core.evaluate import Evaluator
@@ -50,6 +54,12 @@ def choose_on_val(parameter: Parameter, params: Params, make: Callable[[Params],
         raise RecipeError(f"{parameter.name}=val chooses the {pretty_name}'s {parameter.name} by val accuracy and "
                           f"needs the zoo's evaluator; give {parameter.name} a number, or a zoo with data")
     split = params.get("val_split", "val")
+    with one_update_for_every_scale() if parameter.name == SCALE_NAME else contextlib.nullcontext():
+        return _choose(parameter, params, make, evaluator, split)
+
+
+def _choose(parameter: Parameter, params: Params, make: Callable[[Params], Brew], evaluator: Evaluator,
+            split: str) -> tuple[Brew, Params, Mapping[str, Any]]:
     best: tuple[float, float, float, Brew] | None = None
     scores = []
     for value in parameter.val_grid or ():
