@@ -37,7 +37,7 @@ def ok_json(*args: str) -> dict:
 
 def test_zoo_list():
     names = {z["name"] for z in ok_json("zoo", "list")["zoos"]}
-    assert names == {"digits-finetune", "digits-scratch", "digits-bn", "digits-soup"}
+    assert names == {"digits-finetune", "digits-scratch", "digits-bn", "digits-soup", "code-lm"}
 
 
 def test_evaluate_json_holds_every_checkpoint_and_split():

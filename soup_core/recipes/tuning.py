@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from soup_core.errors import RecipeError
-from soup_core.merge.task_vectors import one_update_for_every_scale
 from soup_core.recipes.parameters import ON_VAL, Parameter, Params
 
 SCALE_NAME = "lambda"  # the task-vector methods' last step: θ0 + λ · merged update (one update for every λ)
@@ -53,6 +52,7 @@ def choose_on_val(parameter: Parameter, params: Params, make: Callable[[Params],
     if evaluator is None:
         raise RecipeError(f"{parameter.name}=val chooses the {pretty_name}'s {parameter.name} by val accuracy and "
                           f"needs the zoo's evaluator; give {parameter.name} a number, or a zoo with data")
+    from soup_core.merge.task_vectors import one_update_for_every_scale  # torch: not when the CLI parses flags
     split = params.get("val_split", "val")
     with one_update_for_every_scale() if parameter.name == SCALE_NAME else contextlib.nullcontext():
         return _choose(parameter, params, make, evaluator, split)
