@@ -43,8 +43,8 @@ def warm_pages(zoo: Zoo) -> None:
 
 
 def warm_tour(story: Zoo) -> None:
-    """Every Tour step: steps 1–4 on ``story``, 5 on digits-scratch, 6 on digits-bn; 7 (the merge
-    methods against greedy) is the Recipes board's, warmed with ``story``'s pages."""
+    """Every Tour step: steps 1–4 on ``story``, 5 on digits-scratch, 6 on digits-bn, 8 on code-lm; 7
+    (the merge methods against greedy) is the Recipes board's, warmed with ``story``'s pages."""
     key = zoo_key(story)
     a, b, _ = cached_flattest_pair(story, key)
     cached_barrier_interval(story, key, a, b, "test")
@@ -66,6 +66,10 @@ def warm_tour(story: Zoo) -> None:
     for policy in ("recompute", "interpolate", "keep"):
         cached_path(bn_zoo, zoo_key(bn_zoo), "base", bn_zoo.names[0], policy, 0.0, 1.0, 11)
     recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform")
+    lm = load_zoo("code-lm")
+    for recipe in ("best", "uniform", "greedy", "ensemble"):
+        recipe_result(lm, zoo_key(lm), recipe)
+    recipe_significance(lm, zoo_key(lm), "uniform")
 
 
 def warm() -> float:

@@ -1,4 +1,4 @@
-"""Tour: the paper's story in six live steps, each claim measured on the zoo it shows."""
+"""Tour: the paper's story in eight live steps, each claim measured on the zoo it shows."""
 
 import numpy as np
 import pandas as pd
@@ -12,12 +12,15 @@ from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, ca
 from appkit.figures import figure_footer
 from appkit.plain import literal
 from appkit.sidebar import sidebar
+from soup_core.io.lora import is_adapter_folder
 from soup_core.pairs import section_four_sentence
 from soup_core.recipes import RECIPES
 
 ONE_BASIN = 0.01  # a line whose error barrier is under 1 point (6 of 630 test images) counts as one basin
 STEPS = ["1 · One basin", "2 · Angles", "3 · Uniform soups", "4 · Greedy and pruned soups",
-         "5 · Scratch models and alignment", "6 · BatchNorm", "7 · Soups and merge methods"]
+         "5 · Scratch models and alignment", "6 · BatchNorm", "7 · Soups and merge methods",
+         "8 · Language models and adapters"]
+LM_ZOO = "code-lm"  # step 8: next-token accuracy, and fine-tunings that are LoRA adapters
 
 opened = sidebar()
 st.title("Guided tour")
@@ -206,6 +209,26 @@ elif step == STEPS[6]:
         f"and {len(methods) - len(worse) - len(better)} cannot be told apart from it on these "
         f"{against[top]['predictions']} {against[top]['unit']}. The Landscape page draws each of them on a plane.")
     bars(zoo, ["best", "greedy", *methods], f"{zoo.name}: soups and merge methods")
+elif step == STEPS[7]:
+    lm = load_zoo(LM_ZOO)
+    uses(lm, " (GPT-2 and its fine-tunings on Python's own source text)")
+    adapters = [n for n in lm.names if is_adapter_folder(lm.path(n))]
+    against = {c["split"]: c for c in recipe_significance(lm, zoo_key(lm), "uniform")}
+    shifts = [s for s in lm.evaluator.shift_names if s in against]
+    test = against["test"]
+    st.markdown(
+        f"**Language models and LoRA adapters** (what the digits cannot show). {literal(lm.name)} is a GPT-2 of "
+        f"{sum(t.numel() for t in lm.base.values()) / 1e6:.2f} M parameters; of its {len(lm.names)} fine-tunings, "
+        f"{len(adapters)} are LoRA adapters, each an update B·A of θ0 in a few modules, and "
+        f"{len(lm.names) - len(adapters)} are full fine-tunings. A soup averages the adapters' *updates* B·A, "
+        "exactly; averaging the A and the B matrices apart (PEFT's add_weighted_adapter) adds cross terms. "
+        f"Every next token is one prediction: accuracy is next-token accuracy over the "
+        f"{test['predictions']} {test['unit']} of test. The uniform soup of all {len(lm.names)} against the "
+        f"{literal(test['a'])}: on test, {test['sentence']}; "
+        + "; ".join(f"on the shift {literal(s)}, {against[s]['sentence']}" for s in shifts)
+        + ". The test counts tokens as independent; the tokens of one sequence tend to err together, so these "
+        "p-values overstate the evidence.")
+    bars(lm, ["best", "uniform", "greedy", "ensemble"], f"{lm.name}: {len(lm.names)} fine-tunings of a language model")
 else:
     bn_zoo = load_zoo("digits-bn")
     uses(bn_zoo, " (a CNN with BatchNorm)")

@@ -638,6 +638,20 @@ def test_the_tour_says_what_its_own_data_shows():
     assert at.radio(key="tour-step").value.startswith("3") and not at.exception
 
 
+def test_the_tours_language_model_step_reports_the_lm_zoos_own_comparisons():
+    from soup_core.significance import versus_best
+    lm = open_zoo("code-lm")
+    at = _app()
+    at.switch_page("pages/tour.py").run()
+    at.radio(key="tour-step").set_value("8 · Language models and adapters").run()
+    text = " ".join(as_read(m.value) for m in at.markdown)
+    comparisons = {c.split: c for c in versus_best(make_soup(lm, "uniform"), lm.ingredients(), lm.evaluator)}
+    assert f"on test, {comparisons['test'].sentence()}" in text and "tokens" in comparisons["test"].sentence()
+    for shift in ("email", "json"):
+        assert f"on the shift {shift}, {comparisons[shift].sentence()}" in text
+    assert "of its 16 fine-tunings, 13 are LoRA adapters" in text and "3 are full fine-tunings" in text
+
+
 def test_the_tours_scratch_step_reports_what_alignment_measures():
     import numpy as np
 

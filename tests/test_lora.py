@@ -210,3 +210,32 @@ def test_an_adapter_in_a_zoo_without_theta0_says_what_to_set(adapter_zoo, tmp_pa
     (tmp_path / "zoo.toml").write_text('[[checkpoints]]\nname = "r2"\npath = "r2"\n')
     with pytest.raises(ZooError, match=r"r2 is a LoRA adapter .* set base = .* names '/models/tiny-llama'"):
         open_zoo(tmp_path / "zoo.toml").state_dict("r2")
+
+
+def test_a_folder_of_adapters_takes_the_base_their_config_names_when_it_is_a_local_folder(adapter_zoo, tmp_path):
+    """No zoo.toml and no base.*: θ0 is the folder adapter_config.json names (relative to the adapter),
+    and the soup is PEFT's merged average; outside the allowed roots, the zoo says what to set."""
+    shutil.copytree(adapter_zoo / "base", tmp_path / "models" / "llama")
+    for name in ("r2", "patterns"):
+        shutil.copytree(adapter_zoo / name, tmp_path / "adapters" / name)
+        config = json.loads((tmp_path / "adapters" / name / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "../../models/llama"
+        (tmp_path / "adapters" / name / "adapter_config.json").write_text(json.dumps(config))
+    zoo = open_zoo(tmp_path / "adapters")
+    assert zoo.names == ("patterns", "r2") and zoo.base_path.resolve() == (tmp_path / "models" / "llama").resolve()
+    soup = make_soup(zoo, "uniform").state_dict
+    expected = [merged_by_peft(adapter_zoo, name) for name in ("r2", "patterns")]
+    for key, value in soup.items():
+        assert torch.allclose(value, (expected[0][key] + expected[1][key]) / 2, atol=1e-6), key
+    from soup_core.errors import ZooError
+    fenced = open_zoo(tmp_path / "adapters", allowed_roots=[tmp_path / "adapters"])
+    assert fenced.base_path is None
+    with pytest.raises(ZooError, match="set base = "):
+        fenced.state_dict("r2")
+
+
+def test_an_adapter_folder_read_as_weights_says_it_is_an_update():
+    from soup_core.io import load_state_dict
+    from soup_core.zoo import sample_root
+    with pytest.raises(CheckpointError, match="a LoRA adapter, an update of θ0"):
+        load_state_dict(sample_root() / "code-lm" / "checkpoints" / "lora-00")

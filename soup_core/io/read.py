@@ -357,8 +357,9 @@ def _load_directory(path: Path, *, prefer_ema: bool, roots: Sequence[Path] | Non
     for file_name in ("model.safetensors", "pytorch_model.bin"):
         if (path / file_name).exists():
             return load_state_dict(path / file_name, prefer_ema=prefer_ema, roots=roots)
-    raise CheckpointError(
-        f"{path}: a directory without model.safetensors, pytorch_model.bin or a sharded index")
+    raise CheckpointError(f"{path}: a LoRA adapter, an update of θ0; open it in a zoo whose base is the model it "
+                          "was trained on" if (path / "adapter_config.json").is_file() else
+                          f"{path}: a directory without model.safetensors, pytorch_model.bin or a sharded index")
 
 
 def shard_index(index: Path) -> tuple[dict[str, str], list[Path]]:

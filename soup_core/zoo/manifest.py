@@ -132,11 +132,12 @@ def checkpoint_name(path: Path, root: Path) -> str:
 
 
 def folder_manifest(folder: Path) -> dict[str, Any]:
-    """What a folder of checkpoints means without a zoo.toml: every checkpoint file or Hugging
-    Face directory in it; ``base.*`` (or a ``base/`` directory) is θ0; no evaluator."""
+    """What a folder of checkpoints means without a zoo.toml: every checkpoint file, Hugging Face
+    directory or PEFT adapter folder in it; ``base.*`` (or a ``base/`` directory) is θ0 (else, for
+    adapters, the base their config names: :func:`adapters_base`); no evaluator."""
     items = sorted(p for p in folder.iterdir()
                    if (p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES))
-                   or (p.is_dir() and (p / "config.json").is_file()))
+                   or (p.is_dir() and ((p / "config.json").is_file() or (p / "adapter_config.json").is_file())))
     base = [p for p in items if checkpoint_name(p, folder) == BASE]
     entries = [{"path": p.name} for p in items if p not in base]
     return {"name": folder.name, "description": f"checkpoints in {folder}", "checkpoints": entries,
@@ -185,10 +186,33 @@ def read_manifest(zoo: str | Path, allowed_roots: Sequence[Path] | None = None) 
         entries[entry.name] = entry
     if not entries:
         raise ZooError(f"{path}: no checkpoints found (an empty folder, or globs that match nothing)")
-    base = resolve_path(data["base"], "base", path, root, roots) if data.get("base") else None
+    base = resolve_path(data["base"], "base", path, root, roots) if data.get("base") else adapters_base(entries, roots)
     return Manifest(data.get("name", root.name), data.get("description", ""), path, root,
                     tuple(entries.values()), base, data.get("model"), data.get("evaluator"),
                     data.get("data"), roots)
+
+
+def adapters_base(entries: Mapping[str, CheckpointEntry], roots: Sequence[Path] | None) -> Path | None:
+    """θ0 for a zoo that names none and has LoRA adapters: the folder the first adapter's
+    ``adapter_config.json`` names (``base_model_name_or_path``, relative to the adapter's folder),
+    when that is a local folder inside the allowed roots; else None (the zoo then says what to set)."""
+    from soup_core.io.lora import AdapterConfig, is_adapter_folder
+    first = next((e.path for e in entries.values() if is_adapter_folder(e.path)), None)
+    if first is None:
+        return None
+    try:
+        named = AdapterConfig.read(first).base_model
+    except CheckpointError:  # reading the adapter says what is wrong with it, in its place
+        return None
+    if not named:
+        return None
+    folder = first / named
+    if not folder.is_dir() or folder.resolve() == first.resolve():
+        return None
+    try:
+        return within_roots(folder, roots, "base")
+    except ZooError:
+        return None
 
 
 def resolve_path(relative: str, what: str, manifest: Path, root: Path, roots: Sequence[Path] | None) -> Path:
