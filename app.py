@@ -28,5 +28,6 @@ navigation = st.navigation([
     st.Page("pages/landscape.py", title="Landscape"),
     st.Page("pages/tour.py", title="Tour"),
     st.Page("pages/export.py", title="Export"),
+    st.Page("pages/room.py", title="Room"),
 ])
 timed_run(navigation.run, navigation.title)  # logged only with SOUP_TIMING_LOG set

@@ -9,6 +9,7 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from appkit.cache import load_zoo
+from appkit.room_controls import unlock_facilitator
 from appkit.plain import error, literal
 from appkit.uploads import add_uploads, uploads_of, with_uploads
 from appkit.workspace import DEFAULT_ZOO, SESSION_KEY, seed, store, update, workspace
@@ -52,6 +53,7 @@ def run_under_navigation() -> None:
 def sidebar() -> Zoo:
     """Open a sample zoo (default; the URL's ``?zoo=``) or a server folder; add uploads; report."""
     run_under_navigation()
+    unlock_facilitator()  # a ?facilitator= token leaves the URL on whichever page it arrives
     names = list(sample_zoos())
     seed("zoo", workspace().zoo if workspace().zoo in names else DEFAULT_ZOO)
     name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=lambda: update(zoo=st.session_state["zoo"]))

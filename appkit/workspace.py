@@ -13,6 +13,7 @@ new value back into the workspace before the script runs again.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -25,6 +26,7 @@ from soup_core.zoo import Zoo
 
 DEFAULT_ZOO = "digits-finetune"
 SESSION_KEY = "workspace"
+ROOM_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")  # what appkit.room.new_token makes; anything else is dropped
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Workspace:
     export: Candidate | None = None
     landscape: tuple[str, LandscapeSettings] | None = None  # (zoo, settings)
     link: Mapping[str, str] = field(default_factory=dict)
+    me: str = ""  # the participant's room token (appkit.room): their link lets them replace their own entry
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> Workspace:
@@ -107,8 +110,9 @@ class Workspace:
             export = Candidate.from_query(query["export"]) if query.get("export") else None
         except SoupError:
             export = None
+        me = query.get("me", "")
         return cls(zoo=query.get("zoo", DEFAULT_ZOO), folder=query.get("folder", ""), export=export,
-                   link=dict(query))
+                   link=dict(query), me=me if ROOM_TOKEN.fullmatch(me) else "")
 
     def ticked(self, zoo: Zoo) -> list[str]:
         """The ticked ingredients of ``zoo``. Before the zoo is first shown: the link's ``use=``,
@@ -147,6 +151,8 @@ class Workspace:
             query["use"] = self.link["use"]
         if self.export is not None:
             query["export"] = self.export.to_query()
+        if self.me:
+            query["me"] = self.me
         if self.landscape is not None:
             query.update(self.landscape[1].to_query())
         else:  # a link's landscape settings stay in the URL until the Landscape page uses them
@@ -154,7 +160,7 @@ class Workspace:
         return query
 
 
-QUERY_KEYS = ("zoo", "folder", "use", "export", *LandscapeSettings.QUERY)
+QUERY_KEYS = ("zoo", "folder", "use", "export", "me", *LandscapeSettings.QUERY)
 
 
 def workspace() -> Workspace:

@@ -7,6 +7,7 @@ import streamlit as st
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
 from appkit.figures import figure_footer
 from appkit.plain import literal
+from appkit.room_controls import submit_to_room
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
 from appkit.workspace import seed_ticks, set_ticks, tick_changed, tick_key, ticked
@@ -114,6 +115,7 @@ def soup_of_the_ticked_set() -> None:
             st.caption(f"{label} vs the {literal(versus.a)} on {versus.split}: {versus.sentence()} "
                        f"(exact McNemar test; 95% interval {100 * versus.interval[0]:+.1f} to "
                        f"{100 * versus.interval[1]:+.1f} points).")
+    submit_to_room(zoo, chosen)
 
 
 @st.fragment

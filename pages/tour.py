@@ -11,6 +11,7 @@ from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, ca
                           zoo_key)
 from appkit.figures import figure_footer
 from appkit.plain import literal
+from appkit.room_controls import follow_the_presenter, present_the_tour, unlock_facilitator, watch_the_presenter
 from appkit.sidebar import sidebar
 from soup_core.io.lora import is_adapter_folder
 from soup_core.pairs import section_four_sentence
@@ -22,6 +23,7 @@ STEPS = ["1 · One basin", "2 · Angles", "3 · Uniform soups", "4 · Greedy and
          "8 · Language models and adapters"]
 LM_ZOO = "code-lm"  # step 8: next-token accuracy, and fine-tunings that are LoRA adapters
 
+followed = follow_the_presenter()  # before the sidebar: the presenter's zoo
 opened = sidebar()
 st.title("Guided tour")
 
@@ -30,8 +32,18 @@ def move(by: int) -> None:
     st.session_state["tour-step"] = STEPS[(STEPS.index(st.session_state.get("tour-step", STEPS[0])) + by) % len(STEPS)]
 
 
+if followed in STEPS:
+    st.session_state["tour-step"] = followed
+    st.info("Following the presenter's Tour.")
+elif "tour-step" not in st.session_state and st.query_params.get("step", "") in map(str, range(1, len(STEPS) + 1)):
+    st.session_state["tour-step"] = STEPS[int(st.query_params["step"]) - 1]  # a link to a step
 step = st.radio("Step", STEPS, horizontal=True, key="tour-step")
 step_number = STEPS.index(step) + 1
+st.query_params["step"] = str(step_number)
+if unlock_facilitator():
+    present_the_tour(opened, step)
+else:
+    watch_the_presenter((opened.name, step))
 back, forward, _ = st.columns([1, 1, 6])
 back.button("← Back", on_click=move, args=(-1,), key="tour-back", disabled=step == STEPS[0])
 forward.button("Next →", on_click=move, args=(1,), key="tour-next", disabled=step == STEPS[-1])

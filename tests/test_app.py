@@ -104,7 +104,7 @@ def test_landscape_page_computes_and_draws_a_plane():
     assert deviation and "of fp32 on the points checked" in deviation[0]
 
 
-PAGES = ["ingredients", "recipes", "geometry", "landscape", "tour", "export"]
+PAGES = ["ingredients", "recipes", "geometry", "landscape", "tour", "export", "room"]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -472,7 +472,7 @@ def test_a_shared_link_restores_the_workspace_on_every_page_and_figures_download
         _settle(page)
         nav = page.get_by_test_id("stSidebarNav")
         assert [t.strip() for t in nav.get_by_role("link").all_inner_texts()] == [
-            "Ingredients", "Recipes", "Geometry", "Landscape", "Tour", "Export"]  # app.py's navigation
+            "Ingredients", "Recipes", "Geometry", "Landscape", "Tour", "Export", "Room"]  # app.py's navigation
         shared = {k: v[0] for k, v in parse_qs(urlsplit(page.url).query).items()}
         assert {k: shared.get(k) for k in ("use", "export", "plane", "grid")} == {
             "use": "ft-03,ft-17", "export": "greedy", "plane": "base,ft-17,ft-22", "grid": "9"}
@@ -891,3 +891,58 @@ def test_a_language_model_zoo_opens_scores_tokens_and_draws_its_landscape_in_chr
         page.get_by_text("Lowest val error").wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "code-lm-landscape.png"), full_page=True)
         browser.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
+def test_the_room_ranks_two_participants_hides_test_until_revealed_and_survives_a_restart_in_chromium(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    env = {"SOUP_ROOM_DB": str(tmp_path / "room.sqlite"), "SOUP_FACILITATOR_TOKEN": "s3cret-token"}
+    server = _serve(env)
+    url = next(server)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        for name, use in (("Ada", "ft-00,ft-01,ft-02"), ("Grace", "ft-03")):
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.goto(f"{url}/?zoo=digits-finetune&use={use}")
+            page.get_by_role("heading", name="Your soup").wait_for(timeout=120_000)
+            _settle(page)
+            page.get_by_text("Submit to the room", exact=True).first.click()
+            page.get_by_label("Your name").fill(name)
+            page.get_by_label("Your name").press("Enter")
+            _settle(page)
+            page.get_by_role("button", name="Submit to the room").click()
+            page.get_by_text("Submitted: the soup of").wait_for(timeout=60_000)
+            assert "me=" in page.url
+        page.get_by_test_id("stSidebarNav").get_by_text("Room", exact=True).click()
+        page.get_by_text("2 submission(s)").wait_for(timeout=60_000)
+        assert not page.get_by_role("button", name="Reveal test").count()
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "room.png"), full_page=True)
+        wrong = browser.new_page()
+        wrong.goto(f"{url}/room?facilitator=guess")
+        wrong.get_by_text("2 submission(s)").wait_for(timeout=60_000)
+        _settle(wrong)
+        assert not wrong.get_by_role("button", name="Reveal test").count() and "guess" not in wrong.url
+        facilitator = browser.new_page()
+        facilitator.goto(f"{url}/room?facilitator=s3cret-token")
+        facilitator.get_by_role("button", name="Reveal test").click()
+        facilitator.get_by_text("2 submission(s) · test revealed").wait_for(timeout=60_000)
+        page.get_by_text("2 submission(s) · test revealed").wait_for(timeout=60_000)  # the participant's refreshes
+        csv = _download(facilitator, "Room as CSV", tmp_path / "room.csv").read_text()
+        browser.close()
+    next(server, None)  # the server stops; a new one opens the same room
+    rows = {line.split(",")[1]: line.split(",") for line in csv.splitlines()[1:]}
+    zoo = open_zoo("digits-finetune")
+    for name, use in (("Ada", ["ft-00", "ft-01", "ft-02"]), ("Grace", ["ft-03"])):
+        assert float(rows[name][5]) == pytest.approx(make_soup(zoo, "uniform", use).metrics["test"].accuracy, abs=1e-6)
+    restarted = _serve(env)
+    url = next(restarted)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page()
+        page.goto(f"{url}/room")
+        page.get_by_text("2 submission(s) · test revealed").wait_for(timeout=60_000)
+        browser.close()
+    next(restarted, None)
