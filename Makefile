@@ -4,6 +4,7 @@
 # and, after either: `make shell` (a shell with the `soup` command) and `make run PORT=8600`.
 PYTHON ?= python3
 PORT ?= 8501
+HOST ?= 127.0.0.1
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -31,8 +32,11 @@ chromium:
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
+# HOST=0.0.0.0 serves the local network (a workshop); the default serves this machine only.
 run: $(VENV)/.installed
-	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+	@if [ "$(HOST)" != "127.0.0.1" ]; then \
+		echo "Participants open: http://$$(hostname -I 2>/dev/null | cut -d' ' -f1 || hostname):$(PORT)"; fi
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.address $(HOST)
 
 # A shell whose PATH has the venv's `soup` (same as `. .venv/bin/activate`); exit to leave it.
 shell: $(VENV)/.installed

@@ -11,6 +11,7 @@ from streamlit.runtime.pages_manager import PagesManager
 from appkit.cache import load_zoo
 from appkit.room_controls import unlock_facilitator
 from appkit.plain import error, literal
+from appkit.warm import PROGRESS
 from appkit.uploads import add_uploads, uploads_of, with_uploads
 from appkit.workspace import DEFAULT_ZOO, SESSION_KEY, seed, store, update, workspace
 from soup_core.errors import SoupError
@@ -50,10 +51,29 @@ def run_under_navigation() -> None:
         st.rerun()
 
 
+def preparing() -> None:
+    """The warm-up's banner, redrawn every 2 s; when it is done, the page runs once more without it."""
+    if not PROGRESS["running"]:
+        st.rerun(scope="app")
+    st.info(f"Preparing… ({PROGRESS['done']} of {PROGRESS['total']}): the server is computing what the pages show, "
+            "so that nobody waits later. Everything works meanwhile; some pages take longer until it is done.")
+
+
+def reset_workspace() -> None:
+    """``on_click``: back to the defaults (sample zoo, every checkpoint ticked, no export choice, the
+    landscape's defaults); uploads and the facilitator's unlock stay."""
+    kept = ("upload", "room-facilitator")
+    for key in [k for k in st.session_state if not str(k).startswith(kept)]:
+        del st.session_state[key]
+    st.query_params.clear()
+
+
 def sidebar() -> Zoo:
     """Open a sample zoo (default; the URL's ``?zoo=``) or a server folder; add uploads; report."""
     run_under_navigation()
     unlock_facilitator()  # a ?facilitator= token leaves the URL on whichever page it arrives
+    if PROGRESS["running"]:
+        st.fragment(run_every=2)(preparing)()
     names = list(sample_zoos())
     seed("zoo", workspace().zoo if workspace().zoo in names else DEFAULT_ZOO)
     name = st.sidebar.selectbox("Sample zoo", names, key="zoo", on_change=lambda: update(zoo=st.session_state["zoo"]))
@@ -82,6 +102,8 @@ def sidebar() -> Zoo:
         st.sidebar.info("Weights only (no model or data in the manifest): angles, uniform and Model Stock "
                         "soups and export work; scores, greedy/pruned/learned soups and landscapes need an "
                         "evaluator.")
+    st.sidebar.button("Reset my workspace", key="reset-workspace", on_click=reset_workspace,
+                      help="Back to the sample zoo, every checkpoint ticked, the default settings; uploads stay.")
     report = zoo.validation
     for message in report.errors:
         error(message, st.sidebar)

@@ -72,14 +72,23 @@ def warm_tour(story: Zoo) -> None:
     recipe_significance(lm, zoo_key(lm), "uniform")
 
 
+# How far the warm-up has come: stages done of all, while it runs (the pages' "Preparing…" banner).
+PROGRESS = {"done": 0, "total": 0, "running": False}
+
+
 def warm() -> float:
     """Warm everything a workshop's first minutes need; returns the seconds it took."""
     start = time.perf_counter()
     story = load_zoo(DEFAULT_ZOO)
-    warm_pages(story)
-    warm_tour(story)
-    for name in TOUR_ZOOS:
-        warm_pages(load_zoo(name))
+    stages = [lambda: warm_pages(story), lambda: warm_tour(story),
+              *(lambda name=name: warm_pages(load_zoo(name)) for name in TOUR_ZOOS)]
+    PROGRESS.update(done=0, total=len(stages), running=True)
+    try:
+        for stage in stages:
+            stage()
+            PROGRESS["done"] += 1
+    finally:
+        PROGRESS["running"] = False
     return time.perf_counter() - start
 
 

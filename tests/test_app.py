@@ -946,3 +946,35 @@ def test_the_room_ranks_two_participants_hides_test_until_revealed_and_survives_
         page.get_by_text("2 submission(s) · test revealed").wait_for(timeout=60_000)
         browser.close()
     next(restarted, None)
+
+
+def test_a_banner_says_the_server_is_preparing_until_the_warm_up_is_done(monkeypatch):
+    from appkit import warm
+    monkeypatch.setitem(warm.PROGRESS, "running", True)
+    monkeypatch.setitem(warm.PROGRESS, "done", 1)
+    monkeypatch.setitem(warm.PROGRESS, "total", 4)
+    at = _app()
+    assert any(i.value.startswith("Preparing… (1 of 4)") for i in at.info)
+    monkeypatch.setitem(warm.PROGRESS, "running", False)
+    at.run()
+    assert not any(i.value.startswith("Preparing…") for i in at.info) and not at.exception
+
+
+def test_reset_my_workspace_goes_back_to_the_defaults():
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params.update({"zoo": "digits-bn", "use": "bn-00,bn-01", "export": "greedy"})
+    at.run()
+    assert at.selectbox(key="zoo").value == "digits-bn" and _metric(at, "Checkpoints") == "12"
+    at.button(key="reset-workspace").click().run()
+    assert not at.exception and at.selectbox(key="zoo").value == "digits-finetune"
+    zoo = open_zoo("digits-finetune")
+    assert all(at.checkbox(key=f"tick:digits-finetune:{n}").value for n in zoo.names)
+    assert at.query_params.get("export") in (None, []) and at.query_params["zoo"] in ("digits-finetune", ["digits-finetune"])
+
+
+def test_make_run_serves_this_machine_unless_a_host_is_given():
+    def command(*args):
+        out = subprocess.run(["make", "-n", "run", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        return next(line for line in out.splitlines() if "streamlit run app.py" in line)
+    assert command().endswith("--server.address 127.0.0.1")
+    assert command("HOST=0.0.0.0", "PORT=8600").endswith("--server.port 8600 --server.address 0.0.0.0")
