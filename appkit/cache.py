@@ -166,6 +166,11 @@ def board_result(zoo: Zoo, recipe: str, key: tuple | None = None) -> SoupResult:
     return recipe_result(zoo, key or zoo_key(zoo), recipe, None, RECIPES[recipe].app_values)
 
 
+def board_made(zoo: Zoo, recipe: str) -> bool:
+    """Whether the board's result of ``recipe`` is made already (so showing it costs nothing)."""
+    return SOUPS.holds((zoo_key(zoo), recipe, None, RECIPES[recipe].app_values))
+
+
 @st.cache_data(show_spinner="Testing the differences…", max_entries=128)
 def recipe_significance(_zoo: Zoo, key: tuple, recipe: str, against: str = "best") -> list[dict]:
     """A recipe's board result against the best individual model (``best``) or another recipe's

@@ -36,6 +36,11 @@ class ByteBudgetCache:
         self._lock = threading.Lock()
         self._making: dict[Hashable, Future] = {}
 
+    def holds(self, key: Hashable) -> bool:
+        """Whether ``key``'s result is kept now (without making it or touching its place in line)."""
+        with self._lock:
+            return key in self._entries
+
     def get_or_make(self, key: Hashable, make: Callable[[], T], size: Callable[[T], int]) -> T:
         while True:
             with self._lock:

@@ -10,7 +10,7 @@ import streamlit as st
 
 from appkit.admission import HEAVY_WORK
 from appkit.board import board_recipes, chosen_on_val
-from appkit.cache import board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
+from appkit.cache import board_made, board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
 from appkit.figures import html_text
 from appkit.interrupt import Interruptible
 from appkit.plain import error
@@ -40,11 +40,13 @@ choices = ([BASE] if zoo.has_base else []) + list(zoo.names) + SOUPS
 
 
 @st.cache_resource(show_spinner="Making the plane…", max_entries=32)
-def plane_for(_zoo: Zoo, key: tuple, a: str, b: str, c: str):
-    """The plane, and every other checkpoint, soup and merge method (as the board makes them) projected onto it."""
+def plane_for(_zoo: Zoo, key: tuple, a: str, b: str, c: str, with_methods: bool = True):
+    """The plane, and every other checkpoint, soup and (``with_methods``) merge method, as the board makes
+    them, projected onto it."""
     plane = zoo_plane(_zoo, (a, b, c))
     others = [n for n in ([BASE] if _zoo.has_base else []) + list(_zoo.names) if n not in (a, b, c)]
-    soups = [r.name for r in board_recipes(_zoo) if r.is_soup and r.name != "best" and r.name not in (a, b, c)]
+    soups = [r.name for r in board_recipes(_zoo) if r.is_soup and r.name != "best" and r.name not in (a, b, c)
+             and (with_methods or r.family == "soup")]
     return plane, ([plane.project(zoo_point(_zoo, n)[0], n) for n in others]
                    + [plane.project(board_result(_zoo, n).state_dict, n) for n in soups])
 
@@ -78,12 +80,18 @@ def landscape_view() -> None:
     if len(set(points)) < 3:
         st.warning("Pick three different points.")
         return
-    key = (zoo_key(zoo), *points, grid, margin, split, bn, precision)
+    methods = [r.name for r in board_recipes(zoo) if r.is_soup and r.family == "merge"]
+    # The merge methods are projected when the board has made them (the warm-up does on the sample zoos);
+    # making them here, each with its λ chosen on val, is a participant's choice: slow on a big zoo.
+    with_methods = all(board_made(zoo, m) for m in methods) or st.checkbox(
+        f"Also project the {len(methods)} merge methods (each made as the Recipes board makes it, λ chosen on val; "
+        "slow on a big zoo)", key="land-methods")
+    key = (zoo_key(zoo), *points, grid, margin, split, bn, precision, with_methods)
     computed = computed_landscapes()  # shared by all sessions: the same inputs are never computed twice
     if st.button("Compute", key="land-compute", type="primary"):
         if key not in computed:
             try:
-                plane, projections = plane_for(zoo, zoo_key(zoo), *points)
+                plane, projections = plane_for(zoo, zoo_key(zoo), *points, with_methods)
             except SoupError as exc:
                 error(str(exc))
                 return
@@ -159,7 +167,7 @@ def landscape_view() -> None:
             marker={"color": "#c266ff", "size": 10, "symbol": "triangle-up", "line": {"width": 1, "color": "black"}},
             hovertext=[f"{RECIPES[p.name].pretty_name}<br>off plane {p.off_plane:.3f}" for p in methods],
             hoverinfo="text"))
-        sparse = sparse_method_point(shown_key[1:4])
+        sparse = sparse_method_point(shown_key[1:4]) if shown_key[-1] else None
         if sparse is not None:
             figure.add_trace(go.Scatter(
                 x=[sparse.xy[0]], y=[sparse.xy[1]], mode="markers", name=sparse.name, hoverinfo="text",

@@ -868,7 +868,7 @@ def test_the_hyperparameter_view_plots_val_accuracy_against_a_hyperparameter_on_
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
-def test_a_language_model_zoo_opens_scores_tokens_and_draws_its_landscape_in_chromium(server):
+def test_a_language_model_zoo_opens_scores_tokens_and_its_tour_step_links_in_chromium(server):
     from playwright.sync_api import sync_playwright
 
     from soup_core.params import uniform_average
@@ -877,7 +877,7 @@ def test_a_language_model_zoo_opens_scores_tokens_and_draws_its_landscape_in_chr
     with sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{server}/?zoo=code-lm&plane=base,full-00,lora-03&grid=5")
+        page.goto(f"{server}/?zoo=code-lm")
         page.get_by_role("heading", name="Your soup").wait_for(timeout=120_000)
         _settle(page)
         metric = page.get_by_test_id("stMetric").filter(has_text="soup val").get_by_test_id("stMetricValue")
@@ -885,11 +885,11 @@ def test_a_language_model_zoo_opens_scores_tokens_and_draws_its_landscape_in_chr
         assert page.get_by_test_id("stMetric").filter(has_text="Checkpoints") \
             .get_by_test_id("stMetricValue").inner_text() == "16"
         page.screenshot(path=str(ARTIFACTS / "code-lm-ingredients.png"), full_page=True)
-        page.get_by_test_id("stSidebarNav").get_by_text("Landscape", exact=True).click()
-        page.get_by_role("button", name="Compute").click()
-        page.locator(".js-plotly-plot .contour").first.wait_for(timeout=240_000)
-        page.get_by_text("Lowest val error").wait_for(timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "code-lm-landscape.png"), full_page=True)
+        page.goto(f"{server}/tour?zoo=code-lm&step=8")  # a link to the Tour's language-model step
+        page.get_by_text("Language models and LoRA adapters").wait_for(timeout=120_000)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        assert page.get_by_text("tokens of test").count()  # the words computed from the LM zoo
+        page.screenshot(path=str(ARTIFACTS / "code-lm-tour.png"), full_page=True)
         browser.close()
 
 
@@ -978,3 +978,30 @@ def test_make_run_serves_this_machine_unless_a_host_is_given():
         return next(line for line in out.splitlines() if "streamlit run app.py" in line)
     assert command().endswith("--server.address 127.0.0.1")
     assert command("HOST=0.0.0.0", "PORT=8600").endswith("--server.port 8600 --server.address 0.0.0.0")
+
+
+def test_the_landscape_projects_merge_methods_only_once_made_or_asked_for(monkeypatch):
+    """On a zoo whose board is not made (a big one, say), opening the Landscape makes no merge method;
+    ticking the box makes and projects them all; once made, they are always projected."""
+    from appkit import cache
+    from appkit.lru import ByteBudgetCache
+    from soup_core.recipes import RECIPES
+    monkeypatch.setattr(cache, "SOUPS", ByteBudgetCache(1 << 30))  # nothing made yet
+
+    def merge_points(at) -> int:
+        figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+        return sum(len(t.get("x", [])) for t in figure["data"] if t.get("name") == "merge methods")
+
+    at = _app()
+    at.switch_page("pages/landscape.py").run()
+    at.slider(key="land-grid").set_value(5).run()
+    at.button(key="land-compute").click().run()
+    assert not at.checkbox(key="land-methods").value and merge_points(at) == 0
+    assert not any(key[1] in RECIPES and RECIPES[key[1]].family == "merge" for key in cache.SOUPS._entries)
+    at.checkbox(key="land-methods").check().run()
+    at.button(key="land-compute").click().run()
+    methods = [r for r in RECIPES.values() if r.board and r.is_soup and r.family == "merge"]
+    assert merge_points(at) == len(methods) and not at.exception
+    at.switch_page("pages/export.py").run()
+    at.switch_page("pages/landscape.py").run()
+    assert not [c for c in at.checkbox if c.key == "land-methods"]  # all made: no question left
