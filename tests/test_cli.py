@@ -161,10 +161,11 @@ def test_bad_input_ends_with_one_clear_line_and_changes_nothing(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_make_never_writes_over_an_input():
-    target = FINETUNE / "checkpoints" / "ft-00.safetensors"
+def test_make_never_writes_over_an_input(tmp_path):
+    zoo = shutil.copytree(FINETUNE, tmp_path / "zoo")  # a copy: were the refusal broken, no committed file is hit
+    target = zoo / "checkpoints" / "ft-00.safetensors"
     before = target.read_bytes()
-    result = soup("make", "uniform", "digits-finetune", "--out", str(target))
+    result = soup("make", "uniform", str(zoo / "zoo.toml"), "--out", str(target))
     assert result.returncode == 2 and "refusing to write over an input" in result.stderr
     assert target.read_bytes() == before
 

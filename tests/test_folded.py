@@ -28,6 +28,11 @@ def _points(model: nn.Module, count: int, seed: int = 0) -> list[dict[str, torch
     return points
 
 
+def seeded(seed: int = 0) -> torch.Generator:
+    """Inputs drawn from a seeded generator: a failure here reproduces."""
+    return torch.Generator().manual_seed(seed)
+
+
 def _assert_folded_equals_plain(model: nn.Module, x: torch.Tensor, count: int = 3) -> None:
     model.eval()
     points = _points(model, count)
@@ -40,7 +45,7 @@ def _assert_folded_equals_plain(model: nn.Module, x: torch.Tensor, count: int = 
 
 def test_an_mlp_at_three_points_is_three_plain_forwards():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 5))
-    _assert_folded_equals_plain(model, torch.randn(7, 3, 4))
+    _assert_folded_equals_plain(model, torch.randn(7, 3, 4, generator=seeded()))
 
 
 class _Cnn(nn.Module):
@@ -64,7 +69,7 @@ class _Cnn(nn.Module):
 
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_a_batchnorm_cnn_with_strides_groups_residuals_and_pooling_matches(in_channels):
-    _assert_folded_equals_plain(_Cnn(in_channels), torch.randn(5, in_channels, 8, 8))
+    _assert_folded_equals_plain(_Cnn(in_channels), torch.randn(5, in_channels, 8, 8, generator=seeded()))
 
 
 def test_batchnorm_in_collect_mode_records_each_points_batch_statistics():
@@ -75,7 +80,7 @@ def test_batchnorm_in_collect_mode_records_each_points_batch_statistics():
     model[1].collect = []
     points = _points(model, 2)
     stacked = {k: torch.stack([p[k] for p in points]) for k in points[0]}
-    x = torch.randn(9, 2, 6, 6)
+    x = torch.randn(9, 2, 6, 6, generator=seeded())
     FoldedForward(model, batchnorms=(Collecting,))(stacked, {}, x)
     (mean, var), = model[1].collect
     for g, point in enumerate(points):
@@ -112,9 +117,9 @@ def test_operations_outside_the_list_are_unsupported_with_the_reason():
 
 
 def test_the_slice_evaluator_falls_back_when_the_model_cannot_be_folded():
-    ev = Evaluator(_Concatenates, {"val": Split(torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]))}, device="cpu")
+    ev = Evaluator(_Concatenates, {"val": Split(torch.randn(6, 3, generator=seeded()), torch.tensor([0, 1, 2, 3, 0, 1]))}, device="cpu")
     origin = _Concatenates().state_dict()
-    direction = {k: torch.randn_like(v, dtype=torch.float64) for k, v in origin.items()}
+    direction = {k: torch.randn(v.shape, dtype=torch.float64, generator=seeded()) for k, v in origin.items()}
     engine = SliceEvaluator(ev, origin, [direction])
     assert engine.strategy in ("vmap", "loop") and "cat" in engine.fold_unsupported
     with pytest.raises(ValueError, match="strategy='fold' cannot run this model"):

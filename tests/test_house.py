@@ -4,6 +4,7 @@ reproducible files, a command that answers before torch loads, sample zoos found
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -114,9 +115,10 @@ def test_the_sample_zoos_are_found_in_the_sample_data_package():
 
 
 def test_json_is_never_written_over_an_input(tmp_path):
-    victim = ROOT / "sample_data" / "digits-finetune" / "checkpoints" / "ft-00.safetensors"
+    zoo = shutil.copytree(ROOT / "sample_data" / "digits-finetune", tmp_path / "zoo")  # never aim at committed files
+    victim = zoo / "checkpoints" / "ft-00.safetensors"
     before = victim.read_bytes()
-    result = soup("evaluate", "digits-finetune", "--json", str(victim))
+    result = soup("evaluate", str(zoo / "zoo.toml"), "--json", str(victim))
     assert result.returncode == 2 and "refusing to write over an input" in result.stderr
     assert victim.read_bytes() == before
 
