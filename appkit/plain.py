@@ -17,6 +17,7 @@ ft\_1 \*x\* \[a\]\(b\) \$y\$ \:red\[z\] ft-05.safetensors
 
 from __future__ import annotations
 
+import html
 import re
 
 import streamlit as st
@@ -28,6 +29,16 @@ _BLOCK = re.compile(r"^(\s*)([#>+-]|\d+\.)", re.MULTILINE)
 def literal(text: str) -> str:
     """``text`` with each Markdown-significant character backslash-escaped."""
     return _BLOCK.sub(lambda m: m.group(1) + "\\" + m.group(2), _INLINE.sub(r"\\\1", text))
+
+
+def in_figure(text: object) -> str:
+    """``text`` as a Plotly figure shows it, typed: Plotly reads ``<a href>``, ``<b>``, ``<br>`` in titles,
+    tick labels, hover and point text (a link there is followed), so ``<``, ``>`` and ``&`` become entities.
+
+    >>> in_figure('<a href="https://example.com">ft-1</a> & co')
+    '&lt;a href="https://example.com"&gt;ft-1&lt;/a&gt; &amp; co'
+    """
+    return html.escape(str(text), quote=False)
 
 
 def error(text: str, where=st) -> None:

@@ -9,10 +9,10 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from appkit.cache import load_zoo
-from appkit.room_controls import unlock_facilitator
 from appkit.plain import error, literal
-from appkit.warm import PROGRESS
+from appkit.room_controls import unlock_facilitator
 from appkit.uploads import add_uploads, uploads_of, with_uploads
+from appkit.warm import PROGRESS
 from appkit.workspace import DEFAULT_ZOO, SESSION_KEY, seed, store, update, workspace
 from soup_core.errors import SoupError
 from soup_core.params import num_parameters

@@ -7,6 +7,7 @@ import streamlit as st
 
 from appkit.cache import cached_angles, cached_pairs, cached_path, zoo_key
 from appkit.figures import figure_footer
+from appkit.plain import in_figure
 from appkit.sidebar import sidebar
 from soup_core.policies import BN_POLICIES, CURVATURE_WORDS
 from soup_core.zoo import BASE
@@ -19,13 +20,14 @@ if not zoo.has_base:
 angles = cached_angles(zoo, zoo_key(zoo))
 names = list(zoo.names)
 left, right = st.columns([3, 2])
-every = {"tickmode": "array", "tickvals": names, "ticktext": names}  # every checkpoint labelled, not every other
-heatmap = go.Figure(go.Heatmap(z=angles["angle_deg"], x=names, y=names, colorscale="Viridis",
+shown = [in_figure(n) for n in names]  # names drawn as typed (Plotly reads tags in labels)
+every = {"tickmode": "array", "tickvals": shown, "ticktext": shown}  # every checkpoint labelled, not every other
+heatmap = go.Figure(go.Heatmap(z=angles["angle_deg"], x=shown, y=shown, colorscale="Viridis",
                                colorbar={"title": "angle (°)"}, hovertemplate="%{y} vs %{x}: %{z:.1f}°<extra></extra>"))
 heatmap.update_layout(title="Angle between θi − θ0 and θj − θ0", height=560, xaxis={**every, "title": "checkpoint j"},
                       yaxis={**every, "title": "checkpoint i", "autorange": "reversed"})
 left.plotly_chart(heatmap, key="geometry-angles")
-norms = go.Figure(go.Bar(x=names, y=angles["norm"]))
+norms = go.Figure(go.Bar(x=shown, y=angles["norm"]))
 norms.update_layout(title="‖θi − θ0‖ (L2)", height=560, xaxis={**every, "title": "checkpoint"},
                     yaxis_title="L2 distance from θ0")
 right.plotly_chart(norms, key="geometry-norms")
@@ -50,7 +52,7 @@ if "geometry:pairs" in st.session_state:
     chosen_pairs, pair_split = st.session_state["geometry:pairs"]
     report = cached_pairs(zoo, zoo_key(zoo), chosen_pairs, pair_split)
     pairs = report["pairs"]
-    labels = [f"{p['a']} × {p['b']}" for p in pairs]
+    labels = [f"{in_figure(p['a'])} × {in_figure(p['b'])}" for p in pairs]
     c1, c2 = st.columns(2)
     shown = []
     if zoo.has_base:
@@ -101,7 +103,7 @@ if a != b:
                                  mode="lines+markers"))
     fig.add_vline(x=0, line_dash="dot")
     fig.add_vline(x=1, line_dash="dot")
-    fig.update_layout(title=f"(1 − α)·{a} + α·{b}", xaxis_title="α", yaxis_title="error (%)", height=420)
+    fig.update_layout(title=f"(1 − α)·{in_figure(a)} + α·{in_figure(b)}", xaxis_title="α", yaxis_title="error (%)", height=420)
     st.plotly_chart(fig, key="geometry-path")
     figure_footer("path", f"error along the straight line from {a} (α = 0) to {b} (α = 1), past both ends; a bump "
                   "above the straight line between the ends is a barrier between two basins.",

@@ -6,7 +6,7 @@ import streamlit as st
 
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
 from appkit.figures import figure_footer
-from appkit.plain import literal
+from appkit.plain import in_figure, literal
 from appkit.room_controls import submit_to_room
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
@@ -50,7 +50,7 @@ if hparams and "val" in table:
         values = table[x].astype(float)
         log = bool((values > 0).all() and values.max() / values.min() >= 10)
         view = go.Figure(go.Scatter(
-            x=values, y=table["val"], mode="markers", customdata=table["checkpoint"], text=table["checkpoint"],
+            x=values, y=table["val"], mode="markers", customdata=table["checkpoint"], text=table["checkpoint"].map(in_figure),
             marker={"size": 10, "color": ["#1f77b4" if n in chosen_now else "lightgray" for n in table["checkpoint"]],
                     "line": {"width": [3 if n in in_table else 1 for n in table["checkpoint"]],
                              "color": ["#ff7f0e" if n in in_table else "black" for n in table["checkpoint"]]}},
@@ -152,7 +152,7 @@ def replay() -> None:
     frame["val %"] = 100 * frame["score"]
     chart = go.Figure(go.Scatter(x=frame["step"], y=frame["val %"], mode="lines+markers",
                                  marker={"color": ["#2ca02c" if a else "#d62728" for a in frame["accepted"]], "size": 9},
-                                 text=frame["candidate"], hovertemplate="step %{x}: %{text}<br>val %{y:.2f}%<extra></extra>"))
+                                 text=frame["candidate"].map(in_figure), hovertemplate="step %{x}: %{text}<br>val %{y:.2f}%<extra></extra>"))
     chart.update_layout(height=320, xaxis_title="step (as on the slider)", yaxis_title="val accuracy (%)",
                         xaxis={"dtick": 1 if len(frame) <= 20 else None}, margin={"t": 20})
     st.plotly_chart(chart, key=f"replay-chart:{recipe}")

@@ -13,7 +13,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_made, board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
 from appkit.figures import html_text
 from appkit.interrupt import Interruptible
-from appkit.plain import error
+from appkit.plain import error, in_figure
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
 from appkit.uploads import uploads_of
@@ -156,12 +156,12 @@ def landscape_view() -> None:
         figure.add_trace(go.Scatter(
             x=[p.xy[0] for p in checkpoints], y=[p.xy[1] for p in checkpoints], mode="markers",
             marker={"color": "white", "size": 7, "line": {"width": 1, "color": "black"}}, name="other checkpoints",
-            text=[f"{p.name}<br>off plane {p.off_plane:.3f}" for p in checkpoints], hoverinfo="text"))
+            text=[f"{in_figure(p.name)}<br>off plane {p.off_plane:.3f}" for p in checkpoints], hoverinfo="text"))
         figure.add_trace(go.Scatter(
             x=[p.xy[0] for p in soups], y=[p.xy[1] for p in soups], mode="markers+text", name="soups",
             marker={"color": "gold", "size": 11, "symbol": "diamond", "line": {"width": 1, "color": "black"}},
-            text=[p.name for p in soups], textposition="bottom center", hovertext=[
-                f"{p.name}<br>off plane {p.off_plane:.3f}" for p in soups], hoverinfo="text"))
+            text=[in_figure(p.name) for p in soups], textposition="bottom center", hovertext=[
+                f"{in_figure(p.name)}<br>off plane {p.off_plane:.3f}" for p in soups], hoverinfo="text"))
         figure.add_trace(go.Scatter(
             x=[p.xy[0] for p in methods], y=[p.xy[1] for p in methods], mode="markers", name="merge methods",
             marker={"color": "#c266ff", "size": 10, "symbol": "triangle-up", "line": {"width": 1, "color": "black"}},
@@ -176,7 +176,7 @@ def landscape_view() -> None:
                         "line": {"width": 2, "color": "white"}}))
         figure.add_trace(go.Scatter(
             x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers+text",
-            marker={"color": "red", "size": 12, "symbol": "star"}, text=[a.name for a in result.anchors],
+            marker={"color": "red", "size": 12, "symbol": "star"}, text=[in_figure(a.name) for a in result.anchors],
             textposition="top center", name="the three points"))
         # Contours return no click selection: an almost invisible scatter of the grid points does.
         gx, gy = np.meshgrid(result.xs, result.ys)

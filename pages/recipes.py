@@ -9,6 +9,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_result, cached_ablations, recipe_significance, zoo_key
 from appkit.controls import recipe_controls
 from appkit.figures import figure_footer
+from appkit.plain import in_figure
 from appkit.sidebar import sidebar
 from appkit.workspace import set_export
 from soup_core.evaluate import TEST, shift_average
@@ -77,7 +78,7 @@ individual = {n: zoo.metrics(n) for n in zoo.names}
 figure = go.Figure(go.Scatter(
     x=[100 * m["test"].accuracy for m in individual.values()],
     y=[100 * (shift_average(m, shifts) or float("nan")) for m in individual.values()], mode="markers", name="individual models",
-    marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=list(individual),
+    marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=[in_figure(n) for n in individual],
     hovertemplate="%{text}<br>test %{x:.2f}%<br>shifts %{y:.2f}%<extra></extra>"))
 for recipe in available:
     if recipe.name == "best":

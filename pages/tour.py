@@ -10,7 +10,7 @@ from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, ca
                           cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, recipe_significance,
                           zoo_key)
 from appkit.figures import figure_footer
-from appkit.plain import literal
+from appkit.plain import in_figure, literal
 from appkit.room_controls import follow_the_presenter, present_the_tour, unlock_facilitator, watch_the_presenter
 from appkit.sidebar import sidebar
 from soup_core.io.lora import is_adapter_folder
@@ -103,7 +103,7 @@ if step == STEPS[0]:
                                    line={"dash": "dot", "color": "gray"}, name="straight line between their errors")])
     figure.add_annotation(x=float(alphas[worst]), y=float(errors[worst]), text=f"barrier {100 * barrier:.1f} points",
                           showarrow=True, arrowhead=2)
-    figure.update_layout(height=360, xaxis_title=f"α: (1 − α)·{a} + α·{b}", yaxis_title="test error (%)",
+    figure.update_layout(height=360, xaxis_title=f"α: (1 − α)·{in_figure(a)} + α·{in_figure(b)}", yaxis_title="test error (%)",
                          margin={"t": 20})
     st.plotly_chart(figure, key="tour-basin-line")
     figure_footer("tour-1-line", f"the barrier in words above is the largest gap between the error of "
@@ -115,7 +115,7 @@ if step == STEPS[0]:
     fig = go.Figure(go.Contour(x=land["axes"]["x"], y=land["axes"]["y"], z=z, colorscale="Viridis", ncontours=30,
                                colorbar={"title": "test error (%)"}, contours={"showlabels": True}))
     fig.add_trace(go.Scatter(x=[p["xy"][0] for p in land["anchors"]], y=[p["xy"][1] for p in land["anchors"]],
-                             text=[p["name"] for p in land["anchors"]], mode="markers+text", textposition="top center",
+                             text=[in_figure(p["name"]) for p in land["anchors"]], mode="markers+text", textposition="top center",
                              marker={"color": "red", "symbol": "star", "size": 12}, name="the three points"))
     st.plotly_chart(fig.update_layout(height=520, yaxis={"scaleanchor": "x"}, xaxis_title="x (L2 distance)",
                                       yaxis_title="y (L2 distance)"), key="tour-basin")
@@ -141,7 +141,7 @@ elif step == STEPS[1]:
                           "angle (degrees)": [p["angle_deg"] for p in report["pairs"]],
                           "advantage (points)": [100 * p["interpolation_advantage"] for p in report["pairs"]]})
     fig = go.Figure(go.Scatter(x=frame["angle (degrees)"], y=frame["advantage (points)"], mode="markers",
-                               text=frame["a"] + " × " + frame["b"]))
+                               text=frame["a"].map(in_figure) + " × " + frame["b"].map(in_figure)))
     fig.update_layout(title=f"{len(report['pairs'])} pairs of the first {len(names)} models",
                       xaxis_title="angle between θ1 − θ0 and θ2 − θ0 (degrees)",
                       yaxis_title="interpolation advantage (test accuracy points)", height=420)
@@ -257,7 +257,7 @@ else:
                 f"{middle['recompute']:.1f}% with statistics recomputed, {middle['interpolate']:.1f}% with them "
                 f"interpolated and {middle['keep']:.1f}% with θ0's kept; at {literal(first)} itself, keeping θ0's "
                 f"statistics gives {keep_end:.1f}%.")
-    st.plotly_chart(fig.update_layout(xaxis_title=f"α (θ0 → {first})", yaxis_title="test error (%)", height=420),
+    st.plotly_chart(fig.update_layout(xaxis_title=f"α (θ0 → {in_figure(first)})", yaxis_title="test error (%)", height=420),
                     key="tour-bn")
     soup = recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform").metrics
     figure_footer("tour-6", f"each line is one way to treat BatchNorm statistics along the line. The uniform soup of "

@@ -1005,3 +1005,24 @@ def test_the_landscape_projects_merge_methods_only_once_made_or_asked_for(monkey
     at.switch_page("pages/export.py").run()
     at.switch_page("pages/landscape.py").run()
     assert not [c for c in at.checkbox if c.key == "land-methods"]  # all made: no question left
+
+
+def test_a_checkpoint_name_with_tags_is_drawn_as_typed_in_every_figure(tmp_path, monkeypatch):
+    """Plotly reads <a href> in labels and follows it: a name from someone else's manifest is escaped."""
+    import shutil
+    zoo_dir = shutil.copytree(ROOT / "sample_data" / "digits-finetune", tmp_path / "zoo")
+    manifest = (zoo_dir / "zoo.toml").read_text()
+    evil = '<a href="https://evil.example/login">ft-00</a>'
+    (zoo_dir / "zoo.toml").write_text(manifest.replace('name = "ft-00"', f"name = '{evil}'", 1))
+    monkeypatch.setenv("SOUP_ALLOWED_ROOTS", str(tmp_path))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update({"folder": str(zoo_dir)})
+    at.run()
+    assert not at.exception
+    specs = []
+    for page in ("ingredients", "geometry", "recipes"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, page
+        specs += [c.proto.spec for c in at.get("plotly_chart")]
+    assert specs and not any("<a href" in spec for spec in specs)
+    assert any("&lt;a href=" in spec for spec in specs)  # shown, as typed
