@@ -102,6 +102,19 @@ def freeze_the_heap() -> None:
     gc.freeze()
 
 
+WARM_THREAD = "soup-warm-up"
+CONTEXT_LOGGER = "streamlit.runtime.scriptrunner_utils.script_run_context"
+
+
+class QuietWarmUp(logging.Filter):
+    """Drops Streamlit's "missing ScriptRunContext" warnings from the warm-up thread: it calls the
+    pages' cached functions outside any session on purpose (dozens of lines in the terminal, each
+    saying it "can be ignored"); the same warning from anywhere else still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.threadName == WARM_THREAD and "ScriptRunContext" in record.getMessage())
+
+
 def start_warming() -> threading.Thread | None:
     """Warm in a background thread (the first visitors are served meanwhile), unless SOUP_WARM=0."""
     if os.environ.get("SOUP_WARM", "1") == "0":
@@ -115,6 +128,9 @@ def start_warming() -> threading.Thread | None:
         except Exception:  # noqa: BLE001 - a failed warm-up costs speed, never the server
             LOG.exception("warm-up failed; pages will compute on first use")
 
-    thread = threading.Thread(target=run, name="soup-warm-up", daemon=True)
+    logger = logging.getLogger(CONTEXT_LOGGER)
+    if not any(isinstance(f, QuietWarmUp) for f in logger.filters):
+        logger.addFilter(QuietWarmUp())
+    thread = threading.Thread(target=run, name=WARM_THREAD, daemon=True)
     thread.start()
     return thread

@@ -29,3 +29,26 @@ def test_after_the_warm_up_no_page_or_tour_step_computes(monkeypatch):
         at.radio(key="tour-step").set_value(step).run()
         assert not at.exception, step
     assert computed == []
+
+
+def test_the_warm_up_thread_does_not_fill_the_terminal_with_context_warnings(monkeypatch, caplog):
+    """Each cached call outside a session warns "missing ScriptRunContext"; from the warm-up thread,
+    where that is the point, the warning is dropped; from any other thread it still shows."""
+    import logging
+    import threading
+
+    from appkit import warm
+    monkeypatch.setenv("SOUP_WARM", "1")
+    monkeypatch.setattr(warm, "warm", lambda: 0.0)
+    monkeypatch.setattr(warm, "freeze_the_heap", lambda: None)
+    warm.start_warming().join()
+    logger = logging.getLogger(warm.CONTEXT_LOGGER)
+
+    def warn_from(name: str) -> None:
+        thread = threading.Thread(target=lambda: logger.warning("Thread %r: missing ScriptRunContext!", name), name=name)
+        thread.start()
+        thread.join()
+    with caplog.at_level(logging.WARNING, logger=warm.CONTEXT_LOGGER):
+        warn_from(warm.WARM_THREAD)
+        warn_from("a-session")
+    assert [r.threadName for r in caplog.records if "ScriptRunContext" in r.getMessage()] == ["a-session"]
