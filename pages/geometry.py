@@ -9,6 +9,7 @@ from appkit.cache import cached_angles, cached_pairs, cached_path, zoo_key
 from appkit.figures import figure_footer
 from appkit.plain import in_figure
 from appkit.sidebar import sidebar
+from soup_core.landscape.batchnorm import batchnorm_keys
 from soup_core.policies import BN_POLICIES, CURVATURE_WORDS
 from soup_core.zoo import BASE
 
@@ -94,7 +95,11 @@ points = ([BASE] if zoo.has_base else []) + names + ["uniform", "greedy"]
 c1, c2, c3 = st.columns(3)
 a = c1.selectbox("From", points, index=0, key="geometry-a")
 b = c2.selectbox("To", points, index=min(1, len(points) - 1), key="geometry-b")
-bn = c3.selectbox("BatchNorm", BN_POLICIES, key="geometry-bn")
+if zoo.evaluator is not None and batchnorm_keys(zoo.evaluator.model):
+    bn = c3.selectbox("BatchNorm", BN_POLICIES, key="geometry-bn")
+else:  # nothing to choose: a policy shown here would do nothing
+    bn = "keep"
+    c3.caption("BatchNorm: none in this model, so there are no running statistics to choose a policy for.")
 if a != b:
     path = cached_path(zoo, zoo_key(zoo), a, b, bn)
     fig = go.Figure()

@@ -1026,3 +1026,14 @@ def test_a_checkpoint_name_with_tags_is_drawn_as_typed_in_every_figure(tmp_path,
         specs += [c.proto.spec for c in at.get("plotly_chart")]
     assert specs and not any("<a href" in spec for spec in specs)
     assert any("&lt;a href=" in spec for spec in specs)  # shown, as typed
+
+
+@pytest.mark.parametrize("zoo_name, has_batchnorm", [("digits-finetune", False), ("digits-bn", True)])
+def test_geometry_offers_a_batchnorm_policy_only_for_a_model_with_batchnorm(zoo_name, has_batchnorm):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update({"zoo": zoo_name})
+    at.run()
+    at.switch_page("pages/geometry.py").run()
+    assert not at.exception
+    assert bool([s for s in at.selectbox if s.key == "geometry-bn"]) == has_batchnorm
+    assert any("BatchNorm: none in this model" in c.value for c in at.caption) != has_batchnorm
