@@ -215,9 +215,10 @@ class Evaluator:
         if split not in self.splits:
             raise SoupError(f"unknown split {split!r}; this evaluator has {list(self.splits)}")
         key = (digest or state_dict_digest(state), split, self.precision) if cache else None
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._lock:  # app sessions share the cache (threads)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         params = {k: v.to(self.device) for k, v in state.items()}  # no copy when already there
         # functional_call swaps the shared model's tensors for the duration of the call; the lock
         # keeps two app sessions (threads) from seeing each other's weights.
@@ -227,10 +228,13 @@ class Evaluator:
         result = torch.cat(outputs)
         if key is None:
             return result
-        self._cache[key] = result
-        self._cached_bytes += result.nbytes
-        while len(self._cache) > 1 and (len(self._cache) > self._cache_size or self._cached_bytes > self._cache_bytes):
-            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        with self._lock:
+            if key not in self._cache:  # another thread may have scored the same weights meanwhile
+                self._cache[key] = result
+                self._cached_bytes += result.nbytes
+            while len(self._cache) > 1 and (len(self._cache) > self._cache_size
+                                            or self._cached_bytes > self._cache_bytes):
+                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return result
 
     def _forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, split: str):
