@@ -124,9 +124,6 @@ class Room:
                               "WHERE zoo = ? ORDER BY val DESC, submitted", (zoo,)).fetchall()
         return [Submission(z, t, n, tuple(i.split(",")), v, s, when) for z, t, n, i, v, s, when in rows]
 
-    def mine(self, zoo: str, token: str) -> Submission | None:
-        return next((s for s in self.submissions(zoo) if s.token == token), None)
-
     def reset(self, zoo: str) -> int:
         """Remove the zoo's submissions; returns how many there were."""
         with self._connect() as db:

@@ -43,6 +43,7 @@ import torch
 
 from soup_core.errors import DataError
 from soup_core.evaluate import Evaluator, Split
+from soup_core.io.read import short
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("table", "images", "text", "lm")
@@ -170,11 +171,7 @@ def _tokenizer(tokenizer_dir: Path | None):
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise DataError(f"{tokenizer_dir}: not a readable tokenizer ({short_error(exc)})") from None
-
-
-def short_error(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(f"{tokenizer_dir}: not a readable tokenizer ({short(exc)})") from None
 
 
 def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer_dir: Path | None) -> dict[str, Split]:
@@ -202,7 +199,7 @@ def read_sequences(path: Path, field: str = "text") -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable UTF-8 text file ({short_error(exc)})") from None
+        raise DataError(f"{path}: not a readable UTF-8 text file ({short(exc)})") from None
     if path.suffix.lower() == ".txt":
         texts = [line for line in lines if line.strip()]
     elif path.suffix.lower() == ".jsonl":
@@ -213,7 +210,7 @@ def read_sequences(path: Path, field: str = "text") -> list[str]:
             try:
                 record = json.loads(line)
             except ValueError as exc:
-                raise DataError(f"{path}, line {number}: not JSON ({short_error(exc)})") from None
+                raise DataError(f"{path}, line {number}: not JSON ({short(exc)})") from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise DataError(f"{path}, line {number}: needs a string field {field!r}")
             texts.append(record[field])
