@@ -5,7 +5,6 @@ Cached resources are shared between sessions: never mutate what these functions 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -14,18 +13,18 @@ import streamlit as st
 
 from appkit.admission import HEAVY_WORK
 from appkit.lru import ByteBudgetCache, tensor_bytes
-from soup_core.ablations import greedy_vs_models_considered, pruned_vs_passes
+from appkit.workers import heavy
 from soup_core.align import barrier_table
 from soup_core.evaluate import TEST, VAL, shift_average
 from soup_core.export import Candidate, ExportPlan, plan_export
-from soup_core.geometry import pairwise_angles
-from soup_core.landscape import LineBarrier, barrier_interval, interpolation_path, path_alphas, plane_landscape
-from soup_core.pairs import flattest_pair, pair_analyses
+from soup_core.landscape import LineBarrier, path_alphas
+from soup_core.landscape.batchnorm import batchnorm_keys
+from soup_core.policies import BN_POLICIES
 from soup_core.recipes import RECIPES, SoupResult
 from soup_core.recipes.best_individual import tie_sentence
 from soup_core.significance import report_splits, versus, versus_best
 from soup_core.io.resident import files_identity
-from soup_core.zoo import Zoo, make_soup, open_zoo, zoo_plane, zoo_point
+from soup_core.zoo import Zoo, make_soup, open_zoo
 from soup_core.zoo.manifest import read_manifest
 
 
@@ -135,10 +134,12 @@ def recipe_result(_zoo: Zoo, key: tuple, recipe: str, ingredients: tuple[str, ..
     :data:`SOUPS`, least recently used out past its byte budget; never mutate).
 
     The live soup's recipes score each model once and never wait in line behind a landscape;
-    the others (greedy, pruned, learned…) take a slot of the server's heavy work."""
+    the others (greedy, pruned, learned…) take a slot of the server's heavy work, in its worker process
+    (:mod:`appkit.workers`)."""
     def make() -> SoupResult:
-        with contextlib.nullcontext() if recipe in LIVE_RECIPES else HEAVY_WORK.admitted():
+        if recipe in LIVE_RECIPES:
             return make_soup(_zoo, recipe, ingredients, **dict(params))
+        return heavy(_zoo, "recipe", recipe, ingredients, params)
     return SOUPS.get_or_make((key, recipe, ingredients, params), make, lambda r: tensor_bytes(r.state_dict))
 
 
@@ -157,7 +158,8 @@ def _live_soup(_zoo: Zoo, key: tuple, chosen: tuple[str, ...]) -> dict:
     versus = {r: next(iter(versus_best(results[r], ingredients, _zoo.evaluator, first)), None)
               for r in ("uniform", "ensemble")}
     return {"soup": rows["uniform"], "best": rows["best"], "best_name": results["best"].ingredients[0],
-            "best_ties": tie_sentence(results["best"]), "ensemble": rows["ensemble"], "versus": versus}
+            "best_ties": tie_sentence(results["best"]), "best_ties_on_val": tie_sentence(results["best"], report=False),
+            "ensemble": rows["ensemble"], "versus": versus}
 
 
 def board_result(zoo: Zoo, recipe: str, key: tuple | None = None) -> SoupResult:
@@ -201,50 +203,48 @@ def _export_plan(_zoo: Zoo, key: tuple, candidate: Candidate, local_names: tuple
 
 @st.cache_data(show_spinner="Running the ablations…", max_entries=16)
 def cached_ablations(_zoo: Zoo, key: tuple) -> tuple[list[dict], list[dict]]:
-    ingredients = _zoo.ingredients()
-    with HEAVY_WORK.admitted():
-        return (greedy_vs_models_considered(ingredients, _zoo.evaluator),
-                pruned_vs_passes(ingredients, _zoo.evaluator))
+    return heavy(_zoo, "ablations")
 
 
 @st.cache_data(show_spinner="Measuring angles…", max_entries=16)
 def cached_angles(_zoo: Zoo, key: tuple) -> dict:
-    with HEAVY_WORK.admitted():
-        return pairwise_angles([_zoo.state_dict(n) for n in _zoo.names], _zoo.base).to_json(_zoo.names)
+    return heavy(_zoo, "angles")
 
 
 @st.cache_data(show_spinner="Analysing pairs…", max_entries=16)
 def cached_pairs(_zoo: Zoo, key: tuple, names: tuple[str, ...], split: str) -> dict:
-    with HEAVY_WORK.admitted():
-        return pair_analyses(_zoo.ingredients(list(names)), _zoo.evaluator, base=_zoo.base, split=split).to_json()
+    return heavy(_zoo, "pairs", names, split)
+
+
+def path_policy(zoo: Zoo, chosen: str | None = None) -> str:
+    """The BatchNorm policy of Geometry's path: the one chosen, or the first, for a model with
+    BatchNorm; ``keep`` for one without (no running statistics: every policy is the same)."""
+    if zoo.evaluator is None or not batchnorm_keys(zoo.evaluator.model):
+        return "keep"
+    return chosen or BN_POLICIES[0]
 
 
 @st.cache_data(show_spinner="Walking the line…", max_entries=64)
 def cached_path(_zoo: Zoo, key: tuple, a: str, b: str, bn: str, low: float = -0.5, high: float = 1.5,
                 points: int = 41) -> dict:
     splits = [s for s in (VAL, TEST) if s in _zoo.evaluator.splits]
-    with HEAVY_WORK.admitted():
-        return interpolation_path(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0],
-                                  path_alphas(points, low, high), names=(a, b), splits=splits, bn=bn).to_json()
+    return heavy(_zoo, "path", a, b, bn, path_alphas(points, low, high), splits)
 
 
 @st.cache_data(show_spinner="Measuring the barrier's interval…", max_entries=16)
 def cached_barrier_interval(_zoo: Zoo, key: tuple, a: str, b: str, split: str) -> LineBarrier:
     """The error along the line between two checkpoints, its barrier and the barrier's 95%
     bootstrap interval over ``split``'s images."""
-    with HEAVY_WORK.admitted():
-        return barrier_interval(_zoo.evaluator, zoo_point(_zoo, a)[0], zoo_point(_zoo, b)[0], split)
+    return heavy(_zoo, "barrier_interval", a, b, split)
 
 
 @st.cache_data(show_spinner="Finding the flattest pair…", max_entries=16)
 def cached_flattest_pair(_zoo: Zoo, key: tuple) -> tuple[str, str, float]:
     """The two good models (chosen on val) with the lowest error barrier between them (on val)."""
-    with HEAVY_WORK.admitted():
-        return flattest_pair(_zoo.ingredients(), _zoo.evaluator)
+    return heavy(_zoo, "flattest_pair")
 
 
 @st.cache_data(show_spinner="Computing the landscape…", max_entries=32)
 def cached_landscape(_zoo: Zoo, key: tuple, points: tuple[str, str, str], grid: int, split: str, bn: str) -> dict:
     """A plane's landscape as JSON (what ``soup landscape`` writes)."""
-    with HEAVY_WORK.admitted():
-        return plane_landscape(_zoo.evaluator, zoo_plane(_zoo, points), grid=grid, splits=[split], bn=bn).to_json()
+    return heavy(_zoo, "landscape", points, grid, 0.2, [split], bn, None, (), None).to_json()

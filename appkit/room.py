@@ -138,6 +138,17 @@ class Room:
         with self._connect() as db:
             db.execute("INSERT OR REPLACE INTO settings VALUES ('revealed', ?)", ("1" if shown else "0",))
 
+    def hide_everywhere(self, hidden: bool) -> None:
+        """While on and test is not revealed, every page shows val and the shifts only (:meth:`hiding`)."""
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('hide', ?)", ("1" if hidden else "0",))
+
+    def hiding(self) -> bool:
+        """Whether test is hidden on every page: the facilitator asked for it and has not revealed test."""
+        with self._connect() as db:
+            rows = dict(db.execute("SELECT key, value FROM settings WHERE key IN ('hide', 'revealed')").fetchall())
+        return rows.get("hide") == "1" and rows.get("revealed") != "1"
+
     def present(self, zoo: str, step: str) -> None:
         """Pin the zoo and Tour step every following session shows (the presenter's)."""
         with self._connect() as db:

@@ -41,6 +41,21 @@ def unlock_facilitator() -> bool:
     return bool(st.session_state.get("room-facilitator"))
 
 
+def test_hidden() -> bool:
+    """Whether the facilitator hides test on every page until the reveal (:meth:`Room.hiding`)."""
+    return room().hiding()
+
+
+def visible(splits) -> list[str]:
+    """``splits`` as a page may show them: without test while the facilitator hides it."""
+    hidden = test_hidden()
+    return [s for s in splits if not (hidden and s == TEST)]
+
+
+HIDDEN_NOTE = ("Test is hidden until the facilitator reveals it: every page shows val (what every choice is made "
+               "on) and the shifts only.")
+
+
 def follow_the_presenter() -> str | None:
     """Before the Tour draws anything: a session that is not the facilitator's takes the zoo and
     step the presenter pinned (:meth:`Room.present`); returns that step, or None when no one presents."""

@@ -19,7 +19,7 @@ import time
 from appkit.board import board_recipes
 from appkit.cache import (aligned_zoo, board_result, cached_angles, cached_barrier_interval, cached_barriers,
                           cached_flattest_pair, cached_landscape, cached_pairs, cached_path, checkpoint_table,
-                          live_soup, load_zoo, recipe_result, recipe_significance, zoo_key)
+                          live_soup, load_zoo, path_policy, recipe_result, recipe_significance, zoo_key)
 from appkit.workspace import DEFAULT_ZOO
 from soup_core.zoo import BASE, Zoo
 
@@ -39,7 +39,7 @@ def warm_pages(zoo: Zoo) -> None:
             recipe_significance(zoo, key, recipe.name, "greedy")
     cached_angles(zoo, key)
     points = ([BASE] if zoo.has_base else []) + list(zoo.names)
-    cached_path(zoo, key, points[0], points[1], "recompute")
+    cached_path(zoo, key, points[0], points[1], path_policy(zoo))
 
 
 def warm_tour(story: Zoo) -> None:

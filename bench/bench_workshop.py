@@ -11,7 +11,12 @@ N clients each:
 3. replay the greedy soup on their ticks;
 4. open the Tour and step forward twice;
 5. open the Landscape page and compute the default plane (shared by all: computed once);
-6. open Export until the download button shows.
+6. open Export until the download button shows;
+7. (protocol clients) submit their soup to the room and open the Room page.
+
+With ``--heavy K``, sessions 0…K−1 instead open a landscape of their own (a plane no other session
+asks for, grid 21, through a shared link's settings) and compute it, while the others tick: the
+heavy work's cost to everyone else's ticks.
 
 Reported: each action's client-observed latency (p50/p90/max), the server's own run durations
 from the timing hook, exceptions shown, wrong numbers, server RSS before/after, and the CPU
@@ -29,7 +34,7 @@ With ``--clients-nice 19`` the clients run at the lowest CPU priority: on one ma
 server then gets the cores first, as it would if the browsers were on the participants' laptops.
 
     python bench/bench_workshop.py [--sessions 10] [--client protocol|chromium] [--think 0]
-                                   [--clients-nice 0] [--stagger 0.25]
+                                   [--clients-nice 0] [--stagger 0.25] [--heavy 0]
 """
 
 from __future__ import annotations
@@ -170,10 +175,29 @@ async def visit(browser, url: str, index: int, expected: dict[str, str], timings
     await context.close()
 
 
+HEAVY_GRID = 21
+
+
+async def compute_own_landscape(url: str, index: int, timings: dict, problems: list) -> None:
+    """A heavy session: a plane no other session computes (θ0 and two checkpoints of its own)."""
+    from protocol_client import ProtocolSession
+    async with ProtocolSession(url) as s:
+        await s.open(f"plane=base,ft-{2 * index + 1:02d},ft-{2 * index + 2:02d}&grid={HEAVY_GRID}")
+        await s.goto("Landscape")
+        start = time.perf_counter()
+        await s.click("Compute")
+        timings.setdefault("own landscape (heavy)", []).append(time.perf_counter() - start)
+        if "Lowest val error" not in s.text():
+            problems.append(f"session {index}: its own landscape did not show")
+        problems.extend(f"session {index}: {shown}" for shown in s.exceptions)
+
+
 async def visit_over_protocol(url: str, index: int, expected: dict[str, str], timings: dict,
-                              problems: list, think: float) -> None:
+                              problems: list, think: float, heavy: int = 0) -> None:
     """The same visit as ``visit``, as the browser's messages without a browser."""
     from protocol_client import ProtocolSession
+    if index < heavy:
+        return await compute_own_landscape(url, index, timings, problems)
     pause = pauses(index, think)
     async with ProtocolSession(url) as s:
         async def action(name: str, coroutine, check=None) -> None:
@@ -194,6 +218,10 @@ async def visit_over_protocol(url: str, index: int, expected: dict[str, str], ti
         await action("Landscape page", s.goto("Landscape"))
         await action("Landscape compute", s.click("Compute"), lambda: "Lowest val error" in s.text())
         await action("Export", s.goto("Export"), lambda: s.has("download_button"))
+        await s.goto("Ingredients")
+        await s.set_text("Your name", f"participant {index}")
+        await action("Room submit", s.click("Submit to the room"), lambda: "Submitted" in s.text())
+        await action("Room page", s.goto("Room"), lambda: f"participant {index}" in s.text())
         problems.extend(f"session {index}: {shown}" for shown in s.exceptions)
 
 
@@ -208,7 +236,7 @@ def pauses(index: int, think: float):
 
 
 async def crowd(url: str, sessions: int, stagger: float, expected: dict[str, str],
-                client: str, think: float = 0.0) -> tuple[dict, list, float]:
+                client: str, think: float = 0.0, heavy: int = 0) -> tuple[dict, list, float]:
     """Every session's visit; returns latencies, problems and the clients' CPU seconds."""
     timings: dict[str, list[float]] = {}
     problems: list[str] = []
@@ -222,7 +250,8 @@ async def crowd(url: str, sessions: int, stagger: float, expected: dict[str, str
 
     if client == "protocol":
         clients_cpu = time.process_time()
-        await asyncio.gather(*(delayed(i, lambda i: visit_over_protocol(url, i, expected, timings, problems, think))
+        await asyncio.gather(*(delayed(i, lambda i: visit_over_protocol(url, i, expected, timings, problems, think,
+                                                                                heavy))
                                for i in range(sessions)))
         return timings, problems, time.process_time() - clients_cpu
 
@@ -251,6 +280,9 @@ def main() -> None:
                              "would with participants' browsers on their own machines)")
     parser.add_argument("--think", type=float, default=0.0,
                         help="seconds a participant pauses between actions (± 50%%; 0: a burst)")
+    parser.add_argument("--heavy", type=int, default=0,
+                        help="sessions that each compute a landscape of their own while the others tick "
+                             "(protocol clients)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--client", choices=["protocol", "chromium"], default="chromium",
                         help="who plays the participants (see the module's docstring)")
@@ -259,7 +291,8 @@ def main() -> None:
     port = args.port or _free_port()
     log = Path(tempfile.mkdtemp()) / "runs.jsonl"
     server_log = log.with_name("server.log")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SOUP_TIMING_LOG": str(log), "SOUP_WARM": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SOUP_TIMING_LOG": str(log), "SOUP_WARM": "1",
+           "SOUP_ROOM_DB": str(log.with_name("room.sqlite"))}
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
                                str(port), "--server.headless", "true"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=server_log.open("w"))
@@ -278,8 +311,10 @@ def main() -> None:
         rss_before, server_cpu = rss_mb(server.pid), cpu_seconds(server.pid)
         load_before = os.getloadavg()[0]
         wall = time.perf_counter()
+        if args.heavy and args.client != "protocol":
+            raise SystemExit("--heavy needs --client protocol")
         timings, problems, clients_cpu = asyncio.run(crowd(url, args.sessions, args.stagger, expected, args.client,
-                                                             args.think))
+                                                             args.think, args.heavy))
         wall = time.perf_counter() - wall
         server_cpu = cpu_seconds(server.pid) - server_cpu
         rss_after, load_after = rss_mb(server.pid), os.getloadavg()[0]
@@ -287,7 +322,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    print(f"{args.sessions} {args.client} sessions started {args.stagger} s apart, pausing "
+    print((f"{args.heavy} of them computing a landscape of their own (grid {HEAVY_GRID}); " if args.heavy else "")
+          + f"{args.sessions} {args.client} sessions started {args.stagger} s apart, pausing "
           f"{args.think} s ± 50% between actions (clients at nice {args.clients_nice}), against one server on 127.0.0.1, "
           f"{os.cpu_count()} cores; {warm_line.split('warm-up done')[-1].strip()} of warm-up before\n")
     print("Client-observed latency (s), from the action to the settled page:\n")

@@ -75,6 +75,13 @@ class ProtocolSession:
         self.widgets[state.id] = state
         await self._rerun(fragment=fragment)
 
+    async def set_text(self, label: str, value: str) -> None:
+        """Type ``value`` into a text input and leave it (the browser sends the value on blur/Enter)."""
+        element, fragment = self._widget("text_input", label)
+        state = WidgetState(id=element.text_input.id, string_value=value)
+        self.widgets[state.id] = state
+        await self._rerun(fragment=fragment)
+
     async def click(self, label: str) -> None:
         """Press a button: a trigger sent once, as the browser sends it."""
         element, fragment = self._widget("button", label)

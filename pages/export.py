@@ -6,6 +6,7 @@ import streamlit as st
 
 from appkit.cache import export_plan
 from appkit.plain import error
+from appkit.room_controls import test_hidden, visible
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
 from appkit.workspace import chosen_export, ticked
@@ -31,7 +32,7 @@ except SoupError as exc:
     st.stop()
 st.subheader(plan.title)
 cols = st.columns(3)
-for col, split in zip(cols, ("val", "test")):
+for col, split in zip(cols, visible(("val", "test"))):
     if split in plan.metrics:
         col.metric(f"{split} accuracy", f"{100 * plan.metrics[split].accuracy:.2f}%")
 cols[2].metric("ingredients", len(plan.ingredients) or "—")
@@ -47,10 +48,13 @@ left, middle, right = st.columns(3)
 left.download_button("Download safetensors", data=plan.safetensors_bytes, file_name=plan.file_name,
                      mime="application/octet-stream", key="export-download", type="primary", on_click="ignore")
 card = plan.model_card()
-middle.download_button("Download the model card", data=card, on_click="ignore",
-                       file_name=plan.file_name.replace(".safetensors", ".md"), mime="text/markdown",
-                       key="export-card")
-if plan.hf_source is not None:
+if test_hidden():  # the card (and the folder's README) report test
+    middle.caption("The model card reports test accuracy: it is offered once the facilitator reveals test.")
+else:
+    middle.download_button("Download the model card", data=card, on_click="ignore",
+                           file_name=plan.file_name.replace(".safetensors", ".md"), mime="text/markdown",
+                           key="export-card")
+if plan.hf_source is not None and not test_hidden():
     right.download_button("Download as a Hugging Face folder (zip)", data=plan.hf_zip, on_click="ignore",
                           file_name=plan.file_name.replace(".safetensors", ".zip"), mime="application/zip",
                           key="export-download-hf", help="config and tokenizer copied from the input, the model "

@@ -5,11 +5,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.cache import cached_angles, cached_pairs, cached_path, zoo_key
+from appkit.cache import cached_angles, cached_pairs, cached_path, path_policy, zoo_key
+from appkit.room_controls import visible
 from appkit.figures import figure_footer
 from appkit.plain import in_figure
 from appkit.sidebar import sidebar
-from soup_core.landscape.batchnorm import batchnorm_keys
 from soup_core.policies import BN_POLICIES, CURVATURE_WORDS
 from soup_core.zoo import BASE
 
@@ -44,13 +44,15 @@ if zoo.evaluator is None:
 st.subheader("Figures 3 and 4: pairs of models")
 default = names[: min(10, len(names))]
 chosen = st.multiselect("Checkpoints to pair (every pair is analysed)", names, default=default, key="geometry-pairs")
-report_splits = list(zoo.evaluator.split_names)
+report_splits = visible(zoo.evaluator.split_names)
 split = st.selectbox("Report split", report_splits, index=report_splits.index("test") if "test" in report_splits else 0,
                      key="geometry-split")
 if len(chosen) >= 2 and st.button(f"Analyse {len(chosen) * (len(chosen) - 1) // 2} pairs", key="geometry-run"):
     st.session_state["geometry:pairs"] = (tuple(chosen), split)
 if "geometry:pairs" in st.session_state:
     chosen_pairs, pair_split = st.session_state["geometry:pairs"]
+    if pair_split not in report_splits:  # analysed on test before the facilitator hid it
+        pair_split = split
     report = cached_pairs(zoo, zoo_key(zoo), chosen_pairs, pair_split)
     pairs = report["pairs"]
     labels = [f"{in_figure(p['a'])} × {in_figure(p['b'])}" for p in pairs]
@@ -95,15 +97,16 @@ points = ([BASE] if zoo.has_base else []) + names + ["uniform", "greedy"]
 c1, c2, c3 = st.columns(3)
 a = c1.selectbox("From", points, index=0, key="geometry-a")
 b = c2.selectbox("To", points, index=min(1, len(points) - 1), key="geometry-b")
-if zoo.evaluator is not None and batchnorm_keys(zoo.evaluator.model):
-    bn = c3.selectbox("BatchNorm", BN_POLICIES, key="geometry-bn")
+if path_policy(zoo) != "keep":
+    bn = path_policy(zoo, c3.selectbox("BatchNorm", BN_POLICIES, key="geometry-bn"))
 else:  # nothing to choose: a policy shown here would do nothing
-    bn = "keep"
+    bn = path_policy(zoo)
     c3.caption("BatchNorm: none in this model, so there are no running statistics to choose a policy for.")
 if a != b:
     path = cached_path(zoo, zoo_key(zoo), a, b, bn)
+    path_splits = visible(path["error"])
     fig = go.Figure()
-    for s in path["error"]:
+    for s in path_splits:
         fig.add_trace(go.Scatter(x=path["alphas"], y=100 * np.array(path["error"][s]), name=f"{s} error",
                                  mode="lines+markers"))
     fig.add_vline(x=0, line_dash="dot")
@@ -112,8 +115,8 @@ if a != b:
     st.plotly_chart(fig, key="geometry-path")
     figure_footer("path", f"error along the straight line from {a} (α = 0) to {b} (α = 1), past both ends; a bump "
                   "above the straight line between the ends is a barrier between two basins.",
-                  pd.DataFrame({"alpha": path["alphas"], **{f"{s} error": path["error"][s] for s in path["error"]},
-                                **{f"{s} loss": path["loss"][s] for s in path["loss"]}}), figure=fig)
-    last = list(path["barrier"])[-1]
+                  pd.DataFrame({"alpha": path["alphas"], **{f"{s} error": path["error"][s] for s in path_splits},
+                                **{f"{s} loss": path["loss"][s] for s in path_splits}}), figure=fig)
+    last = path_splits[-1]
     st.write(f"Error barrier on {last}: {100 * path['barrier'][last]['error']:.2f} points; "
              f"loss barrier {path['barrier'][last]['loss']:.4f} (paper App. J.1). BatchNorm: {path['bn']}.")

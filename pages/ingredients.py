@@ -7,7 +7,7 @@ import streamlit as st
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
 from appkit.figures import figure_footer
 from appkit.plain import in_figure, literal
-from appkit.room_controls import submit_to_room
+from appkit.room_controls import HIDDEN_NOTE, submit_to_room, test_hidden, visible
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
 from appkit.workspace import seed_ticks, set_ticks, tick_changed, tick_key, ticked
@@ -20,7 +20,10 @@ st.caption("Each row is one checkpoint fine-tuned from θ0: its hyperparameters,
            "checkpoints below, or select rows here (click, shift-click; sort by a column's header) or points in "
            "the hyperparameter view, and tick or untick the selection.")
 st.metric("Checkpoints", len(zoo.names))
+if test_hidden():
+    st.info(HIDDEN_NOTE)
 table = checkpoint_table(zoo)
+table = table.drop(columns=[c for c in ("test",) if c in table and c not in visible(table.columns)])
 if "val" in table and len(table) > 1:
     bounds = (float(table["val"].min()), float(table["val"].max()))
     if bounds[0] < bounds[1]:
@@ -105,13 +108,14 @@ def soup_of_the_ticked_set() -> None:
                        (f"Best individual ({live['best_name']})", "best"), ("Logit ensemble", "ensemble")):
         cols = st.columns([2, 1, 1, 1])
         cols[0].markdown(f"**{label}**")
-        for col, split in zip(cols[1:], live[key]):
+        for col, split in zip(cols[1:], visible(live[key])):
             col.metric(f"{key} {split}", f"{100 * live[key][split]:.2f}%")
-    if live["best_ties"]:
-        st.caption(literal(live["best_ties"]))  # checkpoint names, shown as typed
+    ties = live["best_ties_on_val" if test_hidden() else "best_ties"]
+    if ties:
+        st.caption(literal(ties))  # checkpoint names, shown as typed
     for label, key in (("Uniform soup", "uniform"), ("Logit ensemble", "ensemble")):
         versus = live["versus"][key]
-        if versus is not None:
+        if versus is not None and versus.split in visible([versus.split]):
             st.caption(f"{label} vs the {literal(versus.a)} on {versus.split}: {versus.sentence()} "
                        f"(exact McNemar test; 95% interval {100 * versus.interval[0]:+.1f} to "
                        f"{100 * versus.interval[1]:+.1f} points).")

@@ -14,14 +14,15 @@ from appkit.cache import board_made, board_result, computed_landscapes, export_p
 from appkit.figures import html_text
 from appkit.interrupt import Interruptible
 from appkit.plain import error, in_figure
+from appkit.room_controls import visible
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
 from appkit.uploads import uploads_of
+from appkit.workers import WorkerDied, heavy
 from appkit.workspace import LandscapeSettings, landscape_changed, remember_landscape, seed_landscape, set_export
 from soup_core import distributed
 from soup_core.errors import SoupError
 from soup_core.export import Candidate
-from soup_core.landscape import plane_landscape
 from soup_core.policies import BN_POLICIES, PRECISIONS
 from soup_core.recipes import RECIPES
 from soup_core.zoo import BASE, Zoo, zoo_plane, zoo_point
@@ -61,7 +62,7 @@ def method_point(_zoo: Zoo, key: tuple, plane_points: tuple[str, str, str], reci
 @st.fragment
 @timed_fragment("Landscape")
 def landscape_view() -> None:
-    splits = list(zoo.evaluator.split_names)
+    splits = visible(zoo.evaluator.split_names)
     default = LandscapeSettings(tuple(choices[:3]), split=splits[0])
     seed_landscape(zoo, default, choices=choices, splits=splits)  # the last settings, a shared link's, or these
     cols = st.columns(3)
@@ -91,7 +92,7 @@ def landscape_view() -> None:
     if st.button("Compute", key="land-compute", type="primary"):
         if key not in computed:
             try:
-                plane, projections = plane_for(zoo, zoo_key(zoo), *points, with_methods)
+                _, projections = plane_for(zoo, zoo_key(zoo), *points, with_methods)
             except SoupError as exc:
                 error(str(exc))
                 return
@@ -111,11 +112,15 @@ def landscape_view() -> None:
                     result = distributed.landscape(ray, zoo, points, grid=grid, margin=margin, splits=[split],
                                                    bn=bn, projections=projections, workers=RAY_WORKERS,
                                                    progress=run.progress, precision=precision)
-                else:
-                    result = plane_landscape(zoo.evaluator, plane, grid=grid, margin=margin, splits=[split],
-                                             bn=bn, projections=projections, progress=run.progress,
-                                             should_stop=run.should_stop, precision=precision,
-                                             resume=partial[1] if partial and partial[0] == key else None)
+                else:  # in the slot's worker process (appkit.workers): the server's ticks go on meanwhile
+                    try:
+                        result = heavy(zoo, "landscape", tuple(points), grid, margin, [split], bn, precision, projections,
+                                       partial[1] if partial and partial[0] == key else None,
+                                       progress=run.progress, should_stop=run.should_stop)
+                    except WorkerDied as exc:
+                        bar.empty()
+                        error(str(exc))
+                        return
             if result.complete:  # only finished planes are shared; a stopped one stays this session's
                 computed[key] = result
                 st.session_state.pop("land-partial", None)
@@ -234,7 +239,7 @@ def landscape_view() -> None:
         metrics = export_plan(zoo, point, tuple(uploads_of(zoo.name))).metrics
         cols = st.columns(4)
         cols[0].markdown(f"**Point ({x:.3f}, {y:.3f})**")
-        shown_splits = [n for n in dict.fromkeys(("val", "test", zoo.evaluator.split_names[-1])) if n in metrics]
+        shown_splits = visible(n for n in dict.fromkeys(("val", "test", zoo.evaluator.split_names[-1])) if n in metrics)
         for col, name in zip(cols[1:], shown_splits):
             col.metric(f"point {name}", f"{100 * metrics[name].accuracy:.2f}%")
         if st.button("Keep this point for export", key="land-keep"):
@@ -260,7 +265,7 @@ def sparse_method_point(plane_points: tuple[str, str, str]):
     m = made.metrics
     cols[2].caption(f"{RECIPES[recipe].pretty_name} at density {density:g}, {chosen_on_val(made)} (best on val): "
                     f"val {100 * m['val'].accuracy:.2f}%"
-                    + (f", test {100 * m['test'].accuracy:.2f}%" if "test" in m else "")
+                    + (f", test {100 * m['test'].accuracy:.2f}%" if "test" in visible(m) else "")
                     + f"; {projection.off_plane:.3f} off the plane.")
     return replace(projection, name=f"{RECIPES[recipe].pretty_name}, density {density:g}")
 

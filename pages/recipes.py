@@ -10,6 +10,7 @@ from appkit.cache import board_result, cached_ablations, recipe_significance, zo
 from appkit.controls import recipe_controls
 from appkit.figures import figure_footer
 from appkit.plain import in_figure
+from appkit.room_controls import HIDDEN_NOTE, test_hidden, visible
 from appkit.sidebar import sidebar
 from appkit.workspace import set_export
 from soup_core.evaluate import TEST, shift_average
@@ -47,6 +48,11 @@ with st.spinner("Cooking…"):
     results = {r.name: board_result(zoo, r.name) for r in available}
 
 
+hidden = test_hidden()
+if hidden:
+    st.info(HIDDEN_NOTE + " Table 3 leaves out its test columns; Figure 1 (it plots test) waits for the reveal.")
+
+
 def on_test(recipe: str, against: str) -> str:
     versus = {c["split"]: c for c in recipe_significance(zoo, zoo_key(zoo), recipe, against)}
     return versus["test"]["sentence"] if "test" in versus else "—"
@@ -56,10 +62,10 @@ rows = []
 for recipe in available:
     result = results[recipe.name]
     m = result.metrics
+    on_test_columns = {} if hidden else {"test": 100 * m["test"].accuracy, "test vs best": on_test(recipe.name, "best"),
+                                         "test vs greedy": on_test(recipe.name, "greedy")}
     rows.append({"recipe": recipe.pretty_name, "ingredients": len(result.ingredients),
-                 "chosen on val": chosen_on_val(result),
-                 "val": 100 * m["val"].accuracy, "test": 100 * m["test"].accuracy,
-                 "test vs best": on_test(recipe.name, "best"), "test vs greedy": on_test(recipe.name, "greedy"),
+                 "chosen on val": chosen_on_val(result), "val": 100 * m["val"].accuracy, **on_test_columns,
                  "avg shifts": 100 * (shift_average(m, shifts) or float("nan")),
                  **{s: 100 * m[s].accuracy for s in shifts}, "reference": recipe.reference})
 st.subheader("Table 3, on this zoo, with the merge methods")
@@ -73,28 +79,37 @@ st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table", height=35
              column_config={c: st.column_config.NumberColumn(format="%.2f")
                             for c in ("val", "test", "avg shifts", *shifts)})
 
+
+def figure_1() -> None:
+    """Test against the shifts' mean: each model and each recipe (paper Figure 1)."""
+    individual = {n: zoo.metrics(n) for n in zoo.names}
+    figure = go.Figure(go.Scatter(
+        x=[100 * m["test"].accuracy for m in individual.values()],
+        y=[100 * (shift_average(m, shifts) or float("nan")) for m in individual.values()], mode="markers", name="individual models",
+        marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=[in_figure(n) for n in individual],
+        hovertemplate="%{text}<br>test %{x:.2f}%<br>shifts %{y:.2f}%<extra></extra>"))
+    for recipe in available:
+        if recipe.name == "best":
+            continue
+        m = results[recipe.name].metrics
+        figure.add_trace(go.Scatter(x=[100 * m["test"].accuracy], y=[100 * (shift_average(m, shifts) or float("nan"))],
+                                    mode="markers", name=recipe.pretty_name, marker={"size": 14, "symbol": "star"}))
+    figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
+    st.plotly_chart(figure, key="recipes-figure1")
+    figure_footer("figure1", "each grey dot is one fine-tuned model, each star a recipe's soup; right is better on test, "
+                  "up is better under distribution shift (mean over the shift splits). Stars above the grey cloud are "
+                  "soups more robust than any single model.",
+                  pd.DataFrame([{"name": n, "test %": 100 * m["test"].accuracy,
+                                 "avg shift %": 100 * (shift_average(m, shifts) or float("nan"))}
+                                for n, m in {**individual, **{r.pretty_name: results[r.name].metrics for r in available
+                                                              if r.name != "best"}}.items()]), figure=figure)
+
+
 st.subheader("Figure 1, on this zoo")
-individual = {n: zoo.metrics(n) for n in zoo.names}
-figure = go.Figure(go.Scatter(
-    x=[100 * m["test"].accuracy for m in individual.values()],
-    y=[100 * (shift_average(m, shifts) or float("nan")) for m in individual.values()], mode="markers", name="individual models",
-    marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=[in_figure(n) for n in individual],
-    hovertemplate="%{text}<br>test %{x:.2f}%<br>shifts %{y:.2f}%<extra></extra>"))
-for recipe in available:
-    if recipe.name == "best":
-        continue
-    m = results[recipe.name].metrics
-    figure.add_trace(go.Scatter(x=[100 * m["test"].accuracy], y=[100 * (shift_average(m, shifts) or float("nan"))],
-                                mode="markers", name=recipe.pretty_name, marker={"size": 14, "symbol": "star"}))
-figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
-st.plotly_chart(figure, key="recipes-figure1")
-figure_footer("figure1", "each grey dot is one fine-tuned model, each star a recipe's soup; right is better on test, "
-              "up is better under distribution shift (mean over the shift splits). Stars above the grey cloud are "
-              "soups more robust than any single model.",
-              pd.DataFrame([{"name": n, "test %": 100 * m["test"].accuracy,
-                             "avg shift %": 100 * (shift_average(m, shifts) or float("nan"))}
-                            for n, m in {**individual, **{r.pretty_name: results[r.name].metrics for r in available
-                                                          if r.name != "best"}}.items()]), figure=figure)
+if hidden:
+    st.caption("Figure 1 plots test accuracy: it is drawn once the facilitator reveals test.")
+else:
+    figure_1()
 
 export_picker([r for r in available if r.is_soup] + [r for r in RECIPES.values() if r.by_hand])
 
@@ -104,7 +119,7 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
     left, right = st.columns(2)
     ks = [r["models_considered"] for r in greedy_rows]
     greedy_fig = fig = go.Figure()
-    for split, color in (("val", "#1f77b4"), ("test", "#d62728")):
+    for split, color in zip(visible(("val", "test")), ("#1f77b4", "#d62728")):
         values = np.array([r[split] for r in greedy_rows]) * 100
         fig.add_trace(go.Scatter(x=ks, y=values.mean(1), error_y={"array": values.std(1)}, name=split,
                                  mode="lines+markers", line={"color": color}))
@@ -113,12 +128,15 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
                              "title": "models considered"}, yaxis_title="accuracy (%)")
     left.plotly_chart(fig, key="ablation-greedy")
     fig = go.Figure()
-    for split in ("val", "test"):
+    for split in visible(("val", "test")):
         fig.add_trace(go.Scatter(x=[r["passes"] for r in pruned_rows], y=[100 * r[split] for r in pruned_rows],
                                  name=split, mode="lines+markers"))
     fig.update_layout(title="Pruned soup vs passes", xaxis_title="passes", yaxis_title="accuracy (%)", height=400)
     right.plotly_chart(fig, key="ablation-pruned")
     figure_footer("ablations", "left, the greedy soup's accuracy when only the first k models (random orders) are "
                   "offered; right, the pruned soup after each extra pass of removals.",
-                  raw={"greedy_vs_models_considered": greedy_rows, "pruned_vs_passes": pruned_rows},
+                  raw={"greedy_vs_models_considered": [{k: v for k, v in r.items() if k != "test" or not hidden}
+                                                       for r in greedy_rows],
+                       "pruned_vs_passes": [{k: v for k, v in r.items() if k != "test" or not hidden}
+                                            for r in pruned_rows]},
                   figure=(greedy_fig, fig))

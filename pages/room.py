@@ -70,6 +70,13 @@ def controls(shared, revealed: bool, count: int) -> None:
         st.rerun()
     middle.download_button("Room as CSV", shared.csv(zoo.name), file_name=f"room-{zoo.name}.csv",
                            mime="text/csv", key="room-submissions-csv")
+    hiding = shared.hiding()  # the key follows the room's state, which another facilitator may change
+    wanted = left.checkbox("Hide test on every page until revealed", value=hiding, disabled=revealed,
+                           key=f"room-hide-everywhere:{hiding}", help="Every page then shows val and the shifts "
+                           "only; revealing test shows it everywhere again.")
+    if wanted != hiding:
+        shared.hide_everywhere(wanted)
+        st.rerun()
     sure = right.checkbox(f"Remove all {count} submission(s)", key="room-reset-sure")
     if right.button("Reset the room", key="room-reset", disabled=not sure):
         shared.reset(zoo.name)

@@ -11,7 +11,8 @@ from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, ca
                           zoo_key)
 from appkit.figures import figure_footer
 from appkit.plain import in_figure, literal
-from appkit.room_controls import follow_the_presenter, present_the_tour, unlock_facilitator, watch_the_presenter
+from appkit.room_controls import (HIDDEN_NOTE, follow_the_presenter, present_the_tour, test_hidden, unlock_facilitator,
+                                  watch_the_presenter)
 from appkit.sidebar import sidebar
 from soup_core.io.lora import is_adapter_folder
 from soup_core.pairs import section_four_sentence
@@ -47,6 +48,9 @@ else:
 back, forward, _ = st.columns([1, 1, 6])
 back.button("← Back", on_click=move, args=(-1,), key="tour-back", disabled=step == STEPS[0])
 forward.button("Next →", on_click=move, args=(1,), key="tour-next", disabled=step == STEPS[-1])
+if test_hidden():  # every step's story is told on test
+    st.info(HIDDEN_NOTE + " The Tour tells each step's story on test, so it continues once test is revealed.")
+    st.stop()
 
 # Steps 1–4 run on the open zoo when it can show them (θ0, held-out data with test); otherwise
 # on digits-finetune. Steps 5 and 6 need a zoo trained from scratch and one with BatchNorm.

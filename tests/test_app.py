@@ -689,15 +689,15 @@ def test_ticking_from_buttons_and_applying_a_replayed_soup():
 
 
 def test_the_same_landscape_is_computed_once_for_the_whole_server(monkeypatch):
-    import soup_core.landscape.grid as grid_module
+    import appkit.workers as workers
     calls = []
-    real = grid_module.SliceEvaluator.evaluate
+    real = workers.heavy
 
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
+    def counted(zoo, task, *args, **kwargs):  # what the page hands to the heavy work (its worker process)
+        calls.append(task)
+        return real(zoo, task, *args, **kwargs)
 
-    monkeypatch.setattr(grid_module.SliceEvaluator, "evaluate", counted)
+    monkeypatch.setattr(workers, "heavy", counted)
     first, second = _app(), _app()
     for at in (first, second):  # two sessions, the same settings, Compute pressed twice in the first
         at.switch_page("pages/landscape.py").run()
@@ -705,7 +705,7 @@ def test_the_same_landscape_is_computed_once_for_the_whole_server(monkeypatch):
         at.button(key="land-compute").click().run()
         assert not at.exception and any("Lowest val error" in m.value for m in at.markdown)
     first.button(key="land-compute").click().run()
-    assert len(calls) == 1 and not first.exception
+    assert calls.count("landscape") == 1 and not first.exception
 
 
 def test_closed_sessions_upload_folders_are_swept_after_a_grace_period(tmp_path):
@@ -927,10 +927,25 @@ def test_the_room_ranks_two_participants_hides_test_until_revealed_and_survives_
         assert not wrong.get_by_role("button", name="Reveal test").count() and "guess" not in wrong.url
         facilitator = browser.new_page()
         facilitator.goto(f"{url}/room?facilitator=s3cret-token")
+        facilitator.get_by_text("Hide test on every page until revealed").click()
+        _settle(facilitator)
+        for title, waits in (("Ingredients", "Your soup"), ("Recipes", "Figure 1, on this zoo"), ("Tour", "Guided tour")):
+            page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+            page.get_by_role("heading", name=waits).wait_for(timeout=120_000)
+            _settle(page)
+            assert page.get_by_text("Test is hidden until the facilitator reveals it").count(), title
+            assert not page.get_by_test_id("stMetric").filter(has_text="test").count(), title
+        assert page.get_by_text("it continues once test is revealed").count()
         facilitator.get_by_role("button", name="Reveal test").click()
         facilitator.get_by_text("2 submission(s) · test revealed").wait_for(timeout=60_000)
-        page.get_by_text("2 submission(s) · test revealed").wait_for(timeout=60_000)  # the participant's refreshes
         csv = _download(facilitator, "Room as CSV", tmp_path / "room.csv").read_text()
+        facilitator.get_by_test_id("stSidebarNav").get_by_text("Tour", exact=True).click()  # present the Tour
+        facilitator.get_by_text("Present: every participant's Tour follows my zoo and step").click()
+        _settle(facilitator)
+        facilitator.get_by_role("button", name="Next →").click()
+        page.wait_for_function("() => location.search.includes('step=2')", timeout=60_000)  # the follower moved
+        page.get_by_test_id("stSidebarNav").get_by_text("Room", exact=True).click()
+        page.get_by_text("2 submission(s) · test revealed").wait_for(timeout=60_000)
         browser.close()
     next(server, None)  # the server stops; a new one opens the same room
     rows = {line.split(",")[1]: line.split(",") for line in csv.splitlines()[1:]}

@@ -3,6 +3,8 @@ reveals it; a participant replaces only their own entry; a wrong token unlocks n
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +181,43 @@ def test_the_presenter_moves_every_open_tour_to_their_zoo_and_step(shared_room):
     bystander = _app({"facilitator": "guess"})
     bystander.switch_page("pages/tour.py").run()
     assert not [c for c in bystander.checkbox if c.key == "tour-present"]  # a wrong token presents nothing
+
+
+TEST_NUMBER = re.compile(r"\btest\b[^.;\n]{0,24}?\d|\d+(\.\d+)?\s*%\s+on test\b", re.IGNORECASE)
+
+
+def _test_shown_on(at: AppTest) -> list[str]:
+    """Every place a page shows a test figure: a metric, a table column, a chart's axis or trace, a sentence."""
+    found = [f"metric {m.label}" for m in at.metric if "test" in m.label.lower()]
+    found += [f"table column {c}" for frame in at.dataframe for c in frame.value.columns if "test" in str(c).lower()]
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        found += [f"chart {t.get('name')}" for t in spec.get("data", []) if "test" in str(t.get("name", "")).lower()]
+        layout = spec.get("layout", {})
+        found += [f"axis {a}" for a in ("xaxis", "yaxis") if "test" in json.dumps(layout.get(a, {}).get("title", ""))]
+    texts = [*at.markdown, *at.caption, *at.info, *at.success, *at.warning, *at.subheader]
+    found += [f"text {as_read(t.value)!r}" for t in texts if TEST_NUMBER.search(as_read(t.value))]
+    return found
+
+
+def test_hide_test_everywhere_leaves_val_and_shifts_on_every_page_until_the_reveal(shared_room):
+    pages = ["ingredients", "recipes", "geometry", "landscape", "export", "tour"]
+    participant = _app()
+    participant.switch_page("pages/recipes.py").run()
+    assert _test_shown_on(participant), "the check finds test where it is shown"
+    facilitator = _app({"facilitator": TOKEN})
+    facilitator.switch_page("pages/room.py").run()
+    facilitator.checkbox(key="room-hide-everywhere:False").check().run()
+    assert Room(shared_room).hiding()
+    for page in pages:
+        participant.switch_page(f"pages/{page}.py").run()
+        assert not participant.exception, page
+        assert _test_shown_on(participant) == [], page
+    participant.switch_page("pages/geometry.py").run()
+    assert "test" not in participant.selectbox(key="geometry-split").options
+    participant.switch_page("pages/landscape.py").run()
+    assert "test" not in participant.selectbox(key="land-split").options
+
+    facilitator.button(key="room-reveal").click().run()  # the reveal shows test everywhere again
+    participant.switch_page("pages/recipes.py").run()
+    assert any("table column test" == f for f in _test_shown_on(participant))

@@ -8,11 +8,14 @@ from streamlit.testing.v1 import AppTest
 import appkit.cache as cache
 from appkit.warm import warm
 
-PAGES = ["ingredients", "recipes", "geometry", "tour"]
+PAGES = ["ingredients", "recipes", "geometry", "landscape", "export", "room", "tour"]
+# Every computation a page can start: the live soup's recipes (make_soup), the heavy work (recipes,
+# landscapes, paths, pairs, barriers and their intervals, angles, ablations: appkit.workers.heavy) and
+# the alignment's barrier table.
+HEAVY = ["make_soup", "heavy", "barrier_table"]
 TOUR_STEPS = ["1 · One basin", "2 · Angles", "3 · Uniform soups", "4 · Greedy and pruned soups",
-              "5 · Scratch models and alignment", "6 · BatchNorm"]
-HEAVY = ["make_soup", "plane_landscape", "interpolation_path", "pair_analyses", "flattest_pair", "pairwise_angles",
-         "barrier_table"]
+              "5 · Scratch models and alignment", "6 · BatchNorm", "7 · Soups and merge methods",
+              "8 · Language models and adapters"]
 
 
 def test_after_the_warm_up_no_page_or_tour_step_computes(monkeypatch):
