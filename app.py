@@ -5,6 +5,7 @@ import streamlit as st
 from appkit.timing import timed_run
 from appkit.uploads import start_sweeper, sweep_dead_servers
 from appkit.warm import start_warming
+from appkit.workers import share_the_cores
 from soup_core.allocator import keep_freed_memory
 
 
@@ -12,8 +13,10 @@ from soup_core.allocator import keep_freed_memory
 def start_server() -> None:
     """Once per server process: keep freed memory (the server is this process; landscapes reuse
     it, see soup_core/allocator.py), remove upload folders that killed servers left behind,
-    sweep closed sessions' folders from now on, and warm the shared caches (appkit/warm.py)."""
+    sweep closed sessions' folders from now on, give the heavy work's worker processes their share
+    of the cores (appkit/workers.py) and warm the shared caches (appkit/warm.py)."""
     keep_freed_memory()
+    share_the_cores()
     sweep_dead_servers()
     start_sweeper()
     start_warming()

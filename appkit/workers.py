@@ -9,7 +9,9 @@ so the line and its places stay as they were) has one worker process:
   mid-use), started on first use and kept; its CPU priority is lowered (``nice``, default 10,
   ``SOUP_WORKER_NICE``), so the cores go to the sessions' ticks first.
 * **The same zoo, from the same files**: the worker opens the zoo from its manifest, memory-mapped
-  (no weights copied), and runs the library's own function on it. It first checks that the files
+  (no weights copied), and runs the library's own function on it: a recipe comes back bit for bit
+  as it would be made here at the same torch thread count; a landscape to float32 rounding (each process measures its fastest
+  slice strategy on the spot, :mod:`soup_core.landscape.choice`). It first checks that the files
   are the ones the caller's zoo was opened from (:func:`soup_core.io.resident.files_identity`);
   a zoo it cannot reopen that way — uploads, an aligned zoo, changed files — runs on the
   caller's thread, as everything did before.
@@ -196,17 +198,44 @@ def serve(fd: int, nice: int, threads: int) -> None:
                 send(connection, ("error", SoupError("".join(traceback.format_exception_only(exc)).strip())))
 
 
+def worker_threads() -> int:
+    """Torch threads per worker: the workers together use half the cores, so that the sessions'
+    ticks keep the other half (``SOUP_WORKER_THREADS`` to choose)."""
+    if os.environ.get("SOUP_WORKER_THREADS", "").isdigit() and int(os.environ["SOUP_WORKER_THREADS"]) > 0:
+        return int(os.environ["SOUP_WORKER_THREADS"])
+    return max(1, (os.cpu_count() or 2) // (2 * HEAVY_WORK.slots))
+
+
+def share_the_cores() -> None:
+    """Once per server, with workers on: the server's own torch threads are the cores the workers
+    leave (at least one). Two processes each running as many OpenMP threads as there are cores
+    stall each other at every parallel region; the sessions' ticks would pay for the heavy work."""
+    import torch
+    if enabled():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - HEAVY_WORK.slots * worker_threads()))
+
+
+class _Answered(Exception):
+    """The task's own error, answered by the worker (which is then free for the next call)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Worker:
     """One worker process and the pipe to it."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
-        threads = max(1, (os.cpu_count() or 2) // HEAVY_WORK.slots)
+        threads = worker_threads()
         nice = int(os.environ.get("SOUP_WORKER_NICE", "10"))
-        # A fresh interpreter (not multiprocessing's spawn, which would run the server's __main__ again).
+        # A fresh interpreter (not multiprocessing's spawn, which would run the server's __main__ again);
+        # its OpenMP threads sleep when idle rather than spin on cores the sessions' ticks need.
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
         self.process = subprocess.Popen(
             [sys.executable, "-c", f"from appkit.workers import serve; serve({theirs.fileno()}, {nice}, {threads})"],
-            pass_fds=(theirs.fileno(),), cwd=ROOT, stdin=subprocess.DEVNULL)
+            pass_fds=(theirs.fileno(),), cwd=ROOT, stdin=subprocess.DEVNULL, env=env)
         theirs.close()
         self.connection = Connection(ours.detach())
 
@@ -215,7 +244,20 @@ class Worker:
 
     def call(self, task: str, where: tuple, args: tuple, progress: Callable[[float, str], None] | None,
              should_stop: Callable[[], bool] | None) -> tuple[str, Any]:
-        """``("done", result)``, or ``("elsewhere", None)`` when the worker cannot reopen the zoo."""
+        """``("done", result)``, or ``("elsewhere", None)`` when the worker cannot reopen the zoo.
+        Left early (``progress`` raised), the worker is ended: its late answer must never be
+        taken for the next call's."""
+        try:
+            return self._call(task, where, args, progress, should_stop)
+        except WorkerDied:
+            raise
+        except _Answered as answered:
+            raise answered.error from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, task, where, args, progress, should_stop) -> tuple[str, Any]:
         follows = progress is not None or should_stop is not None
         stop_sent, sent = False, False
         while True:
@@ -240,7 +282,7 @@ class Worker:
                 if progress is not None:
                     progress(*payload)
             elif kind == "error":
-                raise payload
+                raise _Answered(payload)
             else:
                 return kind, payload
 

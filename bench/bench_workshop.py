@@ -14,9 +14,9 @@ N clients each:
 6. open Export until the download button shows;
 7. (protocol clients) submit their soup to the room and open the Room page.
 
-With ``--heavy K``, sessions 0…K−1 instead open a landscape of their own (a plane no other session
-asks for, grid 21, through a shared link's settings) and compute it, while the others tick: the
-heavy work's cost to everyone else's ticks.
+With ``--heavy K``, sessions 0…K−1 instead compute three landscapes of their own, one after the
+other (planes no other session asks for, grid 41, through a shared link's settings), while the
+others tick: the heavy work's cost to everyone else's ticks.
 
 Reported: each action's client-observed latency (p50/p90/max), the server's own run durations
 from the timing hook, exceptions shown, wrong numbers, server RSS before/after, and the CPU
@@ -175,21 +175,24 @@ async def visit(browser, url: str, index: int, expected: dict[str, str], timings
     await context.close()
 
 
-HEAVY_GRID = 21
+HEAVY_GRID, HEAVY_PLANES = 41, 3
 
 
 async def compute_own_landscape(url: str, index: int, timings: dict, problems: list) -> None:
-    """A heavy session: a plane no other session computes (θ0 and two checkpoints of its own)."""
+    """A heavy session: HEAVY_PLANES planes, one after the other, that no other session computes
+    (θ0 and two checkpoints of its own each), at the largest grid the page offers."""
     from protocol_client import ProtocolSession
-    async with ProtocolSession(url) as s:
-        await s.open(f"plane=base,ft-{2 * index + 1:02d},ft-{2 * index + 2:02d}&grid={HEAVY_GRID}")
-        await s.goto("Landscape")
-        start = time.perf_counter()
-        await s.click("Compute")
-        timings.setdefault("own landscape (heavy)", []).append(time.perf_counter() - start)
-        if "Lowest val error" not in s.text():
-            problems.append(f"session {index}: its own landscape did not show")
-        problems.extend(f"session {index}: {shown}" for shown in s.exceptions)
+    for plane in range(HEAVY_PLANES):
+        a, b = 6 * index + 2 * plane + 1, 6 * index + 2 * plane + 2
+        async with ProtocolSession(url) as s:
+            await s.open(f"plane=base,ft-{a:02d},ft-{b:02d}&grid={HEAVY_GRID}")
+            await s.goto("Landscape")
+            start = time.perf_counter()
+            await s.click("Compute")
+            timings.setdefault("own landscape (heavy)", []).append(time.perf_counter() - start)
+            if "Lowest val error" not in s.text():
+                problems.append(f"session {index}: its own landscape did not show")
+            problems.extend(f"session {index}: {shown}" for shown in s.exceptions)
 
 
 async def visit_over_protocol(url: str, index: int, expected: dict[str, str], timings: dict,
@@ -322,7 +325,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    print((f"{args.heavy} of them computing a landscape of their own (grid {HEAVY_GRID}); " if args.heavy else "")
+    print((f"{args.heavy} of them computing {HEAVY_PLANES} landscapes of their own (grid {HEAVY_GRID}); "
+           if args.heavy else "")
           + f"{args.sessions} {args.client} sessions started {args.stagger} s apart, pausing "
           f"{args.think} s ± 50% between actions (clients at nice {args.clients_nice}), against one server on 127.0.0.1, "
           f"{os.cpu_count()} cores; {warm_line.split('warm-up done')[-1].strip()} of warm-up before\n")

@@ -37,6 +37,23 @@ def is_float(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
+# Integer tensors that count training steps: they differ between fine-tunings and are copied from
+# one of them. Every other integer tensor (a table such as position_ids, or quantized weights) must
+# be equal in every ingredient: copying one of several different ones would be a silent choice.
+COUNTERS = ("num_batches_tracked", "n_averaged")
+
+
+def is_counter(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in COUNTERS
+
+
+def integer_differs_message(name: str, key: str, dtype: torch.dtype, reference: str) -> str:
+    """The one line for an integer tensor that is not the same in every ingredient."""
+    return (f"{name}: integer tensor {key!r} ({str(dtype).removeprefix('torch.')}) differs from {reference}'s; "
+            "integer tensors (tables, quantized weights) are never averaged, only copied when every ingredient "
+            "has the same: dequantize the checkpoints to float first, or leave this one out")
+
+
 # BatchNorm's running statistics: float buffers that a state dict holds beside the parameters.
 STATISTIC_SUFFIXES = ("running_mean", "running_var")
 

@@ -14,6 +14,10 @@ from soup_core.evaluate import Evaluator, Split
 # Servers and AppTests started by the suite do not warm their caches in the background (it would
 # compete with the tests for the 2 cores); tests/test_warm.py runs the warm-up itself.
 os.environ.setdefault("SOUP_WARM", "0")
+# AppTests run the pages inside the test process: their heavy work stays on its threads, and the
+# process keeps its torch threads (appkit.workers.share_the_cores). tests/test_workers.py tests the
+# worker processes themselves, and the Chromium tests' servers run with them (tests/test_app.py:_serve).
+os.environ.setdefault("SOUP_WORKERS", "0")
 
 
 def tree_digest(root: Path) -> dict[str, str]:

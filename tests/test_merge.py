@@ -146,8 +146,8 @@ def test_methods_on_a_worked_example():
 
 def test_a_streamed_merge_is_the_same_whatever_the_block_size():
     torch.manual_seed(0)
-    states = [{"w": torch.randn(1000), "b": torch.randn(3, 7), "n": torch.tensor(i)} for i in range(3)]
-    base = {"w": torch.randn(1000), "b": torch.randn(3, 7), "n": torch.tensor(9)}
+    states = [{"w": torch.randn(1000), "b": torch.randn(3, 7), "n.num_batches_tracked": torch.tensor(i)} for i in range(3)]
+    base = {"w": torch.randn(1000), "b": torch.randn(3, 7), "n.num_batches_tracked": torch.tensor(9)}
     sources = [MappingSource(s, name=str(i)) for i, s in enumerate(states)]
     for method, exact in ((mean_of(), True), (linear([0.2, 0.3, 0.5]), True), (model_stock(), False)):
         whole = merge_in_memory(method, sources, MappingSource(base))
@@ -158,7 +158,25 @@ def test_a_streamed_merge_is_the_same_whatever_the_block_size():
         for key, parts in blocked.items():
             flat = torch.cat([b for _, b in sorted(parts, key=lambda p: p[0])]).reshape(whole[key].shape)
             assert (torch.equal(flat, whole[key]) if exact else torch.allclose(flat, whole[key], atol=1e-6)), key
-        assert whole["n"].item() == 0  # integer tensors from the reference ingredient
+        assert whole["n.num_batches_tracked"].item() == 0  # a step counter: the reference ingredient's
+
+
+def test_integer_tensors_are_copied_only_when_every_ingredient_holds_the_same():
+    """int8 weights (a quantized layer) that differ cannot be averaged: copying the first one while the
+    card says 0.5/0.5 would be silently wrong, so the merge and the zoo's validation refuse by name."""
+    from soup_core.io import validate_state_dicts
+    table = torch.arange(4)
+    a = {"w": torch.zeros(2), "pos.position_ids": table, "q.weight": torch.tensor([1, 2], dtype=torch.int8)}
+    b = {"w": torch.ones(2), "pos.position_ids": table.clone(), "q.weight": torch.tensor([1, 3], dtype=torch.int8)}
+    message = r"^ft-1: integer tensor 'q.weight' \(int8\) differs from ft-0's; .*dequantize"
+    with pytest.raises(CheckpointError, match=message):
+        merge_in_memory(mean_of(), [MappingSource(a, name="ft-0"), MappingSource(b, name="ft-1")])
+    assert validate_state_dicts({"ft-0": a, "ft-1": b}).errors[0].startswith(
+        "ft-1: integer tensor 'q.weight' (int8) differs from ft-0's")
+    b["q.weight"] = a["q.weight"].clone()  # the same in both: copied, as position_ids is
+    merged = merge_in_memory(mean_of(), [MappingSource(a, name="ft-0"), MappingSource(b, name="ft-1")])
+    assert merged["q.weight"].tolist() == [1, 2] and torch.equal(merged["pos.position_ids"], table)
+    assert merged["w"].tolist() == [0.5, 0.5] and not validate_state_dicts({"ft-0": a, "ft-1": b}).errors
 
 
 def test_inputs_that_do_not_match_are_refused_by_name_before_any_math():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from soup_core.errors import CheckpointError
-from soup_core.state import is_float, names_list, state_dict_digest, tied_groups
+from soup_core.state import integer_differs_message, is_counter, is_float, names_list, state_dict_digest, tied_groups
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,11 @@ def validate_state_dicts(
             bad = sorted(k for k, t in state.items() if is_float(t) and not bool(torch.isfinite(t).all()))
             if bad:
                 errors.append(f"{name}: NaN or Inf values in {names_list(bad)}")
+    if check_values and not errors:
+        integers = [k for k, t in ref.items() if not is_float(t) and not is_counter(k)]
+        errors += [integer_differs_message(name, key, ref[key].dtype, ref_name)
+                   for name, state in named.items() if name != ref_name
+                   for key in integers if not torch.equal(state[key], ref[key])][:1]
     duplicates: list[tuple[str, str]] = []
     if check_values and not errors:
         seen: dict[str, str] = {}

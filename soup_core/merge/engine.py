@@ -7,7 +7,8 @@ tensor's own dtype, to a writer — then lets it go. Memory is a few blocks: abo
 ``block_bytes``, plus a few MB per input whose bytes await its sha256, whatever the model's size or
 its largest tensor (methods that need whole
 tensors, such as TIES, hold one tensor per ingredient). Integer tensors (``num_batches_tracked``,
-``position_ids``) are copied from the reference ingredient, never averaged; tied tensors stay
+``position_ids``) are copied from the reference ingredient, never averaged, and only when every
+ingredient holds the same (step counters excepted; a quantized weight that differs is an error); tied tensors stay
 tied (each group is merged once and its aliases are recorded, as in :mod:`soup_core.params`).
 
 Inputs are checked against each other before any math (same names, shapes and dtypes; the error
@@ -38,7 +39,7 @@ from soup_core.io.layout import TensorInfo
 from soup_core.io.weights_out import HF_SHARD_BYTES, StreamingWriter, weights_metadata
 from soup_core.merge.methods import ACCUMULATE_DTYPE, TensorMethod
 from soup_core.merge.sources import Source
-from soup_core.state import Progress, StateDict, names_list
+from soup_core.state import Progress, StateDict, integer_differs_message, is_counter, names_list
 
 BLOCK_BYTES = 16 << 20  # float64 working set per block, all ingredients together (cache-sized: bench_merge)
 
@@ -97,12 +98,23 @@ class MergeRun:
         done = 0
         for key, info in infos.items():
             if not (info.dtype.is_floating_point or info.dtype.is_complex):  # a copy: never the caller's tensor
-                yield key, 0, self.sources[self.reference].read(key).clone()
+                yield key, 0, self._integer(key, info)
             else:
                 yield from self._merge_tensor(key, info)
             done += info.nbytes
             if progress is not None:
                 progress(done / total, key)
+
+    def _integer(self, key: str, info: TensorInfo) -> torch.Tensor:
+        """The reference's integer tensor, once every ingredient is known to hold the same (counters
+        such as ``num_batches_tracked`` excepted: :func:`soup_core.state.is_counter`)."""
+        reference = self.sources[self.reference]
+        copy = reference.read(key).clone()
+        if not is_counter(key):
+            for source in self.sources:
+                if source is not reference and not torch.equal(source.read(key), copy):
+                    raise CheckpointError(integer_differs_message(source.name, key, info.dtype, reference.name))
+        return copy
 
     def _merge_tensor(self, key: str, info: TensorInfo) -> Iterator[tuple[str, int, torch.Tensor]]:
         inputs = len(self.sources) + (1 if self.method.needs_base else 0) + 2
