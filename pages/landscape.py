@@ -97,8 +97,9 @@ def landscape_view() -> None:
                 error(str(exc))
                 return
             bar = st.progress(0.0, text="Waiting for a free slot…")
-            st.button("Cancel", key="land-cancel", help="Stop: what is computed so far is kept, and Compute "
-                                                        "finishes it later (or give up the place in line)")
+            cancel = st.empty()  # emptied once the computation is over: no stale Cancel stays on the page
+            cancel.button("Cancel", key="land-cancel", help="Stop: what is computed so far is kept, and Compute "
+                                                            "finishes it later (or give up the place in line)")
             run = Interruptible(lambda f, m: bar.progress(min(f, 1.0), text=m))
             queued = lambda ahead: bar.progress(0.0, text=f"In line: {ahead} landscape(s) or recipe(s) "  # noqa: E731
                                                           "ahead of this one on the server")
@@ -119,6 +120,7 @@ def landscape_view() -> None:
                                        progress=run.progress, should_stop=run.should_stop)
                     except WorkerDied as exc:
                         bar.empty()
+                        cancel.empty()
                         error(str(exc))
                         return
             if result.complete:  # only finished planes are shared; a stopped one stays this session's
@@ -129,6 +131,7 @@ def landscape_view() -> None:
             st.session_state["landscape"] = (key, result)
             run.raise_pending()
             bar.empty()
+            cancel.empty()
         else:
             st.session_state["landscape"] = (key, computed[key])
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:

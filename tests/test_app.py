@@ -708,6 +708,15 @@ def test_the_same_landscape_is_computed_once_for_the_whole_server(monkeypatch):
     assert calls.count("landscape") == 1 and not first.exception
 
 
+def test_no_cancel_button_stays_after_a_landscape_is_computed():
+    at = _app()
+    at.switch_page("pages/landscape.py").run()
+    at.slider(key="land-grid").set_value(5).run()
+    at.button(key="land-compute").click().run()
+    assert not at.exception and any("Lowest val error" in m.value for m in at.markdown)
+    assert [b.key for b in at.button if b.key == "land-cancel"] == []
+
+
 def test_closed_sessions_upload_folders_are_swept_after_a_grace_period(tmp_path):
     from appkit.uploads import FOLDER_PREFIX, sweep_closed_sessions
     closed = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-closedsession-x1"
