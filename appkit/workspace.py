@@ -136,9 +136,11 @@ class Workspace:
         return replace(self, ticks={**self.ticks, zoo.name: {n: n in chosen for n in zoo.names}}, export=None)
 
     def landscape_for(self, zoo: Zoo, default: LandscapeSettings, *, choices, splits) -> LandscapeSettings:
-        """The zoo's last landscape settings, else the link's (if valid), else ``default``."""
+        """The zoo's last landscape settings (on ``default``'s split when theirs is no longer offered:
+        test, hidden by the facilitator), else the link's (if valid), else ``default``."""
         if self.landscape is not None and self.landscape[0] == zoo.name:
-            return self.landscape[1]
+            kept = self.landscape[1]
+            return kept if kept.split in splits else replace(kept, split=default.split)
         return LandscapeSettings.from_query(self.link, default, choices=choices, splits=splits)
 
     def to_query(self) -> dict[str, str]:

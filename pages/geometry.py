@@ -6,9 +6,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import cached_angles, cached_pairs, cached_path, path_policy, zoo_key
-from appkit.room_controls import visible
 from appkit.figures import figure_footer
 from appkit.plain import in_figure
+from appkit.room_controls import visible
 from appkit.sidebar import sidebar
 from soup_core.policies import BN_POLICIES, CURVATURE_WORDS
 from soup_core.zoo import BASE

@@ -137,6 +137,9 @@ def landscape_view() -> None:
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:
         return  # nothing computed yet for this zoo
     shown_key, result = st.session_state["landscape"]
+    if result.splits[0] not in splits:  # computed on test before the facilitator hid it
+        st.caption(f"The landscape computed before is on {result.splits[0]}, hidden now: press Compute.")
+        return
     if shown_key != key:
         st.caption("Settings changed: press Compute to update.")
     elif not result.complete:

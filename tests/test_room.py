@@ -203,6 +203,11 @@ def _test_shown_on(at: AppTest) -> list[str]:
 def test_hide_test_everywhere_leaves_val_and_shifts_on_every_page_until_the_reveal(shared_room):
     pages = ["ingredients", "recipes", "geometry", "landscape", "export", "tour"]
     participant = _app()
+    participant.switch_page("pages/landscape.py").run()  # a landscape on test, computed before the switch
+    participant.slider(key="land-grid").set_value(5).run()
+    participant.selectbox(key="land-split").set_value("test").run()
+    participant.button(key="land-compute").click().run()
+    assert _test_shown_on(participant), "the check finds a landscape on test"
     participant.switch_page("pages/recipes.py").run()
     assert _test_shown_on(participant), "the check finds test where it is shown"
     facilitator = _app({"facilitator": TOKEN})
