@@ -99,6 +99,19 @@ def test_the_karcher_mean_of_equal_directions_is_their_direction_at_the_mean_nor
     assert torch.allclose(three, t([0.0, 1.0]), atol=1e-9)  # the centre of a half circle's ends and middle
 
 
+def test_the_karcher_mean_on_a_circle_is_the_mean_angle_at_the_mean_norm():
+    """On a circle, the Karcher mean of directions within a half circle is the mean of their angles.
+    Directions at 0°, 30° and 90° with norms 2, 1 and 3: 40°, at norm 2. With a zero tensor in place
+    of the 30° one: 45° (the zero tensor has no direction) at norm 5/3 (it counts in the norm)."""
+    def polar(degrees: float, norm: float) -> torch.Tensor:
+        return norm * t(math.cos(math.radians(degrees)), math.sin(math.radians(degrees)))
+    method = karcher()
+    merged = method.combine([polar(0, 2), polar(30, 1), polar(90, 3)], None, None)
+    assert torch.allclose(merged, polar(40, 2), atol=1e-7)
+    with_zero = method.combine([polar(0, 2), t(0.0, 0.0), polar(90, 3)], None, None)
+    assert torch.allclose(with_zero, polar(45, 5 / 3), atol=1e-7)
+
+
 def test_wise_ft_moves_from_theta0_to_the_soup_by_alpha():
     method = wise_ft(0.25)
     # (1 − 0.25)·θ0 + 0.25·mean(A, B) = 0.75 + 0.25·[[1.75, 2], [1, 1.25]]
