@@ -1,5 +1,7 @@
 """What every figure gets under it: a line on how to read it, its data as CSV and JSON, and the
-figure itself as a standalone HTML file for slides (interactive, offline: plotly.js inside).
+figure itself as an HTML file for slides (interactive, offline). The HTML loads ``plotly.min.js``
+from its own folder rather than holding it: a figure is kilobytes, not 4.8 MB of plotly.js each;
+the sidebar offers plotly.min.js once (:func:`plotly_js`), to save beside the figures.
 
 >>> import pandas as pd
 >>> csv_text(pd.DataFrame({"alpha": [0.0, 1.0], "val error (%)": [3.2, 4.1]})).splitlines()[0]
@@ -19,11 +21,26 @@ def csv_text(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False)
 
 
+PLOTLY_JS = "plotly.min.js"
+# Shown by a figure's HTML file until plotly.js has loaded: what to put beside it.
+NEEDS_PLOTLY = (f'<p id="needs-plotly">This figure draws with {PLOTLY_JS}: save it from the Model Soup Lab '
+                f'sidebar ("{PLOTLY_JS} for saved figures") into this file\'s folder, then open this file again.</p>')
+
+
 def html_text(*figures: go.Figure) -> str:
-    """The figures as one HTML page that opens offline (plotly.js embedded once, about 4.7 MB)."""
-    parts = [f.to_html(include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figures)]
+    """The figures as one HTML page that opens offline with ``plotly.min.js`` beside it (loaded once)."""
+    parts = [f.to_html(include_plotlyjs="directory" if i == 0 else False, full_html=False)
+             for i, f in enumerate(figures)]
     body = "\n".join(parts)
-    return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{body}\n</body></html>\n'
+    found = "<script>if (window.Plotly) document.getElementById('needs-plotly').remove();</script>"
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{NEEDS_PLOTLY}\n{body}\n'
+            f'{found}\n</body></html>\n')
+
+
+def plotly_js() -> str:
+    """The installed plotly's own plotly.js, which every saved figure loads from its folder."""
+    from plotly.offline import get_plotlyjs
+    return get_plotlyjs()
 
 
 def figure_footer(key: str, how_to_read: str, data: pd.DataFrame | None = None, *, raw: object = None,

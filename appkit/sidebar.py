@@ -9,6 +9,7 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from appkit.cache import load_zoo
+from appkit.figures import PLOTLY_JS, plotly_js
 from appkit.plain import error, literal
 from appkit.room_controls import unlock_facilitator
 from appkit.uploads import add_uploads, uploads_of, with_uploads
@@ -104,6 +105,9 @@ def sidebar() -> Zoo:
                         "evaluator.")
     st.sidebar.button("Reset my workspace", key="reset-workspace", on_click=reset_workspace,
                       help="Back to the sample zoo, every checkpoint ticked, the default settings; uploads stay.")
+    st.sidebar.download_button(f"{PLOTLY_JS} for saved figures", plotly_js, PLOTLY_JS, "text/javascript",
+                               key="plotly-js", on_click="ignore", help="A figure saved as HTML (under each figure) "
+                               "draws with this file: save it once into the same folder.")
     report = zoo.validation
     for message in report.errors:
         error(message, st.sidebar)

@@ -485,8 +485,22 @@ def test_a_shared_link_restores_the_workspace_on_every_page_and_figures_download
         assert (tmp_path / "angles.csv").read_text().splitlines()[0] == "i,j,angle_deg,cosine,distance"
         with page.expect_download(timeout=60_000) as info:
             page.get_by_role("button", name="Figure (HTML)").first.click()
-        info.value.save_as(tmp_path / "angles.html")
-        assert (tmp_path / "angles.html").read_text().count("Plotly.newPlot(") == 2
+        saved = tmp_path / "figures"
+        saved.mkdir()
+        info.value.save_as(saved / "angles.html")
+        assert (saved / "angles.html").read_text().count("Plotly.newPlot(") == 2
+        assert (saved / "angles.html").stat().st_size < 1 << 20
+        offline = page.context.browser.new_page()
+        offline.goto((saved / "angles.html").as_uri())  # without plotly.min.js beside it: says what to do
+        assert offline.get_by_text("save it from the Model Soup Lab sidebar").count() == 1
+        with page.expect_download(timeout=60_000) as info:
+            page.get_by_role("button", name="plotly.min.js for saved figures").click()
+        info.value.save_as(saved / "plotly.min.js")
+        offline.goto((saved / "angles.html").as_uri())  # with it: both figures drawn, the notice gone
+        offline.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2",
+                                  timeout=60_000)
+        assert offline.get_by_text("save it from the Model Soup Lab sidebar").count() == 0
+        offline.close()
 
         # Export offers the link's choice, and switches back to the link's ticked set.
         page.get_by_test_id("stSidebarNav").get_by_text("Export", exact=True).click()
