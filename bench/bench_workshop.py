@@ -93,7 +93,7 @@ def expected_soup_vals() -> dict[str, str]:
     out = {}
     for unticked in zoo.names:
         soup = RECIPES["uniform"].make(zoo.ingredients([n for n in zoo.names if n != unticked]), zoo.evaluator)
-        out[unticked] = f"{100 * soup.metrics['val'].accuracy:.2f}%"
+        out[unticked] = f"{100 * soup.metrics['val'].accuracy:.1f}%"
     return out
 
 

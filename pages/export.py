@@ -5,7 +5,7 @@ import json
 import streamlit as st
 
 from appkit.cache import export_plan
-from appkit.plain import error
+from appkit.plain import error, percent
 from appkit.room_controls import test_hidden, visible
 from appkit.sidebar import sidebar
 from appkit.uploads import uploads_of
@@ -34,7 +34,7 @@ st.subheader(plan.title)
 cols = st.columns(3)
 for col, split in zip(cols, visible(("val", "test"))):
     if split in plan.metrics:
-        col.metric(f"{split} accuracy", f"{100 * plan.metrics[split].accuracy:.2f}%")
+        col.metric(f"{split} accuracy", percent(plan.metrics[split].accuracy))
 cols[2].metric("ingredients", len(plan.ingredients) or "—")
 if plan.command_line:
     st.markdown("Remake it from the command line:")

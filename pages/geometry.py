@@ -62,7 +62,7 @@ if "geometry:pairs" in st.session_state:
         r = report["correlations"]["angle_vs_interpolation_advantage"]
         fig3 = go.Figure(go.Scatter(
             x=[p["angle_deg"] for p in pairs], y=[100 * p["interpolation_advantage"] for p in pairs], mode="markers",
-            text=labels, hovertemplate="%{text}<br>%{x:.1f}°, %{y:+.2f} pts<extra></extra>"))
+            text=labels, hovertemplate="%{text}<br>%{x:.1f}°, %{y:+.1f} pts<extra></extra>"))
         fig3.update_layout(title=f"Interpolation advantage vs angle (r = {r or float('nan'):+.2f})",
                            xaxis_title="angle φ (degrees)", yaxis_title=f"advantage on {pair_split} (points)", height=420)
         c1.plotly_chart(fig3, key="geometry-fig3")
@@ -71,7 +71,7 @@ if "geometry:pairs" in st.session_state:
     hi = max(max(p["soup_accuracy"], p["ensemble_accuracy"]) for p in pairs) * 100
     fig4 = go.Figure([go.Scatter(
         x=[100 * p["ensemble_accuracy"] for p in pairs], y=[100 * p["soup_accuracy"] for p in pairs], mode="markers",
-        text=labels, name="pairs", hovertemplate="%{text}<br>ensemble %{x:.2f}%, soup %{y:.2f}%<extra></extra>"),
+        text=labels, name="pairs", hovertemplate="%{text}<br>ensemble %{x:.1f}%, soup %{y:.1f}%<extra></extra>"),
         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dot", "color": "gray"}, name="y = x")])
     fig4.update_layout(title="Two-model soup vs two-model ensemble", xaxis_title=f"ensemble {pair_split} accuracy (%)",
                        yaxis_title=f"soup {pair_split} accuracy (%)", height=420)
@@ -118,5 +118,5 @@ if a != b:
                   pd.DataFrame({"alpha": path["alphas"], **{f"{s} error": path["error"][s] for s in path_splits},
                                 **{f"{s} loss": path["loss"][s] for s in path_splits}}), figure=fig)
     last = path_splits[-1]
-    st.write(f"Error barrier on {last}: {100 * path['barrier'][last]['error']:.2f} points; "
+    st.write(f"Error barrier on {last}: {100 * path['barrier'][last]['error']:.1f} points; "
              f"loss barrier {path['barrier'][last]['loss']:.4f} (paper App. J.1). BatchNorm: {path['bn']}.")

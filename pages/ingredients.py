@@ -6,7 +6,7 @@ import streamlit as st
 
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
 from appkit.figures import figure_footer
-from appkit.plain import in_figure, literal
+from appkit.plain import in_figure, literal, percent
 from appkit.room_controls import HIDDEN_NOTE, submit_to_room, test_hidden, visible
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
@@ -57,7 +57,7 @@ if hparams and "val" in table:
             marker={"size": 10, "color": ["#1f77b4" if n in chosen_now else "lightgray" for n in table["checkpoint"]],
                     "line": {"width": [3 if n in in_table else 1 for n in table["checkpoint"]],
                              "color": ["#ff7f0e" if n in in_table else "black" for n in table["checkpoint"]]}},
-            hovertemplate="%{text}<br>" + x + " %{x}<br>val %{y:.2f}%<extra></extra>"))
+            hovertemplate="%{text}<br>" + x + " %{x}<br>val %{y:.1f}%<extra></extra>"))
         view.update_layout(height=380, xaxis={"title": x + (" (log scale)" if log else ""),
                                               "type": "log" if log else "linear"},
                            yaxis_title="val accuracy (%)", margin={"t": 20})
@@ -109,7 +109,7 @@ def soup_of_the_ticked_set() -> None:
         cols = st.columns([2, 1, 1, 1])
         cols[0].markdown(f"**{label}**")
         for col, split in zip(cols[1:], visible(live[key])):
-            col.metric(f"{key} {split}", f"{100 * live[key][split]:.2f}%")
+            col.metric(f"{key} {split}", percent(live[key][split]))
     ties = live["best_ties_on_val" if test_hidden() else "best_ties"]
     if ties:
         st.caption(literal(ties))  # checkpoint names, shown as typed
@@ -149,14 +149,14 @@ def replay() -> None:
     current = steps[step - 1]
     verdict = "accepted" if current["accepted"] else "rejected"
     st.markdown(f"Step {step}: **{current['action']} {literal(current['candidate'])}** → "
-                f"val {100 * current['score']:.2f}% "
+                f"val {percent(current['score'])} "
                 f"({verdict}); soup now {len(current['ingredients'])} ingredient(s).")
     frame = pd.DataFrame(steps[:step])
     frame.insert(0, "step", range(1, len(frame) + 1))
     frame["val %"] = 100 * frame["score"]
     chart = go.Figure(go.Scatter(x=frame["step"], y=frame["val %"], mode="lines+markers",
                                  marker={"color": ["#2ca02c" if a else "#d62728" for a in frame["accepted"]], "size": 9},
-                                 text=frame["candidate"].map(in_figure), hovertemplate="step %{x}: %{text}<br>val %{y:.2f}%<extra></extra>"))
+                                 text=frame["candidate"].map(in_figure), hovertemplate="step %{x}: %{text}<br>val %{y:.1f}%<extra></extra>"))
     chart.update_layout(height=320, xaxis_title="step (as on the slider)", yaxis_title="val accuracy (%)",
                         xaxis={"dtick": 1 if len(frame) <= 20 else None}, margin={"t": 20})
     st.plotly_chart(chart, key=f"replay-chart:{recipe}")

@@ -13,7 +13,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_made, board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
 from appkit.figures import html_text
 from appkit.interrupt import Interruptible
-from appkit.plain import error, in_figure
+from appkit.plain import error, in_figure, percent
 from appkit.room_controls import visible
 from appkit.sidebar import sidebar
 from appkit.timing import timed_fragment
@@ -195,7 +195,7 @@ def landscape_view() -> None:
         figure.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", name="grid points",
                                     marker={"size": 9, "opacity": 0.01, "color": "black"}, showlegend=False,
                                     customdata=np.stack([100 * result.error[s].ravel(), result.loss[s].ravel()], -1),
-                                    hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata[0]:.2f}%"
+                                    hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata[0]:.1f}%"
                                                   "<br>loss %{customdata[1]:.4f}<extra></extra>"))
         figure.update_layout(height=600, xaxis_title="x (L2 distance from the origin)", yaxis_title="y (L2)",
                              yaxis={"scaleanchor": "x"}, legend={"orientation": "h"})
@@ -221,7 +221,7 @@ def landscape_view() -> None:
                "point. "
                + ("Switch 3D off to click a point." if surface else "Click a point to see its metrics."))
     projected_table(soups + methods)
-    lowest = f"{values[best]:.2f}%" if shown == "error" else f"{values[best]:.4f}"
+    lowest = f"{values[best]:.1f}%" if shown == "error" else f"{values[best]:.4f}"
     st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "
              f"BatchNorm: {result.bn}; precision: {result.precision}"
              + ("" if result.precision_deviation is None else
@@ -247,7 +247,7 @@ def landscape_view() -> None:
         cols[0].markdown(f"**Point ({x:.3f}, {y:.3f})**")
         shown_splits = visible(n for n in dict.fromkeys(("val", "test", zoo.evaluator.split_names[-1])) if n in metrics)
         for col, name in zip(cols[1:], shown_splits):
-            col.metric(f"point {name}", f"{100 * metrics[name].accuracy:.2f}%")
+            col.metric(f"point {name}", percent(metrics[name].accuracy))
         if st.button("Keep this point for export", key="land-keep"):
             set_export(point)
             st.success("Ready on the Export page.")
@@ -270,8 +270,8 @@ def sparse_method_point(plane_points: tuple[str, str, str]):
         return None
     m = made.metrics
     cols[2].caption(f"{RECIPES[recipe].pretty_name} at density {density:g}, {chosen_on_val(made)} (best on val): "
-                    f"val {100 * m['val'].accuracy:.2f}%"
-                    + (f", test {100 * m['test'].accuracy:.2f}%" if "test" in visible(m) else "")
+                    f"val {percent(m['val'].accuracy)}"
+                    + (f", test {percent(m['test'].accuracy)}" if "test" in visible(m) else "")
                     + f"; {projection.off_plane:.3f} off the plane.")
     return replace(projection, name=f"{RECIPES[recipe].pretty_name}, density {density:g}")
 
@@ -287,7 +287,7 @@ def projected_table(projections) -> None:
     with st.expander("Soups and merge methods on this plane"):
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="land-projected",
                      column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("x", "y", "off plane")}
-                     | {"val %": st.column_config.NumberColumn(format="%.2f")})
+                     | {"val %": st.column_config.NumberColumn(format="%.1f")})
 
 
 def grid_csv(result) -> str:

@@ -76,7 +76,7 @@ st.caption("Every choice is made on val; test and the shifts are reports. \"test
            "val, LiNeS scales it by depth with the β that is best on val, as their papers choose them (\"chosen on "
            "val\"). Ensembles cost one forward pass per ingredient at inference; soups cost one.")
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="recipes-table", height=35 * (len(rows) + 1) + 3,
-             column_config={c: st.column_config.NumberColumn(format="%.2f")
+             column_config={c: st.column_config.NumberColumn(format="%.1f")
                             for c in ("val", "test", "avg shifts", *shifts)})
 
 
@@ -87,7 +87,7 @@ def figure_1() -> None:
         x=[100 * m["test"].accuracy for m in individual.values()],
         y=[100 * (shift_average(m, shifts) or float("nan")) for m in individual.values()], mode="markers", name="individual models",
         marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=[in_figure(n) for n in individual],
-        hovertemplate="%{text}<br>test %{x:.2f}%<br>shifts %{y:.2f}%<extra></extra>"))
+        hovertemplate="%{text}<br>test %{x:.1f}%<br>shifts %{y:.1f}%<extra></extra>"))
     for recipe in available:
         if recipe.name == "best":
             continue

@@ -54,10 +54,10 @@ def test_toggling_ingredients_shows_soup_cores_own_numbers():
     assert not at.exception
     ev = zoo.evaluator
     soup = ev.evaluate(uniform_average([zoo.state_dict(n) for n in keep]))
-    assert _metric(at, "soup val") == f"{100 * soup['val'].accuracy:.2f}%"
-    assert _metric(at, "soup test") == f"{100 * soup['test'].accuracy:.2f}%"
+    assert _metric(at, "soup val") == f"{100 * soup['val'].accuracy:.1f}%"
+    assert _metric(at, "soup test") == f"{100 * soup['test'].accuracy:.1f}%"
     best = max(keep, key=lambda n: zoo.metrics(n)["val"].accuracy)
-    assert _metric(at, "best test") == f"{100 * zoo.metrics(best)['test'].accuracy:.2f}%"
+    assert _metric(at, "best test") == f"{100 * zoo.metrics(best)['test'].accuracy:.1f}%"
     assert at.query_params["use"] == ["ft-03,ft-17"] or at.query_params["use"] == "ft-03,ft-17"
 
 
@@ -96,7 +96,8 @@ def test_landscape_page_computes_and_draws_a_plane():
     assert [t.get("name") for t in figure["data"]][-1] == "lowest error"  # the lowest point is marked
     at.radio(key="land-metric").set_value("loss").run()  # contours of loss instead of error
     assert not at.exception and len(at.get("plotly_chart")) == 1
-    assert {d.key for d in at.get("download_button")} == {"land-json", "land-csv", "land-html"}
+    # the figure's three files, and the sidebar's plotly.min.js that a saved figure loads
+    assert {d.key for d in at.get("download_button")} == {"land-json", "land-csv", "land-html", "plotly-js"}
     at.selectbox(key="land-precision").set_value("bf16").run()
     at.button(key="land-compute").click().run()
     assert not at.exception
@@ -148,7 +149,7 @@ def test_an_uploaded_checkpoint_joins_the_zoo():
     assert not at.exception
     ev = zoo.evaluator
     soup = ev.evaluate(uniform_average([zoo.state_dict(n) for n in (*zoo.names, "ft-05")]))
-    assert _metric(at, "soup val") == f"{100 * soup['val'].accuracy:.2f}%" != before
+    assert _metric(at, "soup val") == f"{100 * soup['val'].accuracy:.1f}%" != before
 
 
 @pytest.mark.parametrize("name, data, message", [
@@ -184,7 +185,7 @@ def test_export_offers_the_ticked_soup_then_a_chosen_recipe():
     at.switch_page("pages/export.py").run()
     assert at.code[0].value.startswith("soup make greedy digits-finetune")
     greedy = make_soup(open_zoo("digits-finetune"), "greedy")
-    assert _metric(at, "test accuracy") == f"{100 * greedy.metrics['test'].accuracy:.2f}%"
+    assert _metric(at, "test accuracy") == f"{100 * greedy.metrics['test'].accuracy:.1f}%"
 
 
 def test_a_weighted_soup_is_set_by_hand_on_the_recipes_page_and_shared_by_link():
@@ -225,7 +226,7 @@ def test_the_app_and_the_cli_export_the_same_bytes(tmp_path, monkeypatch, candid
     card = (tmp_path / argv[-1]).with_suffix(".md").read_text()
     assert plan.model_card() == card and "soup " + " ".join(argv) in card
     metrics = open_zoo("digits-finetune").evaluator.evaluate(load_state_dict(tmp_path / argv[-1]))
-    assert _metric(at, "val accuracy") == f"{100 * metrics['val'].accuracy:.2f}%"
+    assert _metric(at, "val accuracy") == f"{100 * metrics['val'].accuracy:.1f}%"
 
 
 def test_export_returns_to_the_ticked_set_when_ticks_change():

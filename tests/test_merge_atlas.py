@@ -218,7 +218,7 @@ def test_the_landscape_draws_the_merge_methods_and_the_density_slider_redraws_it
     expected = plane.project(made.state_dict)
     point = next(t for t in figure()["data"] if t.get("name") == "DARE with TIES signs, density 0.3")
     assert (point["x"][0], point["y"][0]) == pytest.approx(expected.xy)
-    assert any(f"val {100 * made.metrics['val'].accuracy:.2f}%" in c.value for c in at.caption)
+    assert any(f"val {100 * made.metrics['val'].accuracy:.1f}%" in c.value for c in at.caption)
 
 
 def test_the_tours_merge_step_says_what_its_data_shows(zoo):

@@ -221,7 +221,7 @@ def test_the_app_opens_a_hugging_face_folder_and_exports_it(monkeypatch, hf_zoo,
                    "back.") in [c.value for c in at.sidebar.caption]
     zoo = open_zoo(hf_zoo)
     soup_state = uniform_average([zoo.state_dict(n) for n in zoo.names])
-    assert _metric(at, "soup val") == f"{100 * zoo.evaluator.evaluate(soup_state, ['val'])['val'].accuracy:.2f}%"
+    assert _metric(at, "soup val") == f"{100 * zoo.evaluator.evaluate(soup_state, ['val'])['val'].accuracy:.1f}%"
     for page in ("landscape", "geometry", "recipes", "export"):
         at.switch_page(f"pages/{page}.py").run()
         assert not at.exception, page
@@ -408,7 +408,7 @@ def test_the_quick_start_in_chromium(tmp_path):
     zoo = quick_start_zoo(tmp_path)
     opened = open_zoo(zoo, allowed_roots=[tmp_path])
     soup_state = uniform_average([opened.state_dict(n) for n in opened.names])
-    expected = f"{100 * opened.evaluator.evaluate(soup_state, ['val'])['val'].accuracy:.2f}%"
+    expected = f"{100 * opened.evaluator.evaluate(soup_state, ['val'])['val'].accuracy:.1f}%"
     serving = _serve({"SOUP_ALLOWED_ROOTS": str(tmp_path), "SOUP_WARM": "0"})
     url = next(serving)
     try:
