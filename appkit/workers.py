@@ -10,8 +10,8 @@ so the line and its places stay as they were) has one worker process:
   ``SOUP_WORKER_NICE``), so the cores go to the sessions' ticks first.
 * **The same zoo, from the same files**: the worker opens the zoo from its manifest, memory-mapped
   (no weights copied), and runs the library's own function on it: a recipe comes back bit for bit
-  as it would be made here at the same torch thread count; a landscape to float32 rounding (each process measures its fastest
-  slice strategy on the spot, :mod:`soup_core.landscape.choice`). It first checks that the files
+  as it would be made here at the same torch thread count; a landscape to float32 rounding (each
+  process measures its fastest slice strategy on the spot, :mod:`soup_core.landscape.choice`). It first checks that the files
   are the ones the caller's zoo was opened from (:func:`soup_core.io.resident.files_identity`);
   a zoo it cannot reopen that way — uploads, an aligned zoo, changed files — runs on the
   caller's thread, as everything did before.

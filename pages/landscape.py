@@ -115,8 +115,8 @@ def landscape_view() -> None:
                                                    progress=run.progress, precision=precision)
                 else:  # in the slot's worker process (appkit.workers): the server's ticks go on meanwhile
                     try:
-                        result = heavy(zoo, "landscape", tuple(points), grid, margin, [split], bn, precision, projections,
-                                       partial[1] if partial and partial[0] == key else None,
+                        result = heavy(zoo, "landscape", tuple(points), grid, margin, [split], bn, precision,
+                                       projections, partial[1] if partial and partial[0] == key else None,
                                        progress=run.progress, should_stop=run.should_stop)
                     except WorkerDied as exc:
                         bar.empty()

@@ -85,8 +85,9 @@ def figure_1() -> None:
     individual = {n: zoo.metrics(n) for n in zoo.names}
     figure = go.Figure(go.Scatter(
         x=[100 * m["test"].accuracy for m in individual.values()],
-        y=[100 * (shift_average(m, shifts) or float("nan")) for m in individual.values()], mode="markers", name="individual models",
-        marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}}, text=[in_figure(n) for n in individual],
+        y=[100 * (shift_average(m, shifts) or float("nan")) for m in individual.values()], mode="markers",
+        name="individual models", marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}},
+        text=[in_figure(n) for n in individual],
         hovertemplate="%{text}<br>test %{x:.1f}%<br>shifts %{y:.1f}%<extra></extra>"))
     for recipe in available:
         if recipe.name == "best":
@@ -96,9 +97,9 @@ def figure_1() -> None:
                                     mode="markers", name=recipe.pretty_name, marker={"size": 14, "symbol": "star"}))
     figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
     st.plotly_chart(figure, key="recipes-figure1")
-    figure_footer("figure1", "each grey dot is one fine-tuned model, each star a recipe's soup; right is better on test, "
-                  "up is better under distribution shift (mean over the shift splits). Stars above the grey cloud are "
-                  "soups more robust than any single model.",
+    figure_footer("figure1", "each grey dot is one fine-tuned model, each star a recipe's soup; right is better on "
+                  "test, up is better under distribution shift (mean over the shift splits). Stars above the grey "
+                  "cloud are soups more robust than any single model.",
                   pd.DataFrame([{"name": n, "test %": 100 * m["test"].accuracy,
                                  "avg shift %": 100 * (shift_average(m, shifts) or float("nan"))}
                                 for n, m in {**individual, **{r.pretty_name: results[r.name].metrics for r in available

@@ -953,7 +953,8 @@ def test_the_room_ranks_two_participants_hides_test_until_revealed_and_survives_
         facilitator.goto(f"{url}/room?facilitator=s3cret-token")
         facilitator.get_by_text("Hide test on every page until revealed").click()
         _settle(facilitator)
-        for title, waits in (("Ingredients", "Your soup"), ("Recipes", "Figure 1, on this zoo"), ("Tour", "Guided tour")):
+        for title, waits in (("Ingredients", "Your soup"), ("Recipes", "Figure 1, on this zoo"),
+                             ("Tour", "Guided tour")):
             page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
             page.get_by_role("heading", name=waits).wait_for(timeout=120_000)
             _settle(page)
