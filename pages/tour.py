@@ -169,8 +169,12 @@ elif step == STEPS[3]:
     lines = []
     for recipe in ("greedy", "pruned"):
         c, name = versus(zoo, recipe), RECIPES[recipe].pretty_name
-        side = "above" if c["difference"] > 0 else "below" if c["difference"] < 0 else "level with"
-        lines.append(f"- {name}: {side} the {literal(c['a'])} on test — {c['sentence']}.")
+        gap = (f"{abs(100 * c['difference']):.1f} points {'above' if c['difference'] > 0 else 'below'}"
+               if c["difference"] else "level with")
+        verdict = ("a significant difference" if c["significant"] else
+                   f"not significant, so these {c['predictions']} {c['unit']} cannot tell the two apart")
+        lines.append(f"- {name}: {gap} the {literal(c['a'])} on test; {verdict} (exact McNemar test, "
+                     f"p = {c['p_value']:.2g}).")
     uniform = recipe_result(zoo, zoo_key(zoo), "uniform").metrics["test"].accuracy
     greedy = recipe_result(zoo, zoo_key(zoo), "greedy").metrics["test"].accuracy
     st.markdown("**Greedy and pruned soups** (Recipe 1; reproduction Algorithm 2). Greedy adds models in order of val "

@@ -645,9 +645,9 @@ def test_the_tour_says_what_its_own_data_shows():
     assert uniform.sentence() in " ".join(as_read(m.value) for m in at.markdown)
     at.button(key="tour-next").click().run()
     text = " ".join(as_read(m.value) for m in at.markdown)
-    greedy = versus_best(make_soup(zoo, "greedy"), zoo.ingredients(), zoo.evaluator)[0]
-    side = "above" if greedy.difference > 0 else "below" if greedy.difference < 0 else "level with"
-    assert f"Greedy soup: {side} the {greedy.a} on test — {greedy.sentence()}" in text
+    # `soup make greedy digits-finetune`: -1.0 points against ft-17, p = 0.29, not significant on 630 images
+    assert ("Greedy soup: 1.0 points below the best individual (ft-17) on test; not significant, so these 630 images "
+            "cannot tell the two apart (exact McNemar test, p = 0.29).") in text
     assert "fix it" not in text
     at.button(key="tour-back").click().run()
     assert at.radio(key="tour-step").value.startswith("3") and not at.exception
