@@ -17,6 +17,26 @@ import plotly.graph_objects as go
 import streamlit as st
 
 
+# A wide figure's plot area at 1400 px wide: between the y axis and a colour bar.
+PLOT_AREA_PX = 760
+
+
+def plane_scale(x_span: float, y_span: float, width_px: int = PLOT_AREA_PX) -> tuple[bool, int]:
+    """``(equal, height)`` for a map of a plane ``x_span`` by ``y_span`` (L2 units): one unit as long
+    on both axes when, at a height between 450 and 800 px, the plane then fills at least 80% of the
+    plot's width; otherwise the axes are scaled apart (a caption must say so) at 600 px.
+
+    >>> plane_scale(10.0, 10.0)  # square: 760 px tall would be best, 700 px of it fits (92%)
+    (True, 800)
+    >>> plane_scale(10.0, 16.0)  # tall: equal units would fill 700/1.6 = 438 px of 760 (58%)
+    (False, 600)
+    """
+    tall = y_span / max(x_span, 1e-12)
+    height = int(min(800, max(450, width_px * tall + 100)))
+    equal = (height - 100) / tall >= 0.8 * width_px
+    return equal, height if equal else 600
+
+
 def csv_text(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False)
 

@@ -11,7 +11,7 @@ import streamlit as st
 from appkit.admission import HEAVY_WORK
 from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_made, board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
-from appkit.figures import html_text
+from appkit.figures import html_text, plane_scale
 from appkit.interrupt import Interruptible
 from appkit.plain import error, in_figure, percent
 from appkit.room_controls import visible
@@ -168,11 +168,10 @@ def landscape_view() -> None:
             x=[p.xy[0] for p in checkpoints], y=[p.xy[1] for p in checkpoints], mode="markers",
             marker={"color": "white", "size": 7, "line": {"width": 1, "color": "black"}}, name="other checkpoints",
             text=[f"{in_figure(p.name)}<br>off plane {p.off_plane:.3f}" for p in checkpoints], hoverinfo="text"))
-        figure.add_trace(go.Scatter(
-            x=[p.xy[0] for p in soups], y=[p.xy[1] for p in soups], mode="markers+text", name="soups",
+        figure.add_trace(go.Scatter(  # named in the hover and the table below: labels here would overlap
+            x=[p.xy[0] for p in soups], y=[p.xy[1] for p in soups], mode="markers", name="soups",
             marker={"color": "gold", "size": 11, "symbol": "diamond", "line": {"width": 1, "color": "black"}},
-            text=[in_figure(p.name) for p in soups], textposition="bottom center", hovertext=[
-                f"{in_figure(p.name)}<br>off plane {p.off_plane:.3f}" for p in soups], hoverinfo="text"))
+            hovertext=[f"{in_figure(p.name)}<br>off plane {p.off_plane:.3f}" for p in soups], hoverinfo="text"))
         figure.add_trace(go.Scatter(
             x=[p.xy[0] for p in methods], y=[p.xy[1] for p in methods], mode="markers", name="merge methods",
             marker={"color": "#c266ff", "size": 10, "symbol": "triangle-up", "line": {"width": 1, "color": "black"}},
@@ -185,10 +184,16 @@ def landscape_view() -> None:
                 hovertext=f"{sparse.name}<br>off plane {sparse.off_plane:.3f}",
                 marker={"color": "#ff4fd8", "size": 15, "symbol": "triangle-up",
                         "line": {"width": 2, "color": "white"}}))
+        figure.add_trace(go.Scatter(x=[result.xs[best[1]]], y=[result.ys[best[0]]], mode="markers",
+                                    name=f"lowest {shown}", hoverinfo="name",  # under the stars, never over one
+                                    marker={"color": "orange", "size": 14, "symbol": "x", "line": {"width": 1}}))
         figure.add_trace(go.Scatter(
-            x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers+text",
-            marker={"color": "red", "size": 12, "symbol": "star"}, text=[in_figure(a.name) for a in result.anchors],
-            textposition="top center", name="the three points"))
+            x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers",
+            marker={"color": "red", "size": 12, "symbol": "star"}, name="the three points",
+            hovertext=[in_figure(a.name) for a in result.anchors], hoverinfo="text"))
+        for anchor in result.anchors:  # on a white box: readable on any colour of the map
+            figure.add_annotation(x=anchor.xy[0], y=anchor.xy[1], text=in_figure(anchor.name), showarrow=False,
+                                  yshift=16, bgcolor="rgba(255, 255, 255, 0.85)", font={"color": "black", "size": 12})
         # Contours return no click selection: an almost invisible scatter of the grid points does.
         gx, gy = np.meshgrid(result.xs, result.ys)
         grid_curve = len(figure.data)
@@ -197,11 +202,14 @@ def landscape_view() -> None:
                                     customdata=np.stack([100 * result.error[s].ravel(), result.loss[s].ravel()], -1),
                                     hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata[0]:.1f}%"
                                                   "<br>loss %{customdata[1]:.4f}<extra></extra>"))
-        figure.update_layout(height=600, xaxis_title="x (L2 distance from the origin)", yaxis_title="y (L2)",
-                             yaxis={"scaleanchor": "x"}, legend={"orientation": "h"})
-        figure.add_trace(go.Scatter(x=[result.xs[best[1]]], y=[result.ys[best[0]]], mode="markers",
-                                    name=f"lowest {shown}", hoverinfo="name",
-                                    marker={"color": "orange", "size": 14, "symbol": "x", "line": {"width": 1}}))
+        # Equal units on both axes unless the plane would then be a sliver of the page (appkit.figures).
+        tall = float(np.ptp(result.ys)) / max(float(np.ptp(result.xs)), 1e-12)
+        equal_scale, height = plane_scale(float(np.ptp(result.xs)), float(np.ptp(result.ys)))
+        figure.update_layout(height=height, xaxis_title="x (L2 distance from the origin)",
+                             yaxis_title="y (L2)",
+                             yaxis={"scaleanchor": "x"} if equal_scale else {},
+                             legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+                             margin={"t": 40, "b": 60})
         picked_before = st.session_state.get("land-picked")
         if picked_before and picked_before[0] == shown_key:
             figure.add_trace(go.Scatter(x=[picked_before[1]], y=[picked_before[2]], mode="markers",
@@ -219,7 +227,10 @@ def landscape_view() -> None:
                "triangles the merge methods projected onto it (how far off the plane in the hover and the table "
                "below), the pink triangle the merge method at the density chosen above, the orange × the lowest "
                "point. "
-               + ("Switch 3D off to click a point." if surface else "Click a point to see its metrics."))
+               + ("Switch 3D off to click a point." if surface else "Click a point to see its metrics.")
+               + ("" if surface or equal_scale else f" The axes are drawn at different scales: the plane is "
+                  f"{tall if tall > 1 else 1 / tall:.1f} times longer along {'y' if tall > 1 else 'x'} than along "
+                  f"{'x' if tall > 1 else 'y'} (in L2 units), and drawn to fill the width."))
     projected_table(soups + methods)
     lowest = f"{values[best]:.1f}%" if shown == "error" else f"{values[best]:.4f}"
     st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "

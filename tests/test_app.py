@@ -93,7 +93,12 @@ def test_landscape_page_computes_and_draws_a_plane():
     assert len(at.get("plotly_chart")) == 1
     assert any("Lowest val error" in m.value and "precision: fp32." in m.value for m in at.markdown)
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
-    assert [t.get("name") for t in figure["data"]][-1] == "lowest error"  # the lowest point is marked
+    names = [t.get("name") for t in figure["data"]]
+    assert names.index("lowest error") < names.index("the three points")  # marked, under the stars
+    assert {a["text"] for a in figure["layout"]["annotations"]} == {"base", "ft-00", "ft-01"}  # labelled on boxes
+    # this plane is 1.6 times taller than wide: equal units would leave most of the width empty
+    assert "scaleanchor" not in figure["layout"].get("yaxis", {})
+    assert any("drawn at different scales" in c.value for c in at.caption)
     at.radio(key="land-metric").set_value("loss").run()  # contours of loss instead of error
     assert not at.exception and len(at.get("plotly_chart")) == 1
     # the figure's three files, and the sidebar's plotly.min.js that a saved figure loads
