@@ -9,7 +9,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, cached_barriers, cached_flattest_pair,
                           cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, recipe_significance,
                           zoo_key)
-from appkit.figures import figure_footer
+from appkit.figures import figure_footer, plane_scale
 from appkit.plain import in_figure, literal
 from appkit.room_controls import (HIDDEN_NOTE, follow_the_presenter, present_the_tour, test_hidden, unlock_facilitator,
                                   watch_the_presenter)
@@ -118,15 +118,27 @@ if step == STEPS[0]:
     z = 100 * np.array(land["error"]["test"])
     fig = go.Figure(go.Contour(x=land["axes"]["x"], y=land["axes"]["y"], z=z, colorscale="Viridis", ncontours=30,
                                colorbar={"title": "test error (%)"}, contours={"showlabels": True}))
+    ends = {p["name"]: p["xy"] for p in land["anchors"]}
+    fig.add_trace(go.Scatter(x=[ends[a][0], ends[b][0]], y=[ends[a][1], ends[b][1]], mode="lines",
+                             line={"color": "white", "width": 3, "dash": "dash"},
+                             name=f"the line between {in_figure(a)} and {in_figure(b)} (the plot above)"))
     fig.add_trace(go.Scatter(x=[p["xy"][0] for p in land["anchors"]], y=[p["xy"][1] for p in land["anchors"]],
-                             text=[in_figure(p["name"]) for p in land["anchors"]], mode="markers+text", textposition="top center",
+                             hovertext=[in_figure(p["name"]) for p in land["anchors"]], hoverinfo="text", mode="markers",
                              marker={"color": "red", "symbol": "star", "size": 12}, name="the three points"))
-    st.plotly_chart(fig.update_layout(height=520, yaxis={"scaleanchor": "x"}, xaxis_title="x (L2 distance)",
-                                      yaxis_title="y (L2 distance)"), key="tour-basin")
+    for anchor in land["anchors"]:  # on a white box: readable on any colour of the map
+        fig.add_annotation(x=anchor["xy"][0], y=anchor["xy"][1], text=in_figure(anchor["name"]), showarrow=False,
+                           yshift=16, bgcolor="rgba(255, 255, 255, 0.85)", font={"color": "black", "size": 12})
+    equal, height = plane_scale(float(np.ptp(land["axes"]["x"])), float(np.ptp(land["axes"]["y"])))
+    st.plotly_chart(fig.update_layout(height=height, yaxis={"scaleanchor": "x"} if equal else {},
+                                      xaxis_title="x (L2 distance)", yaxis_title="y (L2 distance)",
+                                      legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+                                      margin={"t": 40}), key="tour-basin")
     gx, gy = np.meshgrid(land["axes"]["x"], land["axes"]["y"])
     figure_footer("tour-1", f"colour is test error (%) in the plane through θ0 (base), {literal(a)} and "
                   f"{literal(b)}; axes are distances in weight space; about 30 levels, so bumps of a few points "
-                  f"show. The line above is the straight segment between {literal(a)} and {literal(b)} in this plane.",
+                  f"show. The dashed white line is the straight segment between {literal(a)} and {literal(b)} whose "
+                  "errors the plot above follows"
+                  + ("." if equal else "; the axes are drawn at different scales so that the plane fills the width."),
                   pd.DataFrame({"x": gx.ravel(), "y": gy.ravel(), "test error (%)": z.ravel()}), figure=fig)
 elif step == STEPS[1]:
 

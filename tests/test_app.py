@@ -1082,3 +1082,16 @@ def test_geometry_offers_a_batchnorm_policy_only_for_a_model_with_batchnorm(zoo_
     assert not at.exception
     assert bool([s for s in at.selectbox if s.key == "geometry-bn"]) == has_batchnorm
     assert any("BatchNorm: none in this model" in c.value for c in at.caption) != has_batchnorm
+
+
+def test_the_tours_first_map_draws_the_segment_its_line_plot_follows():
+    at = _app()
+    at.switch_page("pages/tour.py").run()
+    assert not at.exception
+    maps = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    (plane,) = [m for m in maps if any(t["type"] == "contour" for t in m["data"])]
+    stars = next(t for t in plane["data"] if t.get("name") == "the three points")
+    segment = next(t for t in plane["data"] if str(t.get("name", "")).startswith("the line between "))
+    at_star = dict(zip(stars["hovertext"], zip(stars["x"], stars["y"])))
+    a, b = segment["name"].removeprefix("the line between ").removesuffix(" (the plot above)").split(" and ")
+    assert list(zip(segment["x"], segment["y"])) == [at_star[a], at_star[b]] and a != "base" != b
