@@ -154,16 +154,32 @@ def replay() -> None:
     frame = pd.DataFrame(steps[:step])
     frame.insert(0, "step", range(1, len(frame) + 1))
     frame["val %"] = 100 * frame["score"]
-    chart = go.Figure(go.Scatter(x=frame["step"], y=frame["val %"], mode="lines+markers",
-                                 marker={"color": ["#2ca02c" if a else "#d62728" for a in frame["accepted"]], "size": 9},
-                                 text=frame["candidate"].map(in_figure), hovertemplate="step %{x}: %{text}<br>val %{y:.1f}%<extra></extra>"))
+    frame["soup val %"] = frame["val %"].where(frame["accepted"]).ffill()  # the soup after each step
+    # The axis spans the soup's progress; a candidate far below it sits on the floor, its score in the hover.
+    kept = frame["soup val %"].dropna()
+    floor = float((kept.min() if len(kept) else frame["val %"].min()) - 1.0)
+    top = float(frame["val %"].max() + 0.5)
+    below = frame["val %"] < floor
+    chart = go.Figure([
+        go.Scatter(x=frame["step"], y=frame["soup val %"], mode="lines", name="the soup after each step",
+                   line={"color": "#0072B2", "width": 3, "shape": "hv"}, hoverinfo="skip"),
+        go.Scatter(x=frame["step"], y=frame["val %"].clip(lower=floor), mode="markers", name="each step's candidate",
+                   marker={"color": ["#009E73" if a else "#D55E00" for a in frame["accepted"]], "size": 10,
+                           "symbol": ["triangle-down" if b else "circle" for b in below]},
+                   customdata=frame["val %"], text=frame["candidate"].map(in_figure),
+                   hovertemplate="step %{x}: %{text}<br>val %{customdata:.1f}%<extra></extra>")])
     chart.update_layout(height=320, xaxis_title="step (as on the slider)", yaxis_title="val accuracy (%)",
-                        xaxis={"dtick": 1 if len(frame) <= 20 else None}, margin={"t": 20})
+                        yaxis={"range": [floor - 0.3, top]}, xaxis={"dtick": 1 if len(frame) <= 20 else None},
+                        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0}, margin={"t": 40})
     st.plotly_chart(chart, key=f"replay-chart:{recipe}")
-    figure_footer(f"replay-{recipe}", "each dot is one step's candidate soup scored on val: green kept, red "
-                  "rejected. The axis spans the scores, so small differences show.",
-                  frame[["step", "candidate", "action", "val %", "accepted"]], figure=chart)
-    st.dataframe(frame[["step", "candidate", "action", "val %", "accepted"]], hide_index=True)
+    figure_footer(f"replay-{recipe}", "the blue line is the soup's val accuracy after each step; each dot is that "
+                  "step's candidate soup: green kept (the line moves to it), orange rejected (the line stays). The "
+                  "axis spans the soup's progress, so small differences show"
+                  + (f"; {int(below.sum())} rejected candidate(s) scored below it, drawn as ▼ on its floor (their "
+                     "score in the hover and the table)." if below.any() else "."),
+                  frame[["step", "candidate", "action", "val %", "accepted", "soup val %"]], figure=chart)
+    st.dataframe(frame[["step", "candidate", "action", "val %", "accepted", "soup val %"]], hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in ("val %", "soup val %")})
 
 
 soup_of_the_ticked_set()
