@@ -72,12 +72,17 @@ def bars(zoo, recipes, title, extra: tuple = ()) -> None:
     rows = [(RECIPES[r].pretty_name, zoo, r) for r in recipes] + list(extra)
     names = [label for label, _, _ in rows]
     values = [100 * board_result(z, r).metrics["test"].accuracy for _, z, r in rows]
-    low = max(0.0, min(values) - 5)
+    # Near the lowest bar when the bars are close (small differences show); at 0 when one is far below the
+    # others, which a cut axis would draw as if it were nothing.
+    close = max(values) - min(values) <= 20
+    low = max(0.0, min(values) - 5) if close else 0.0
     fig = go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}%" for v in values], textposition="outside"))
-    fig.update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420)
+    fig.update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420,
+                      margin={"t": 50})
     st.plotly_chart(fig, key=f"tour-bars-{title}")
     figure_footer(f"tour-{step_number}", "each bar is one recipe's accuracy on the test split; every choice was made "
-                  "on val. The axis starts near the lowest bar so that small differences show.",
+                  "on val. " + ("The axis starts near the lowest bar so that small differences show." if close else
+                                "The axis starts at 0: the bars differ by more than 20 points."),
                   pd.DataFrame({"soup": names, "test accuracy (%)": values}), figure=fig)
 
 
@@ -215,6 +220,19 @@ elif step == STEPS[4]:
                 f"{100 * after['accuracy_b']:.1f}% ({after['sentence']} against the best model).")
     bars(scratch, ["best", "uniform", "ensemble"], f"digits-scratch: {len(scratch.names)} models from random inits",
          extra=((f"Uniform soup, aligned to {reference}", matched, "uniform"),))
+    pairs = [f"{in_figure(row['a'])} × {in_figure(row['b'])}" for row in table]
+    barriers = go.Figure([go.Bar(x=pairs, y=[100 * row["before"] for row in table], name="as trained",
+                                 marker_color="#D55E00"),
+                          go.Bar(x=pairs, y=[100 * row["after"] for row in table], name=f"aligned to {reference}",
+                                 marker_color="#0072B2")])
+    barriers.update_layout(barmode="group", height=380, yaxis_title="test error barrier (points)",
+                           xaxis_title="pair of models", legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"},
+                           margin={"t": 40})
+    st.plotly_chart(barriers, key="tour-5-barriers")
+    figure_footer("tour-5-barriers", f"each pair's error barrier on test (how far the error rises above the straight "
+                  f"line between the two models' own errors), as trained and after aligning to {literal(reference)}; "
+                  f"their means are the {before_barrier:.1f} and {after_barrier:.1f} points in the text.",
+                  pd.DataFrame(table), figure=barriers)
 elif step == STEPS[6]:
     zoo = story_zoo
     uses(zoo)
