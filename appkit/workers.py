@@ -5,17 +5,18 @@ work. Run on the server's threads, it takes the cores and the interpreter's lock
 session's tick. Here each slot of the server's heavy work (:data:`appkit.admission.HEAVY_WORK`,
 so the line and its places stay as they were) has one worker process:
 
-* **Spawned, not forked**: a fresh interpreter (forking a threaded server copies its locks
-  mid-use), started on first use and kept; its CPU priority is lowered (``nice``, default 10,
-  ``SOUP_WORKER_NICE``), so the cores go to the sessions' ticks first.
+* **A fresh interpreter, not a fork** (forking a threaded server copies its locks mid-use):
+  ``python -c``, started on first use and kept, talking over a socket pair. Its CPU priority is
+  lowered (``nice``, default 10, ``SOUP_WORKER_NICE``) and the workers together take half the
+  cores' torch threads, the server the rest (:func:`share_the_cores`): the ticks go first.
 * **The same zoo, from the same files**: the worker opens the zoo from its manifest, memory-mapped
   (no weights copied), and runs the library's own function on it: a recipe comes back bit for bit
   as it would be made here at the same torch thread count; a landscape to float32 rounding (each
-  process measures its fastest slice strategy on the spot, :mod:`soup_core.landscape.choice`). It first checks that the files
-  are the ones the caller's zoo was opened from (:func:`soup_core.io.resident.files_identity`);
-  a zoo it cannot reopen that way — uploads, an aligned zoo, changed files — runs on the
-  caller's thread, as everything did before.
-* **Progress and Cancel** cross the pipe: the worker reports each chunk, the caller's
+  process measures its fastest slice strategy on the spot, :mod:`soup_core.landscape.choice`).
+  It first checks that the files are the ones the caller's zoo was opened from
+  (:func:`soup_core.io.resident.files_identity`); a zoo it cannot reopen that way — uploads, an
+  aligned zoo, changed files — runs on the caller's thread, as everything did before.
+* **Progress and Cancel** cross the socket: the worker reports each chunk, the caller's
   ``should_stop`` is forwarded, and a stopped landscape comes back with what it computed.
 * **A worker that dies** (killed, out of memory, a checkpoint truncated under its mapping) costs
   that computation only: the caller gets one line saying so and the next call starts a new one.
