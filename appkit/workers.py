@@ -187,6 +187,9 @@ def serve(fd: int, nice: int, threads: int) -> None:
 
         try:
             zoo = _reopen(zoos, where)
+        except Exception:  # noqa: BLE001 — not openable here as the caller opened it: the caller computes it
+            zoo = None
+        try:
             if zoo is None:
                 send(connection, ("elsewhere", None))
                 continue
@@ -233,15 +236,19 @@ class Worker:
         nice = int(os.environ.get("SOUP_WORKER_NICE", "10"))
         # A fresh interpreter (not multiprocessing's spawn, which would run the server's __main__ again);
         # its OpenMP threads sleep when idle rather than spin on cores the sessions' ticks need.
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+        # The server's own folder, so that a zoo's relative paths mean what they mean to the server;
+        # appkit and soup_core import from ROOT.
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": path}
         self.process = subprocess.Popen(
             [sys.executable, "-c", f"from appkit.workers import serve; serve({theirs.fileno()}, {nice}, {threads})"],
-            pass_fds=(theirs.fileno(),), cwd=ROOT, stdin=subprocess.DEVNULL, env=env)
+            pass_fds=(theirs.fileno(),), cwd=os.getcwd(), stdin=subprocess.DEVNULL, env=env)
         theirs.close()
         self.connection = Connection(ours.detach())
+        self.closed = False
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self.closed and self.process.poll() is None
 
     def call(self, task: str, where: tuple, args: tuple, progress: Callable[[float, str], None] | None,
              should_stop: Callable[[], bool] | None) -> tuple[str, Any]:
@@ -288,6 +295,7 @@ class Worker:
                 return kind, payload
 
     def close(self) -> None:
+        self.closed = True  # never handed out again, even if the process outlives the wait below
         with contextlib.suppress(OSError):
             self.connection.close()
         if self.alive():

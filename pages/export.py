@@ -65,7 +65,11 @@ if mergekit is not None:
                        file_name=plan.file_name.replace(".safetensors", ".mergekit.yml"), mime="application/yaml",
                        key="export-mergekit", help="mergekit-yaml remakes this soup from the same checkpoints "
                                                    "(paths as on this server), at any model size")
-with st.expander("Model card (its Markdown source: names in it are shown as typed, never followed)"):
-    st.code(card, language="markdown")
-with st.expander("Provenance (stored in the file's metadata as `soup_provenance`)"):
-    st.code(json.dumps(plan.provenance, indent=2), language="json")
+if test_hidden():  # the card and the provenance hold the soup's test accuracy
+    st.caption("The model card and the provenance report test accuracy: they are shown once the facilitator "
+               "reveals test.")
+else:
+    with st.expander("Model card (its Markdown source: names in it are shown as typed, never followed)"):
+        st.code(card, language="markdown")
+    with st.expander("Provenance (stored in the file's metadata as `soup_provenance`)"):
+        st.code(json.dumps(plan.provenance, indent=2), language="json")

@@ -37,14 +37,17 @@ def is_float(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
-# Integer tensors that count training steps: they differ between fine-tunings and are copied from
-# one of them. Every other integer tensor (a table such as position_ids, or quantized weights) must
-# be equal in every ingredient: copying one of several different ones would be a silent choice.
+# Integer tensors that count or switch (a step counter, an EMA's update count, a quantization
+# observer's on/off flag) differ between fine-tunings and are copied from one of them. A table
+# (position_ids) or a quantized weight holds many integers: it must be equal in every ingredient,
+# since copying one of several different ones would be a silent choice.
 COUNTERS = ("num_batches_tracked", "n_averaged")
 
 
-def is_counter(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in COUNTERS
+def is_counter(key: str, numel: int = 1) -> bool:
+    """Whether an integer tensor is a counter or a switch (copied though it differs): a known
+    counter's name, or a single integer."""
+    return key.rsplit(".", 1)[-1] in COUNTERS or numel <= 1
 
 
 def integer_differs_message(name: str, key: str, dtype: torch.dtype, reference: str) -> str:

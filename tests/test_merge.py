@@ -177,6 +177,11 @@ def test_integer_tensors_are_copied_only_when_every_ingredient_holds_the_same():
     merged = merge_in_memory(mean_of(), [MappingSource(a, name="ft-0"), MappingSource(b, name="ft-1")])
     assert merged["q.weight"].tolist() == [1, 2] and torch.equal(merged["pos.position_ids"], table)
     assert merged["w"].tolist() == [0.5, 0.5] and not validate_state_dicts({"ft-0": a, "ft-1": b}).errors
+    # a single integer counts or switches (an EMA's update count, an observer's flag): copied though it differs
+    a["model_ema.num_updates"] = torch.tensor(7, dtype=torch.int32)
+    b["model_ema.num_updates"] = torch.tensor(9, dtype=torch.int32)
+    merged = merge_in_memory(mean_of(), [MappingSource(a, name="ft-0"), MappingSource(b, name="ft-1")])
+    assert merged["model_ema.num_updates"].item() == 7 and not validate_state_dicts({"ft-0": a, "ft-1": b}).errors
 
 
 def test_inputs_that_do_not_match_are_refused_by_name_before_any_math():

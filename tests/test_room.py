@@ -197,6 +197,7 @@ def _test_shown_on(at: AppTest) -> list[str]:
         found += [f"axis {a}" for a in ("xaxis", "yaxis") if "test" in json.dumps(layout.get(a, {}).get("title", ""))]
     texts = [*at.markdown, *at.caption, *at.info, *at.success, *at.warning, *at.subheader]
     found += [f"text {as_read(t.value)!r}" for t in texts if TEST_NUMBER.search(as_read(t.value))]
+    found += [f"code {c.value[:40]!r}" for c in at.code if re.search(r'"test"|\|\s*test\s*\|', c.value)]
     return found
 
 

@@ -129,3 +129,16 @@ def test_with_workers_off_nothing_is_started(monkeypatch):
     monkeypatch.setenv("SOUP_WORKERS", "0")
     assert workers.heavy(server_zoo(), "recipe", "uniform", None, ()).recipe == "uniform"
     assert worker_pids() == []
+
+
+def test_a_zoo_given_by_a_relative_path_is_reopened_where_the_server_runs(tmp_path, monkeypatch):
+    shutil.copytree(server_zoo().root, tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)  # the server started here; the participant typed "mine"
+    zoo = server_zoo("mine")
+    made_here = []
+    monkeypatch.setitem(workers.TASKS, "recipe", lambda *a: made_here.append(a[1:]) or make_soup(*a[:3]))
+    result = workers.heavy(zoo, "recipe", "uniform", ("ft-01", "ft-02"), ())
+    assert made_here == [] and worker_pids()  # made in the worker, from the same relative path
+    here = make_soup(zoo, "uniform", ("ft-01", "ft-02"))
+    assert all(torch.equal(result.state_dict[k], here.state_dict[k]) for k in here.state_dict)
+

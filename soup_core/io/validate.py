@@ -82,7 +82,7 @@ def validate_state_dicts(
             if bad:
                 errors.append(f"{name}: NaN or Inf values in {names_list(bad)}")
     if check_values and not errors:
-        integers = [k for k, t in ref.items() if not is_float(t) and not is_counter(k)]
+        integers = [k for k, t in ref.items() if not is_float(t) and not is_counter(k, t.numel())]
         errors += [integer_differs_message(name, key, ref[key].dtype, ref_name)
                    for name, state in named.items() if name != ref_name
                    for key in integers if not torch.equal(state[key], ref[key])][:1]

@@ -110,7 +110,7 @@ class MergeRun:
         such as ``num_batches_tracked`` excepted: :func:`soup_core.state.is_counter`)."""
         reference = self.sources[self.reference]
         copy = reference.read(key).clone()
-        if not is_counter(key):
+        if not is_counter(key, copy.numel()):
             for source in self.sources:
                 if source is not reference and not torch.equal(source.read(key), copy):
                     raise CheckpointError(integer_differs_message(source.name, key, info.dtype, reference.name))
