@@ -19,6 +19,30 @@ import streamlit as st
 
 # A wide figure's plot area at 1400 px wide: between the y axis and a colour bar.
 PLOT_AREA_PX = 760
+# The legend in a row above the plot, where it covers neither the data nor the x axis's title.
+LEGEND_ABOVE = {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0}
+
+
+def label_points(figure: go.Figure, points: list[tuple[str, tuple[float, float]]]) -> None:
+    """A name above each ``(name, (x, y))`` on a white box, readable on any colour of a map."""
+    from appkit.plain import in_figure
+    for name, (x, y) in points:
+        figure.add_annotation(x=x, y=y, text=in_figure(name), showarrow=False, yshift=16,
+                              bgcolor="rgba(255, 255, 255, 0.85)", font={"color": "black", "size": 12})
+
+
+def scale_note(x_span: float, y_span: float) -> str:
+    """What a plane's caption says when :func:`plane_scale` draws its axes apart ("" when it does not).
+
+    >>> scale_note(10.0, 16.0)
+    ' The axes are drawn at different scales: the plane is 1.6 times longer along y than along x (in L2 units), and drawn to fill the width.'
+    """
+    if plane_scale(x_span, y_span)[0]:
+        return ""
+    tall = y_span / max(x_span, 1e-12)
+    longer, shorter = ("y", "x") if tall > 1 else ("x", "y")
+    return (f" The axes are drawn at different scales: the plane is {max(tall, 1 / tall):.1f} times longer along "
+            f"{longer} than along {shorter} (in L2 units), and drawn to fill the width.")
 
 
 def plane_scale(x_span: float, y_span: float, width_px: int = PLOT_AREA_PX) -> tuple[bool, int]:

@@ -46,9 +46,10 @@ def test_hidden() -> bool:
     return room().hiding()
 
 
-def visible(splits) -> list[str]:
-    """``splits`` as a page may show them: without test while the facilitator hides it."""
-    hidden = test_hidden()
+def visible(splits, hidden: bool | None = None) -> list[str]:
+    """``splits`` as a page may show them: without test while the facilitator hides it (``hidden``:
+    :func:`test_hidden` when a run already read it, so that a tick reads the room once)."""
+    hidden = test_hidden() if hidden is None else hidden
     return [s for s in splits if not (hidden and s == TEST)]
 
 

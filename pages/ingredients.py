@@ -5,7 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
-from appkit.figures import figure_footer
+from appkit.figures import LEGEND_ABOVE, figure_footer
 from appkit.plain import in_figure, literal, percent
 from appkit.room_controls import HIDDEN_NOTE, submit_to_room, test_hidden, visible
 from appkit.sidebar import sidebar
@@ -104,18 +104,19 @@ def soup_of_the_ticked_set() -> None:
                 "needs an evaluator.")
         return
     live = live_soup(zoo, chosen)
+    hidden = test_hidden()  # the room is read once a tick
     for label, key in ((f"Uniform soup of {len(chosen)}", "soup"),
                        (f"Best individual ({live['best_name']})", "best"), ("Logit ensemble", "ensemble")):
         cols = st.columns([2, 1, 1, 1])
         cols[0].markdown(f"**{label}**")
-        for col, split in zip(cols[1:], visible(live[key])):
+        for col, split in zip(cols[1:], visible(live[key], hidden)):
             col.metric(f"{key} {split}", percent(live[key][split]))
-    ties = live["best_ties_on_val" if test_hidden() else "best_ties"]
+    ties = live["best_ties_on_val" if hidden else "best_ties"]
     if ties:
         st.caption(literal(ties))  # checkpoint names, shown as typed
     for label, key in (("Uniform soup", "uniform"), ("Logit ensemble", "ensemble")):
         versus = live["versus"][key]
-        if versus is not None and versus.split in visible([versus.split]):
+        if versus is not None and versus.split in visible([versus.split], hidden):
             st.caption(f"{label} vs the {literal(versus.a)} on {versus.split}: {versus.sentence()} "
                        f"(exact McNemar test; 95% interval {100 * versus.interval[0]:+.1f} to "
                        f"{100 * versus.interval[1]:+.1f} points).")
@@ -170,7 +171,7 @@ def replay() -> None:
                    hovertemplate="step %{x}: %{text}<br>val %{customdata:.1f}%<extra></extra>")])
     chart.update_layout(height=320, xaxis_title="step (as on the slider)", yaxis_title="val accuracy (%)",
                         yaxis={"range": [floor - 0.3, top]}, xaxis={"dtick": 1 if len(frame) <= 20 else None},
-                        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0}, margin={"t": 40})
+                        legend=LEGEND_ABOVE, margin={"t": 40})
     st.plotly_chart(chart, key=f"replay-chart:{recipe}")
     figure_footer(f"replay-{recipe}", "the blue line is the soup's val accuracy after each step; each dot is that "
                   "step's candidate soup: green kept (the line moves to it), orange rejected (the line stays). The "

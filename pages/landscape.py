@@ -11,7 +11,7 @@ import streamlit as st
 from appkit.admission import HEAVY_WORK
 from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_made, board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
-from appkit.figures import html_text, plane_scale
+from appkit.figures import LEGEND_ABOVE, html_text, label_points, plane_scale, scale_note
 from appkit.interrupt import Interruptible
 from appkit.plain import error, in_figure, percent
 from appkit.room_controls import visible
@@ -191,9 +191,7 @@ def landscape_view() -> None:
             x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers",
             marker={"color": "red", "size": 12, "symbol": "star"}, name="the three points",
             hovertext=[in_figure(a.name) for a in result.anchors], hoverinfo="text"))
-        for anchor in result.anchors:  # on a white box: readable on any colour of the map
-            figure.add_annotation(x=anchor.xy[0], y=anchor.xy[1], text=in_figure(anchor.name), showarrow=False,
-                                  yshift=16, bgcolor="rgba(255, 255, 255, 0.85)", font={"color": "black", "size": 12})
+        label_points(figure, [(a.name, a.xy) for a in result.anchors])
         # Contours return no click selection: an almost invisible scatter of the grid points does.
         gx, gy = np.meshgrid(result.xs, result.ys)
         grid_curve = len(figure.data)
@@ -203,12 +201,10 @@ def landscape_view() -> None:
                                     hovertemplate="(%{x:.3f}, %{y:.3f})<br>error %{customdata[0]:.1f}%"
                                                   "<br>loss %{customdata[1]:.4f}<extra></extra>"))
         # Equal units on both axes unless the plane would then be a sliver of the page (appkit.figures).
-        tall = float(np.ptp(result.ys)) / max(float(np.ptp(result.xs)), 1e-12)
-        equal_scale, height = plane_scale(float(np.ptp(result.xs)), float(np.ptp(result.ys)))
-        figure.update_layout(height=height, xaxis_title="x (L2 distance from the origin)",
-                             yaxis_title="y (L2)",
-                             yaxis={"scaleanchor": "x"} if equal_scale else {},
-                             legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+        spans = float(np.ptp(result.xs)), float(np.ptp(result.ys))
+        equal_scale, height = plane_scale(*spans)
+        figure.update_layout(height=height, xaxis_title="x (L2 distance from the origin)", yaxis_title="y (L2)",
+                             yaxis={"scaleanchor": "x"} if equal_scale else {}, legend=LEGEND_ABOVE,
                              margin={"t": 40, "b": 60})
         picked_before = st.session_state.get("land-picked")
         if picked_before and picked_before[0] == shown_key:
@@ -228,9 +224,7 @@ def landscape_view() -> None:
                "below), the pink triangle the merge method at the density chosen above, the orange × the lowest "
                "point. "
                + ("Switch 3D off to click a point." if surface else "Click a point to see its metrics.")
-               + ("" if surface or equal_scale else f" The axes are drawn at different scales: the plane is "
-                  f"{tall if tall > 1 else 1 / tall:.1f} times longer along {'y' if tall > 1 else 'x'} than along "
-                  f"{'x' if tall > 1 else 'y'} (in L2 units), and drawn to fill the width."))
+               + ("" if surface else scale_note(*spans)))
     projected_table(soups + methods)
     lowest = f"{values[best]:.1f}%" if shown == "error" else f"{values[best]:.4f}"
     st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "

@@ -9,7 +9,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, cached_barriers, cached_flattest_pair,
                           cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, recipe_significance,
                           zoo_key)
-from appkit.figures import figure_footer, plane_scale
+from appkit.figures import LEGEND_ABOVE, figure_footer, label_points, plane_scale, scale_note
 from appkit.plain import in_figure, literal
 from appkit.room_controls import (HIDDEN_NOTE, follow_the_presenter, present_the_tour, test_hidden, unlock_facilitator,
                                   watch_the_presenter)
@@ -130,20 +130,17 @@ if step == STEPS[0]:
     fig.add_trace(go.Scatter(x=[p["xy"][0] for p in land["anchors"]], y=[p["xy"][1] for p in land["anchors"]],
                              hovertext=[in_figure(p["name"]) for p in land["anchors"]], hoverinfo="text", mode="markers",
                              marker={"color": "red", "symbol": "star", "size": 12}, name="the three points"))
-    for anchor in land["anchors"]:  # on a white box: readable on any colour of the map
-        fig.add_annotation(x=anchor["xy"][0], y=anchor["xy"][1], text=in_figure(anchor["name"]), showarrow=False,
-                           yshift=16, bgcolor="rgba(255, 255, 255, 0.85)", font={"color": "black", "size": 12})
-    equal, height = plane_scale(float(np.ptp(land["axes"]["x"])), float(np.ptp(land["axes"]["y"])))
+    label_points(fig, [(p["name"], p["xy"]) for p in land["anchors"]])
+    spans = float(np.ptp(land["axes"]["x"])), float(np.ptp(land["axes"]["y"]))
+    equal, height = plane_scale(*spans)
     st.plotly_chart(fig.update_layout(height=height, yaxis={"scaleanchor": "x"} if equal else {},
                                       xaxis_title="x (L2 distance)", yaxis_title="y (L2 distance)",
-                                      legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
-                                      margin={"t": 40}), key="tour-basin")
+                                      legend=LEGEND_ABOVE, margin={"t": 40}), key="tour-basin")
     gx, gy = np.meshgrid(land["axes"]["x"], land["axes"]["y"])
     figure_footer("tour-1", f"colour is test error (%) in the plane through θ0 (base), {literal(a)} and "
                   f"{literal(b)}; axes are distances in weight space; about 30 levels, so bumps of a few points "
                   f"show. The dashed white line is the straight segment between {literal(a)} and {literal(b)} whose "
-                  "errors the plot above follows"
-                  + ("." if equal else "; the axes are drawn at different scales so that the plane fills the width."),
+                  "errors the plot above follows." + scale_note(*spans),
                   pd.DataFrame({"x": gx.ravel(), "y": gy.ravel(), "test error (%)": z.ravel()}), figure=fig)
 elif step == STEPS[1]:
 
@@ -226,7 +223,7 @@ elif step == STEPS[4]:
                           go.Bar(x=pairs, y=[100 * row["after"] for row in table], name=f"aligned to {reference}",
                                  marker_color="#0072B2")])
     barriers.update_layout(barmode="group", height=380, yaxis_title="test error barrier (points)",
-                           xaxis_title="pair of models", legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"},
+                           xaxis_title="pair of models", legend=LEGEND_ABOVE,
                            margin={"t": 40})
     st.plotly_chart(barriers, key="tour-5-barriers")
     figure_footer("tour-5-barriers", f"each pair's error barrier on test (how far the error rises above the straight "

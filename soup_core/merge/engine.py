@@ -8,8 +8,9 @@ tensor's own dtype, to a writer — then lets it go. Memory is a few blocks: abo
 its largest tensor (methods that need whole
 tensors, such as TIES, hold one tensor per ingredient). Integer tensors (``num_batches_tracked``,
 ``position_ids``) are copied from the reference ingredient, never averaged, and only when every
-ingredient holds the same (step counters excepted; a quantized weight that differs is an error); tied tensors stay
-tied (each group is merged once and its aliases are recorded, as in :mod:`soup_core.params`).
+ingredient holds the same (counters and single integers excepted: :func:`soup_core.state.is_counter`;
+a quantized weight that differs is an error); tied tensors stay tied (each group is merged once and
+its aliases are recorded, as in :mod:`soup_core.params`).
 
 Inputs are checked against each other before any math (same names, shapes and dtypes; the error
 names the tensor and both files). A NaN or Inf in any input reaches the merged block, so each
@@ -106,8 +107,8 @@ class MergeRun:
                 progress(done / total, key)
 
     def _integer(self, key: str, info: TensorInfo) -> torch.Tensor:
-        """The reference's integer tensor, once every ingredient is known to hold the same (counters
-        such as ``num_batches_tracked`` excepted: :func:`soup_core.state.is_counter`)."""
+        """The reference's integer tensor, once every ingredient is known to hold the same (counters and
+        single integers excepted: :func:`soup_core.state.is_counter`)."""
         reference = self.sources[self.reference]
         copy = reference.read(key).clone()
         if not is_counter(key, copy.numel()):
