@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import json
 import os
 import shutil
@@ -106,9 +105,13 @@ class _File:
         os.fsync(self.fd)
 
     def link(self, folder: Path) -> None:
-        """Give the finished file its name in ``folder`` (an anonymous file is linked, a named one moved)."""
+        """Give the finished file its name in ``folder``: an anonymous file is linked (copied where the
+        kernel or a sandbox refuses to link it), a named one moved."""
         if self.path is None:
-            _link_unnamed(self.fd, folder / self.name)
+            try:
+                _link_unnamed(self.fd, folder / self.name)
+            except OSError:
+                _copy_out(self.fd, folder / self.name)
         else:
             os.replace(self.path, folder / self.name)
 
@@ -234,32 +237,19 @@ def _raise_no_space(exc: BaseException | None, target: Path) -> None:
 def _unnamed_file(folder: Path, fallback: Callable[[], Path]) -> tuple[int, Path | None]:
     """A file in ``folder`` that has no name until it is finished (``O_TMPFILE``): if the process is
     killed — even by SIGKILL — it vanishes with it. Where the file system cannot, the named file
-    ``fallback()`` (in the hidden staging folder, swept by the next write)."""
-    if _can_link_unnamed(folder):
-        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o644), None
+    ``fallback()`` (in the hidden staging folder, swept by the next write).
+
+    Nothing is tried by giving a probe file a name: a process killed between naming and removing it
+    would leave that name in the user's folder. Whether the kernel lets the finished file be linked
+    is learnt at the end (:meth:`_File.link`), where a refusal costs one copy."""
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o644), None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise
     path = fallback()
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), path
-
-
-@functools.lru_cache(maxsize=64)
-def _can_link_unnamed(folder: Path) -> bool:
-    """Whether ``folder``'s file system makes ``O_TMPFILE`` files and lets them be linked (tried once
-    per folder and process)."""
-    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
-        return False
-    probe = folder / f".soup-link-probe.{os.getpid()}"
-    try:
-        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
-    except OSError:
-        return False
-    try:
-        _link_unnamed(fd, probe)
-        os.unlink(probe)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def _link_unnamed(fd: int, path: Path) -> None:
@@ -273,6 +263,23 @@ def _link_unnamed(fd: int, path: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.linkat(fd, b"", AT_FDCWD, os.fsencode(path), AT_EMPTY_PATH) != 0:
         raise first
+
+
+def _copy_out(fd: int, path: Path) -> None:
+    """A finished anonymous file copied to the new file ``path`` (in the staging folder), synced."""
+    size = os.fstat(fd).st_size
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(1 << 24, size - offset), offset)
+            if not chunk:
+                raise OSError(errno.EIO, f"{path}: the finished file ended at {offset} of {size} bytes")
+            _write_at(out, chunk, offset)
+            offset += len(chunk)
+        os.fsync(out)
+    finally:
+        os.close(out)
 
 
 def _reserve(fd: int, size: int) -> None:
