@@ -37,7 +37,7 @@ def recipe_controls(recipe: Recipe, choice_splits: Sequence[str], key: str,
             value = weights_control(p.help, names, widget_key)
         elif p.type is bool:
             value = column.checkbox(label, value=initial, help=p.help, key=widget_key)
-        elif p.choices or p.type is str:
+        elif p.choices or issubclass(p.type, str):
             options = list(p.choices or choice_splits)
             value = column.selectbox(label, options, index=options.index(p.default) if p.default in options else 0,
                                      help=p.help, key=widget_key)

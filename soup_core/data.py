@@ -53,19 +53,24 @@ LM_BATCH_LOGITS = 1 << 26  # floats of next-token logits per batch (256 MB in fl
 MAX_IMAGE_SIDE = 4096  # pixels; and the images must fit in memory (checked before any is read)
 
 
-def _split_specs(spec: Mapping[str, Any]) -> dict[str, str]:
+def split_specs(spec: Mapping[str, Any]) -> dict[str, str]:
     """Each split's path as the manifest writes it (relative to the zoo)."""
     if "val" not in spec:
         raise DataError("[data] needs a 'val' split: recipes choose on held-out data")
-    names = {"val": spec["val"], **({"test": spec["test"]} if "test" in spec else {}),
-             **dict(spec.get("shifts", {}))}
+    shifts = spec.get("shifts", {})
+    if not isinstance(shifts, Mapping):
+        raise DataError(f"[data] shifts must be a table of name = \"path\" ([data.shifts]), not {shifts!r}")
+    names = {"val": spec["val"], **({"test": spec["test"]} if "test" in spec else {}), **shifts}
     if "train" in spec:
         names["train"] = spec["train"]
-    return {name: str(p) for name, p in names.items()}
+    wrong = next((name for name, p in names.items() if not isinstance(p, str)), None)
+    if wrong is not None:
+        raise DataError(f"[data] split {wrong!r} must be a path (a string), not {names[wrong]!r}")
+    return dict(names)
 
 
 def _split_paths(spec: Mapping[str, Any], resolve: Callable[[str], Path]) -> dict[str, Path]:
-    return {name: resolve(p) for name, p in _split_specs(spec).items()}
+    return {name: resolve(p) for name, p in split_specs(spec).items()}
 
 
 def _read_table(path: Path):
@@ -279,4 +284,4 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
         splits = text_splits(spec, resolve, tokenizer_dir)
     train = splits.pop("train", None)
     return Evaluator(model_factory, splits, train=train, device=device, batch_size=batch_size,
-                     info={"data": kind, "splits": _split_specs(spec), "unit": UNITS[kind]})  # provenance: paths relative to the zoo
+                     info={"data": kind, "splits": split_specs(spec), "unit": UNITS[kind]})  # provenance: paths relative to the zoo

@@ -163,6 +163,9 @@ class Evaluator:
         if VAL not in splits:
             raise SoupError(f"an evaluator needs a held-out {VAL!r} split to drive recipe choices; "
                             f"got splits {list(splits)}")
+        empty = next((name for name, split in splits.items() if len(split.labels) == 0), None)
+        if empty is not None:
+            raise SoupError(f"split {empty!r} holds no samples: an empty split has no accuracy; give it some")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_factory = model_factory
         model = model_factory()

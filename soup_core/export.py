@@ -30,7 +30,7 @@ from typing import Any, Literal
 from soup_core import __version__
 from soup_core.errors import SoupError
 from soup_core.evaluate import Metrics, metrics_to_json
-from soup_core.io import atomic_write, save_hf_directory, save_state_dict, state_dict_bytes
+from soup_core.io import save_hf_directory, save_state_dict, state_dict_bytes
 from soup_core.io.weights_out import HF_SHARD_BYTES
 from soup_core.landscape import point_weights
 from soup_core.merge import MergeRun, open_source, write_merge
@@ -203,8 +203,9 @@ class ExportPlan:
                                        inputs=inputs, extra_files={"README.md": self.model_card()})
             return [folder]
         card = card_beside(out, inputs)
-        written = [save_state_dict(self.state_dict, out, provenance=self.provenance, inputs=inputs)]
-        return written + [atomic_write(card, self.model_card())]
+        written = save_state_dict(self.state_dict, out, provenance=self.provenance, inputs=inputs,
+                                  beside={card.name: self.model_card()})
+        return [written, card]
 
     def hf_zip(self) -> bytes:
         """A zip of the Hugging Face folder :meth:`write` would make (for downloads)."""
@@ -329,13 +330,16 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
 
     inputs = [*inputs, *(zoo.path(n) for n in zoo.all_names)]
     card = None if hf else card_beside(out, inputs)
+
+    def finished(digests: Mapping[str, str]) -> ExportPlan:  # after the last block: the summaries are known
+        return plan(digests, {merge.summary_name: dict(run.summaries)} if merge.summary_name else None)
     try:
         written, digests = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
                                        inputs=inputs, provenance=lambda d: plan(d).provenance,
-                                       extra_files=(lambda d: {"README.md": plan(d).model_card()}) if hf else None,
+                                       extra_files=lambda d: {card.name if card else "README.md":
+                                                              finished(d).model_card()},
                                        progress=progress)
     finally:
         for source in (*sources, *([base] if base is not None else [])):
             source.close()
-    final = plan(digests, {merge.summary_name: dict(run.summaries)} if merge.summary_name else None)
-    return final, [written] + ([atomic_write(card, final.model_card())] if card is not None else [])
+    return finished(digests), [written] + ([card] if card is not None else [])

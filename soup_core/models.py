@@ -85,10 +85,12 @@ def hf_model_factory(directory: Path) -> Callable[[], torch.nn.Module]:
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelError(f"{directory / HF_CONFIG}: not a usable config ({exc})") from None
     names = getattr(config, "architectures", None) or []
-    if not names or not hasattr(transformers, names[0]):
+    found = getattr(transformers, names[0], None) if isinstance(names, list) and names and isinstance(
+        names[0], str) and names[0].isidentifier() else None
+    if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):  # never `pipeline`
         raise ModelError(f"{directory / HF_CONFIG}: 'architectures' must name a transformers model class, "
                          f"got {names!r}")
-    cls = _logits_class(getattr(transformers, names[0]))
+    cls = _logits_class(found)
     from soup_core.io import load_state_dict  # memory-mapped: only the names are read
     checkpoint_keys = tuple(load_state_dict(directory))
     check_depth(config, checkpoint_keys, directory)

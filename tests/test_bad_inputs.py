@@ -39,6 +39,8 @@ CLI_CASES = {
     "nested tensor": (["inspect", "nested.pt"], "is a nested tensor"),
     "stride-0 expansion": (["inspect", "expanded.pt"], "expanded view (1,073,741,824 elements over 1 stored)"),
     "a checkpoint that contains itself": (["inspect", "self-referencing.pt"], "refer to themselves"),
+    "a zip record shorter than its tensor": (["inspect", "short-record.pt"],
+                                             "zip record data/0 holds 40 bytes but its tensor needs 64"),
     "shard index that is a list": (["inspect", "index-list"], "not a valid shard index"),
     "weight_map that is a list": (["inspect", "index-map-list"], "not a valid shard index"),
     "manifest field of the wrong type": (["evaluate", "wrong-types"], "`checkpoints` must be a list, not int"),
@@ -143,6 +145,7 @@ UPLOADS = {
     "sparse.pt": "sparse_coo",
     "duplicate-header-keys.safetensors": "more than once",
     "colliding-keys.pt": "both '1'",
+    "short-record.pt": "holds 40 bytes but its tensor needs 64",
 }
 
 

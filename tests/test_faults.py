@@ -313,3 +313,150 @@ def _weights_only(tmp_path: Path) -> Path:
         for i in range(2):
             save_state_dict({"w": torch.full((4,), float(i))}, folder / f"m{i}.safetensors")
     return folder
+
+
+def _table_zoo(folder: Path, manifest_tail: str, *, model: str = "sample_data.digits:make_mlp") -> Path:
+    """Three digits fine-tunings with val and test as CSV tables; ``manifest_tail`` ends the zoo.toml."""
+    import shutil
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+    source = Path(__file__).resolve().parents[1] / "sample_data" / "digits-finetune" / "checkpoints"
+    (folder / "ck").mkdir(parents=True)
+    for name in ("ft-00", "ft-01", "ft-02"):
+        shutil.copy(source / f"{name}.safetensors", folder / "ck")
+    x, y = load_digits(return_X_y=True)
+    header = ",".join([f"f{i}" for i in range(64)] + ["label"])
+    for split, rows in (("val", range(0, 60)), ("test", range(60, 120)), ("empty", range(0))):
+        table = np.column_stack([x[list(rows)] / 16, y[list(rows)]]) if rows else np.zeros((0, 65))
+        np.savetxt(folder / f"{split}.csv", table, delimiter=",", header=header, comments="", fmt="%g")
+    (folder / "zoo.toml").write_text(f'checkpoints = ["ck/*.safetensors"]\nmodel = "{model}"\n{manifest_tail}')
+    return folder
+
+
+DATA = '[data]\nkind = "table"\nlabel = "label"\nval = "val.csv"\ntest = "test.csv"\n'
+
+
+@pytest.mark.parametrize("model, tail, said", [
+    ("builtins:exec", DATA, "`model = 'builtins:exec'` failed (TypeError: exec() takes at least 1"),
+    ("sample_data.digits:make_mlp", "seed = " + "9" * 5000 + "\n" + DATA, "not valid TOML (Exceeds the limit"),
+    ("sample_data.digits:make_mlp", "x = " + "[" * 100_000 + "]" * 100_000 + "\n" + DATA,
+     "not valid TOML (nested too deeply to read)"),
+    ("sample_data.digits:make_mlp", DATA.replace("val.csv", "empty.csv"), "split 'val' holds no samples"),
+    ("sample_data.digits:make_mlp", DATA + 'shifts = "abc"\n', "[data] shifts must be a table of name"),
+    ("sample_data.digits:make_mlp", DATA + "[data.shifts]\nsketch = 5\n", "[data] split 'sketch' must be a path"),
+])
+def test_a_manifest_that_breaks_its_reader_or_its_own_code_is_one_line(tmp_path, model, tail, said):
+    from soup_core.zoo import open_zoo
+    zoo_dir = _table_zoo(tmp_path / "zoo", tail, model=model)
+    with pytest.raises(SoupError) as caught:
+        open_zoo(zoo_dir, device="cpu").evaluator
+    assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_table_zoo_the_manifest_tests_break_scores_as_written(tmp_path):
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo(_table_zoo(tmp_path / "zoo", DATA), device="cpu")
+    assert zoo.evaluator.split_names == ("val", "test") and len(zoo.evaluator.labels("val")) == 60
+
+
+def test_choices_are_never_made_on_test_or_a_shift(tiny_evaluator, tiny_states):
+    for split in ("test", "shift-blur"):
+        with pytest.raises(RecipeError, match=f"not '{split}': a choice made on the splits that report it"):
+            RECIPES["greedy"].make(tiny_states, tiny_evaluator, val_split=split)
+    result = soup("make", "greedy", "digits-finetune", "--val-split", "test")
+    assert result.returncode == 2 and "val_split must be a held-out split such as val" in result.stderr
+
+
+def test_weights_near_the_largest_float_mix_as_their_ratios_say():
+    import torch
+    states = {"a": {"w": torch.zeros(2)}, "b": {"w": torch.ones(2)}}
+    soup_of = RECIPES["weighted"].make
+    huge = soup_of(states, weights="a=1.5e308,b=0.5e308")  # their sum overflows; 3:1 does not
+    assert huge.weights == (0.75, 0.25) and huge.state_dict["w"].tolist() == [0.25, 0.25]
+
+
+def test_a_point_whose_weights_overflow_is_refused_before_anything_is_written(tmp_path):
+    from soup_core.export import plan_export
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo("digits-finetune", device="cpu")
+    with pytest.raises(SoupError, match=r"the point \(1e\+308, 1e\+308\) lies so far .* overflow float32"):
+        plan_export(zoo, Candidate.point(("ft-00", "ft-01", "ft-02"), (1e308, 1e308), "keep"))
+
+
+def test_negative_numbers_in_any_spelling_are_values_on_the_command_line():
+    result = soup("path", "digits-finetune", "ft-00", "ft-01", "--range", "-5e-1", "1.5", "--points", "3")
+    assert result.returncode == 0 and "α from -0.5 to 1.5" in result.stdout, result.stderr
+
+
+def test_a_provenance_that_is_not_json_is_a_warning_beside_readable_weights(tmp_path):
+    import safetensors.torch
+    import torch
+
+    from soup_core.io import read_provenance
+    from soup_core.io.read import PROVENANCE_KEY
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2)}, path, metadata={"format": "pt", PROVENANCE_KEY: "{not json"})
+    with pytest.raises(CheckpointError, match="soup_provenance metadata is not a JSON object"):
+        read_provenance(path)
+    result = soup("inspect", str(path))
+    assert result.returncode == 0 and result.stdout.startswith(f"warning: {path}: its soup_provenance"), result.stderr
+
+
+@pytest.mark.parametrize("architectures", [["pipeline"], ["AutoModel"], [5], "ViTForImageClassification"])
+def test_a_config_naming_no_model_class_is_refused_by_what_it_names(tmp_path, architectures):
+    pytest.importorskip("transformers")
+    import safetensors.torch
+    import torch
+
+    from soup_core.errors import ModelError
+    from soup_core.models import hf_model_factory
+    safetensors.torch.save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": architectures}))
+    with pytest.raises(ModelError, match="'architectures' must name a transformers model class, got"):
+        hf_model_factory(tmp_path)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_soup_and_its_card_are_one_output_and_no_card_outlives_its_weights(tmp_path, monkeypatch, streamed):
+    import soup_core.io.weights_out as weights_out
+    from soup_core.export import plan_export, write_streamed
+    from soup_core.zoo import open_zoo
+    zoo = open_zoo("digits-finetune", device="cpu")
+
+    def export(names):
+        candidate = Candidate.ticked(names)
+        if streamed:
+            return write_streamed(zoo, candidate, tmp_path / "soup.safetensors")[1]
+        return plan_export(zoo, candidate).write(tmp_path / "soup.safetensors")
+    assert [p.name for p in export(["ft-00", "ft-01"])] == ["soup.safetensors", "soup.md"]
+    assert "ft-01" in (tmp_path / "soup.md").read_text()
+    real_replace, renamed = os.replace, []
+
+    def killed_after_the_weights(source, target):  # the process dies right after the weights' rename
+        real_replace(source, target)
+        renamed.append(Path(target).name)
+        if Path(target).name == "soup.safetensors":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(weights_out.os, "replace", killed_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        export(["ft-02", "ft-03"])
+    assert renamed == ["soup.safetensors"] and not (tmp_path / "soup.md").exists()  # never the old soup's card
+    monkeypatch.undo()
+    export(["ft-02", "ft-03"])  # the next run sweeps what was left and writes both
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup.md", "soup.safetensors"]
+    assert "ft-03" in (tmp_path / "soup.md").read_text() and "ft-01" not in (tmp_path / "soup.md").read_text()
+
+
+def test_no_output_replaces_the_zoos_data_or_code_or_a_hard_link_to_a_checkpoint(tmp_path):
+    zoo_dir = _table_zoo(tmp_path / "zoo", DATA)
+    (zoo_dir / "mymodel.py").write_text("from sample_data.digits import make_mlp\n")
+    (zoo_dir / "zoo.toml").write_text((zoo_dir / "zoo.toml").read_text().replace("sample_data.digits:", "mymodel:"))
+    os.link(zoo_dir / "ck" / "ft-00.safetensors", tmp_path / "linked.safetensors")
+    before = {p: p.read_bytes() for p in zoo_dir.rglob("*") if p.is_file()}
+    for flags in (["--json", str(zoo_dir / "val.csv")], ["--json", str(zoo_dir / "mymodel.py")],
+                  ["--out", str(tmp_path / "linked.safetensors")]):
+        result = soup("make", "uniform", str(zoo_dir), *flags)
+        assert result.returncode == 2 and "refusing to write over an input of this run" in result.stderr, flags
+    assert {p: p.read_bytes() for p in zoo_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linked.safetensors", "zoo"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
 import torch
 from torch.optim.swa_utils import update_bn
 
+from soup_core.errors import SoupError
 from soup_core.evaluate import Evaluator, Split
 from soup_core.geometry import gram_matrix, plane_basis, random_directions
 from soup_core.landscape import (STRATEGIES, Landscape, SliceEvaluator, coarse_to_fine, interpolation_path,
@@ -193,6 +195,30 @@ def test_a_cancelled_grid_is_usable_and_resumes_to_the_full_result(mlp_zoo):
     full = plane_landscape(ev, plane, grid=9, engine=engine)
     assert finished.complete
     np.testing.assert_allclose(finished.loss["val"], full.loss["val"], atol=1e-12)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda d: d["loss"]["val"][0].pop(), "loss.val[0] must be a list of 3 finite numbers"),
+    (lambda d: d["axes"].update(x=["a", "b", "c"]), "axes.x must be a list of finite numbers"),
+    (lambda d: d["error"].pop("val"), "'val'"),
+    (lambda d: d["loss"]["val"][1].__setitem__(2, float("inf")), "loss.val[1] must be"),
+])
+def test_a_resume_file_edited_by_hand_is_refused_by_the_field_that_is_wrong(mlp_zoo, edit, said):
+    written = plane_landscape(mlp_zoo.evaluator, _plane(mlp_zoo), grid=3).to_json()
+    edit(written)
+    with pytest.raises((ValueError, KeyError), match=re.escape(said)):
+        Landscape.from_json(written)
+
+
+def test_a_resume_file_over_another_extent_is_refused_not_mixed_in(mlp_zoo):
+    plane = _plane(mlp_zoo)
+    written = plane_landscape(mlp_zoo.evaluator, plane, grid=3).to_json()
+    written["axes"]["x"] = [-1e308, 0.0, 1e308]  # points this run never asked for
+    with pytest.raises(SoupError, match="covers another extent"):
+        plane_landscape(mlp_zoo.evaluator, plane, grid=3, resume=Landscape.from_json(written))
+    with pytest.raises(SoupError, match="covers another extent"):  # or the same grid with another margin
+        plane_landscape(mlp_zoo.evaluator, plane, grid=3, margin=0.5,
+                        resume=Landscape.from_json(plane_landscape(mlp_zoo.evaluator, plane, grid=3).to_json()))
 
 
 def test_grid_covers_the_anchors_with_a_margin(mlp_zoo):

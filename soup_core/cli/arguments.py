@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -76,7 +77,12 @@ def non_negative_float(text: str) -> float:
 
 
 class Parser(argparse.ArgumentParser):
-    """Argument errors in one line, like every other error of the command."""
+    """Argument errors in one line, like every other error of the command; a negative number in any
+    spelling (``-5e-1``, ``-1.``) is a value, where argparse knew only ``-5`` and ``-.5``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

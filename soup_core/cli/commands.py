@@ -14,7 +14,7 @@ from typing import Any
 from soup_core.cli.inputs import check_device, zoo_inputs
 from soup_core.cli.merging import make_streamed, refuse_mergekit, write_adapter_out, write_mergekit_yml
 from soup_core.cli.output import metrics_line, progress_bar, say, write_json
-from soup_core.errors import SoupError, UsageError
+from soup_core.errors import CheckpointError, SoupError, UsageError
 from soup_core.recipes import RECIPES, all_parameters
 
 
@@ -62,7 +62,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
                "integer_keys": [k for k, t in state.items() if not is_float(t)],
                "tied": [list(g) for g in tied_groups(state)],
-               "provenance": read_provenance(path) if str(path).endswith(".safetensors") else None}
+               "provenance": None}
+        if str(path).endswith(".safetensors"):
+            try:
+                row["provenance"] = read_provenance(path)
+            except CheckpointError as exc:  # the weights load; only their story is unreadable
+                say(args, f"warning: {exc}")
         rows.append(row)
         say(args, f"{path}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
                   f"dtypes {', '.join(row['dtypes'])}"
@@ -232,7 +237,10 @@ def cmd_landscape(args: argparse.Namespace) -> None:
     if args.resume and Path(args.resume).exists():
         try:
             resume = Landscape.from_json(json.loads(Path(args.resume).read_text()))
-        except (ValueError, KeyError, TypeError) as exc:
+        except KeyError as exc:
+            raise UsageError(f"{args.resume}: not a landscape JSON this command wrote (it has no {exc} "
+                             "field)") from None
+        except (ValueError, TypeError) as exc:
             raise UsageError(f"{args.resume}: not a landscape JSON this command wrote ({exc})") from None
     def payload_of(result) -> dict:
         return {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,

@@ -148,7 +148,16 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             meta = handle.metadata() or {}
     except Exception as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
-    return json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else None
+    if PROVENANCE_KEY not in meta:
+        return None
+    try:
+        provenance = json.loads(meta[PROVENANCE_KEY])
+    except (ValueError, RecursionError):
+        provenance = None
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"{path}: its {PROVENANCE_KEY} metadata is not a JSON object; the weights may be "
+                              "fine, but where they came from cannot be read")
+    return provenance
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

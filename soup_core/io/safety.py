@@ -23,7 +23,9 @@ naming the key:
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import pickle
 import zipfile
 from collections import Counter
 from collections.abc import Mapping
@@ -66,6 +68,76 @@ def check_zip(source: IO[bytes], name: str, file_size: int) -> None:
     if stored > file_size:
         raise CheckpointError(f"{name}: its zip directory claims more data ({stored:,} bytes) than the file "
                               f"holds ({file_size:,} bytes); the file is damaged or crafted")
+    pickles = [m for m in members if m.filename.endswith("/data.pkl") and m.filename.count("/") == 1]
+    if len(pickles) == 1 and pickles[0].file_size <= MAX_INFLATED_BYTES:
+        prefix = pickles[0].filename.removesuffix("data.pkl")
+        sizes = {m.filename: m.file_size for m in members}
+        try:
+            with zipfile.ZipFile(source) as archive:
+                needs = storage_bytes(archive.read(pickles[0]))
+        except Exception as exc:  # a damaged archive fails in many ways (BadZipFile, zlib.error, seeks)
+            raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({exc})") from None
+        for key, needed in needs.items():
+            held = sizes.get(f"{prefix}data/{key}", 0)
+            if held < needed:  # memory-mapped, torch would read the next records' bytes as weights
+                raise CheckpointError(f"{name}: zip record data/{key} holds {held:,} bytes but its tensor needs "
+                                      f"{needed:,}; the file is damaged or crafted")
+
+
+# The legacy typed storages torch.save names in a pickle, and their element sizes in bytes.
+STORAGE_ITEMSIZE = {f"torch.{name}Storage": size for name, size in (
+    ("Double", 8), ("Float", 4), ("Half", 2), ("BFloat16", 2), ("Long", 8), ("Int", 4), ("Short", 2), ("Char", 1),
+    ("Byte", 1), ("Bool", 1), ("ComplexDouble", 16), ("ComplexFloat", 8))}
+
+
+class _Placeholder:
+    """What every global of a pickle becomes while :func:`storage_bytes` reads it: nothing runs."""
+
+    qualname = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageReader(pickle.Unpickler):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.needs: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Placeholder,), {"qualname": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> _Placeholder:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            kind, key, numel = getattr(pid[1], "qualname", ""), pid[2], pid[4]
+            itemsize = STORAGE_ITEMSIZE.get(kind, 1)  # UntypedStorage (and any other): numel counts bytes
+            if isinstance(key, str) and isinstance(numel, int) and not isinstance(numel, bool):
+                self.needs[key] = max(self.needs.get(key, 0), numel * itemsize)
+        return _Placeholder()
+
+
+def storage_bytes(data_pkl: bytes) -> dict[str, int]:
+    """Bytes each zip record of a ``torch.save`` file must hold, from its ``data.pkl``; read by an
+    unpickler whose every global is an inert placeholder (no code runs), so it can be asked before
+    ``torch.load``, which memory-maps a record without checking its size."""
+    reader = _StorageReader(data_pkl)
+    try:
+        reader.load()
+    except Exception:  # a pickle this reader cannot follow: torch.load's own checks still apply
+        pass
+    return reader.needs
 
 
 def check_header(header: bytes, name: str) -> None:

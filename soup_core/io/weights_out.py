@@ -186,7 +186,9 @@ class StreamingWriter:
         self._where[key].write(key, values, start)
 
     def finish(self, metadata: Mapping[str, str] | None = None, extra_files: Mapping[str, str] | None = None) -> Path:
-        """Final metadata (same JSON length), the index, copied and extra files; then the rename."""
+        """Final metadata (same JSON length), the index, copied and extra files; then the rename.
+        ``extra_files`` (name -> text) go into a folder, or beside a single file (its model card,
+        whose place the caller has checked: :func:`soup_core.model_card.card_beside`)."""
         for handle in self._files:
             handle.finish(metadata if metadata is not None else self.metadata)
         staging = self._scratch()
@@ -208,8 +210,16 @@ class StreamingWriter:
             if self.target.exists():
                 self.target.rmdir()  # empty, checked when the writer was made
             os.replace(staging, self.target)
-        else:
+        else:  # extra files go beside the file (a model card): a card never describes other weights
+            beside = [self.target.parent / name for name in (extra_files or {})]
+            for path in beside:
+                (staging / path.name).write_text(extra_files[path.name])
+            for path in beside:  # the old card goes first: killed between the renames, no card is stale
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
             os.replace(staging / self.target.name, self.target)
+            for path in beside:
+                os.replace(staging / path.name, path)
             shutil.rmtree(staging, ignore_errors=True)
         self._staging = None
         self._files = []
@@ -318,12 +328,13 @@ def _tensors_to_write(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *,
                     provenance: Mapping[str, Any] | None = None,
-                    inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+                    inputs: Iterable[str | os.PathLike[str]] = (), beside: Mapping[str, str] | None = None) -> Path:
     """Write ``state`` as one safetensors file atomically, with provenance metadata.
 
     The file appears complete or not at all, and it is never written over one of ``inputs``
     (the checkpoints the soup was made from). Tied tensors are stored once and re-tied by
-    :func:`soup_core.io.load_state_dict`.
+    :func:`soup_core.io.load_state_dict`. ``beside`` (name -> text: its model card) is written next
+    to it in the same step (:meth:`StreamingWriter.finish`).
 
     >>> import tempfile, os
     >>> from soup_core.io import load_state_dict
@@ -337,7 +348,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[s
                          weights_metadata(provenance, aliases), inputs=inputs) as writer:
         for key, tensor in tensors.items():
             writer.write(key, tensor)
-        return writer.finish()
+        return writer.finish(extra_files=beside)
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor], provenance: Mapping[str, Any] | None = None) -> bytes:

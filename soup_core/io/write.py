@@ -32,12 +32,18 @@ WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.
 
 
 def refuse_inputs(target: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]) -> None:
-    """Raise if ``target`` is one of ``inputs``, lies inside an input folder, or holds one."""
+    """Raise if ``target`` is one of ``inputs`` (by path, or by inode: a hard link), lies inside an
+    input folder, or holds one."""
     resolved = Path(target).resolve()
+    try:
+        identity = (os.stat(resolved).st_dev, os.stat(resolved).st_ino)
+    except OSError:
+        identity = None  # not there yet: no link to anything
     for item in inputs:
         item = Path(item).resolve()
-        if resolved == item or item in resolved.parents or (resolved in item.parents):
-            raise CheckpointError(f"{target}: refusing to write over an input checkpoint ({item})")
+        linked = identity is not None and item.is_file() and (item.stat().st_dev, item.stat().st_ino) == identity
+        if resolved == item or linked or item in resolved.parents or (resolved in item.parents):
+            raise CheckpointError(f"{target}: refusing to write over an input of this run ({item})")
 
 
 PARTIAL_SUFFIX = ".partial"

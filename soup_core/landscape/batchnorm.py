@@ -98,6 +98,11 @@ def point_weights(evaluator: Evaluator, plane: Plane, x: float, y: float, bn: st
     if bn not in BN_POLICIES:
         raise SoupError(f"unknown BatchNorm policy {bn!r}; use one of {', '.join(BN_POLICIES)}")
     state = plane.point(x, y)
+    overflow = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if overflow is not None:
+        raise SoupError(f"the point ({x:g}, {y:g}) lies so far from the plane's three points that its weights overflow "
+                        f"{str(state[overflow].dtype).removeprefix('torch.')} ({overflow!r}); choose coordinates "
+                        "within the landscape's range")
     keys = batchnorm_keys(evaluator.model)
     if bn == "keep":
         state.update({k: plane.origin[k] for k in keys})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,10 +93,27 @@ class Landscape:
 
     @classmethod
     def from_json(cls, data: Mapping) -> Landscape:
-        def array(rows: list) -> np.ndarray:
-            return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
-        return cls(np.array(data["axes"]["x"]), np.array(data["axes"]["y"]), tuple(data["splits"]),
-                   {s: array(a) for s, a in data["loss"].items()}, {s: array(a) for s, a in data["error"].items()},
+        """What :meth:`to_json` wrote; anything else is a ``ValueError`` naming the first field
+        that is wrong (short rows, text where numbers belong, a split without its grid)."""
+        def numbers(values: Any, what: str, size: int | None = None, missing: bool = False) -> list:
+            if not isinstance(values, list) or (size is not None and len(values) != size) or not all(
+                    (missing and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v)) for v in values):
+                raise ValueError(f"{what} must be a list of {f'{size} ' if size else ''}finite numbers")
+            return values
+        xs = numbers(data["axes"]["x"], "axes.x")
+        ys = numbers(data["axes"]["y"], "axes.y", len(xs))
+        if len(xs) < 2 or not isinstance(data["splits"], list) or not data["splits"]:
+            raise ValueError("a landscape has two points per side and at least one split")
+
+        def array(rows: Any, what: str) -> np.ndarray:
+            if not isinstance(rows, list) or len(rows) != len(ys):
+                raise ValueError(f"{what} must have {len(ys)} rows")
+            checked = [numbers(row, f"{what}[{i}]", len(xs), missing=True) for i, row in enumerate(rows)]
+            return np.array([[np.nan if v is None else v for v in row] for row in checked], dtype=np.float64)
+        return cls(np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64), tuple(data["splits"]),
+                   {s: array(data["loss"][s], f"loss.{s}") for s in data["splits"]},
+                   {s: array(data["error"][s], f"error.{s}") for s in data["splits"]},
                    data["bn"], [Projection(a["name"], tuple(a["xy"]), 0.0) for a in data["anchors"]],
                    [Projection(p["name"], tuple(p["xy"]), p["off_plane"]) for p in data["projections"]],
                    data.get("max_samples"), data.get("precision", "fp32"), data.get("precision_deviation"))
@@ -148,10 +166,14 @@ def grid_plan(plane: Plane, engine: SliceEvaluator, *, grid: int, margin: float,
                 or not same_plane):
             raise SoupError("the partial landscape to resume was made with other settings (plane, grid, splits, "
                             "BatchNorm policy, samples or precision); start a new one")
+    (x0, x1), (y0, y1) = extent or grid_extent([a.xy for a in plane.anchors], margin)
+    xs, ys = np.linspace(x0, x1, grid), np.linspace(y0, y1, grid)
+    if resume is not None:
+        same = {"rtol": 1e-9, "atol": 1e-12}
+        if not (np.allclose(resume.xs, xs, **same) and np.allclose(resume.ys, ys, **same)):
+            raise SoupError("the partial landscape to resume covers another extent (its axes differ from this "
+                            "run's margin or extent); start a new one")
         xs, ys = resume.xs, resume.ys
-    else:
-        (x0, x1), (y0, y1) = extent or grid_extent([a.xy for a in plane.anchors], margin)
-        xs, ys = np.linspace(x0, x1, grid), np.linspace(y0, y1, grid)
     result = resume or Landscape(xs, ys, tuple(splits), {s: np.full((grid, grid), np.nan) for s in splits},
                                  {s: np.full((grid, grid), np.nan) for s in splits}, engine.bn,
                                  max_samples=engine.max_samples, precision=engine.precision)

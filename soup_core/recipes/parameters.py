@@ -131,7 +131,30 @@ PASSES = Parameter("passes", int, 1, "passes over the candidates; rejected ones 
                    reference="Dansereau et al., Algorithm 2")
 MAX_INGREDIENTS = Parameter("max_ingredients", int, None, "stop the soup growing past this many ingredients",
                             minimum=1)
-VAL_SPLIT = Parameter("val_split", str, "val", "the held-out split every choice is made on (never test)")
+
+
+class HeldOutSplit(str):
+    """The split a recipe chooses on: any but test and the distribution shifts, which report a choice
+    and would no longer measure it if they made it (Wortsman et al. 2022, §3: choices on held-out val).
+
+    >>> HeldOutSplit("val")
+    'val'
+    >>> HeldOutSplit("test")
+    Traceback (most recent call last):
+    ...
+    soup_core.errors.RecipeError: val_split must be a held-out split such as val, not 'test': a choice made on the splits that report it makes their scores meaningless
+    """
+
+    def __new__(cls, value: str) -> HeldOutSplit:
+        name = str(value).strip()
+        if name == "test" or name.startswith("shift-"):
+            raise RecipeError(f"val_split must be a held-out split such as val, not {name!r}: a choice made on the "
+                              "splits that report it makes their scores meaningless")
+        return super().__new__(cls, name)
+
+
+VAL_SPLIT = Parameter("val_split", HeldOutSplit, "val", "the held-out split every choice is made on (never test "
+                      "or a shift)")
 SUM_PRECISION = Parameter("sum_precision", str, "auto",
                           "the running sum's precision: float64 (8 bytes a parameter, exact), float32 (4 bytes), "
                           "or auto: float64 where it fits in the memory budget, float32 otherwise",

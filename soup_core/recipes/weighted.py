@@ -14,6 +14,8 @@ unnamed: the uniform soup); weight 0 leaves it out.
 
 from __future__ import annotations
 
+import math
+
 from soup_core.recipes.base import Brew, Ingredients, Merge, brew_merge
 from soup_core.recipes.parameters import Params
 
@@ -22,6 +24,10 @@ def weighted_merge(names: tuple[str, ...], params: Params) -> Merge:
     from soup_core.merge import linear
     kept = params.weights.for_names(names)
     total = sum(kept.values())
+    if not math.isfinite(total):  # weights near float's largest: their sum overflows, not their ratios
+        largest = max(kept.values())
+        kept = {name: weight / largest for name, weight in kept.items()}
+        total = sum(kept.values())
     weights = tuple(w / total for w in kept.values())
     reference = max(kept, key=lambda n: kept[n])  # integer tensors from the heaviest (the first of equals)
     return Merge(tuple(kept), weights, linear(weights), reference)

@@ -176,8 +176,10 @@ def read_manifest(zoo: str | Path, allowed_roots: Sequence[Path] | None = None) 
         root = within_roots(path, roots, "manifest").parent
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ZooError(f"{path}: not valid TOML ({exc})") from None
+        except RecursionError:  # arrays or tables nested thousands deep
+            raise ZooError(f"{path}: not valid TOML (nested too deeply to read)") from None
+        except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError; an integer of over 4,300 digits
+            raise ZooError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
     check_schema(data, path)
     entries: dict[str, CheckpointEntry] = {}
     for entry in _checkpoint_entries(data.get("checkpoints", []), path, root, roots):

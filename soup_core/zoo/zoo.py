@@ -166,7 +166,8 @@ class Zoo:
         """The manifest's ``model = "module:function"``, else one found from the checkpoints
         (Hugging Face directory, timm checkpoint; for LoRA adapters, the base's), else None (a weights-only zoo)."""
         if self.spec.model_spec and self.spec.model_spec != "auto":
-            return load_callable(self.spec.model_spec, self.root, self.allowed_roots)
+            return _reported(load_callable(self.spec.model_spec, self.root, self.allowed_roots),
+                             f"{self.manifest}: `model = {self.spec.model_spec!r}`")
         first, name = self.path(self.names[0]), self.names[0]
         if is_adapter_folder(first) and self.has_base:  # an adapter's model is its base's
             first, name = self.base_path, BASE
@@ -232,3 +233,15 @@ def open_zoo(zoo: str | Path, *, device: str | None = None, allowed_roots: Seque
         return Zoo(read_manifest(zoo, roots), device=device, resident=resident)
     except CheckpointError as exc:
         raise ZooError(str(exc)) from None
+
+
+def _reported(factory: Callable[[], torch.nn.Module], what: str) -> Callable[[], torch.nn.Module]:
+    """A manifest's model factory whose own failure is one :class:`ZooError` naming it."""
+    def build() -> torch.nn.Module:
+        try:
+            return factory()
+        except SoupError:
+            raise
+        except Exception as exc:  # the manifest's own code: report it, do not crash the caller
+            raise ZooError(f"{what} failed ({type(exc).__name__}: {short(exc)})") from None
+    return build

@@ -62,6 +62,19 @@ def trainer_checkpoints(good: dict) -> None:
     (HERE / "trainers" / "hf-trainer" / "config.json").write_text('{"architectures": ["Unknown"]}\n')
 
 
+def short_record(good: dict, path: Path) -> None:
+    """A torch.save file whose first tensor's zip record is cut to 40 of its 64 bytes, the archive
+    rewritten around it: memory-mapped, torch would read the next record's bytes as weights."""
+    import io
+    import zipfile
+    buffer = io.BytesIO()
+    torch.save(good, buffer)
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            out.writestr(info, data[:40] if info.filename.endswith("/data/0") else data)
+
+
 def build() -> None:
     torch.manual_seed(0)
     good = {"layer.weight": torch.randn(4, 4), "layer.bias": torch.randn(4)}
@@ -89,6 +102,7 @@ def build() -> None:
     looped: dict = {"epoch": 3}
     looped["state_dict"] = looped  # a training checkpoint whose state_dict is itself
     torch.save(looped, HERE / "self-referencing.pt")
+    short_record(good, HERE / "short-record.pt")
     for folder, index in (("index-list", []), ("index-map-list", {"weight_map": ["a.safetensors"]})):
         (HERE / folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (HERE / "wrong-types" / "zoo.toml").write_text('name = "wrong-types"\ncheckpoints = 5\n')
