@@ -19,8 +19,8 @@ from soup_core.io.read import (
                                load_state_dict,
                                load_state_dict_bytes,
                                open_checkpoint,
-                               read_provenance,
 )
+from soup_core.io.provenance import read_provenance
 from soup_core.io.validate import ValidationReport, validate_state_dicts
 from soup_core.io.weights_out import save_hf_directory, save_state_dict, state_dict_bytes
 from soup_core.io.write import atomic_write, refuse_inputs

@@ -135,31 +135,6 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     return load_state_dict(path)
 
 
-def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The provenance manifest that :func:`soup_core.io.save_state_dict` stored in a safetensors
-    file (or in the first weights file of a Hugging Face directory)."""
-    if Path(path).is_dir():
-        files = sorted(Path(path).glob("model*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path}: no model*.safetensors in this folder")
-        path = files[0]
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
-    if PROVENANCE_KEY not in meta:
-        return None
-    try:
-        provenance = json.loads(meta[PROVENANCE_KEY])
-    except (ValueError, RecursionError):
-        provenance = None
-    if not isinstance(provenance, dict):
-        raise CheckpointError(f"{path}: its {PROVENANCE_KEY} metadata is not a JSON object; the weights may be "
-                              "fine, but where they came from cannot be read")
-    return provenance
-
-
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of a file (or of every file of a directory, in name order), read in 1 MiB blocks.
 
