@@ -32,6 +32,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from soup_core.export import link_names, names_from_link
+
 ROOM_DB_ENV, FACILITATOR_ENV = "SOUP_ROOM_DB", "SOUP_FACILITATOR_TOKEN"
 MAX_NAME = 40  # characters of a participant's name
 MAX_INGREDIENTS = 4096
@@ -114,7 +116,7 @@ class Room:
             raise RoomError("tick at least one checkpoint: the room records the soup of the ticked ones")
         with self._connect() as db:
             db.execute("INSERT OR REPLACE INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (zoo, token, clean_name(name), ",".join(ingredients), float(val),
+                       (zoo, token, clean_name(name), link_names(ingredients), float(val),
                         None if test is None else float(test), time.time()))
 
     def submissions(self, zoo: str) -> list[Submission]:
@@ -122,7 +124,7 @@ class Room:
         with self._connect() as db:
             rows = db.execute("SELECT zoo, token, name, ingredients, val, test, submitted FROM submissions "
                               "WHERE zoo = ? ORDER BY val DESC, submitted", (zoo,)).fetchall()
-        return [Submission(z, t, n, tuple(i.split(",")), v, s, when) for z, t, n, i, v, s, when in rows]
+        return [Submission(z, t, n, tuple(names_from_link(i)), v, s, when) for z, t, n, i, v, s, when in rows]
 
     def reset(self, zoo: str) -> int:
         """Remove the zoo's submissions; returns how many there were."""

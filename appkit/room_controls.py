@@ -13,6 +13,7 @@ from appkit.plain import error
 from appkit.room import MAX_NAME, Room, RoomError, Submission, default_path, is_facilitator, new_token
 from appkit.workspace import update, workspace
 from soup_core.evaluate import TEST, VAL
+from soup_core.export import link_names
 from soup_core.zoo import Zoo, sample_zoos
 
 FACILITATOR_QUERY = "facilitator"
@@ -117,7 +118,7 @@ def submit_to_room(zoo: Zoo, chosen: list[str]) -> None:
 def restore_link(zoo: Zoo, ingredients: tuple[str, ...]) -> str:
     """A relative link that opens the zoo with these ingredients ticked."""
     from urllib.parse import urlencode
-    return "./?" + urlencode({"zoo": zoo.name, "use": ",".join(ingredients)})
+    return "./?" + urlencode({"zoo": zoo.name, "use": link_names(ingredients)})
 
 
 def room_table(zoo: Zoo, entries: list[Submission], revealed: bool) -> pd.DataFrame:

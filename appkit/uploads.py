@@ -189,8 +189,8 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
             continue
         held, budget = server_upload_bytes(), upload_budget_mb()
         if held + file.size > budget * 2**20:  # not cached as refused: it may fit once others leave
-            problems.append(f"{file.name}: the server already holds {held / 2**20:.0f} MB of uploads from all "
-                            f"participants and keeps at most {budget:g} MB (SOUP_UPLOAD_BUDGET_MB); remove "
+            problems.append(f"{file.name}: the server already holds {held / 2**20:.3g} MB of uploads from all "
+                            f"participants and keeps at most {budget:.3g} MB (SOUP_UPLOAD_BUDGET_MB); remove "
                             "an upload you no longer need, or ask the host to raise the budget")
             continue
         data = file.getvalue()

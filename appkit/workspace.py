@@ -20,7 +20,7 @@ from typing import Mapping
 import streamlit as st
 
 from soup_core.errors import SoupError
-from soup_core.export import Candidate
+from soup_core.export import Candidate, link_names, names_from_link
 from soup_core.policies import BN_POLICIES, PRECISIONS
 from soup_core.zoo import Zoo
 
@@ -46,14 +46,14 @@ class LandscapeSettings:
                "margin": "land-margin", "split": "land-split", "bn": "land-bn", "precision": "land-precision"}
 
     def to_query(self) -> dict[str, str]:
-        return {"plane": ",".join(self.points), "grid": str(self.grid), "margin": f"{self.margin:g}",
+        return {"plane": link_names(self.points), "grid": str(self.grid), "margin": f"{self.margin:g}",
                 "split": self.split, "bn": self.bn, "precision": self.precision}
 
     @classmethod
     def from_query(cls, query, default: LandscapeSettings, *, choices, splits) -> LandscapeSettings:
         """``default`` with every valid setting the URL gives (an invalid one is ignored)."""
         values = {}
-        points = tuple(p for p in str(query.get("plane", "")).split(",") if p)
+        points = tuple(names_from_link(query.get("plane", "")))
         if len(points) == 3 and len(set(points)) == 3 and all(p in choices for p in points):
             values["points"] = points
         try:
@@ -120,7 +120,7 @@ class Workspace:
         the soup on screen does not change until its owner ticks it."""
         if zoo.name in self.ticks:
             return [n for n in zoo.names if self.ticks[zoo.name].get(n, False)]
-        from_link = {n for n in self.link.get("use", "").split(",") if n in zoo.entries}
+        from_link = {n for n in names_from_link(self.link.get("use", "")) if n in zoo.entries}
         return [n for n in zoo.names if n in from_link] if from_link else list(zoo.names)
 
     def with_zoo_shown(self, zoo: Zoo) -> Workspace:
@@ -148,7 +148,7 @@ class Workspace:
         if self.folder:
             query["folder"] = self.folder
         if self.shown in self.ticks:
-            query["use"] = ",".join(n for n, on in self.ticks[self.shown].items() if on)
+            query["use"] = link_names(n for n, on in self.ticks[self.shown].items() if on)
         elif self.link.get("use"):
             query["use"] = self.link["use"]
         if self.export is not None:

@@ -34,6 +34,8 @@ Class names are sorted and numbered once over every split, so label ids agree be
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,27 @@ UNITS = {"table": "rows", "images": "images", "text": "texts", "lm": "tokens"}  
 MAX_LM_LENGTH = 1 << 16  # tokens per sequence
 LM_BATCH_LOGITS = 1 << 26  # floats of next-token logits per batch (256 MB in float32)
 MAX_IMAGE_SIDE = 4096  # pixels; and the images must fit in memory (checked before any is read)
+
+
+def check_fields(spec: Mapping[str, Any]) -> None:
+    """Each optional ``[data]`` field has its type and range, refused in one line before any file is read."""
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for key in ("label", "text"):
+        if key in spec and not isinstance(spec[key], str):
+            raise DataError(f"[data] {key} must be a column name (a string), not {spec[key]!r}")
+    features = spec.get("features")
+    if features is not None and not (isinstance(features, list) and all(isinstance(f, str) for f in features)):
+        raise DataError(f"[data] features must be a list of column names, not {features!r}")
+    for key in ("mean", "std"):
+        value = spec.get(key, 0.5)
+        values = value if isinstance(value, list) else [value]
+        if not (1 <= len(values) <= 3 and all(finite(v) for v in values)) or (key == "std" and min(values) <= 0):
+            raise DataError(f"[data] {key} must be a {'positive ' if key == 'std' else ''}number or a list of one "
+                            f"per channel, not {value!r}")
+    length = spec.get("max_length", 1)
+    if not (isinstance(length, int) and not isinstance(length, bool) and 1 <= length <= MAX_LM_LENGTH):
+        raise DataError(f"[data] max_length must be a whole number of tokens from 1 to {MAX_LM_LENGTH}, not {length!r}")
 
 
 def split_specs(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -141,6 +164,9 @@ def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
     ids = {c: i for i, c in enumerate(classes)}
     mean = np.asarray(spec.get("mean", 0.5), dtype=np.float32)
     std = np.asarray(spec.get("std", 0.5), dtype=np.float32)
+    if mean.size not in (1, channels) or std.size not in (1, channels):
+        raise DataError(f"[data] mean and std need one number, or one per channel ({channels}); got "
+                        f"{spec.get('mean', 0.5)!r} and {spec.get('std', 0.5)!r}")
     out = {}
     for name, folder in folders.items():
         if not folder.is_dir():
@@ -270,6 +296,7 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
     kind = spec.get("kind")
     if kind not in KINDS:
         raise DataError(f"[data] kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    check_fields(spec)
     if kind == "table":
         splits = table_splits(spec, resolve)
     elif kind == "images":

@@ -22,6 +22,7 @@ import math
 import shlex
 import tempfile
 import zipfile
+from urllib.parse import unquote
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,12 +107,12 @@ class Candidate:
         ``point:base,ft-00,ft-01@0.5,-1.25;bn=keep`` (``;align=REF`` on either)."""
         if self.kind == "point":
             (a, b, c), (x, y) = self.plane, self.xy
-            parts = [f"point:{a},{b},{c}@{_number(x)},{_number(y)}", f"bn={self.bn}"]
+            parts = [f"point:{link_names((a, b, c))}@{_number(x)},{_number(y)}", f"bn={self.bn}"]
         else:
             parts = [self.recipe, *(f"{k}={v}" for k, v in self.params)]
             if self.ingredients is not None:
-                parts.append("ingredients=" + ",".join(self.ingredients))
-        return ";".join(parts + ([f"align={self.align}"] if self.align else []))
+                parts.append("ingredients=" + link_names(self.ingredients))
+        return ";".join(parts + ([f"align={link_names([self.align])}"] if self.align else []))
 
     @classmethod
     def from_query(cls, text: str) -> Candidate:
@@ -127,10 +128,10 @@ class Candidate:
             if not sep or not key:
                 raise SoupError(f"export={text!r}: {part!r} is not key=value")
             options[key] = value
-        align = options.pop("align", None) or None
+        align = "".join(names_from_link(options.pop("align", ""))) or None
         if head.startswith("point:"):
             where, _, xy = head.removeprefix("point:").partition("@")
-            plane, coords = where.split(","), xy.split(",")
+            plane, coords = names_from_link(where), xy.split(",")
             try:
                 x, y = (float(v) for v in coords)
             except ValueError:
@@ -146,7 +147,8 @@ class Candidate:
         ingredients = options.pop("ingredients", None)
         params = get_recipe(head).resolve(options)  # declared names and types only
         given = {k: params[k] for k in options}
-        return cls.of_recipe(head, ingredients.split(",") if ingredients is not None else None, align=align, **given)
+        return cls.of_recipe(head, names_from_link(ingredients) if ingredients is not None else None, align=align,
+                             **given)
 
     def names_used(self, zoo: Zoo) -> set[str]:
         """The checkpoints the candidate's weights come from."""
@@ -154,6 +156,26 @@ class Candidate:
             used = {n for n in self.plane if n in zoo.entries or n == BASE}
             return used | (set(zoo.names) if any(n in RECIPES for n in self.plane) else set())
         return set(self.ingredients if self.ingredients is not None else zoo.names)
+
+
+_LINK_ESCAPES = {"%": "%25", ",": "%2C", ";": "%3B", "=": "%3D", "@": "%40"}  # what separates a link's parts
+
+
+def link_names(names: Iterable[str]) -> str:
+    """Checkpoint names joined by commas for a shareable link, each with ``% , ; = @`` escaped, so
+    that any name — a folder's ``lr=1e-4,wd=0`` — reads back as itself (:func:`names_from_link`).
+
+    >>> link_names(["ft-03", "lr=1e-4,wd=0"])
+    'ft-03,lr%3D1e-4%2Cwd%3D0'
+    >>> names_from_link(_)
+    ['ft-03', 'lr=1e-4,wd=0']
+    """
+    return ",".join("".join(_LINK_ESCAPES.get(c, c) for c in name) for name in names)
+
+
+def names_from_link(text: str) -> list[str]:
+    """The names :func:`link_names` joined (empty parts dropped)."""
+    return [unquote(part) for part in str(text).split(",") if part]
 
 
 def _number(value: float) -> str:

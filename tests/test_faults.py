@@ -345,6 +345,11 @@ DATA = '[data]\nkind = "table"\nlabel = "label"\nval = "val.csv"\ntest = "test.c
     ("sample_data.digits:make_mlp", DATA.replace("val.csv", "empty.csv"), "split 'val' holds no samples"),
     ("sample_data.digits:make_mlp", DATA + 'shifts = "abc"\n', "[data] shifts must be a table of name"),
     ("sample_data.digits:make_mlp", DATA + "[data.shifts]\nsketch = 5\n", "[data] split 'sketch' must be a path"),
+    ("sample_data.digits:make_mlp", DATA + "features = 5\n", "[data] features must be a list of column names"),
+    ("sample_data.digits:make_mlp", DATA.replace('"label"', "5"), "[data] label must be a column name"),
+    ("sample_data.digits:make_mlp", DATA + 'mean = "abc"\n', "[data] mean must be a number or a list of one"),
+    ("sample_data.digits:make_mlp", DATA + "std = [0]\n", "[data] std must be a positive number"),
+    ("sample_data.digits:make_mlp", DATA + "max_length = -1\n", "[data] max_length must be a whole number"),
 ])
 def test_a_manifest_that_breaks_its_reader_or_its_own_code_is_one_line(tmp_path, model, tail, said):
     from soup_core.zoo import open_zoo
