@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-fast mutate install test-deps chromium bench zoos shell clean
+.PHONY: run test test-fast mutate screenshots install test-deps chromium bench zoos shell clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ test: test-deps
 # The inner loop: everything but the slow and the browser tests (make test runs the whole suite).
 test-fast: test-deps
 	$(PY) -m pytest -m "not slow and not e2e"
+
+# The README's screenshots, from the Chromium test that checks every page's and Tour step's figures
+# at 1400×1000 and 1024×768 (all of its full-page screenshots stay in test-artifacts/screenshots).
+screenshots: test-deps
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_app.py -k two_window_sizes
+	for page in ingredients recipes geometry landscape export room; do \
+		cp test-artifacts/screenshots/$$page-1400.png docs/screenshots/$$page.png; done
+	cp test-artifacts/screenshots/tour-step-1-1400.png docs/screenshots/tour.png
 
 # Mutation testing of the core computations (pyproject.toml's [tool.mutmut]); slow, so not in CI.
 # Prints every surviving mutant; run it before releasing a recipe.

@@ -184,7 +184,7 @@ def recipe_significance(_zoo: Zoo, key: tuple, recipe: str, against: str = "best
         comparisons = []
     else:
         comparisons = versus(board_result(_zoo, against, key), result, _zoo.ingredients(), _zoo.evaluator)
-    return [c.to_json() | {"sentence": c.sentence()} for c in comparisons]
+    return [c.to_json() | {"sentence": c.sentence(), "brief": c.brief()} for c in comparisons]
 
 
 def export_plan(zoo: Zoo, candidate: Candidate, local_names: tuple[str, ...]) -> ExportPlan:

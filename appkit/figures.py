@@ -23,12 +23,65 @@ PLOT_AREA_PX = 760
 LEGEND_ABOVE = {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0}
 
 
-def label_points(figure: go.Figure, points: list[tuple[str, tuple[float, float]]]) -> None:
-    """A name above each ``(name, (x, y))`` on a white box, readable on any colour of a map."""
+# Okabe & Ito's palette: told apart under every common colour-vision deficiency; each colour keeps a
+# contrast of at least 3:1 with the white plot background as a marker (text on it uses a white box).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+SYMBOLS = ("star", "diamond", "square", "triangle-up")
+
+
+def series_style(i: int) -> dict:
+    """The ``i``-th series' marker colour and symbol: a palette colour, then the next symbol after
+    every eight, so that up to 32 series differ in more than colour."""
+    return {"color": PALETTE[i % len(PALETTE)], "symbol": SYMBOLS[i // len(PALETTE) % len(SYMBOLS)]}
+
+
+def show(figure: go.Figure, key: str, where=None, **kwargs):
+    """Every figure reaches the page through here: the palette, and a top margin that fits its title
+    (no empty band above a figure without one); ``where`` is a column, else the page."""
+    margin = figure.layout.margin
+    top = 70 if figure.layout.title.text else 30
+    figure.update_layout(colorway=PALETTE, margin={"t": top if margin.t is None else margin.t})
+    return (where or st).plotly_chart(figure, key=key, **kwargs)
+
+
+# Where a point's name may go: its side, the shift in pixels and the anchor, and the label's centre
+# in units of the plot's width and height (a label is about 8% of a plot wide and 5% high).
+LABEL_SIDES = {"above": ({"yshift": 20}, (0.0, 0.05)), "below": ({"yshift": -20}, (0.0, -0.05)),
+               "right": ({"xshift": 10, "xanchor": "left"}, (0.06, 0.0)),
+               "left": ({"xshift": -10, "xanchor": "right"}, (-0.06, 0.0))}
+
+
+def label_points(figure: go.Figure, points: list[tuple[str, tuple[float, float]]],
+                 extent: tuple[tuple[float, float], tuple[float, float]] | None = None) -> None:
+    """A name beside each ``(name, (x, y))`` on a white box, readable on any colour of a map: above it,
+    unless another marker of the figure (or a label placed before) sits there; then below, right
+    or left, whichever side is clearest. ``extent`` is the plot's ((x0, x1), (y0, y1)), else the
+    markers' own."""
     from appkit.plain import in_figure
+    markers = [(float(x), float(y)) for trace in figure.data
+               if trace.type == "scatter" and "markers" in (trace.mode or "")
+               and (trace.marker.opacity is None or trace.marker.opacity >= 0.2)
+               for x, y in zip(trace.x or (), trace.y or ()) if x is not None and y is not None]
+    if extent is None:
+        everything = markers + [xy for _, xy in points]
+        extent = ((min(x for x, _ in everything), max(x for x, _ in everything)),
+                  (min(y for _, y in everything), max(y for _, y in everything)))
+    (x0, x1), (y0, y1) = extent
+    width, height = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    taken = [((x - x0) / width, (y - y0) / height) for x, y in markers]
+
+    def clearance(u: float, v: float, side: str) -> float:
+        cu, cv = u + LABEL_SIDES[side][1][0], v + LABEL_SIDES[side][1][1]
+        if not (0.0 <= cu <= 1.0 and 0.0 <= cv <= 1.0):
+            return 0.0  # a label outside the plot area is cut off
+        return min((max(abs(mu - cu) / 0.06, abs(mv - cv) / 0.04) for mu, mv in taken
+                    if (mu, mv) != (u, v)), default=float("inf"))
     for name, (x, y) in points:
-        figure.add_annotation(x=x, y=y, text=in_figure(name), showarrow=False, yshift=16,
+        u, v = (x - x0) / width, (y - y0) / height
+        side = max(LABEL_SIDES, key=lambda s: (min(clearance(u, v, s), 1.0), s == "above"))
+        figure.add_annotation(x=x, y=y, text=in_figure(name), showarrow=False, **LABEL_SIDES[side][0],
                               bgcolor="rgba(255, 255, 255, 0.85)", font={"color": "black", "size": 12})
+        taken.append((u + LABEL_SIDES[side][1][0], v + LABEL_SIDES[side][1][1]))
 
 
 def scale_note(x_span: float, y_span: float) -> str:

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import cached_angles, cached_pairs, cached_path, path_policy, zoo_key
-from appkit.figures import figure_footer
+from appkit.figures import figure_footer, show
 from appkit.plain import in_figure
 from appkit.room_controls import visible
 from appkit.sidebar import sidebar
@@ -27,11 +27,11 @@ heatmap = go.Figure(go.Heatmap(z=angles["angle_deg"], x=shown, y=shown, colorsca
                                colorbar={"title": "angle (°)"}, hovertemplate="%{y} vs %{x}: %{z:.1f}°<extra></extra>"))
 heatmap.update_layout(title="Angle between θi − θ0 and θj − θ0", height=560, xaxis={**every, "title": "checkpoint j"},
                       yaxis={**every, "title": "checkpoint i", "autorange": "reversed"})
-left.plotly_chart(heatmap, key="geometry-angles")
+show(heatmap, key="geometry-angles", where=left)
 norms = go.Figure(go.Bar(x=shown, y=angles["norm"]))
 norms.update_layout(title="‖θi − θ0‖ (L2)", height=560, xaxis={**every, "title": "checkpoint"},
                     yaxis_title="L2 distance from θ0")
-right.plotly_chart(norms, key="geometry-norms")
+show(norms, key="geometry-norms", where=right)
 figure_footer("angles", "each cell is the angle between two checkpoints' fine-tuning updates θ − θ0 (90° = "
               "orthogonal); the bars are how far each checkpoint moved from θ0. Over the parameters only.",
               pd.DataFrame([{"i": a, "j": b, "angle_deg": angles["angle_deg"][i][j], "cosine": angles["cosine"][i][j],
@@ -65,7 +65,7 @@ if "geometry:pairs" in st.session_state:
             text=labels, hovertemplate="%{text}<br>%{x:.1f}°, %{y:+.1f} pts<extra></extra>"))
         fig3.update_layout(title=f"Interpolation advantage vs angle (r = {r or float('nan'):+.2f})",
                            xaxis_title="angle φ (degrees)", yaxis_title=f"advantage on {pair_split} (points)", height=420)
-        c1.plotly_chart(fig3, key="geometry-fig3")
+        show(fig3, key="geometry-fig3", where=c1)
         shown.append(fig3)
     lo = min(min(p["soup_accuracy"], p["ensemble_accuracy"]) for p in pairs) * 100
     hi = max(max(p["soup_accuracy"], p["ensemble_accuracy"]) for p in pairs) * 100
@@ -75,7 +75,7 @@ if "geometry:pairs" in st.session_state:
         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dot", "color": "gray"}, name="y = x")])
     fig4.update_layout(title="Two-model soup vs two-model ensemble", xaxis_title=f"ensemble {pair_split} accuracy (%)",
                        yaxis_title=f"soup {pair_split} accuracy (%)", height=420)
-    c2.plotly_chart(fig4, key="geometry-fig4")
+    show(fig4, key="geometry-fig4", where=c2)
     shown.append(fig4)
     figure_footer("pairs", "left, one dot per pair: how much averaging the two gains over their mean accuracy "
                   "against the angle between them (paper Figure 3); right, the two-model soup against the two-model "
@@ -112,7 +112,7 @@ if a != b:
     fig.add_vline(x=0, line_dash="dot")
     fig.add_vline(x=1, line_dash="dot")
     fig.update_layout(title=f"(1 − α)·{in_figure(a)} + α·{in_figure(b)}", xaxis_title="α", yaxis_title="error (%)", height=420)
-    st.plotly_chart(fig, key="geometry-path")
+    show(fig, key="geometry-path")
     figure_footer("path", f"error along the straight line from {a} (α = 0) to {b} (α = 1), past both ends; a bump "
                   "above the straight line between the ends is a barrier between two basins.",
                   pd.DataFrame({"alpha": path["alphas"], **{f"{s} error": path["error"][s] for s in path_splits},

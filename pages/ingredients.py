@@ -5,7 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
-from appkit.figures import LEGEND_ABOVE, figure_footer
+from appkit.figures import LEGEND_ABOVE, figure_footer, show
 from appkit.plain import in_figure, literal, percent
 from appkit.room_controls import HIDDEN_NOTE, submit_to_room, test_hidden, visible
 from appkit.sidebar import sidebar
@@ -16,9 +16,9 @@ zoo = sidebar()
 st.title("Ingredients")
 st.caption("Each row is one checkpoint fine-tuned from θ0: its hyperparameters, then its accuracy (%) on **val** "
            "(the held-out split every recipe chooses on), **test** (reported, never chosen on) and **shifts** (the "
-           "mean over the distribution-shift splits: the same test images blurred, noised, shifted…). Tick "
-           "checkpoints below, or select rows here (click, shift-click; sort by a column's header) or points in "
-           "the hyperparameter view, and tick or untick the selection.")
+           "mean over the distribution-shift splits: the same test images blurred, noised, shifted…). Sort by a "
+           "column's header to read it; tick checkpoints below (one box each), or select points in the "
+           "hyperparameter view and tick or untick them together.")
 st.metric("Checkpoints", len(zoo.names))
 if test_hidden():
     st.info(HIDDEN_NOTE)
@@ -30,12 +30,11 @@ if "val" in table and len(table) > 1:
         low, high = st.slider("Show the checkpoints whose val accuracy (%) is between", *bounds, bounds, step=0.1,
                               format="%.1f", key="ingredients-val-range")
         table = table[(table["val"] >= low - 1e-9) & (table["val"] <= high + 1e-9)].reset_index(drop=True)
-rows = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="multi-row", key="ingredients-table",
-                    column_config={s: st.column_config.NumberColumn(f"{s} (%)", format="%.1f")
-                                   for s in ("val", "test", "shifts")})
-# A selection made before the filter changed may point past the rows shown now.
-selected = [table["checkpoint"].iloc[i] for i in rows.selection.rows if i < len(table)]
-in_table = set(selected)
+# One way to tick (the boxes below): the table selects nothing of its own, so it is never out of step with them.
+st.dataframe(table, hide_index=True, key="ingredients-table",
+             column_config={s: st.column_config.NumberColumn(f"{s} (%)", format="%.1f")
+                            for s in ("val", "test", "shifts")})
+selected: list[str] = []
 
 
 def tick_these(names, value: bool) -> None:
@@ -54,18 +53,16 @@ if hparams and "val" in table:
         log = bool((values > 0).all() and values.max() / values.min() >= 10)
         view = go.Figure(go.Scatter(
             x=values, y=table["val"], mode="markers", customdata=table["checkpoint"], text=table["checkpoint"].map(in_figure),
-            marker={"size": 10, "color": ["#1f77b4" if n in chosen_now else "lightgray" for n in table["checkpoint"]],
-                    "line": {"width": [3 if n in in_table else 1 for n in table["checkpoint"]],
-                             "color": ["#ff7f0e" if n in in_table else "black" for n in table["checkpoint"]]}},
+            marker={"size": 10, "color": ["#0072B2" if n in chosen_now else "lightgray" for n in table["checkpoint"]],
+                    "line": {"width": 1, "color": "black"}},
             hovertemplate="%{text}<br>" + x + " %{x}<br>val %{y:.1f}%<extra></extra>"))
         view.update_layout(height=380, xaxis={"title": x + (" (log scale)" if log else ""),
                                               "type": "log" if log else "linear"},
                            yaxis_title="val accuracy (%)", margin={"t": 20})
-        event = st.plotly_chart(view, key="hparam-chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-        st.caption("How to read this: one dot per checkpoint shown in the table, blue when ticked, ringed in orange "
-                   "when its row is selected in the table; select dots (click, box or lasso) to tick or untick them "
-                   "below.")
-        selected += [p["customdata"] for p in (event.selection.points if event else []) if "customdata" in p]
+        event = show(view, key="hparam-chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+        st.caption("How to read this: one dot per checkpoint shown in the table, blue when ticked; select dots "
+                   "(click, box or lasso) to tick or untick them together.")
+        selected += [p["customdata"] for p in (event["selection"]["points"] if event else []) if "customdata" in p]
 selected = list(dict.fromkeys(selected))
 if selected:
     left, right, _ = st.columns([1, 1, 3])
@@ -172,7 +169,7 @@ def replay() -> None:
     chart.update_layout(height=320, xaxis_title="step (as on the slider)", yaxis_title="val accuracy (%)",
                         yaxis={"range": [floor - 0.3, top]}, xaxis={"dtick": 1 if len(frame) <= 20 else None},
                         legend=LEGEND_ABOVE, margin={"t": 40})
-    st.plotly_chart(chart, key=f"replay-chart:{recipe}")
+    show(chart, key=f"replay-chart:{recipe}")
     figure_footer(f"replay-{recipe}", "the blue line is the soup's val accuracy after each step; each dot is that "
                   "step's candidate soup: green kept (the line moves to it), orange rejected (the line stays). The "
                   "axis spans the soup's progress, so small differences show"

@@ -11,7 +11,7 @@ import streamlit as st
 from appkit.admission import HEAVY_WORK
 from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_made, board_result, computed_landscapes, export_plan, ray_cluster, recipe_result, zoo_key
-from appkit.figures import LEGEND_ABOVE, html_text, label_points, plane_scale, scale_note
+from appkit.figures import LEGEND_ABOVE, html_text, label_points, plane_scale, scale_note, show
 from appkit.interrupt import Interruptible
 from appkit.plain import error, in_figure, percent
 from appkit.room_controls import visible
@@ -191,7 +191,8 @@ def landscape_view() -> None:
             x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers",
             marker={"color": "red", "size": 12, "symbol": "star"}, name="the three points",
             hovertext=[in_figure(a.name) for a in result.anchors], hoverinfo="text"))
-        label_points(figure, [(a.name, a.xy) for a in result.anchors])
+        label_points(figure, [(a.name, a.xy) for a in result.anchors],
+                     extent=((result.xs[0], result.xs[-1]), (result.ys[0], result.ys[-1])))
         # Contours return no click selection: an almost invisible scatter of the grid points does.
         gx, gy = np.meshgrid(result.xs, result.ys)
         grid_curve = len(figure.data)
@@ -216,7 +217,7 @@ def landscape_view() -> None:
     figure.update_traces(unselected={"marker": {"opacity": 1.0}}, selector={"type": "scatter"})
     if not surface:
         figure.data[grid_curve].update(unselected={"marker": {"opacity": 0.01}})
-    event = st.plotly_chart(figure, key="land-chart", on_select="ignore" if surface else "rerun",
+    event = show(figure, key="land-chart", on_select="ignore" if surface else "rerun",
                             selection_mode="points")
     st.caption("How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
                "the three points that span it, white dots the other checkpoints, gold diamonds the soups and purple "

@@ -8,7 +8,7 @@ import streamlit as st
 from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_result, cached_ablations, recipe_significance, zoo_key
 from appkit.controls import recipe_controls
-from appkit.figures import figure_footer
+from appkit.figures import figure_footer, series_style, show
 from appkit.plain import in_figure
 from appkit.room_controls import HIDDEN_NOTE, test_hidden, visible
 from appkit.sidebar import sidebar
@@ -55,23 +55,25 @@ if hidden:
 
 def on_test(recipe: str, against: str) -> str:
     versus = {c["split"]: c for c in recipe_significance(zoo, zoo_key(zoo), recipe, against)}
-    return versus["test"]["sentence"] if "test" in versus else "—"
+    return versus["test"]["brief"] if "test" in versus else "—"
 
 
 rows = []
 for recipe in available:
     result = results[recipe.name]
     m = result.metrics
-    on_test_columns = {} if hidden else {"test": 100 * m["test"].accuracy, "test vs best": on_test(recipe.name, "best"),
-                                         "test vs greedy": on_test(recipe.name, "greedy")}
+    versus_columns = {} if hidden else {"test vs best": on_test(recipe.name, "best"),
+                                        "test vs greedy": on_test(recipe.name, "greedy")}
     rows.append({"recipe": recipe.pretty_name, "ingredients": len(result.ingredients),
-                 "chosen on val": chosen_on_val(result), "val": 100 * m["val"].accuracy, **on_test_columns,
+                 "chosen on val": chosen_on_val(result), "val": 100 * m["val"].accuracy,
+                 **({} if hidden else {"test": 100 * m["test"].accuracy}),
                  "avg shifts": 100 * (shift_average(m, shifts) or float("nan")),
-                 **{s: 100 * m[s].accuracy for s in shifts}, "reference": recipe.reference})
+                 **{s: 100 * m[s].accuracy for s in shifts}, **versus_columns, "reference": recipe.reference})
 st.subheader("Table 3, on this zoo, with the merge methods")
-st.caption("Every choice is made on val; test and the shifts are reports. \"test vs best\" and \"test vs "
-           "greedy\" compare each row with the best individual model and with the greedy soup on the same test "
-           "images (exact McNemar test): a difference with p ≥ 0.05 is no evidence that they differ. Task "
+st.caption("Every choice is made on val; test and the shifts are reports (accuracy, %). \"test vs best\" and "
+           "\"test vs greedy\" compare each row with the best individual model and with the greedy soup on the same "
+           f"{len(evaluator.labels('test'))} test {evaluator.unit} (points of accuracy; exact McNemar test): a "
+           "difference with p ≥ 0.05 is no evidence that they differ. Task "
            "arithmetic, TIES, DARE and Breadcrumbs add the mean task vector to θ0 scaled by the λ that is best on "
            "val, LiNeS scales it by depth with the β that is best on val, as their papers choose them (\"chosen on "
            "val\"). Ensembles cost one forward pass per ingredient at inference; soups cost one.")
@@ -89,17 +91,17 @@ def figure_1() -> None:
         name="individual models", marker={"color": "lightgray", "size": 8, "line": {"width": 1, "color": "gray"}},
         text=[in_figure(n) for n in individual],
         hovertemplate="%{text}<br>test %{x:.1f}%<br>shifts %{y:.1f}%<extra></extra>"))
-    for recipe in available:
-        if recipe.name == "best":
-            continue
+    for i, recipe in enumerate(r for r in available if r.name != "best"):
         m = results[recipe.name].metrics
         figure.add_trace(go.Scatter(x=[100 * m["test"].accuracy], y=[100 * (shift_average(m, shifts) or float("nan"))],
-                                    mode="markers", name=recipe.pretty_name, marker={"size": 14, "symbol": "star"}))
-    figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)", height=520)
-    st.plotly_chart(figure, key="recipes-figure1")
-    figure_footer("figure1", "each grey dot is one fine-tuned model, each star a recipe's soup; right is better on "
-                  "test, up is better under distribution shift (mean over the shift splits). Stars above the grey "
-                  "cloud are soups more robust than any single model.",
+                                    mode="markers", name=recipe.pretty_name,
+                                    marker={"size": 14, **series_style(i), "line": {"width": 1, "color": "white"}}))
+    figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)",
+                         height=max(520, 60 + 21 * len(figure.data)))  # the legend's every row in view
+    show(figure, key="recipes-figure1")
+    figure_footer("figure1", "each grey dot is one fine-tuned model, each coloured marker a recipe (the legend names "
+                  "them); right is better on test, up is better under distribution shift (mean over the shift splits). "
+                  "Markers above the grey cloud are recipes more robust than any single model.",
                   pd.DataFrame([{"name": n, "test %": 100 * m["test"].accuracy,
                                  "avg shift %": 100 * (shift_average(m, shifts) or float("nan"))}
                                 for n, m in {**individual, **{r.pretty_name: results[r.name].metrics for r in available
@@ -127,13 +129,13 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
     fig.update_layout(title="Greedy soup vs models considered (mean ± std, 5 orders)", height=400,
                       xaxis={"type": "log", "tickvals": ks, "ticktext": [str(k) for k in ks],
                              "title": "models considered"}, yaxis_title="accuracy (%)")
-    left.plotly_chart(fig, key="ablation-greedy")
+    show(fig, key="ablation-greedy", where=left)
     fig = go.Figure()
     for split in visible(("val", "test")):
         fig.add_trace(go.Scatter(x=[r["passes"] for r in pruned_rows], y=[100 * r[split] for r in pruned_rows],
                                  name=split, mode="lines+markers"))
     fig.update_layout(title="Pruned soup vs passes", xaxis_title="passes", yaxis_title="accuracy (%)", height=400)
-    right.plotly_chart(fig, key="ablation-pruned")
+    show(fig, key="ablation-pruned", where=right)
     figure_footer("ablations", "left, the greedy soup's accuracy when only the first k models (random orders) are "
                   "offered; right, the pruned soup after each extra pass of removals.",
                   raw={"greedy_vs_models_considered": [{k: v for k, v in r.items() if k != "test" or not hidden}

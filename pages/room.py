@@ -6,7 +6,7 @@ import os
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.figures import figure_footer
+from appkit.figures import figure_footer, show
 from appkit.room import FACILITATOR_ENV, is_facilitator
 from appkit.room_controls import room, room_table, unlock_facilitator
 from appkit.sidebar import sidebar
@@ -52,7 +52,7 @@ def leaderboard() -> None:
                              hovertemplate="%{text}<br>" + title + " %{x}<br>val %{y:.1f}%<extra></extra>"))
     fig.update_layout(xaxis_title=title, yaxis_title="val accuracy (%)", height=420,
                       legend={"orientation": "h", "y": -0.2})
-    st.plotly_chart(fig, key="room-chart")
+    show(fig, key="room-chart")
     how = ("each dot is one soup: its val accuracy (chosen on) against its test accuracy (never chosen on); "
            "diamonds are the references" if revealed else
            "each dot is one soup: its val accuracy against how many checkpoints it averages; diamonds are the "

@@ -9,7 +9,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, cached_barriers, cached_flattest_pair,
                           cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, recipe_significance,
                           zoo_key)
-from appkit.figures import LEGEND_ABOVE, figure_footer, label_points, plane_scale, scale_note
+from appkit.figures import LEGEND_ABOVE, figure_footer, label_points, plane_scale, scale_note, show
 from appkit.plain import in_figure, literal
 from appkit.room_controls import (HIDDEN_NOTE, follow_the_presenter, present_the_tour, test_hidden, unlock_facilitator,
                                   watch_the_presenter)
@@ -79,7 +79,7 @@ def bars(zoo, recipes, title, extra: tuple = ()) -> None:
     fig = go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}%" for v in values], textposition="outside"))
     fig.update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420,
                       margin={"t": 50})
-    st.plotly_chart(fig, key=f"tour-bars-{title}")
+    show(fig, key=f"tour-bars-{title}")
     figure_footer(f"tour-{step_number}", "each bar is one recipe's accuracy on the test split; every choice was made "
                   "on val. " + ("The axis starts near the lowest bar so that small differences show." if close else
                                 "The axis starts at 0: the bars differ by more than 20 points."),
@@ -114,7 +114,7 @@ if step == STEPS[0]:
                           showarrow=True, arrowhead=2)
     figure.update_layout(height=360, xaxis_title=f"α: (1 − α)·{in_figure(a)} + α·{in_figure(b)}", yaxis_title="test error (%)",
                          margin={"t": 20})
-    st.plotly_chart(figure, key="tour-basin-line")
+    show(figure, key="tour-basin-line")
     figure_footer("tour-1-line", f"the barrier in words above is the largest gap between the error of "
                   f"(1 − α)·{literal(a)} + α·{literal(b)} (blue) and the straight line between the two models' own "
                   "errors (grey).",
@@ -130,10 +130,11 @@ if step == STEPS[0]:
     fig.add_trace(go.Scatter(x=[p["xy"][0] for p in land["anchors"]], y=[p["xy"][1] for p in land["anchors"]],
                              hovertext=[in_figure(p["name"]) for p in land["anchors"]], hoverinfo="text", mode="markers",
                              marker={"color": "red", "symbol": "star", "size": 12}, name="the three points"))
-    label_points(fig, [(p["name"], p["xy"]) for p in land["anchors"]])
+    label_points(fig, [(p["name"], p["xy"]) for p in land["anchors"]],
+                 extent=((land["axes"]["x"][0], land["axes"]["x"][-1]), (land["axes"]["y"][0], land["axes"]["y"][-1])))
     spans = float(np.ptp(land["axes"]["x"])), float(np.ptp(land["axes"]["y"]))
     equal, height = plane_scale(*spans)
-    st.plotly_chart(fig.update_layout(height=height, yaxis={"scaleanchor": "x"} if equal else {},
+    show(fig.update_layout(height=height, yaxis={"scaleanchor": "x"} if equal else {},
                                       xaxis_title="x (L2 distance)", yaxis_title="y (L2 distance)",
                                       legend=LEGEND_ABOVE, margin={"t": 40}), key="tour-basin")
     gx, gy = np.meshgrid(land["axes"]["x"], land["axes"]["y"])
@@ -163,7 +164,7 @@ elif step == STEPS[1]:
     fig.update_layout(title=f"{len(report['pairs'])} pairs of the first {len(names)} models",
                       xaxis_title="angle between θ1 − θ0 and θ2 − θ0 (degrees)",
                       yaxis_title="interpolation advantage (test accuracy points)", height=420)
-    st.plotly_chart(fig, key="tour-angles")
+    show(fig, key="tour-angles")
     figure_footer("tour-2", "one dot per pair of models: right is a wider angle between their updates, up is more "
                   "gained by averaging the two than by their mean accuracy.", frame, figure=fig)
     st.markdown(section_four_sentence(report))  # from the same pairs
@@ -225,7 +226,7 @@ elif step == STEPS[4]:
     barriers.update_layout(barmode="group", height=380, yaxis_title="test error barrier (points)",
                            xaxis_title="pair of models", legend=LEGEND_ABOVE,
                            margin={"t": 40})
-    st.plotly_chart(barriers, key="tour-5-barriers")
+    show(barriers, key="tour-5-barriers")
     figure_footer("tour-5-barriers", f"each pair's error barrier on test (how far the error rises above the straight "
                   f"line between the two models' own errors), as trained and after aligning to {literal(reference)}; "
                   f"their means are the {before_barrier:.1f} and {after_barrier:.1f} points in the text.",
@@ -292,7 +293,7 @@ else:
                 f"{middle['recompute']:.1f}% with statistics recomputed, {middle['interpolate']:.1f}% with them "
                 f"interpolated and {middle['keep']:.1f}% with θ0's kept; at {literal(first)} itself, keeping θ0's "
                 f"statistics gives {keep_end:.1f}%.")
-    st.plotly_chart(fig.update_layout(xaxis_title=f"α (θ0 → {in_figure(first)})", yaxis_title="test error (%)", height=420),
+    show(fig.update_layout(xaxis_title=f"α (θ0 → {in_figure(first)})", yaxis_title="test error (%)", height=420),
                     key="tour-bn")
     soup = recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform").metrics
     figure_footer("tour-6", f"each line is one way to treat BatchNorm statistics along the line. The uniform soup of "

@@ -121,6 +121,11 @@ class Comparison:
         return (f"{100 * self.difference:+.1f} points, p = {self.p_value:.2g}: {verdict} "
                 f"on {self.predictions} {self.unit}")
 
+    def brief(self) -> str:
+        """``+0.3 pts, p = 0.41`` (``…, significant`` below the 5% level): a table's cell, whose caption
+        names the split and how many predictions both models made."""
+        return f"{100 * self.difference:+.1f} pts, p = {self.p_value:.2g}" + (", significant" if self.significant else "")
+
     def to_json(self) -> dict:
         return {**asdict(self), "interval": list(self.interval), "difference": self.difference,
                 "significant": self.significant, "test": "exact McNemar (two-sided)",

@@ -461,22 +461,64 @@ def test_a_merge_method_from_the_board_exports_with_its_mergekit_configuration_i
     assert len(config["models"]) == len(zoo.names)
 
 
+SCREENS = [*(("page", title) for title in ("Ingredients", "Recipes", "Geometry", "Landscape", "Export", "Room")),
+           *(("step", str(step)) for step in range(1, 9))]  # the Tour's eight steps, each by its link
+FIGURE_LAYOUT = (ROOT / "tests" / "figure_layout.js").read_text()
+
+
+def _full_page_screenshot(page, path: Path) -> None:
+    """The whole page: Streamlit scrolls its main area itself, so the window is made as tall as it."""
+    width, height = page.viewport_size["width"], page.viewport_size["height"]
+    tall = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": width, "height": max(height, int(tall))})
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].every(p => p._fullLayout)")
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": width, "height": height})
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
-def test_every_page_in_chromium_with_screenshots(server):
+def test_every_page_and_tour_step_reads_well_at_two_window_sizes(server):
+    """Each figure spans its container, titles every axis, keeps its labels off each other and off its
+    markers and its legend off the data; no Cancel button outlives its computation. The full-page
+    screenshots go to test-artifacts/screenshots (``make screenshots`` copies the README's)."""
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(exist_ok=True)
+    shots = ARTIFACTS / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    problems = []
     with sync_playwright() as p:
         browser = _browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        for title in ("Recipes", "Geometry", "Tour"):
-            _open_page(page, server, title)
-            page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
-            page.wait_for_timeout(1000)
-            assert not page.get_by_test_id("stException").count()
-            page.screenshot(path=str(ARTIFACTS / f"{title.lower()}.png"), full_page=True)
+        for width, height in ((1400, 1000), (1024, 768)):
+            page = browser.new_page(viewport={"width": width, "height": height})
+            for kind, name in SCREENS:
+                if kind == "step":
+                    page.goto(f"{server}/tour?step={name}")
+                    page.get_by_role("heading", name="Guided tour").wait_for(timeout=60_000)
+                else:
+                    _open_page(page, server, name)
+                _settle(page)
+                if name == "Landscape" and not page.locator(".js-plotly-plot").count():
+                    page.get_by_role("button", name="Compute").click()
+                    page.locator(".js-plotly-plot").first.wait_for(timeout=300_000)
+                    _settle(page)
+                where = f"{name if kind == 'page' else 'Tour step ' + name} at {width}×{height}"
+                assert not page.get_by_test_id("stException").count(), where
+                if page.get_by_role("button", name="Cancel").count():
+                    problems.append(f"{where}: a Cancel button after the computation finished")
+                for i, figure in enumerate(page.evaluate(FIGURE_LAYOUT)):
+                    if figure["width"] < 0.9 * figure["container"]:
+                        problems.append(f"{where}, figure {i + 1}: {figure['width']:.0f} of {figure['container']:.0f} px")
+                    problems += [f"{where}, figure {i + 1}: {axis} has no title" for axis, title in figure["axes"]
+                                 if not title]
+                    problems += [f"{where}, figure {i + 1}: {a!r} overlaps {b!r}" for a, b in figure["clashes"]]
+                    if figure["legendOverPlot"] > 0:
+                        problems.append(f"{where}, figure {i + 1}: the legend covers the plotting area")
+                file = f"{name.lower() if kind == 'page' else 'tour-step-' + name}-{width}.png"
+                _full_page_screenshot(page, shots / file)
+            page.close()
         browser.close()
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.e2e
@@ -623,7 +665,7 @@ def test_the_live_soup_says_whether_it_beats_the_best_model_and_how_surely():
     table = at.dataframe[0].value
     greedy = make_soup(zoo, "greedy")
     row = table[table["recipe"] == "Greedy soup"].iloc[0]
-    assert row["test vs best"] == versus_best(greedy, zoo.ingredients(), zoo.evaluator)[0].sentence()
+    assert row["test vs best"] == versus_best(greedy, zoo.ingredients(), zoo.evaluator)[0].brief()
 
 
 def test_the_tour_says_what_its_own_data_shows():
@@ -890,15 +932,20 @@ def test_an_unreadable_export_link_is_ignored_and_choosing_puts_the_choice_in_th
     assert "export" not in at.query_params
 
 
-def test_rows_selected_in_the_table_can_be_ticked_and_unticked_together():
+def test_points_selected_in_the_hyperparameter_view_can_be_ticked_and_unticked_together():
     at = _app()
-    at.session_state["ingredients-table"] = {"selection": {"rows": [0, 2], "columns": [], "cells": []}}
+    assert not at.dataframe[0].proto.selection_mode  # the table selects nothing: the boxes are the one way to tick
+    selection = {"selection": {"points": [{"customdata": "ft-00"}, {"customdata": "ft-02"}],
+                               "point_indices": [0, 2], "box": [], "lasso": []}}
+    at.session_state["hparam-chart"] = selection  # what a box drawn around two dots sends
     at.run()
     at.button(key="untick-selected").click().run()
     assert not at.exception
     ticks = {n: at.checkbox(key=f"tick:digits-finetune:{n}").value for n in ("ft-00", "ft-01", "ft-02")}
     assert ticks == {"ft-00": False, "ft-01": True, "ft-02": False}
     assert "ft-00" not in str(at.query_params["use"]).split(",")
+    at.session_state["hparam-chart"] = selection
+    at.run()
     at.button(key="tick-selected").click().run()
     assert at.checkbox(key="tick:digits-finetune:ft-02").value is True
 

@@ -183,8 +183,8 @@ def test_the_board_shows_every_merge_method_with_its_choice_and_its_tests_agains
         made = make_soup(zoo, name, **dict(recipe.app_values))
         row = table[table["recipe"] == recipe.pretty_name].iloc[0]
         assert row["test"] == pytest.approx(100 * made.metrics["test"].accuracy)
-        assert row["test vs best"] == versus_best(made, ingredients, zoo.evaluator, ["test"])[0].sentence()
-        assert row["test vs greedy"] == versus(greedy, made, ingredients, zoo.evaluator, ["test"])[0].sentence()
+        assert row["test vs best"] == versus_best(made, ingredients, zoo.evaluator, ["test"])[0].brief()
+        assert row["test vs greedy"] == versus(greedy, made, ingredients, zoo.evaluator, ["test"])[0].brief()
         curve = made.extras.get("chosen_on_val")
         symbol = {"lambda": "λ", "beta": "β"}
         assert row["chosen on val"] == (f"{symbol[curve['parameter']]} = {curve['chosen']:g}" if curve else "—")

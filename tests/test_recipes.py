@@ -232,8 +232,8 @@ def test_a_tie_for_the_best_model_is_said_out_loud_with_the_spread_on_test(finet
     assert best.ingredients == (tied[0],) and best.extras["tied_on_val"] == tied
     test = {n: evaluator.accuracy(ingredients[n], "test") for n in tied}
     assert best.extras["tied_report"] == {"split": "test", "accuracy": test}
-    assert tie_sentence(best) == (f"{len(tied)} models tie on val at {max(val.values()):.2%} ({', '.join(tied)}); "
-                                  f"on test they score {min(test.values()):.2%} to {max(test.values()):.2%}; "
+    assert tie_sentence(best) == (f"{len(tied)} models tie on val at {max(val.values()):.1%} ({', '.join(tied)}); "
+                                  f"on test they score {min(test.values()):.1%} to {max(test.values()):.1%}; "
                                   f"the first in manifest order, {tied[0]}, is the best individual.")
     alone = RECIPES["best"].make({tied[0]: ingredients[tied[0]]}, evaluator)
     assert alone.extras == {} and tie_sentence(alone) is None

@@ -100,3 +100,16 @@ def test_make_reports_the_soup_against_the_best_model_on_every_report_split():
         assert c["interval"][0] <= c["difference"] <= c["interval"][1]
         assert c["p_value"] == pytest.approx(mcnemar_exact(c["a_only"], c["b_only"]))
     assert ok_json("make", "best", "digits-finetune")["significance"] == []
+
+
+def test_a_comparison_reads_as_points_p_and_a_verdict_in_a_sentence_and_in_a_table_cell():
+    labels = torch.tensor([0] * 10)
+    right = torch.tensor([[1.0, 0.0]] * 10)  # predicts 0: right
+    wrong = torch.tensor([[0.0, 1.0]] * 10)
+    # B wins 3 images A loses, loses none: +30 points; exact McNemar p = 2 × 0.5³ = 0.25
+    a_logits, b_logits = torch.cat([wrong[:3], right[3:]]), right
+    tied = compare("a", a_logits, "b", b_logits, labels, "test")
+    assert tied.sentence() == "+30.0 points, p = 0.25: not significant on 10 images"
+    assert tied.brief() == "+30.0 pts, p = 0.25"
+    many = compare("a", torch.cat([wrong[:7], right[7:]]), "b", right, labels, "test")  # p = 2 × 0.5⁷ = 0.016
+    assert many.brief() == "+70.0 pts, p = 0.016, significant"

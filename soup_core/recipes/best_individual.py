@@ -30,16 +30,16 @@ def best_individual(ingredients: Ingredients, evaluator: Evaluator, base, params
 
 
 def tie_sentence(result: SoupResult, *, report: bool = True) -> str | None:
-    """``4 models tie on val at 96.65% (ft-17, ft-20, ft-22, ft-24); on test they score 96.35% to
-    97.14%; the first in manifest order, ft-17, is the best individual.`` — or None without a tie.
+    """``4 models tie on val at 96.7% (ft-17, ft-20, ft-22, ft-24); on test they score 96.3% to
+    97.1%; the first in manifest order, ft-17, is the best individual.`` — or None without a tie.
     ``report=False`` leaves out how they score on the report split (a room that hides test)."""
     tied = result.extras.get("tied_on_val")
     if not tied:
         return None
-    text = (f"{len(tied)} models tie on {result.extras['val_split']} at {result.extras['val_accuracy']:.2%} "
+    text = (f"{len(tied)} models tie on {result.extras['val_split']} at {result.extras['val_accuracy']:.1%} "
             f"({', '.join(tied)})")
     scored = result.extras.get("tied_report") if report else None
     if scored:
         accuracies = scored["accuracy"].values()
-        text += f"; on {scored['split']} they score {min(accuracies):.2%} to {max(accuracies):.2%}"
+        text += f"; on {scored['split']} they score {min(accuracies):.1%} to {max(accuracies):.1%}"
     return text + f"; the first in manifest order, {result.ingredients[0]}, is the best individual."
