@@ -22,6 +22,7 @@ from appkit.workers import WorkerDied, heavy
 from appkit.workspace import LandscapeSettings, landscape_changed, remember_landscape, seed_landscape, set_export
 from soup_core import distributed
 from soup_core.errors import SoupError
+from soup_core.evaluate import shift_average
 from soup_core.export import Candidate
 from soup_core.policies import BN_POLICIES, PRECISIONS
 from soup_core.recipes import RECIPES
@@ -134,6 +135,8 @@ def landscape_view() -> None:
             cancel.empty()
         else:
             st.session_state["landscape"] = (key, computed[key])
+    elif key in computed and st.session_state.get("landscape", (None,))[0] != key:
+        st.session_state["landscape"] = (key, computed[key])  # on the server already (a shared link): shown at once
     if "landscape" not in st.session_state or st.session_state["landscape"][0][0] != key[0]:
         return  # nothing computed yet for this zoo
     shown_key, result = st.session_state["landscape"]
@@ -207,6 +210,10 @@ def landscape_view() -> None:
         figure.update_layout(height=height, xaxis_title="x (L2 distance from the origin)", yaxis_title="y (L2)",
                              yaxis={"scaleanchor": "x"} if equal_scale else {}, legend=LEGEND_ABOVE,
                              margin={"t": 40, "b": 60})
+        clicked = [p for p in ((st.session_state.get("land-chart") or {}).get("selection") or {}).get("points", [])
+                   if p.get("curve_number") == grid_curve]
+        if clicked:  # the click that caused this run: its ring is drawn now, not one run later
+            st.session_state["land-picked"] = (shown_key, float(clicked[0]["x"]), float(clicked[0]["y"]))
         picked_before = st.session_state.get("land-picked")
         if picked_before and picked_before[0] == shown_key:
             figure.add_trace(go.Scatter(x=[picked_before[1]], y=[picked_before[2]], mode="markers",
@@ -219,13 +226,14 @@ def landscape_view() -> None:
         figure.data[grid_curve].update(unselected={"marker": {"opacity": 0.01}})
     event = show(figure, key="land-chart", on_select="ignore" if surface else "rerun",
                             selection_mode="points")
-    st.caption("How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
+    st.caption("How to read this: colour and height are the metric at each point of the plane (dark = low); the "
+               "checkpoints, soups and merge methods are marked on the flat map: switch 3D off to see them and click "
+               "a point." if surface else
+               "How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
                "the three points that span it, white dots the other checkpoints, gold diamonds the soups and purple "
                "triangles the merge methods projected onto it (how far off the plane in the hover and the table "
                "below), the pink triangle the merge method at the density chosen above, the orange × the lowest "
-               "point. "
-               + ("Switch 3D off to click a point." if surface else "Click a point to see its metrics.")
-               + ("" if surface else scale_note(*spans)))
+               "point. Click a point to see its metrics." + scale_note(*spans))
     projected_table(soups + methods)
     lowest = f"{values[best]:.1f}%" if shown == "error" else f"{values[best]:.4f}"
     st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "
@@ -251,9 +259,12 @@ def landscape_view() -> None:
         metrics = export_plan(zoo, point, tuple(uploads_of(zoo.name))).metrics
         cols = st.columns(4)
         cols[0].markdown(f"**Point ({x:.3f}, {y:.3f})**")
-        shown_splits = visible(n for n in dict.fromkeys(("val", "test", zoo.evaluator.split_names[-1])) if n in metrics)
-        for col, name in zip(cols[1:], shown_splits):
-            col.metric(f"point {name}", percent(metrics[name].accuracy))
+        shifts = zoo.evaluator.shift_names
+        figures = {name: metrics[name].accuracy for name in visible(n for n in ("val", "test") if n in metrics)}
+        if shifts:  # the mean over the shift splits, as every other page reports them
+            figures["shifts"] = shift_average(metrics, shifts)
+        for col, (name, accuracy) in zip(cols[1:], figures.items()):
+            col.metric(f"point {name}", percent(accuracy))
         if st.button("Keep this point for export", key="land-keep"):
             set_export(point)
             st.success("Ready on the Export page.")

@@ -14,6 +14,7 @@ from appkit.plain import in_figure, literal
 from appkit.room_controls import (HIDDEN_NOTE, follow_the_presenter, present_the_tour, test_hidden, unlock_facilitator,
                                   watch_the_presenter)
 from appkit.sidebar import sidebar
+from appkit.stories import batchnorm_story
 from soup_core.io.lora import is_adapter_folder
 from soup_core.pairs import section_four_sentence
 from soup_core.recipes import RECIPES
@@ -286,13 +287,7 @@ else:
         path = cached_path(bn_zoo, zoo_key(bn_zoo), "base", first, policy, 0.0, 1.0, 11)
         alphas, errors[policy] = path["alphas"], 100 * np.array(path["error"]["test"])
         fig.add_trace(go.Scatter(x=alphas, y=errors[policy], name=policy, mode="lines+markers"))
-    middle = {policy: e[len(e) // 2] for policy, e in errors.items()}
-    keep_end = errors["keep"][-1]
-    st.markdown("**BatchNorm** (reproduction: ResNet/EfficientNet soups collapsed). Running statistics belong to the "
-                f"weights they were measured with. Along the line θ0 → {literal(first)}, at α = ½ the test error is "
-                f"{middle['recompute']:.1f}% with statistics recomputed, {middle['interpolate']:.1f}% with them "
-                f"interpolated and {middle['keep']:.1f}% with θ0's kept; at {literal(first)} itself, keeping θ0's "
-                f"statistics gives {keep_end:.1f}%.")
+    st.markdown(batchnorm_story(errors, literal(first)))
     show(fig.update_layout(xaxis_title=f"α (θ0 → {in_figure(first)})", yaxis_title="test error (%)", height=420),
                     key="tour-bn")
     soup = recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform").metrics

@@ -17,7 +17,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from appkit.plain import as_read
-from soup_core.export import Candidate
+from soup_core.export import Candidate, plan_export
 from soup_core.io import load_state_dict, read_provenance
 from soup_core.params import uniform_average
 from soup_core.zoo import make_soup, open_zoo
@@ -784,6 +784,10 @@ def test_the_same_landscape_is_computed_once_for_the_whole_server(monkeypatch):
         assert not at.exception and any("Lowest val error" in m.value for m in at.markdown)
     first.button(key="land-compute").click().run()
     assert calls.count("landscape") == 1 and not first.exception
+    third = _app()  # a shared link's recipient: the plane is on the server, so it is drawn without Compute
+    third.switch_page("pages/landscape.py").run()
+    third.slider(key="land-grid").set_value(7).run()
+    assert any("Lowest val error" in m.value for m in third.markdown) and calls.count("landscape") == 1
 
 
 def test_no_cancel_button_stays_after_a_landscape_is_computed():
@@ -903,6 +907,30 @@ def test_the_landscape_shows_log_loss_and_a_3d_surface():
     at.toggle(key="land-3d").set_value(True).run()
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert not at.exception and figure["data"][0]["type"] == "surface"
+    caption = next(c.value for c in at.caption if c.value.startswith("How to read this"))
+    assert "switch 3D off to see them" in caption and "red stars" not in caption  # no markers are drawn in 3D
+
+
+def test_a_clicked_point_is_ringed_at_once_and_reports_the_shift_average():
+    from soup_core.evaluate import shift_average
+    at = _app()
+    at.switch_page("pages/landscape.py").run()
+    at.slider(key="land-grid").set_value(5).run()
+    at.button(key="land-compute").click().run()
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    grid = next(i for i, t in enumerate(figure["data"]) if t.get("name") == "grid points")
+    lowest = next(t for t in figure["data"] if t.get("name") == "lowest error")
+    x, y = lowest["x"][0], lowest["y"][0]  # a grid point
+    at.session_state["land-chart"] = {"selection": {"points": [{"curve_number": grid, "x": x, "y": y}],
+                                                    "point_indices": [0], "box": [], "lasso": []}}
+    at.run()  # the run the click causes
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    ring = next(t for t in figure["data"] if t.get("name") == "chosen point")
+    assert (ring["x"], ring["y"]) == ([x], [y])
+    zoo = open_zoo("digits-finetune")
+    metrics = {m.label: m.value for m in at.metric}
+    point = plan_export(zoo, Candidate.point(("base", "ft-00", "ft-01"), (x, y), "interpolate")).metrics
+    assert metrics["point shifts"] == f"{100 * shift_average(point, zoo.evaluator.shift_names):.1f}%"
 
 
 @pytest.mark.parametrize("link, title", [
