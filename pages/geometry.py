@@ -20,18 +20,18 @@ if not zoo.has_base:
             "this zoo has none, so they are taken between the weights themselves.")
 angles = cached_angles(zoo, zoo_key(zoo))
 names = list(zoo.names)
-left, right = st.columns([3, 2])
 shown = [in_figure(n) for n in names]  # names drawn as typed (Plotly reads tags in labels)
 every = {"tickmode": "array", "tickvals": shown, "ticktext": shown}  # every checkpoint labelled, not every other
 heatmap = go.Figure(go.Heatmap(z=angles["angle_deg"], x=shown, y=shown, colorscale="Viridis",
                                colorbar={"title": "angle (°)"}, hovertemplate="%{y} vs %{x}: %{z:.1f}°<extra></extra>"))
-heatmap.update_layout(title="Angle between θi − θ0 and θj − θ0", height=560, xaxis={**every, "title": "checkpoint j"},
+heatmap.update_layout(title="Angle between θi − θ0 and θj − θ0", height=max(560, 160 + 20 * len(names)),
+                      xaxis={**every, "title": "checkpoint j"},
                       yaxis={**every, "title": "checkpoint i", "autorange": "reversed"})
-show(heatmap, key="geometry-angles", where=left)
+show(heatmap, key="geometry-angles")  # each figure the page's width: every checkpoint's label has room
 norms = go.Figure(go.Bar(x=shown, y=angles["norm"]))
-norms.update_layout(title="‖θi − θ0‖ (L2)", height=560, xaxis={**every, "title": "checkpoint"},
+norms.update_layout(title="‖θi − θ0‖ (L2)", height=380, xaxis={**every, "title": "checkpoint"},
                     yaxis_title="L2 distance from θ0")
-show(norms, key="geometry-norms", where=right)
+show(norms, key="geometry-norms")
 figure_footer("angles", "each cell is the angle between two checkpoints' fine-tuning updates θ − θ0 (90° = "
               "orthogonal); the bars are how far each checkpoint moved from θ0. Over the parameters only.",
               pd.DataFrame([{"i": a, "j": b, "angle_deg": angles["angle_deg"][i][j], "cosine": angles["cosine"][i][j],

@@ -78,8 +78,8 @@ def bars(zoo, recipes, title, extra: tuple = ()) -> None:
     close = max(values) - min(values) <= 20
     low = max(0.0, min(values) - 5) if close else 0.0
     fig = go.Figure(go.Bar(x=names, y=values, text=[f"{v:.1f}%" for v in values], textposition="outside"))
-    fig.update_layout(title=title, yaxis_title="test accuracy (%)", yaxis_range=[low, 101], height=420,
-                      margin={"t": 50})
+    fig.update_layout(title=title, xaxis_title="recipe", yaxis_title="test accuracy (%)", yaxis_range=[low, 101],
+                      height=440, margin={"t": 50})
     show(fig, key=f"tour-bars-{title}")
     figure_footer(f"tour-{step_number}", "each bar is one recipe's accuracy on the test split; every choice was made "
                   "on val. " + ("The axis starts near the lowest bar so that small differences show." if close else

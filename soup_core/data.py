@@ -146,8 +146,10 @@ def _check_fits(folders: Mapping[str, Path], classes: list[str], size: int, chan
 
 
 def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
-                 default_channels: int = 3) -> dict[str, Split]:
-    """Folders with one subfolder per class → normalised [N, C, size, size] float32, C = ``channels``."""
+                 default_channels: int = 3, inside: Callable[[Path], object] = Path) -> dict[str, Split]:
+    """Folders with one subfolder per class → normalised [N, C, size, size] float32, C = ``channels``.
+    ``inside(file)`` checks every image before it is opened (a server's allowed roots: an image that
+    is a link out of them is refused like any other file)."""
     from PIL import Image, UnidentifiedImageError
     size = spec.get("size", 32)
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IMAGE_SIDE:
@@ -176,6 +178,7 @@ def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
             for file in sorted((folder / cls).glob("*")) if (folder / cls).is_dir() else []:
                 if file.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
+                inside(file)
                 try:
                     with Image.open(file) as img:
                         array = np.asarray(img.convert(mode).resize((size, size)), dtype=np.float32) / 255.0
@@ -291,8 +294,10 @@ def lm_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer
 
 def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn.Module],
                    resolve: Callable[[str], Path], *, tokenizer_dir: Path | None = None,
-                   default_channels: int = 3, device: str | None = None, batch_size: int = 1024) -> Evaluator:
-    """An Evaluator over the splits a manifest's ``[data]`` table describes."""
+                   default_channels: int = 3, device: str | None = None, batch_size: int = 1024,
+                   inside: Callable[[Path], object] = Path) -> Evaluator:
+    """An Evaluator over the splits a manifest's ``[data]`` table describes; ``resolve`` finds (and
+    checks) each split's path, ``inside`` checks each file found in a split's folder."""
     kind = spec.get("kind")
     if kind not in KINDS:
         raise DataError(f"[data] kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -300,7 +305,7 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
     if kind == "table":
         splits = table_splits(spec, resolve)
     elif kind == "images":
-        splits = image_splits(spec, resolve, default_channels)
+        splits = image_splits(spec, resolve, default_channels, inside)
     elif kind == "lm":
         tokenizer = _tokenizer(tokenizer_dir)
         splits = lm_splits(spec, resolve, tokenizer)
@@ -311,4 +316,5 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
         splits = text_splits(spec, resolve, tokenizer_dir)
     train = splits.pop("train", None)
     return Evaluator(model_factory, splits, train=train, device=device, batch_size=batch_size,
-                     info={"data": kind, "splits": split_specs(spec), "unit": UNITS[kind]})  # provenance: paths relative to the zoo
+                     info={"data": kind, "splits": split_specs(spec),  # provenance: paths relative to the zoo
+                           "unit": UNITS[kind]})

@@ -124,7 +124,8 @@ class Comparison:
     def brief(self) -> str:
         """``+0.3 pts, p = 0.41`` (``…, significant`` below the 5% level): a table's cell, whose caption
         names the split and how many predictions both models made."""
-        return f"{100 * self.difference:+.1f} pts, p = {self.p_value:.2g}" + (", significant" if self.significant else "")
+        verdict = ", significant" if self.significant else ""
+        return f"{100 * self.difference:+.1f} pts, p = {self.p_value:.2g}{verdict}"
 
     def to_json(self) -> dict:
         return {**asdict(self), "interval": list(self.interval), "difference": self.difference,

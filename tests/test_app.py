@@ -313,7 +313,7 @@ def _serve(env: dict[str, str] | None = None):
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
 def test_the_app_serves_the_sample_zoo_in_chromium(server):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
@@ -331,8 +331,9 @@ def test_the_app_serves_the_sample_zoo_in_chromium(server):
         before = soup_val.inner_text()
         page.screenshot(path=str(ARTIFACTS / "ingredients.png"), full_page=True)
         for name in ("ft-00", "ft-01"):  # untick two ingredients: the soup changes
-            page.get_by_test_id("stCheckbox").filter(has_text=name).locator("label").click()
-            page.wait_for_timeout(500)
+            box = page.get_by_test_id("stCheckbox").filter(has_text=name)
+            box.locator("label").click()
+            expect(box.locator("input")).not_to_be_checked(timeout=60_000)
         page.wait_for_function(
             "([before]) => [...document.querySelectorAll('[data-testid=stMetric]')]"
             ".some(m => m.innerText.includes('soup val') && !m.innerText.includes(before))", arg=[before],
@@ -480,7 +481,8 @@ def _full_page_screenshot(page, path: Path) -> None:
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="make test installs Debian's chromium")
 def test_every_page_and_tour_step_reads_well_at_two_window_sizes(server):
     """Each figure spans its container, titles every axis, keeps its labels off each other and off its
-    markers and its legend off the data; no Cancel button outlives its computation. The full-page
+    markers and its legend off the data, and writes its text at 4.5:1 or more on white; no Cancel
+    button outlives its computation. The full-page
     screenshots go to test-artifacts/screenshots (``make screenshots`` copies the README's)."""
     from playwright.sync_api import sync_playwright
 
@@ -491,12 +493,10 @@ def test_every_page_and_tour_step_reads_well_at_two_window_sizes(server):
         browser = _browser(p)
         for width, height in ((1400, 1000), (1024, 768)):
             page = browser.new_page(viewport={"width": width, "height": height})
-            for kind, name in SCREENS:
-                if kind == "step":
-                    page.goto(f"{server}/tour?step={name}")
-                    page.get_by_role("heading", name="Guided tour").wait_for(timeout=60_000)
-                else:
-                    _open_page(page, server, name)
+            for kind, name in SCREENS:  # each by its own address: a fresh session, as a shared link opens it
+                path = f"tour?step={name}" if kind == "step" else "" if name == "Ingredients" else name.lower()
+                page.goto(f"{server}/{path}")
+                page.get_by_role("heading", name="Guided tour" if kind == "step" else name).wait_for(timeout=120_000)
                 _settle(page)
                 if name == "Landscape" and not page.locator(".js-plotly-plot").count():
                     page.get_by_role("button", name="Compute").click()
@@ -508,12 +508,15 @@ def test_every_page_and_tour_step_reads_well_at_two_window_sizes(server):
                     problems.append(f"{where}: a Cancel button after the computation finished")
                 for i, figure in enumerate(page.evaluate(FIGURE_LAYOUT)):
                     if figure["width"] < 0.9 * figure["container"]:
-                        problems.append(f"{where}, figure {i + 1}: {figure['width']:.0f} of {figure['container']:.0f} px")
+                        problems.append(f"{where}, figure {i + 1}: {figure['width']:.0f} of "
+                                        f"{figure['container']:.0f} px")
                     problems += [f"{where}, figure {i + 1}: {axis} has no title" for axis, title in figure["axes"]
                                  if not title]
                     problems += [f"{where}, figure {i + 1}: {a!r} overlaps {b!r}" for a, b in figure["clashes"]]
                     if figure["legendOverPlot"] > 0:
                         problems.append(f"{where}, figure {i + 1}: the legend covers the plotting area")
+                    if figure["contrast"] < 4.5:  # ticks, axis titles, legend and colour bar on white (WCAG AA)
+                        problems.append(f"{where}, figure {i + 1}: text at {figure['contrast']:.1f}:1 on white")
                 file = f"{name.lower() if kind == 'page' else 'tour-step-' + name}-{width}.png"
                 _full_page_screenshot(page, shots / file)
             page.close()

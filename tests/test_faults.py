@@ -18,6 +18,22 @@ from soup_core.recipes import RECIPES
 from tests.test_cli import soup
 
 
+def soup_here(*args: str) -> tuple[int, str, str]:
+    """The command line's own ``main`` in this process (what the ``soup`` script runs, without its
+    start-up cost): exit code, stdout and stderr."""
+    import contextlib
+    import io
+
+    from soup_core.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
 def test_json_onto_a_fifo_is_refused_and_the_fifo_stays(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -369,8 +385,8 @@ def test_choices_are_never_made_on_test_or_a_shift(tiny_evaluator, tiny_states):
     for split in ("test", "shift-blur"):
         with pytest.raises(RecipeError, match=f"not '{split}': a choice made on the splits that report it"):
             RECIPES["greedy"].make(tiny_states, tiny_evaluator, val_split=split)
-    result = soup("make", "greedy", "digits-finetune", "--val-split", "test")
-    assert result.returncode == 2 and "val_split must be a held-out split such as val" in result.stderr
+    code, _, err = soup_here("make", "greedy", "digits-finetune", "--val-split", "test")
+    assert code == 2 and "val_split must be a held-out split such as val" in err
 
 
 def test_weights_near_the_largest_float_mix_as_their_ratios_say():
@@ -390,8 +406,8 @@ def test_a_point_whose_weights_overflow_is_refused_before_anything_is_written(tm
 
 
 def test_negative_numbers_in_any_spelling_are_values_on_the_command_line():
-    result = soup("path", "digits-finetune", "ft-00", "ft-01", "--range", "-5e-1", "1.5", "--points", "3")
-    assert result.returncode == 0 and "α from -0.5 to 1.5" in result.stdout, result.stderr
+    code, out, err = soup_here("path", "digits-finetune", "ft-00", "ft-01", "--range", "-5e-1", "1.5", "--points", "3")
+    assert code == 0 and "α from -0.5 to 1.5" in out, err
 
 
 def test_a_provenance_that_is_not_json_is_a_warning_beside_readable_weights(tmp_path):
@@ -404,8 +420,8 @@ def test_a_provenance_that_is_not_json_is_a_warning_beside_readable_weights(tmp_
     safetensors.torch.save_file({"w": torch.ones(2)}, path, metadata={"format": "pt", PROVENANCE_KEY: "{not json"})
     with pytest.raises(CheckpointError, match="soup_provenance metadata is not a JSON object"):
         read_provenance(path)
-    result = soup("inspect", str(path))
-    assert result.returncode == 0 and result.stdout.startswith(f"warning: {path}: its soup_provenance"), result.stderr
+    code, out, err = soup_here("inspect", str(path))
+    assert code == 0 and out.startswith(f"warning: {path}: its soup_provenance"), err
 
 
 @pytest.mark.parametrize("architectures", [["pipeline"], ["AutoModel"], [5], "ViTForImageClassification"])
@@ -461,7 +477,35 @@ def test_no_output_replaces_the_zoos_data_or_code_or_a_hard_link_to_a_checkpoint
     before = {p: p.read_bytes() for p in zoo_dir.rglob("*") if p.is_file()}
     for flags in (["--json", str(zoo_dir / "val.csv")], ["--json", str(zoo_dir / "mymodel.py")],
                   ["--out", str(tmp_path / "linked.safetensors")]):
-        result = soup("make", "uniform", str(zoo_dir), *flags)
-        assert result.returncode == 2 and "refusing to write over an input of this run" in result.stderr, flags
+        code, _, err = soup_here("make", "uniform", str(zoo_dir), *flags)
+        assert code == 2 and "refusing to write over an input of this run" in err, flags
     assert {p: p.read_bytes() for p in zoo_dir.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["linked.safetensors", "zoo"]
+
+
+def test_an_image_linked_out_of_the_allowed_roots_is_refused_like_any_other_file(tmp_path):
+    import safetensors.torch
+    import torch
+    from PIL import Image
+
+    from soup_core.zoo import open_zoo
+    zoo_dir, outside = tmp_path / "zoo", tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(outside / "secret.png")
+    for split in ("val", "test"):
+        for label in ("a", "b"):
+            (zoo_dir / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 200, 10)).save(zoo_dir / split / label / "0.png")
+    (zoo_dir / "val" / "a" / "1.png").symlink_to(outside / "secret.png")
+    (zoo_dir / "net.py").write_text("import torch\n\ndef make():\n"
+                                    "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))\n")
+    for i in range(2):
+        torch.manual_seed(i)
+        layer = torch.nn.Linear(192, 2)
+        safetensors.torch.save_file({"1.weight": layer.weight.detach(), "1.bias": layer.bias.detach()},
+                                    zoo_dir / f"ft-{i}.safetensors")
+    (zoo_dir / "zoo.toml").write_text('checkpoints = ["ft-*.safetensors"]\nmodel = "net:make"\n'
+                                      '[data]\nkind = "images"\nsize = 8\nval = "val"\ntest = "test"\n')
+    with pytest.raises(SoupError, match=r"data file .*1\.png is outside the allowed folders"):
+        open_zoo(zoo_dir, allowed_roots=[zoo_dir], device="cpu").evaluator
+    assert len(open_zoo(zoo_dir, device="cpu").evaluator.labels("val")) == 3  # the CLI on one's own files: read

@@ -87,7 +87,7 @@ def test_at_most_two_uploads_are_decoded_at_once(monkeypatch):
             active[0] += 1
             most[0] = max(most[0], active[0])
         try:
-            time.sleep(3)  # long enough that four sessions uploading together overlap
+            time.sleep(2)  # long enough that four sessions uploading together overlap
             return real(data, name)
         finally:
             with lock:

@@ -139,10 +139,10 @@ class HeldOutSplit(str):
 
     >>> HeldOutSplit("val")
     'val'
-    >>> HeldOutSplit("test")
+    >>> HeldOutSplit("test")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    soup_core.errors.RecipeError: val_split must be a held-out split such as val, not 'test': a choice made on the splits that report it makes their scores meaningless
+    soup_core.errors.RecipeError: val_split must be a held-out split such as val, not 'test': a choice made ...
     """
 
     def __new__(cls, value: str) -> HeldOutSplit:

@@ -30,7 +30,7 @@ from soup_core.io.resident import load_resident
 from soup_core.models import config_channels, detect_model_factory
 from soup_core.state import StateDict
 from soup_core.zoo.manifest import (BASE, CheckpointEntry, Manifest, allowed_roots_from_env, load_callable,
-                                    read_manifest, resolve_path)
+                                    read_manifest, resolve_path, within_roots)
 
 
 class Zoo:
@@ -206,7 +206,8 @@ class Zoo:
                                       lambda rel: resolve_path(rel, "data file", self.manifest, self.root,
                                                                self.allowed_roots),
                                       tokenizer_dir=tokenizer, default_channels=config_channels(folders),
-                                      device=self.device)
+                                      device=self.device,
+                                      inside=lambda file: within_roots(file, self.allowed_roots, "data file"))
             except DataError as exc:
                 raise ZooError(f"{self.manifest}: {exc}") from None
         return None
