@@ -50,13 +50,12 @@ test: test-deps
 test-fast: test-deps
 	$(PY) -m pytest -m "not slow and not e2e"
 
-# The README's screenshots, from the Chromium test that checks every page's and Tour step's figures
-# at 1400×1000 and 1024×768 (all of its full-page screenshots stay in test-artifacts/screenshots).
+# docs/screenshots (the README shows the 1400-wide ones): from the Chromium test that checks every
+# page's and Tour step's figures at 1400×1000 and 1024×768, full-page screenshots of each.
 screenshots: test-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_app.py -k two_window_sizes
-	for page in ingredients recipes geometry landscape export room; do \
-		cp test-artifacts/screenshots/$$page-1400.png docs/screenshots/$$page.png; done
-	cp test-artifacts/screenshots/tour-step-1-1400.png docs/screenshots/tour.png
+	rm -f docs/screenshots/*.png
+	cp test-artifacts/screenshots/*.png docs/screenshots/
 
 # Mutation testing of the core computations (pyproject.toml's [tool.mutmut]); slow, so not in CI.
 # Prints every surviving mutant; run it before releasing a recipe.

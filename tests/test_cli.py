@@ -29,8 +29,25 @@ def soup(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd or ROOT, env=env, timeout=300)
 
 
+def soup_here(*args: str) -> subprocess.CompletedProcess:
+    """The command line's own ``main`` in this process (what the ``soup`` script runs, without its
+    start-up cost of a few seconds), as ``subprocess.run`` would report it."""
+    import contextlib
+    import io
+
+    from soup_core.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
+    return subprocess.CompletedProcess(["soup", *args], code, out.getvalue(), err.getvalue())
+
+
 def ok_json(*args: str) -> dict:
-    result = soup(*args, "--json", "-")
+    """A command's JSON on stdout (run in this process: its own start-up is tested elsewhere)."""
+    result = soup_here(*args, "--json", "-")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -152,7 +169,7 @@ def test_bad_input_ends_with_one_clear_line_and_changes_nothing(tmp_path):
     cases = bad_inputs(tmp_path)
     before = tree_digest(tmp_path)
     for case, args in cases.items():
-        result = soup(*args)
+        result = soup_here(*args)
         assert result.returncode == 2, (case, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("soup: error: "), (case, result.stderr)

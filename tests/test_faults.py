@@ -15,29 +15,13 @@ from soup_core.export import Candidate
 from soup_core.io import atomic_write
 from soup_core.io.safety import check_header
 from soup_core.recipes import RECIPES
-from tests.test_cli import soup
-
-
-def soup_here(*args: str) -> tuple[int, str, str]:
-    """The command line's own ``main`` in this process (what the ``soup`` script runs, without its
-    start-up cost): exit code, stdout and stderr."""
-    import contextlib
-    import io
-
-    from soup_core.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse's refusals
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+from tests.test_cli import soup_here
 
 
 def test_json_onto_a_fifo_is_refused_and_the_fifo_stays(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    result = soup("angles", "digits-finetune", "--ingredients", "ft-00,ft-01", "--json", str(fifo))
+    result = soup_here("angles", "digits-finetune", "--ingredients", "ft-00,ft-01", "--json", str(fifo))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"soup: error: {fifo} is not a regular file (a device, a pipe or a "
                                                   "socket); outputs are written as regular files, so choose another "
@@ -72,7 +56,7 @@ def test_a_header_of_200k_names_is_checked_without_crawling():
     (["--seed", str(10**23)], "at most 9223372036854775807"),
 ])
 def test_numbers_that_work_grows_with_are_bounded_on_the_command_line(flags, message):
-    result = soup("make", "greedy", "digits-finetune", *flags)
+    result = soup_here("make", "greedy", "digits-finetune", *flags)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
@@ -151,23 +135,42 @@ def test_a_checkpoint_truncated_under_the_app_is_one_error_and_the_app_keeps_ser
 
 
 def test_align_refuses_a_bad_split_and_a_stranger_file_before_writing_anything(tmp_path):
-    result = soup("align", "digits-scratch", "--to", "scratch-00", "--out", str(tmp_path / "a"), "--split", "nope")
+    result = soup_here("align", "digits-scratch", "--to", "scratch-00", "--out", str(tmp_path / "a"), "--split", "nope")
     assert result.returncode == 2 and "unknown split(s) nope" in result.stderr
     assert not (tmp_path / "a").exists()  # it wrote 8 files before refusing
     out = tmp_path / "b"
     out.mkdir()
     (out / "scratch-03.safetensors").write_bytes(b"a user's own file")
-    result = soup("align", "digits-scratch", "--to", "scratch-00", "--out", str(out))
+    result = soup_here("align", "digits-scratch", "--to", "scratch-00", "--out", str(out))
     assert result.returncode == 2 and "scratch-03.safetensors exists and was not written by soup align" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["scratch-03.safetensors"]
     assert (out / "scratch-03.safetensors").read_bytes() == b"a user's own file"
+
+
+def test_an_alignment_that_fails_midway_leaves_no_folder_and_the_next_one_writes_all(tmp_path, monkeypatch):
+    import soup_core.io as io
+    real, written = io.save_state_dict, []
+
+    def dies_at_the_third(state, path, **kwargs):  # a kill, a full disk, a bug: after two of eight files
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(state, path, **kwargs)
+    monkeypatch.setattr(io, "save_state_dict", dies_at_the_third)
+    out = tmp_path / "aligned"
+    result = soup_here("align", "digits-scratch", "--to", "scratch-00", "--out", str(out))
+    assert result.returncode == 130 and not out.exists() and os.listdir(tmp_path) == []  # not a zoo of two
+    monkeypatch.undo()
+    result = soup_here("align", "digits-scratch", "--to", "scratch-00", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.glob("*.safetensors"))) == 8 and os.listdir(tmp_path) == ["aligned"]
 
 
 def test_json_onto_the_zoos_own_manifest_is_refused(zoo_copy):
     manifest = zoo_copy / "zoo.toml"
     before = manifest.read_bytes()
     for named in (manifest, zoo_copy):  # the zoo named by its zoo.toml, and by its folder
-        result = soup("angles", str(named), "--ingredients", "ft-00,ft-01", "--json", str(manifest))
+        result = soup_here("angles", str(named), "--ingredients", "ft-00,ft-01", "--json", str(manifest))
         assert result.returncode == 2 and "refusing to write over an input" in result.stderr
         assert manifest.read_bytes() == before
 
@@ -303,18 +306,18 @@ def test_a_checkpoint_named_like_a_link_is_shown_as_typed_on_the_pages(monkeypat
 def test_a_users_file_at_the_model_cards_place_is_never_replaced(tmp_path):
     notes = tmp_path / "soup.md"
     notes.write_text("my notes on this soup")
-    refused = soup("make", "uniform", "digits-finetune", "--out", str(tmp_path / "soup.safetensors"))
+    refused = soup_here("make", "uniform", "digits-finetune", "--out", str(tmp_path / "soup.safetensors"))
     assert refused.returncode == 2 and "soup.md exists and was not written by soup" in refused.stderr
     assert notes.read_text() == "my notes on this soup" and sorted(p.name for p in tmp_path.iterdir()) == ["soup.md"]
     notes.unlink()
     for _ in range(2):  # a previous soup's card is replaced with its soup
-        made = soup("make", "uniform", "digits-finetune", "--out", str(tmp_path / "soup.safetensors"))
+        made = soup_here("make", "uniform", "digits-finetune", "--out", str(tmp_path / "soup.safetensors"))
         assert made.returncode == 0, made.stderr
     assert "library_name: model-soup-lab" in notes.read_text()
-    streamed = soup("make", "uniform", str(_weights_only(tmp_path)), "--out", str(tmp_path / "w.safetensors"))
+    streamed = soup_here("make", "uniform", str(_weights_only(tmp_path)), "--out", str(tmp_path / "w.safetensors"))
     assert streamed.returncode == 0, streamed.stderr
     (tmp_path / "w.md").write_text("mine")
-    again = soup("make", "uniform", str(_weights_only(tmp_path)), "--out", str(tmp_path / "w.safetensors"))
+    again = soup_here("make", "uniform", str(_weights_only(tmp_path)), "--out", str(tmp_path / "w.safetensors"))
     assert again.returncode == 2 and (tmp_path / "w.md").read_text() == "mine"
 
 
@@ -385,8 +388,8 @@ def test_choices_are_never_made_on_test_or_a_shift(tiny_evaluator, tiny_states):
     for split in ("test", "shift-blur"):
         with pytest.raises(RecipeError, match=f"not '{split}': a choice made on the splits that report it"):
             RECIPES["greedy"].make(tiny_states, tiny_evaluator, val_split=split)
-    code, _, err = soup_here("make", "greedy", "digits-finetune", "--val-split", "test")
-    assert code == 2 and "val_split must be a held-out split such as val" in err
+    result = soup_here("make", "greedy", "digits-finetune", "--val-split", "test")
+    assert result.returncode == 2 and "val_split must be a held-out split such as val" in result.stderr
 
 
 def test_weights_near_the_largest_float_mix_as_their_ratios_say():
@@ -406,8 +409,8 @@ def test_a_point_whose_weights_overflow_is_refused_before_anything_is_written(tm
 
 
 def test_negative_numbers_in_any_spelling_are_values_on_the_command_line():
-    code, out, err = soup_here("path", "digits-finetune", "ft-00", "ft-01", "--range", "-5e-1", "1.5", "--points", "3")
-    assert code == 0 and "α from -0.5 to 1.5" in out, err
+    result = soup_here("path", "digits-finetune", "ft-00", "ft-01", "--range", "-5e-1", "1.5", "--points", "3")
+    assert result.returncode == 0 and "α from -0.5 to 1.5" in result.stdout, result.stderr
 
 
 def test_a_provenance_that_is_not_json_is_a_warning_beside_readable_weights(tmp_path):
@@ -420,8 +423,8 @@ def test_a_provenance_that_is_not_json_is_a_warning_beside_readable_weights(tmp_
     safetensors.torch.save_file({"w": torch.ones(2)}, path, metadata={"format": "pt", PROVENANCE_KEY: "{not json"})
     with pytest.raises(CheckpointError, match="soup_provenance metadata is not a JSON object"):
         read_provenance(path)
-    code, out, err = soup_here("inspect", str(path))
-    assert code == 0 and out.startswith(f"warning: {path}: its soup_provenance"), err
+    result = soup_here("inspect", str(path))
+    assert result.returncode == 0 and result.stdout.startswith(f"warning: {path}: its soup_provenance"), result.stderr
 
 
 @pytest.mark.parametrize("architectures", [["pipeline"], ["AutoModel"], [5], "ViTForImageClassification"])
@@ -477,8 +480,8 @@ def test_no_output_replaces_the_zoos_data_or_code_or_a_hard_link_to_a_checkpoint
     before = {p: p.read_bytes() for p in zoo_dir.rglob("*") if p.is_file()}
     for flags in (["--json", str(zoo_dir / "val.csv")], ["--json", str(zoo_dir / "mymodel.py")],
                   ["--out", str(tmp_path / "linked.safetensors")]):
-        code, _, err = soup_here("make", "uniform", str(zoo_dir), *flags)
-        assert code == 2 and "refusing to write over an input of this run" in err, flags
+        result = soup_here("make", "uniform", str(zoo_dir), *flags)
+        assert result.returncode == 2 and "refusing to write over an input of this run" in result.stderr, flags
     assert {p: p.read_bytes() for p in zoo_dir.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["linked.safetensors", "zoo"]
 

@@ -353,6 +353,7 @@ def cmd_align(args: argparse.Namespace) -> None:
 
     from soup_core.align import barrier_table
     from soup_core.io import save_state_dict
+    from soup_core.io.write import staged_folder
     from soup_core.params import uniform_average
     from soup_core.zoo import open_zoo
     zoo = open_zoo(args.zoo, device=check_device(args.device))
@@ -362,11 +363,12 @@ def cmd_align(args: argparse.Namespace) -> None:
     inputs = zoo_inputs(zoo)
     refuse_foreign_files([out / f"{name}.safetensors" for name in zoo.names])
     aligned = zoo.aligned(args.to)
-    for name in zoo.names:
-        save_state_dict(aligned.state_dict(name), out / f"{name}.safetensors", inputs=inputs,
-                        provenance={"aligned_to": args.to, "source": str(zoo.path(name)), "source_sha256":
-                                    zoo.sha256[name], "method": "weight matching (Ainsworth et al. 2023)",
-                                    "zoo": zoo.name})
+    with staged_folder(out) as staging:  # all the aligned checkpoints appear together, or none does
+        for name in zoo.names:
+            save_state_dict(aligned.state_dict(name), staging / f"{name}.safetensors", inputs=inputs,
+                            provenance={"aligned_to": args.to, "source": str(zoo.path(name)), "source_sha256":
+                                        zoo.sha256[name], "method": "weight matching (Ainsworth et al. 2023)",
+                                        "zoo": zoo.name})
     table = barrier_table(zoo, aligned, evaluator, split)
     before, after = (uniform_average([z.state_dict(n) for n in zoo.names]) for z in (zoo, aligned))
     soup = {"before": evaluator.accuracy(before, split), "after": evaluator.accuracy(after, split)}

@@ -152,3 +152,24 @@ def atomic_folder(target: str | os.PathLike[str], files: Mapping[str, bytes | st
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to write into; when the body ends, its files become ``out``'s
+    (one rename when ``out`` is new or empty, else one per file, each complete). An error or a kill
+    leaves ``out`` as it was; what a kill leaves (``.OUT.PID-….partial``) the next run sweeps."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_partials(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX, dir=out.parent))
+    try:
+        yield staging
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            os.replace(staging, out)
+        else:
+            for item in sorted(staging.iterdir()):
+                os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
