@@ -53,7 +53,10 @@ test-fast: test-deps
 # docs/screenshots (the README shows the 1400-wide ones): from the Chromium test that checks every
 # page's and Tour step's figures at 1400×1000 and 1024×768, full-page screenshots of each.
 screenshots: test-deps
+	rm -rf test-artifacts/screenshots
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_app.py -k two_window_sizes
+	@test "$$(ls test-artifacts/screenshots/*.png 2>/dev/null | wc -l)" -eq 28 || \
+		{ echo "the Chromium test made no screenshots (is /usr/bin/chromium there?): docs/screenshots kept"; exit 1; }
 	rm -f docs/screenshots/*.png
 	cp test-artifacts/screenshots/*.png docs/screenshots/
 

@@ -23,8 +23,8 @@ PLOT_AREA_PX = 760
 LEGEND_ABOVE = {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0}
 
 
-# Okabe & Ito's palette: told apart under every common colour-vision deficiency; each colour keeps a
-# contrast of at least 3:1 with the white plot background as a marker (text on it uses a white box).
+# Okabe & Ito's palette: told apart under every common colour-vision deficiency. For markers, not text:
+# its orange, sky blue and yellow are faint on white, so markers drawn in them get a dark outline.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 SYMBOLS = ("star", "diamond", "square", "triangle-up")
 # The figures' text (ticks, titles, legends, colour bars): Streamlit's own text colour, 12:1 on the white
@@ -39,8 +39,9 @@ def series_style(i: int) -> dict:
 
 
 def show(figure: go.Figure, key: str, where=None, **kwargs):
-    """Every figure reaches the page through here: the palette, and a top margin that fits its title
-    (no empty band above a figure without one); ``where`` is a column, else the page."""
+    """Every figure reaches the page through here: the palette, its text in :data:`INK`, and a top
+    margin that fits its title (no empty band above a figure without one); ``where`` is a column,
+    else the page."""
     margin = figure.layout.margin
     top = 70 if figure.layout.title.text else 30
     figure.update_layout(colorway=PALETTE, margin={"t": top if margin.t is None else margin.t}, font_color=INK,

@@ -12,7 +12,8 @@ def batchnorm_story(errors: Mapping[str, Sequence[float]], model: str) -> str:
     middle = {policy: e[len(e) // 2] for policy, e in errors.items()}
     keep_end, own_end = errors["keep"][-1], errors["interpolate"][-1]
     cost = keep_end - own_end
-    verdict = "collapses" if cost > 10 else "is worse" if cost > 1 else "is about as good"
+    verdict = ("collapses" if cost > 10 else "is worse" if cost > 1 else "is better" if cost < -1
+               else "is about as good")
     return ("**BatchNorm.** Running statistics belong to the weights they were measured with; the reproduction "
             "saw ResNet and EfficientNet soups collapse when their statistics were not measured again. On this "
             f"zoo, along the line θ0 → {model}: at α = ½ the test error is {middle['recompute']:.1f}% with "

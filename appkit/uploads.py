@@ -121,6 +121,24 @@ def server_upload_bytes(root: Path | None = None) -> int:
     return sum(f.stat().st_size for folder in server_folders(root) for f in folder.glob("*") if f.is_file())
 
 
+def decoded(data: bytes, name: str, check: Callable[[dict], object]) -> dict:
+    """An upload's tensors, read from its bytes and checked by ``check``: at most two uploads are in
+    this step at once on the whole server (:data:`_DECODING`), whatever the number of sessions."""
+    with _DECODING:
+        state = load_state_dict_bytes(data, name)
+        check(state)
+        return state
+
+
+def megabytes(value: float) -> str:
+    """A size in MB as a participant reads it: whole megabytes from 100 up, else three digits.
+
+    >>> megabytes(2048), megabytes(0.0957), megabytes(12.34)
+    ('2,048', '0.0957', '12.3')
+    """
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def upload_budget_mb() -> float:
     """The server's budget for all uploads on disk, in MB (SOUP_UPLOAD_BUDGET_MB)."""
     try:
@@ -189,8 +207,8 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
             continue
         held, budget = server_upload_bytes(), upload_budget_mb()
         if held + file.size > budget * 2**20:  # not cached as refused: it may fit once others leave
-            problems.append(f"{file.name}: the server already holds {held / 2**20:.3g} MB of uploads from all "
-                            f"participants and keeps at most {budget:.3g} MB (SOUP_UPLOAD_BUDGET_MB); remove "
+            problems.append(f"{file.name}: the server already holds {megabytes(held / 2**20)} MB of uploads from all "
+                            f"participants and keeps at most {megabytes(budget)} MB (SOUP_UPLOAD_BUDGET_MB); remove "
                             "an upload you no longer need, or ask the host to raise the budget")
             continue
         data = file.getvalue()
@@ -199,10 +217,8 @@ def add_uploads(zoo: Zoo, files, limit_bytes: int, *, skip_other_files: bool = F
             continue
         label = file.name if file.name != reference_name else f"{file.name} (upload)"
         try:
-            with _DECODING:
-                state = load_state_dict_bytes(data, file.name)
-                validate_state_dicts({reference_name: zoo.state_dict(reference_name), label: state}
-                                     ).raise_for_errors()
+            state = decoded(data, file.name, lambda state: validate_state_dicts(
+                {reference_name: zoo.state_dict(reference_name), label: state}).raise_for_errors())
         except SoupError as exc:
             message = str(exc)
             refused[file.file_id] = message if message.startswith(file.name) else f"{file.name}: {message}"

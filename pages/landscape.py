@@ -194,6 +194,12 @@ def landscape_view() -> None:
             x=[a.xy[0] for a in result.anchors], y=[a.xy[1] for a in result.anchors], mode="markers",
             marker={"color": "red", "size": 12, "symbol": "star"}, name="the three points",
             hovertext=[in_figure(a.name) for a in result.anchors], hoverinfo="text"))
+        marks = ["the red stars are the three points that span it"]  # the caption names what is drawn, only that
+        marks += [f"{what} projected onto it (how far off the plane in the hover)" for what, shown_here in (
+            ("white dots are the other checkpoints", checkpoints), ("gold diamonds the soups", soups),
+            ("purple triangles the merge methods", methods)) if shown_here]
+        marks += ["the pink triangle is the merge method at the density chosen above"] if sparse is not None else []
+        marks += ["the orange × is the lowest point"]
         label_points(figure, [(a.name, a.xy) for a in result.anchors],
                      extent=((result.xs[0], result.xs[-1]), (result.ys[0], result.ys[-1])))
         # Contours return no click selection: an almost invisible scatter of the grid points does.
@@ -224,16 +230,12 @@ def landscape_view() -> None:
     figure.update_traces(unselected={"marker": {"opacity": 1.0}}, selector={"type": "scatter"})
     if not surface:
         figure.data[grid_curve].update(unselected={"marker": {"opacity": 0.01}})
-    event = show(figure, key="land-chart", on_select="ignore" if surface else "rerun",
-                            selection_mode="points")
+    show(figure, key="land-chart", on_select="ignore" if surface else "rerun", selection_mode="points")
     st.caption("How to read this: colour and height are the metric at each point of the plane (dark = low); the "
                "checkpoints, soups and merge methods are marked on the flat map: switch 3D off to see them and click "
                "a point." if surface else
-               "How to read this: colour is the metric at each point of the plane (dark = low); the red stars are "
-               "the three points that span it, white dots the other checkpoints, gold diamonds the soups and purple "
-               "triangles the merge methods projected onto it (how far off the plane in the hover and the table "
-               "below), the pink triangle the merge method at the density chosen above, the orange × the lowest "
-               "point. Click a point to see its metrics." + scale_note(*spans))
+               "How to read this: colour is the metric at each point of the plane (dark = low); "
+               + "; ".join(marks) + ". Click a point to see its metrics." + scale_note(*spans))
     projected_table(soups + methods)
     lowest = f"{values[best]:.1f}%" if shown == "error" else f"{values[best]:.4f}"
     st.write(f"Lowest {s} {shown} {lowest} at ({result.xs[best[1]]:.3f}, {result.ys[best[0]]:.3f}); "
@@ -247,12 +249,7 @@ def landscape_view() -> None:
                                  key="land-csv", on_click="ignore")
     downloads[2].download_button("Figure (HTML)", lambda: html_text(figure), "landscape.html", "text/html",
                                  key="land-html", on_click="ignore")
-    picked = [] if surface else [p for p in (event.selection.points if event else [])
-                                 if p.get("curve_number") == grid_curve]
-    if picked:
-        x, y = float(picked[0]["x"]), float(picked[0]["y"])
-        st.session_state["land-picked"] = (shown_key, x, y)
-    if st.session_state.get("land-picked", (None,))[0] == shown_key:
+    if st.session_state.get("land-picked", (None,))[0] == shown_key:  # set from the click before the map was drawn
         _, x, y = st.session_state["land-picked"]
         # A point is exported with the policy the landscape used ("none": no BatchNorm to treat).
         point = Candidate.point(shown_key[1:4], (x, y), result.bn if result.bn != "none" else "interpolate")

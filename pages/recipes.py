@@ -8,7 +8,7 @@ import streamlit as st
 from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_result, cached_ablations, recipe_significance, zoo_key
 from appkit.controls import recipe_controls
-from appkit.figures import figure_footer, series_style, show
+from appkit.figures import INK, figure_footer, series_style, show
 from appkit.plain import in_figure
 from appkit.room_controls import HIDDEN_NOTE, test_hidden, visible
 from appkit.sidebar import sidebar
@@ -23,7 +23,8 @@ def export_picker(soups) -> None:
     st.subheader("Pick a soup for export")
     choice = st.selectbox("Soup to export", [r.name for r in soups], format_func=lambda n: RECIPES[n].pretty_name,
                           key="recipes-export")
-    splits = [s for s in (zoo.evaluator.split_names if zoo.evaluator is not None else ()) if s != TEST]
+    splits = [s for s in (zoo.evaluator.split_names if zoo.evaluator is not None else ())
+              if s != TEST and s not in zoo.evaluator.shift_names]  # held-out: never a split that reports
     params = recipe_controls(RECIPES[choice], splits, key=f"recipes-param:{choice}", names=zoo.names) \
         if RECIPES[choice].parameters else {}
     if st.button("Use for export", key="recipes-use"):
@@ -95,7 +96,7 @@ def figure_1() -> None:
         m = results[recipe.name].metrics
         figure.add_trace(go.Scatter(x=[100 * m["test"].accuracy], y=[100 * (shift_average(m, shifts) or float("nan"))],
                                     mode="markers", name=recipe.pretty_name,
-                                    marker={"size": 14, **series_style(i), "line": {"width": 1, "color": "white"}}))
+                                    marker={"size": 14, **series_style(i), "line": {"width": 1, "color": INK}}))
     figure.update_layout(xaxis_title="test accuracy (%)", yaxis_title="avg. shift accuracy (%)",
                          height=max(520, 60 + 21 * len(figure.data)))  # the legend's every row in view
     show(figure, key="recipes-figure1")

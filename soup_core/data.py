@@ -57,8 +57,9 @@ MAX_IMAGE_SIDE = 4096  # pixels; and the images must fit in memory (checked befo
 
 def check_fields(spec: Mapping[str, Any]) -> None:
     """Each optional ``[data]`` field has its type and range, refused in one line before any file is read."""
-    def finite(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    def finite(v: Any) -> bool:  # an integer of 400 digits has no float: math.isfinite would raise
+        return isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and not isinstance(v, bool) \
+            and abs(v) < 2 ** 1023
     for key in ("label", "text"):
         if key in spec and not isinstance(spec[key], str):
             raise DataError(f"[data] {key} must be a column name (a string), not {spec[key]!r}")

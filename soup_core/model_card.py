@@ -14,6 +14,7 @@ from typing import Any
 
 from soup_core.errors import SoupError
 from soup_core.io import refuse_inputs
+from soup_core.io.write import refuse_special
 
 CARD_MARK = "library_name: model-soup-lab"  # in every card's front matter: a card this library wrote
 
@@ -22,7 +23,11 @@ def card_beside(out: Path, inputs: Iterable[str | Path] = ()) -> Path:
     """The card's path beside a safetensors file (its name with ``.md``), once it is clear that
     writing there replaces neither an input nor a file this library did not write."""
     card = out.with_suffix(".md") if out.suffix else out.with_name(out.name + ".md")
+    if card == out:
+        raise SoupError(f"{out}: the weights would be written where their model card goes; name them "
+                        f"{out.with_suffix('.safetensors').name}")
     refuse_inputs(card, inputs)
+    refuse_special(card)  # a link, a folder or a device at the card's place is left alone
     try:
         with open(card, "rb") as handle:
             head = handle.read(256).decode("utf-8", "replace")

@@ -137,6 +137,14 @@ def test_every_page_renders_without_exception(page):
     assert at.title[0].value
 
 
+def test_every_tour_step_renders():
+    at = _app()
+    at.switch_page("pages/tour.py").run()
+    for step in at.radio(key="tour-step").options:
+        at.radio(key="tour-step").set_value(step).run()
+        assert not at.exception, step
+
+
 def test_geometry_pairs_and_recipe_ablations_render():
     at = _app()
     at.switch_page("pages/geometry.py").run()

@@ -166,6 +166,44 @@ def test_an_alignment_that_fails_midway_leaves_no_folder_and_the_next_one_writes
     assert len(list(out.glob("*.safetensors"))) == 8 and os.listdir(tmp_path) == ["aligned"]
 
 
+def test_an_alignment_goes_into_a_folder_of_its_own_never_into_an_input_or_beside_others_files(tmp_path):
+    from soup_core.zoo import sample_zoos
+    data = sample_zoos()["digits-scratch"].parent / "checkpoints"  # the zoo's own checkpoints folder
+    result = soup_here("align", "digits-scratch", "--to", "scratch-00", "--out", str(data))
+    assert result.returncode == 2 and "refusing to write over an input of this run" in result.stderr
+    out = tmp_path / "aligned"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = soup_here("align", "digits-scratch", "--to", "scratch-00", "--out", str(out))
+    assert result.returncode == 2 and "notes.txt is not one of soup align's files" in result.stderr
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_a_staged_folder_appears_in_one_rename_readable_as_any_new_folder(tmp_path):
+    from soup_core.io.write import staged_folder
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = tmp_path / "out"
+    with staged_folder(out) as staging:
+        (staging / "a.txt").write_text("new")
+        assert not out.exists()  # nothing appears before the end
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask and (out / "a.txt").read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with staged_folder(out) as staging:
+            (staging / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == ["out"] and (out / "a.txt").read_text() == "new"  # as it was
+    with staged_folder(out) as staging:  # a folder of its own files: replaced whole
+        (staging / "b.txt").write_text("next")
+    assert os.listdir(out) == ["b.txt"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_weights_named_like_their_model_card_are_refused(tmp_path):
+    result = soup_here("make", "uniform", "digits-finetune", "--out", str(tmp_path / "soup.md"))
+    assert result.returncode == 2 and "the weights would be written where their model card goes" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_json_onto_the_zoos_own_manifest_is_refused(zoo_copy):
     manifest = zoo_copy / "zoo.toml"
     before = manifest.read_bytes()
@@ -369,6 +407,7 @@ DATA = '[data]\nkind = "table"\nlabel = "label"\nval = "val.csv"\ntest = "test.c
     ("sample_data.digits:make_mlp", DATA + 'mean = "abc"\n', "[data] mean must be a number or a list of one"),
     ("sample_data.digits:make_mlp", DATA + "std = [0]\n", "[data] std must be a positive number"),
     ("sample_data.digits:make_mlp", DATA + "max_length = -1\n", "[data] max_length must be a whole number"),
+    ("sample_data.digits:make_mlp", DATA + "mean = " + "9" * 400 + "\n", "[data] mean must be a number"),
 ])
 def test_a_manifest_that_breaks_its_reader_or_its_own_code_is_one_line(tmp_path, model, tail, said):
     from soup_core.zoo import open_zoo
@@ -385,7 +424,7 @@ def test_the_table_zoo_the_manifest_tests_break_scores_as_written(tmp_path):
 
 
 def test_choices_are_never_made_on_test_or_a_shift(tiny_evaluator, tiny_states):
-    for split in ("test", "shift-blur"):
+    for split in ("test", "shift"):  # the tiny evaluator's distribution shift is named "shift"
         with pytest.raises(RecipeError, match=f"not '{split}': a choice made on the splits that report it"):
             RECIPES["greedy"].make(tiny_states, tiny_evaluator, val_split=split)
     result = soup_here("make", "greedy", "digits-finetune", "--val-split", "test")
@@ -425,6 +464,8 @@ def test_a_provenance_that_is_not_json_is_a_warning_beside_readable_weights(tmp_
         read_provenance(path)
     result = soup_here("inspect", str(path))
     assert result.returncode == 0 and result.stdout.startswith(f"warning: {path}: its soup_provenance"), result.stderr
+    quiet = json.loads(soup_here("inspect", str(path), "--json", "-").stdout)["checkpoints"][0]  # no words: JSON
+    assert quiet["provenance"] is None and "is not a JSON object" in quiet["provenance_error"]
 
 
 @pytest.mark.parametrize("architectures", [["pipeline"], ["AutoModel"], [5], "ViTForImageClassification"])

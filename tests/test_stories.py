@@ -17,3 +17,5 @@ def test_the_batchnorm_step_says_what_its_errors_show():
     assert "the model collapses with another model's statistics (+28.8 points)" in batchnorm_story(errors, "bn-00")
     errors["keep"][-1] = 1.5
     assert "the model is about as good with another model's statistics (+0.3 points)" in batchnorm_story(errors, "m")
+    errors["keep"][-1] = 0.1
+    assert "the model is better with another model's statistics (-1.1 points)" in batchnorm_story(errors, "m")

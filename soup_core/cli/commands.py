@@ -67,6 +67,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             try:
                 row["provenance"] = read_provenance(path)
             except CheckpointError as exc:  # the weights load; only their story is unreadable
+                row["provenance_error"] = str(exc)
                 say(args, f"warning: {exc}")
         rows.append(row)
         say(args, f"{path}: {row['tensors']} tensors, {row['parameters']:,} parameters, "
@@ -242,6 +243,8 @@ def cmd_landscape(args: argparse.Namespace) -> None:
                              "field)") from None
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{args.resume}: not a landscape JSON this command wrote ({exc})") from None
+        except RecursionError:
+            raise UsageError(f"{args.resume}: not a landscape JSON this command wrote (nested too deeply)") from None
     def payload_of(result) -> dict:
         return {"zoo": zoo.name, "points": list(args.points), "grid": args.grid, "margin": args.margin,
                 **result.to_json()}
@@ -333,9 +336,19 @@ def cmd_point(args: argparse.Namespace) -> None:
               + (f" (model card: {written[1]})" if len(written) > 1 else ""))
 
 
-def refuse_foreign_files(targets: list[Path]) -> None:
-    """Outputs may replace what ``soup align`` wrote before, never a file of someone else's."""
-    from soup_core.io import read_provenance
+def refuse_foreign_files(out: Path, targets: list[Path], inputs: list[Path]) -> None:
+    """``out`` (a folder) may replace what ``soup align`` wrote before, never an input of this run
+    or a file of someone else's: the folder is replaced as a whole."""
+    from soup_core.io import read_provenance, refuse_inputs
+    for target in (out, *targets):
+        refuse_inputs(target, inputs)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; choose an empty folder for --out")
+    names = {target.name for target in targets}
+    for item in sorted(out.iterdir()) if out.is_dir() else []:
+        if item.name not in names:
+            raise UsageError(f"{item} is not one of soup align's files, and --out is replaced as a whole; choose "
+                             "an empty folder for --out, or move that file away")
     for target in targets:
         if target.exists() or target.is_symlink():
             try:
@@ -361,7 +374,7 @@ def cmd_align(args: argparse.Namespace) -> None:
     split = splits_of(zoo, args.split, "alignment")[0]
     out = Path(args.out)
     inputs = zoo_inputs(zoo)
-    refuse_foreign_files([out / f"{name}.safetensors" for name in zoo.names])
+    refuse_foreign_files(out, [out / f"{name}.safetensors" for name in zoo.names], inputs)
     aligned = zoo.aligned(args.to)
     with staged_folder(out) as staging:  # all the aligned checkpoints appear together, or none does
         for name in zoo.names:

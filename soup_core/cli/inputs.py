@@ -32,11 +32,12 @@ def zoo_inputs(zoo) -> list[Path]:
     code — so that no output is written over one (by name or hard link: :func:`soup_core.io.write.refuse_inputs`)."""
     from soup_core.data import split_specs
     from soup_core.errors import SoupError
+    from soup_core.zoo.manifest import local_module
     manifest = [zoo.manifest] if zoo.manifest.is_file() else []
     try:
         data = [zoo.root / p for p in split_specs(zoo.spec.data_spec).values()] if zoo.spec.data_spec else []
     except SoupError:  # a [data] table that cannot be read is refused when the data is read
         data = []
-    code = [zoo.root / (spec.partition(":")[0].replace(".", "/") + ".py")
-            for spec in (zoo.spec.model_spec, zoo.spec.evaluator_spec) if spec and ":" in spec]
+    code = [local_module(spec, zoo.root) for spec in (zoo.spec.model_spec, zoo.spec.evaluator_spec)
+            if spec and ":" in spec]
     return [zoo.path(n) for n in zoo.all_names] + manifest + data + [c for c in code if c.is_file()]

@@ -211,9 +211,15 @@ class StreamingWriter:
                 self.target.rmdir()  # empty, checked when the writer was made
             os.replace(staging, self.target)
         else:  # extra files go beside the file (a model card): a card never describes other weights
+            bad = [name for name in (extra_files or {}) if os.sep in name or name in ("", ".", "..", self.target.name)]
+            if bad:
+                raise ValueError(f"{bad[0]!r}: a file beside {self.target.name} has a plain name of its own")
             beside = [self.target.parent / name for name in (extra_files or {})]
             for path in beside:
-                (staging / path.name).write_text(extra_files[path.name])
+                with open(staging / path.name, "w", encoding="utf-8") as handle:
+                    handle.write(extra_files[path.name])
+                    handle.flush()
+                    os.fsync(handle.fileno())
             for path in beside:  # the old card goes first: killed between the renames, no card is stale
                 if path.is_file() and not path.is_symlink():
                     path.unlink()

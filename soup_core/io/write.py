@@ -125,51 +125,58 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
 def atomic_folder(target: str | os.PathLike[str], files: Mapping[str, bytes | str],
                   inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """Write a folder of small files (a LoRA adapter: its configuration, weights and card) in one
-    rename: assembled in a hidden folder beside ``target``, each file flushed, then renamed into
-    place. ``target`` must not exist or be an empty folder; an input is never written over."""
+    rename (:func:`staged_folder`), each file flushed. ``target`` must not exist or be an empty
+    folder; an input is never written over."""
     target = Path(target)
     refuse_inputs(target, inputs)
     if target.is_symlink() or (target.exists() and (not target.is_dir() or any(target.iterdir()))):
         raise CheckpointError(f"{target}: exists and is not an empty folder; choose a new name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_partials(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX, dir=target.parent))
     try:
-        for name, data in files.items():
-            with open(staging / name, "wb") as handle:
-                handle.write(data.encode() if isinstance(data, str) else data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        if target.is_dir():
-            target.rmdir()
-        os.rename(staging, target)
+        with staged_folder(target) as staging:
+            for name, data in files.items():
+                with open(staging / name, "wb") as handle:
+                    handle.write(data.encode() if isinstance(data, str) else data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise no_space(target) from None
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else the usual 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """A hidden folder beside ``out`` to write into; when the body ends, its files become ``out``'s
-    (one rename when ``out`` is new or empty, else one per file, each complete). An error or a kill
-    leaves ``out`` as it was; what a kill leaves (``.OUT.PID-….partial``) the next run sweeps."""
+    """A hidden folder beside ``out`` to write into, with the permissions a new folder gets; when the
+    body ends it becomes ``out`` in one rename (an existing ``out`` is moved aside first and removed
+    after: the caller has checked that nothing of anyone else's is in it). An error leaves ``out`` as
+    it was; what a kill leaves (``.OUT.PID-….partial``) the next write to ``out`` sweeps."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_partials(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX, dir=out.parent))
+
+    def hidden() -> Path:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=PARTIAL_SUFFIX, dir=out.parent))
+    staging, old = hidden(), None
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700: another user (a server) could not read it
     try:
         yield staging
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if not out.exists():
-            os.replace(staging, out)
-        else:
-            for item in sorted(staging.iterdir()):
-                os.replace(item, out / item.name)
+        if out.exists():
+            old = hidden()
+            os.replace(out, old)  # over an empty folder of our own: one rename
+        os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -93,12 +93,16 @@ class Landscape:
 
     @classmethod
     def from_json(cls, data: Mapping) -> Landscape:
-        """What :meth:`to_json` wrote; anything else is a ``ValueError`` naming the first field
-        that is wrong (short rows, text where numbers belong, a split without its grid)."""
+        """What :meth:`to_json` wrote; anything else is a ``ValueError`` naming the first field that
+        is wrong (short rows, text where numbers belong, a bad anchor) or a ``KeyError`` naming a
+        missing one (a split without its grid)."""
+        def finite(v: Any) -> bool:
+            return isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and not isinstance(v, bool) \
+                and abs(v) < 2 ** 1023  # an integer of 400 digits has no float (math.isfinite raises)
+
         def numbers(values: Any, what: str, size: int | None = None, missing: bool = False) -> list:
             if not isinstance(values, list) or (size is not None and len(values) != size) or not all(
-                    (missing and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                and math.isfinite(v)) for v in values):
+                    (missing and v is None) or finite(v) for v in values):
                 raise ValueError(f"{what} must be a list of {f'{size} ' if size else ''}finite numbers")
             return values
         xs = numbers(data["axes"]["x"], "axes.x")
@@ -111,6 +115,10 @@ class Landscape:
                 raise ValueError(f"{what} must have {len(ys)} rows")
             checked = [numbers(row, f"{what}[{i}]", len(xs), missing=True) for i, row in enumerate(rows)]
             return np.array([[np.nan if v is None else v for v in row] for row in checked], dtype=np.float64)
+        for i, point in enumerate([*data["anchors"], *data["projections"]]):
+            if not isinstance(point, Mapping) or not isinstance(point.get("name"), str):
+                raise ValueError(f"anchor or projection {i + 1} must have a name")
+            numbers(point.get("xy"), f"{point['name']}'s xy", 2)
         return cls(np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64), tuple(data["splits"]),
                    {s: array(data["loss"][s], f"loss.{s}") for s in data["splits"]},
                    {s: array(data["error"][s], f"error.{s}") for s in data["splits"]},

@@ -186,6 +186,10 @@ class Recipe:
         if self.needs_base and base is None:
             raise RecipeError(f"the {self.pretty_name} needs a base checkpoint θ0 (`base = ...` in zoo.toml)")
         self.check_count(len(ingredients))
+        chooses_on = params.get("val_split")
+        if evaluator is not None and chooses_on in evaluator.shift_names:
+            raise RecipeError(f"val_split must be a held-out split such as val, not {chooses_on!r}: a choice made on "
+                              "the splits that report it makes their scores meaningless (it is a distribution shift)")
         asked = parameter_on_val(self.parameters, params, self.pretty_name)
         if asked is None:
             brew = self.function(ingredients, evaluator, base, params)

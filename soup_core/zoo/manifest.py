@@ -243,6 +243,12 @@ def _checkpoint_entries(items: Sequence[Any], manifest: Path, root: Path,
     return out
 
 
+def local_module(spec: str, root: Path) -> Path:
+    """Where ``module:function``'s module lies beside a manifest (``pkg.mod`` -> ``root/pkg/mod.py``),
+    whether or not it is there (else the module is an installed one)."""
+    return root / (spec.partition(":")[0].replace(".", "/") + ".py")
+
+
 def load_callable(spec: str, root: Path, allowed_roots: Sequence[Path] | None = None) -> Callable[..., Any]:
     """``module:function`` from ``<root>/<module>.py`` or an installed module.
 
@@ -253,7 +259,7 @@ def load_callable(spec: str, root: Path, allowed_roots: Sequence[Path] | None = 
     module_name, sep, attr = spec.partition(":")
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name) or not attr.isidentifier():
         raise ZooError(f"{spec!r} is not of the form module:function")
-    local = root / (module_name.replace(".", "/") + ".py")
+    local = local_module(spec, root)
     if local.is_file():
         within_roots(local, allowed_roots, "module")
     try:
