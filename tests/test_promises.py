@@ -129,8 +129,10 @@ def test_with_every_heavy_slot_taken_heavy_work_waits_and_the_live_soup_does_not
         greedy.start()
         live.join(120)
         assert "live" in done  # ticking never waits in the line for heavy work
-        greedy.join(3)
-        assert greedy.is_alive() and "greedy" not in done  # greedy waits for a slot
+        deadline = time.monotonic() + 60
+        while not HEAVY_WORK.waiting() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert HEAVY_WORK.waiting() == 1 and "greedy" not in done  # greedy is in line for a slot
     finally:
         release.set()
     greedy.join(120)
