@@ -482,8 +482,8 @@ def _full_page_screenshot(page, path: Path) -> None:
 def test_every_page_and_tour_step_reads_well_at_two_window_sizes(server):
     """Each figure spans its container, titles every axis, keeps its labels off each other and off its
     markers and its legend off the data, and writes its text at 4.5:1 or more on white; no Cancel
-    button outlives its computation. The full-page
-    screenshots go to test-artifacts/screenshots (``make screenshots`` copies the README's)."""
+    button outlives its computation. The full-page screenshots go to test-artifacts/screenshots
+    (``make screenshots`` copies them to docs/screenshots)."""
     from playwright.sync_api import sync_playwright
 
     shots = ARTIFACTS / "screenshots"
