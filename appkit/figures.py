@@ -26,6 +26,7 @@ LEGEND_ABOVE = {"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0}
 # Okabe & Ito's palette: told apart under every common colour-vision deficiency. For markers, not text:
 # its orange, sky blue and yellow are faint on white, so markers drawn in them get a dark outline.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+BLUE, GREEN, VERMILION = PALETTE[0], PALETTE[2], PALETTE[5]  # the ones pages name: ticked/kept/rejected
 SYMBOLS = ("star", "diamond", "square", "triangle-up")
 # The figures' text (ticks, titles, legends, colour bars): Streamlit's own text colour, 12:1 on the white
 # plot (the theme's faded grey is 3.7:1; WCAG asks 4.5:1). The app's theme is light (.streamlit/config.toml).

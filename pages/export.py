@@ -32,7 +32,8 @@ except SoupError as exc:
     st.stop()
 st.subheader(plan.title)
 cols = st.columns(3)
-for col, split in zip(cols, visible(("val", "test"))):
+hidden = test_hidden()  # the room is read once a run
+for col, split in zip(cols, visible(("val", "test"), hidden)):
     if split in plan.metrics:
         col.metric(f"{split} accuracy", percent(plan.metrics[split].accuracy))
 cols[2].metric("ingredients", len(plan.ingredients) or "—")
@@ -48,13 +49,13 @@ left, middle, right = st.columns(3)
 left.download_button("Download safetensors", data=plan.safetensors_bytes, file_name=plan.file_name,
                      mime="application/octet-stream", key="export-download", type="primary", on_click="ignore")
 card = plan.model_card()
-if test_hidden():  # the card (and the folder's README) report test
+if hidden:  # the card (and the folder's README) report test
     middle.caption("The model card reports test accuracy: it is offered once the facilitator reveals test.")
 else:
     middle.download_button("Download the model card", data=card, on_click="ignore",
                            file_name=plan.file_name.replace(".safetensors", ".md"), mime="text/markdown",
                            key="export-card")
-if plan.hf_source is not None and not test_hidden():
+if plan.hf_source is not None and not hidden:
     right.download_button("Download as a Hugging Face folder (zip)", data=plan.hf_zip, on_click="ignore",
                           file_name=plan.file_name.replace(".safetensors", ".zip"), mime="application/zip",
                           key="export-download-hf", help="config and tokenizer copied from the input, the model "
@@ -65,7 +66,7 @@ if mergekit is not None:
                        file_name=plan.file_name.replace(".safetensors", ".mergekit.yml"), mime="application/yaml",
                        key="export-mergekit", help="mergekit-yaml remakes this soup from the same checkpoints "
                                                    "(paths as on this server), at any model size")
-if test_hidden():  # the card and the provenance hold the soup's test accuracy
+if hidden:  # the card and the provenance hold the soup's test accuracy
     st.caption("The model card and the provenance report test accuracy: they are shown once the facilitator "
                "reveals test.")
 else:

@@ -5,7 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from appkit.cache import checkpoint_table, live_soup, recipe_result, zoo_key
-from appkit.figures import LEGEND_ABOVE, figure_footer, show
+from appkit.figures import BLUE, GREEN, LEGEND_ABOVE, VERMILION, figure_footer, show
 from appkit.plain import in_figure, literal, percent
 from appkit.room_controls import HIDDEN_NOTE, submit_to_room, test_hidden, visible
 from appkit.sidebar import sidebar
@@ -53,7 +53,7 @@ if hparams and "val" in table:
         log = bool((values > 0).all() and values.max() / values.min() >= 10)
         view = go.Figure(go.Scatter(
             x=values, y=table["val"], mode="markers", customdata=table["checkpoint"], text=table["checkpoint"].map(in_figure),
-            marker={"size": 10, "color": ["#0072B2" if n in chosen_now else "lightgray" for n in table["checkpoint"]],
+            marker={"size": 10, "color": [BLUE if n in chosen_now else "lightgray" for n in table["checkpoint"]],
                     "line": {"width": 1, "color": "black"}},
             hovertemplate="%{text}<br>" + x + " %{x}<br>val %{y:.1f}%<extra></extra>"))
         view.update_layout(height=380, xaxis={"title": x + (" (log scale)" if log else ""),
@@ -160,9 +160,9 @@ def replay() -> None:
     below = frame["val %"] < floor
     chart = go.Figure([
         go.Scatter(x=frame["step"], y=frame["soup val %"], mode="lines", name="the soup after each step",
-                   line={"color": "#0072B2", "width": 3, "shape": "hv"}, hoverinfo="skip"),
+                   line={"color": BLUE, "width": 3, "shape": "hv"}, hoverinfo="skip"),
         go.Scatter(x=frame["step"], y=frame["val %"].clip(lower=floor), mode="markers", name="each step's candidate",
-                   marker={"color": ["#009E73" if a else "#D55E00" for a in frame["accepted"]], "size": 10,
+                   marker={"color": [GREEN if a else VERMILION for a in frame["accepted"]], "size": 10,
                            "symbol": ["triangle-down" if b else "circle" for b in below]},
                    customdata=frame["val %"], text=frame["candidate"].map(in_figure),
                    hovertemplate="step %{x}: %{text}<br>val %{customdata:.1f}%<extra></extra>")])

@@ -8,7 +8,7 @@ import streamlit as st
 from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import board_result, cached_ablations, recipe_significance, zoo_key
 from appkit.controls import recipe_controls
-from appkit.figures import INK, figure_footer, series_style, show
+from appkit.figures import BLUE, INK, VERMILION, figure_footer, series_style, show
 from appkit.plain import in_figure
 from appkit.room_controls import HIDDEN_NOTE, test_hidden, visible
 from appkit.sidebar import sidebar
@@ -123,7 +123,7 @@ if st.toggle("Compute the ablations (5 random orders; a few seconds)", key="reci
     left, right = st.columns(2)
     ks = [r["models_considered"] for r in greedy_rows]
     greedy_fig = fig = go.Figure()
-    for split, color in zip(visible(("val", "test")), ("#1f77b4", "#d62728")):
+    for split, color in zip(visible(("val", "test")), (BLUE, VERMILION)):
         values = np.array([r[split] for r in greedy_rows]) * 100
         fig.add_trace(go.Scatter(x=ks, y=values.mean(1), error_y={"array": values.std(1)}, name=split,
                                  mode="lines+markers", line={"color": color}))

@@ -6,7 +6,7 @@ import os
 import plotly.graph_objects as go
 import streamlit as st
 
-from appkit.figures import figure_footer, show
+from appkit.figures import BLUE, VERMILION, figure_footer, show
 from appkit.room import FACILITATOR_ENV, is_facilitator
 from appkit.room_controls import room, room_table, unlock_facilitator
 from appkit.sidebar import sidebar
@@ -45,10 +45,10 @@ def leaderboard() -> None:
     x, title = ("test (%)", "test accuracy (%)") if revealed else ("ingredients", "number of ingredients")
     fig = go.Figure()  # names in hover text escaped: Plotly reads <a>, <b>… in it
     fig.add_trace(go.Scatter(x=people[x], y=people["val (%)"], mode="markers", name="participants",
-                             text=[html.escape(n) for n in people["name"]], marker={"size": 11, "color": "#0072B2"},
+                             text=[html.escape(n) for n in people["name"]], marker={"size": 11, "color": BLUE},
                              hovertemplate="%{text}<br>" + title + " %{x}<br>val %{y:.1f}%<extra></extra>"))
     fig.add_trace(go.Scatter(x=references[x], y=references["val (%)"], mode="markers", name="references",
-                             text=[html.escape(n) for n in references["name"]], marker={"size": 13, "symbol": "diamond", "color": "#D55E00"},
+                             text=[html.escape(n) for n in references["name"]], marker={"size": 13, "symbol": "diamond", "color": VERMILION},
                              hovertemplate="%{text}<br>" + title + " %{x}<br>val %{y:.1f}%<extra></extra>"))
     fig.update_layout(xaxis_title=title, yaxis_title="val accuracy (%)", height=420,
                       legend={"orientation": "h", "y": -0.2})

@@ -9,7 +9,7 @@ from appkit.board import board_recipes, chosen_on_val
 from appkit.cache import (aligned_zoo, board_result, cached_barrier_interval, cached_barriers, cached_flattest_pair,
                           cached_landscape, cached_pairs, cached_path, load_zoo, recipe_result, recipe_significance,
                           zoo_key)
-from appkit.figures import LEGEND_ABOVE, figure_footer, label_points, plane_scale, scale_note, show
+from appkit.figures import BLUE, LEGEND_ABOVE, VERMILION, figure_footer, label_points, plane_scale, scale_note, show
 from appkit.plain import in_figure, literal
 from appkit.room_controls import (HIDDEN_NOTE, follow_the_presenter, present_the_tour, test_hidden, unlock_facilitator,
                                   watch_the_presenter)
@@ -135,9 +135,8 @@ if step == STEPS[0]:
                  extent=((land["axes"]["x"][0], land["axes"]["x"][-1]), (land["axes"]["y"][0], land["axes"]["y"][-1])))
     spans = float(np.ptp(land["axes"]["x"])), float(np.ptp(land["axes"]["y"]))
     equal, height = plane_scale(*spans)
-    show(fig.update_layout(height=height, yaxis={"scaleanchor": "x"} if equal else {},
-                                      xaxis_title="x (L2 distance)", yaxis_title="y (L2 distance)",
-                                      legend=LEGEND_ABOVE, margin={"t": 40}), key="tour-basin")
+    show(fig.update_layout(height=height, yaxis={"scaleanchor": "x"} if equal else {}, xaxis_title="x (L2 distance)",
+                           yaxis_title="y (L2 distance)", legend=LEGEND_ABOVE, margin={"t": 40}), key="tour-basin")
     gx, gy = np.meshgrid(land["axes"]["x"], land["axes"]["y"])
     figure_footer("tour-1", f"colour is test error (%) in the plane through θ0 (base), {literal(a)} and "
                   f"{literal(b)}; axes are distances in weight space; about 30 levels, so bumps of a few points "
@@ -221,9 +220,9 @@ elif step == STEPS[4]:
          extra=((f"Uniform soup, aligned to {reference}", matched, "uniform"),))
     pairs = [f"{in_figure(row['a'])} × {in_figure(row['b'])}" for row in table]
     barriers = go.Figure([go.Bar(x=pairs, y=[100 * row["before"] for row in table], name="as trained",
-                                 marker_color="#D55E00"),
+                                 marker_color=VERMILION),
                           go.Bar(x=pairs, y=[100 * row["after"] for row in table], name=f"aligned to {reference}",
-                                 marker_color="#0072B2")])
+                                 marker_color=BLUE)])
     barriers.update_layout(barmode="group", height=380, yaxis_title="test error barrier (points)",
                            xaxis_title="pair of models", legend=LEGEND_ABOVE,
                            margin={"t": 40})
@@ -289,7 +288,7 @@ else:
         fig.add_trace(go.Scatter(x=alphas, y=errors[policy], name=policy, mode="lines+markers"))
     st.markdown(batchnorm_story(errors, literal(first)))
     show(fig.update_layout(xaxis_title=f"α (θ0 → {in_figure(first)})", yaxis_title="test error (%)", height=420),
-                    key="tour-bn")
+         key="tour-bn")
     soup = recipe_result(bn_zoo, zoo_key(bn_zoo), "uniform").metrics
     figure_footer("tour-6", f"each line is one way to treat BatchNorm statistics along the line. The uniform soup of "
                   f"all {len(bn_zoo.names)} BatchNorm models (statistics averaged) scores "

@@ -34,8 +34,6 @@ Class names are sorted and numbered once over every split, so label ids agree be
 
 from __future__ import annotations
 
-import math
-
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ import torch
 from soup_core.errors import DataError
 from soup_core.evaluate import Evaluator, Split
 from soup_core.io.read import short
+from soup_core.state import finite_number
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("table", "images", "text", "lm")
@@ -57,9 +56,6 @@ MAX_IMAGE_SIDE = 4096  # pixels; and the images must fit in memory (checked befo
 
 def check_fields(spec: Mapping[str, Any]) -> None:
     """Each optional ``[data]`` field has its type and range, refused in one line before any file is read."""
-    def finite(v: Any) -> bool:  # an integer of 400 digits has no float: math.isfinite would raise
-        return isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and not isinstance(v, bool) \
-            and abs(v) < 2 ** 1023
     for key in ("label", "text"):
         if key in spec and not isinstance(spec[key], str):
             raise DataError(f"[data] {key} must be a column name (a string), not {spec[key]!r}")
@@ -69,7 +65,7 @@ def check_fields(spec: Mapping[str, Any]) -> None:
     for key in ("mean", "std"):
         value = spec.get(key, 0.5)
         values = value if isinstance(value, list) else [value]
-        if not (1 <= len(values) <= 3 and all(finite(v) for v in values)) or (key == "std" and min(values) <= 0):
+        if not (1 <= len(values) <= 3 and all(map(finite_number, values))) or (key == "std" and min(values) <= 0):
             raise DataError(f"[data] {key} must be a {'positive ' if key == 'std' else ''}number or a list of one "
                             f"per channel, not {value!r}")
     length = spec.get("max_length", 1)

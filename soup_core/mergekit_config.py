@@ -36,7 +36,6 @@ parameters:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 import yaml
 
 from soup_core.errors import SoupError
+from soup_core.state import finite_number
 
 # mergekit's method -> our recipe
 METHODS = {"linear": "weighted", "task_arithmetic": "task-arithmetic", "ties": "ties", "dare_linear": "dare-linear",
@@ -74,7 +74,7 @@ def _number(value: Any, where: str) -> float:
     if isinstance(value, (list, dict)):
         raise SoupError(f"{where}: per-layer parameter lists (gradients) and filters are not supported; "
                         "give one number")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not finite_number(value):
         raise SoupError(f"{where} must be a number, not {value!r}")
     return float(value)
 

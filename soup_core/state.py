@@ -19,6 +19,7 @@ tensors matter everywhere in the library:
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -158,3 +159,16 @@ def strip_prefix(state: StateDict, prefix: str) -> StateDict:
     if state and all(key.startswith(prefix) for key in state):
         return {key[len(prefix):]: value for key, value in state.items()}
     return state
+
+
+def finite_number(value: object) -> bool:
+    """Whether a value read from a manifest, a link or a JSON file is a number with a finite float
+    value: not a bool, not NaN or infinity, and not an integer too large for a float (400 digits,
+    on which ``math.isfinite`` raises).
+
+    >>> finite_number(3), finite_number(0.5), finite_number(True), finite_number(float("inf")), finite_number(10**400)
+    (True, True, False, False, False)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 2 ** 1023 if isinstance(value, int) else math.isfinite(value)

@@ -200,7 +200,7 @@ def test_a_cancelled_grid_is_usable_and_resumes_to_the_full_result(mlp_zoo):
 @pytest.mark.parametrize("edit, said", [
     (lambda d: d["loss"]["val"][0].pop(), "loss.val[0] must be a list of 3 finite numbers"),
     (lambda d: d["axes"].update(x=["a", "b", "c"]), "axes.x must be a list of finite numbers"),
-    (lambda d: d["error"].pop("val"), "'val'"),
+    (lambda d: d["error"].pop("val"), "it has no 'val' field"),
     (lambda d: d["loss"]["val"][1].__setitem__(2, float("inf")), "loss.val[1] must be"),
     (lambda d: d["axes"]["x"].__setitem__(0, 10**400), "axes.x must be a list of finite numbers"),  # no float
     (lambda d: d["anchors"][0].update(xy=["a", 1]), "'s xy must be a list of 2 finite numbers"),
@@ -208,7 +208,7 @@ def test_a_cancelled_grid_is_usable_and_resumes_to_the_full_result(mlp_zoo):
 def test_a_resume_file_edited_by_hand_is_refused_by_the_field_that_is_wrong(mlp_zoo, edit, said):
     written = plane_landscape(mlp_zoo.evaluator, _plane(mlp_zoo), grid=3).to_json()
     edit(written)
-    with pytest.raises((ValueError, KeyError), match=re.escape(said)):
+    with pytest.raises(ValueError, match=re.escape(said)):
         Landscape.from_json(written)
 
 

@@ -238,10 +238,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
     if args.resume and Path(args.resume).exists():
         try:
             resume = Landscape.from_json(json.loads(Path(args.resume).read_text()))
-        except KeyError as exc:
-            raise UsageError(f"{args.resume}: not a landscape JSON this command wrote (it has no {exc} "
-                             "field)") from None
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:  # the file's JSON, or Landscape.from_json naming the field that is wrong
             raise UsageError(f"{args.resume}: not a landscape JSON this command wrote ({exc})") from None
         except RecursionError:
             raise UsageError(f"{args.resume}: not a landscape JSON this command wrote (nested too deeply)") from None

@@ -53,35 +53,34 @@ MAX_INFLATED_BYTES = 64 << 20
 
 
 def check_zip(source: IO[bytes], name: str, file_size: int) -> None:
-    """Refuse zip members that would inflate past what the file holds (checked before reading)."""
+    """Refuse zip members that would inflate past what the file holds, and tensor records shorter
+    than their tensors (checked before ``torch.load`` reads anything; the archive is opened once)."""
     try:
         with zipfile.ZipFile(source) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            inflated = sum(m.file_size for m in members if m.compress_type != zipfile.ZIP_STORED)
+            if inflated > MAX_INFLATED_BYTES:
+                raise CheckpointError(f"{name}: holds {inflated / 2**20:.0f} MiB of compressed data in a "
+                                      f"{file_size / 2**20:.1f} MiB file; torch.save stores tensors uncompressed, "
+                                      "so this file is refused (re-save it with torch.save)")
+            stored = sum(m.file_size for m in members if m.compress_type == zipfile.ZIP_STORED)
+            if stored > file_size:
+                raise CheckpointError(f"{name}: its zip directory claims more data ({stored:,} bytes) than the "
+                                      f"file holds ({file_size:,} bytes); the file is damaged or crafted")
+            pickles = [m for m in members if m.filename.endswith("/data.pkl") and m.filename.count("/") == 1]
+            data_pkl = archive.read(pickles[0]) if len(pickles) == 1 else None  # bounded by the checks above
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged archive fails in many ways (BadZipFile, zlib.error, seeks)
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({exc})") from None
-    inflated = sum(m.file_size for m in members if m.compress_type != zipfile.ZIP_STORED)
-    if inflated > MAX_INFLATED_BYTES:
-        raise CheckpointError(f"{name}: holds {inflated / 2**20:.0f} MiB of compressed data in a "
-                              f"{file_size / 2**20:.1f} MiB file; torch.save stores tensors uncompressed, so this "
-                              "file is refused (re-save it with torch.save)")
-    stored = sum(m.file_size for m in members if m.compress_type == zipfile.ZIP_STORED)
-    if stored > file_size:
-        raise CheckpointError(f"{name}: its zip directory claims more data ({stored:,} bytes) than the file "
-                              f"holds ({file_size:,} bytes); the file is damaged or crafted")
-    pickles = [m for m in members if m.filename.endswith("/data.pkl") and m.filename.count("/") == 1]
-    if len(pickles) == 1 and pickles[0].file_size <= MAX_INFLATED_BYTES:
-        prefix = pickles[0].filename.removesuffix("data.pkl")
-        sizes = {m.filename: m.file_size for m in members}
-        try:
-            with zipfile.ZipFile(source) as archive:
-                needs = storage_bytes(archive.read(pickles[0]))
-        except Exception as exc:  # a damaged archive fails in many ways (BadZipFile, zlib.error, seeks)
-            raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({exc})") from None
-        for key, needed in needs.items():
-            held = sizes.get(f"{prefix}data/{key}", 0)
-            if held < needed:  # memory-mapped, torch would read the next records' bytes as weights
-                raise CheckpointError(f"{name}: zip record data/{key} holds {held:,} bytes but its tensor needs "
-                                      f"{needed:,}; the file is damaged or crafted")
+    if data_pkl is None:
+        return
+    prefix, sizes = pickles[0].filename.removesuffix("data.pkl"), {m.filename: m.file_size for m in members}
+    for key, needed in storage_bytes(data_pkl).items():
+        held = sizes.get(f"{prefix}data/{key}", 0)
+        if held < needed:  # memory-mapped, torch would read the next records' bytes as weights
+            raise CheckpointError(f"{name}: zip record data/{key} holds {held:,} bytes but its tensor needs "
+                                  f"{needed:,}; the file is damaged or crafted")
 
 
 # The legacy typed storages torch.save names in a pickle, and their element sizes in bytes.

@@ -35,13 +35,10 @@ def refuse_inputs(target: str | os.PathLike[str], inputs: Iterable[str | os.Path
     """Raise if ``target`` is one of ``inputs`` (by path, or by inode: a hard link), lies inside an
     input folder, or holds one."""
     resolved = Path(target).resolve()
-    try:
-        identity = (os.stat(resolved).st_dev, os.stat(resolved).st_ino)
-    except OSError:
-        identity = None  # not there yet: no link to anything
+    exists = resolved.is_file()  # else not there yet (or a folder): a link to nothing
     for item in inputs:
         item = Path(item).resolve()
-        linked = identity is not None and item.is_file() and (item.stat().st_dev, item.stat().st_ino) == identity
+        linked = exists and item.is_file() and os.path.samefile(resolved, item)
         if resolved == item or linked or item in resolved.parents or (resolved in item.parents):
             raise CheckpointError(f"{target}: refusing to write over an input of this run ({item})")
 

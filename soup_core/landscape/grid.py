@@ -15,7 +15,7 @@ from soup_core.evaluate import Evaluator
 from soup_core.geometry import Plane, Projection
 from soup_core.landscape.engine import SliceEvaluator
 from soup_core.landscape.scores import PointValues
-from soup_core.state import Progress, ShouldStop
+from soup_core.state import Progress, ShouldStop, finite_number
 
 
 def coarse_to_fine(size: int) -> list[int]:
@@ -94,15 +94,20 @@ class Landscape:
     @classmethod
     def from_json(cls, data: Mapping) -> Landscape:
         """What :meth:`to_json` wrote; anything else is a ``ValueError`` naming the first field that
-        is wrong (short rows, text where numbers belong, a bad anchor) or a ``KeyError`` naming a
-        missing one (a split without its grid)."""
-        def finite(v: Any) -> bool:
-            return isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and not isinstance(v, bool) \
-                and abs(v) < 2 ** 1023  # an integer of 400 digits has no float (math.isfinite raises)
+        is wrong (short rows, text where numbers belong, a bad anchor) or missing (a split without
+        its grid)."""
+        try:
+            return cls._read(data)
+        except KeyError as exc:
+            raise ValueError(f"it has no {exc} field") from None
+        except (TypeError, AttributeError) as exc:  # a list or a number where a table belongs
+            raise ValueError(f"its fields are not what soup landscape writes ({exc})") from None
 
+    @classmethod
+    def _read(cls, data: Mapping) -> Landscape:
         def numbers(values: Any, what: str, size: int | None = None, missing: bool = False) -> list:
             if not isinstance(values, list) or (size is not None and len(values) != size) or not all(
-                    (missing and v is None) or finite(v) for v in values):
+                    (missing and v is None) or finite_number(v) for v in values):
                 raise ValueError(f"{what} must be a list of {f'{size} ' if size else ''}finite numbers")
             return values
         xs = numbers(data["axes"]["x"], "axes.x")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from soup_core.errors import RecipeError
-from soup_core.recipes.parameters import Parameter, Params
+from soup_core.recipes.parameters import Parameter, Params, not_held_out
 from soup_core.recipes.tuning import choose_on_val, parameter_on_val
 
 if TYPE_CHECKING:  # the registry is read without importing torch
@@ -188,8 +188,7 @@ class Recipe:
         self.check_count(len(ingredients))
         chooses_on = params.get("val_split")
         if evaluator is not None and chooses_on in evaluator.shift_names:
-            raise RecipeError(f"val_split must be a held-out split such as val, not {chooses_on!r}: a choice made on "
-                              "the splits that report it makes their scores meaningless (it is a distribution shift)")
+            raise not_held_out(chooses_on, " (it is a distribution shift)")
         asked = parameter_on_val(self.parameters, params, self.pretty_name)
         if asked is None:
             brew = self.function(ingredients, evaluator, base, params)

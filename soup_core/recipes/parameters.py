@@ -149,9 +149,14 @@ class HeldOutSplit(str):
     def __new__(cls, value: str) -> HeldOutSplit:
         name = str(value).strip()
         if name == "test":  # a zoo's distribution shifts are refused where its evaluator is known
-            raise RecipeError(f"val_split must be a held-out split such as val, not {name!r}: a choice made on the "
-                              "splits that report it makes their scores meaningless")
+            raise not_held_out(name)
         return super().__new__(cls, name)
+
+
+def not_held_out(split: str, why: str = "") -> RecipeError:
+    """The error for choosing on ``split``, a split that reports choices (test, or a shift)."""
+    return RecipeError(f"val_split must be a held-out split such as val, not {split!r}: a choice made on the "
+                       f"splits that report it makes their scores meaningless{why}")
 
 
 VAL_SPLIT = Parameter("val_split", HeldOutSplit, "val", "the held-out split every choice is made on (never test "
