@@ -191,23 +191,50 @@ def image_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path],
     return out
 
 
-def _tokenizer(tokenizer_dir: Path | None):
-    """The checkpoint folder's own tokenizer (local files only: never a hub)."""
+def _tokenizer(tokenizer_dir: Path | None, inside: Callable[[Path], object] = Path):
+    """The checkpoint folder's own tokenizer (local files only: never a hub).
+
+    Every file of the folder is checked first (``inside``: the allowed roots, symlinks resolved) and
+    must be a regular file: transformers picks which of them to read, so a ``tokenizer.json`` linked
+    to a file outside the roots, or a FIFO, never reaches it. A tokenizer's files are parsed by
+    transformers and tokenizers, which fail in many ways on bad ones: each is one line here.
+    """
     if tokenizer_dir is None:
         raise DataError("text data needs a tokenizer saved in a checkpoint directory (tokenizer.json)")
+    for file in sorted(tokenizer_dir.iterdir()):
+        if not file.is_dir():
+            inside(file)
+            if not file.resolve().is_file():
+                raise DataError(f"{file}: not a regular file (a link to nothing, a FIFO or a device), in the "
+                                "folder whose tokenizer the data is read with; remove it")
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise DataError("text data needs the optional extra: pip install transformers (the [hf] extra)") from None
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{tokenizer_dir}: not a readable tokenizer ({short(exc)})") from None
+    except Exception as exc:  # KeyError, AttributeError, tokenizers' bare Exception, ... from hostile files
+        raise DataError(f"{tokenizer_dir}: not a readable tokenizer ({type(exc).__name__}: {short(exc)})") from None
 
 
-def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer_dir: Path | None) -> dict[str, Split]:
+def check_vocabulary(model: torch.nn.Module, splits: Mapping[str, Split], tokenizer_dir: Path | None) -> None:
+    """Token ids past the model's embedding rows mean the tokenizer is another model's: say so, not
+    "index out of range" from the first forward pass."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    for name, split in splits.items():
+        top = int(split.inputs[:, 0].max())
+        if top >= rows:
+            raise DataError(f"split {name!r} holds token id {top:,}, but the model's vocabulary has {rows:,} ids "
+                            f"(its input embeddings): the tokenizer in {tokenizer_dir} is not this model's")
+
+
+def text_splits(spec: Mapping[str, Any], resolve: Callable[[str], Path], tokenizer_dir: Path | None,
+                inside: Callable[[Path], object] = Path) -> dict[str, Split]:
     """A text column tokenised with the checkpoint's own tokenizer → [N, 2, L] (ids, mask)."""
-    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer = _tokenizer(tokenizer_dir, inside)
     label, column = spec.get("label", "label"), spec.get("text", "text")
     max_length = int(spec.get("max_length", 128))
     frames = {name: _read_table(path) for name, path in _split_paths(spec, resolve).items()}
@@ -304,14 +331,17 @@ def data_evaluator(spec: Mapping[str, Any], model_factory: Callable[[], torch.nn
     elif kind == "images":
         splits = image_splits(spec, resolve, default_channels, inside)
     elif kind == "lm":
-        tokenizer = _tokenizer(tokenizer_dir)
+        tokenizer = _tokenizer(tokenizer_dir, inside)
         splits = lm_splits(spec, resolve, tokenizer)
         # A batch's logits are sequences × length × vocabulary floats: at most LM_BATCH_LOGITS of them.
         length = max(s.labels.shape[1] for s in splits.values())
         batch_size = max(1, min(batch_size, LM_BATCH_LOGITS // (length * len(tokenizer))))
     else:
-        splits = text_splits(spec, resolve, tokenizer_dir)
+        splits = text_splits(spec, resolve, tokenizer_dir, inside)
     train = splits.pop("train", None)
-    return Evaluator(model_factory, splits, train=train, device=device, batch_size=batch_size,
-                     info={"data": kind, "splits": split_specs(spec),  # provenance: paths relative to the zoo
-                           "unit": UNITS[kind]})
+    evaluator = Evaluator(model_factory, splits, train=train, device=device, batch_size=batch_size,
+                          info={"data": kind, "splits": split_specs(spec),  # provenance: paths relative to the zoo
+                                "unit": UNITS[kind]})
+    if kind in ("lm", "text"):
+        check_vocabulary(evaluator.model, {**splits, **({"train": train} if train else {})}, tokenizer_dir)
+    return evaluator

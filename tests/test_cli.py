@@ -45,6 +45,36 @@ def soup_here(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["soup", *args], code, out.getvalue(), err.getvalue())
 
 
+def the_worker(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """The pid of the child that does a started ``soup`` command's work (:mod:`soup_core.cli.supervise`)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        time.sleep(0.002)
+    raise AssertionError("the command started no worker")
+
+
+def gone(pid: int, timeout: float = 30) -> bool:
+    """Whether a process (not ours to reap) has ended within ``timeout`` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.002)
+    return False
+
+
 def ok_json(*args: str) -> dict:
     """A command's JSON on stdout (run in this process: its own start-up is tested elsewhere)."""
     result = soup_here(*args, "--json", "-")

@@ -15,7 +15,7 @@ from soup_core.export import Candidate
 from soup_core.io import atomic_write
 from soup_core.io.safety import check_header
 from soup_core.recipes import RECIPES
-from tests.test_cli import soup_here
+from tests.test_cli import gone, soup_here, the_worker
 
 
 def test_json_onto_a_fifo_is_refused_and_the_fifo_stays(tmp_path):
@@ -241,6 +241,70 @@ def test_a_zoo_description_and_an_upload_name_are_shown_as_typed(monkeypatch, tm
     assert not at.exception and any("\\[Sign in again\\]\\(https\\://host/login\\)" in c for c in captions)
 
 
+def test_a_checkpoint_cut_short_under_a_running_command_is_one_line_and_writes_nothing(tmp_path):
+    """``cp new.safetensors ft-01.safetensors`` truncates ft-01 before it writes. The command reads its
+    checkpoints memory-mapped, so its next read there dies of SIGBUS, which no Python code can catch:
+    the command's parent turns that into one line (exit 2), and the staged outputs leave nothing."""
+    import subprocess
+    import sys
+
+    from soup_core.cli.supervise import CUT_SHORT
+    zoo = _table_zoo(tmp_path / "zoo", DATA, model="mymodel:make")
+    (zoo / "mymodel.py").write_text(  # the model's first forward cuts ft-01 short, after the zoo has mapped it
+        "import os\nfrom pathlib import Path\nfrom sample_data.digits import make_mlp\n\n"
+        "def cut(module, inputs):\n    os.truncate(Path(__file__).parent / 'ck' / 'ft-01.safetensors', 200)\n\n"
+        "def make():\n    model = make_mlp()\n    model.register_forward_pre_hook(cut)\n    return model\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "soup_core", "make", "greedy", str(zoo), "--out",
+                             str(out / "soup.safetensors"), "--json", str(out / "soup.json")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert (zoo / "ck" / "ft-01.safetensors").stat().st_size == 200  # the fault happened
+    assert result.returncode == 2 and result.stderr.splitlines() == [f"soup: error: {CUT_SHORT}"]
+    assert os.listdir(out) == []
+
+
+def test_more_checkpoints_than_the_kernel_lets_a_process_map_is_one_line_naming_the_limit(tmp_path):
+    """Each open checkpoint is one memory map, and vm.max_map_count (65,530) bounds them: a zoo of more
+    files failed as "not a valid safetensors file (... Cannot allocate memory)" on valid files. The
+    process here first takes all but 20 of its maps, as 65,000 open checkpoints would."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from soup_core.io import save_state_dict
+    for i in range(40):
+        save_state_dict({"w": torch.full((3,), float(i))}, tmp_path / f"ft-{i:02d}.safetensors")
+    script = ("import contextlib, io, mmap, sys\nfrom soup_core.cli import main\n"
+              "with contextlib.redirect_stdout(io.StringIO()):\n    main(sys.argv[1:4])  # torch and the command loaded\n"
+              "held = []\ntry:\n    while True:\n"
+              "        held.append(mmap.mmap(-1, 4096, prot=mmap.PROT_READ | (mmap.PROT_WRITE if len(held) % 2 else 0)))\n"
+              "except OSError:\n    del held[-20:]\nsys.exit(main(sys.argv[1:]))\n")
+    files = sorted(str(p) for p in tmp_path.glob("*.safetensors"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", script, "angles", *files], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "cannot be memory-mapped: this process holds" in result.stderr
+    assert "(vm.max_map_count), one per open checkpoint; open fewer checkpoints at once" in result.stderr
+
+
+def test_a_command_whose_worker_is_killed_dies_of_the_same_signal(tmp_path):
+    """The out-of-memory killer picks the worker: the command ends as a killed command, not as a success."""
+    import signal
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "soup_core", "landscape", "digits-finetune", "--points", "base", "ft-00", "ft-01",
+            "--grid", "101", "--json", str(tmp_path / "plane.json")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.kill(the_worker(proc), signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL and proc.stderr.read() == b""
+    assert not (tmp_path / "plane.json").exists()
+
+
 def test_a_landscape_killed_mid_run_keeps_its_resume_file_and_finishes_from_it(tmp_path):
     """Without --ray too, --resume is saved after every chunk: SIGKILL loses one chunk, never the file."""
     import signal
@@ -258,8 +322,10 @@ def test_a_landscape_killed_mid_run_keeps_its_resume_file_and_finishes_from_it(t
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the landscape finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    worker = the_worker(proc)
+    proc.send_signal(signal.SIGKILL)  # the command's own process: its worker dies with it
     proc.wait(timeout=60)
+    assert gone(worker)
     partial = json.loads(state.read_text())
     done = np.array([[v is not None for v in row] for row in partial["loss"]["val"]])
     assert not partial["complete"] and 0 < done.sum() < done.size

@@ -14,7 +14,7 @@ import torch
 import soup_core.errors as errors
 from soup_core.io import file_sha256, save_state_dict, state_dict_bytes
 from soup_core.recipes import RECIPES, all_parameters
-from tests.test_cli import ROOT, ok_json, soup
+from tests.test_cli import ROOT, gone, ok_json, soup, the_worker
 
 
 def test_every_error_the_library_raises_on_purpose_is_a_soup_error():
@@ -167,20 +167,25 @@ def test_a_killed_export_leaves_the_previous_file_and_the_next_run_no_temp_file(
     # a suite started in the background (`make test &`) inherits SIGINT ignored, and so would the command:
     # give it the default disposition a terminal gives it, as a user's Ctrl-C meets it
     proc = subprocess.Popen([sys.executable, "-m", "soup_core", "make", "uniform", str(zoo), "--out", str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    worker = the_worker(proc)
     deadline = time.time() + 120
     def writing() -> bool:  # the output is open (its files have no name until the end: O_TMPFILE)
         try:
-            fds = os.listdir(f"/proc/{proc.pid}/fd")
-            return any(os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith(str(out_dir)) for fd in fds)
+            fds = os.listdir(f"/proc/{worker}/fd")
+            return any(os.readlink(f"/proc/{worker}/fd/{fd}").startswith(str(out_dir)) for fd in fds)
         except OSError:
             return False
     while not writing() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
     assert proc.poll() is None, "the export finished before it could be interrupted"
-    proc.send_signal(getattr(signal, signal_name))
+    if signal_name == "SIGINT":  # Ctrl-C: the terminal signals the command's whole process group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:  # `kill PID` or `kill -9 PID`: the command's own process
+        proc.send_signal(getattr(signal, signal_name))
     proc.wait(timeout=120)
+    assert gone(worker)
     assert out.read_bytes() == b"the previous soup"
     assert sorted(p.name for p in out_dir.iterdir()) == ["soup.safetensors"]  # SIGKILL too: nothing left
     if signal_name != "SIGKILL":

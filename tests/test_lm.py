@@ -9,6 +9,7 @@ an adapter through PEFT's unmerged ``PeftModel``. The zoo is ``code-lm``, writte
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -186,3 +187,53 @@ def test_logits_the_cache_keeps_stay_within_its_byte_budget():
         torch.manual_seed(seed)
         ev.logits(torch.nn.Linear(3, 5).state_dict())
     assert len(ev._cache) == 3 and ev._cached_bytes == 3 * 8 * 5 * 4
+
+
+def _tokenizer_json() -> dict:
+    return json.loads((ZOO / "base" / "tokenizer.json").read_text())
+
+
+def _write(name: str, content):
+    def change(folder: Path) -> None:
+        (folder / name).unlink(missing_ok=True)
+        if callable(content):
+            content(folder / name)
+        else:
+            (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return change
+
+
+@pytest.mark.parametrize("change, said", [
+    (_write("tokenizer.json", "{nope"), "not a readable tokenizer (JSONDecodeError: Expecting property name"),
+    (_write("tokenizer.json", {}), "not a readable tokenizer (KeyError: 'added_tokens')"),
+    (_write("tokenizer.json", {**_tokenizer_json(), "model": {"type": "BPE", "vocab": 5}}),
+     "not a readable tokenizer (Exception: invalid type: integer `5`, expected a map"),
+    (_write("tokenizer_config.json", [1, 2]), "not a readable tokenizer (AttributeError: 'list' object has no"),
+    (_write("special_tokens_map.json", {"pad_token": {"content": 5}}), "not a readable tokenizer (TypeError:"),
+    (_write("tokenizer.json", lambda path: path.symlink_to("/etc/hostname")), "is outside the allowed folders"),
+    (_write("tokenizer.json", lambda path: path.symlink_to("/dev/zero")), "is outside the allowed folders"),
+    (_write("tokenizer.json", lambda path: os.mkfifo(path)), "tokenizer.json: not a regular file (a link to nothing, a FIFO"),
+    (_write("tokenizer.json", {**_tokenizer_json(), "model": {**_tokenizer_json()["model"], "vocab": {
+        token: i + 10**6 for token, i in _tokenizer_json()["model"]["vocab"].items()}}}),
+     "holds token id 1,00"),
+])
+def test_a_hostile_or_foreign_tokenizer_is_one_line_and_nothing_outside_the_roots_is_read(tmp_path, monkeypatch,
+                                                                                        change, said):
+    """The tokenizer of an lm or text zoo comes with its checkpoints: each file is checked against the
+    allowed roots and must be a regular file before transformers reads any; whatever transformers or
+    tokenizers raise on a bad one is one line; ids past the model's vocabulary name the tokenizer."""
+    import shutil
+
+    from tests.test_cli import soup_here
+    zoo = tmp_path / "zoo"
+    shutil.copytree(ZOO / "base", zoo / "base")
+    shutil.copytree(ZOO / "data", zoo / "data")
+    shutil.copytree(ZOO / "checkpoints" / "full-00", zoo / "full-00")
+    (zoo / "zoo.toml").write_text('base = "base"\ncheckpoints = ["full-00"]\n[data]\nkind = "lm"\nmax_length = 16\n'
+                                  'val = "data/val.jsonl"\ntest = "data/test.jsonl"\n')
+    change(zoo / "base")
+    monkeypatch.setenv("SOUP_ALLOWED_ROOTS", str(tmp_path))
+    before = sorted(p.name for p in zoo.rglob("*"))
+    result = soup_here("evaluate", str(zoo))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and said in result.stderr, result.stderr
+    assert sorted(p.name for p in zoo.rglob("*")) == before

@@ -29,6 +29,7 @@ from soup_core.io.layout import TensorInfo
 from soup_core.merge import (MappingSource, MergeRun, linear, mean_of, merge_in_memory, model_stock, open_source,
                              write_merge)
 from soup_core.zoo import open_zoo, sample_zoos
+from tests.test_cli import gone, the_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -304,18 +305,20 @@ def test_a_killed_merge_leaves_nothing_behind(tmp_path):
     out.parent.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "soup_core", "make", "uniform", str(zoo), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = the_worker(proc)
     deadline = time.monotonic() + 120
     writing = False
     while time.monotonic() < deadline and proc.poll() is None and not writing:
         try:
-            targets = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+            targets = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
         except OSError:
             targets = []
         writing = any(t.startswith(str(out.parent)) for t in targets)  # an output file is open
         time.sleep(0.005)
     assert writing, "the merge finished before it could be killed; make the zoo larger"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # the command's own process: its worker dies with it
     proc.wait(timeout=30)
+    assert gone(worker)
     assert sorted(os.listdir(out.parent)) == [] and sorted(os.listdir(zoo)) == before
 
 

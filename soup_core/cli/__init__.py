@@ -18,6 +18,7 @@ from soup_core.errors import SoupError
 
 
 def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM (to the group) must not cut the clean-up
     raise KeyboardInterrupt  # unwinds like Ctrl-C: temp files are removed, outputs stay as they were
 
 
@@ -37,9 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``soup`` command: this process is ours, so freed memory stays for reuse (landscapes
-    page-fault without it; see :mod:`soup_core.allocator`), and SIGTERM unwinds like Ctrl-C."""
+    """The ``soup`` command: the work runs in a child (a checkpoint cut short under it is one line:
+    :mod:`~soup_core.cli.supervise`); that process is ours, so freed memory stays for reuse
+    (landscapes page-fault without it; see :mod:`soup_core.allocator`), and SIGTERM unwinds like Ctrl-C."""
     from soup_core.allocator import keep_freed_memory
+    from soup_core.cli.supervise import work_in_child
+    work_in_child()
     keep_freed_memory()
     signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

@@ -37,6 +37,7 @@ import safetensors.torch
 import torch
 
 from soup_core.errors import CheckpointError
+from soup_core.io.maps import mapping_error
 from soup_core.io.safety import (TRAINER_GLOBALS, check_header, check_keys, check_tensors, check_zip,
                                  not_a_checkpoint, safetensors_header)
 from soup_core.state import StateDict, names_list, strip_prefix
@@ -110,7 +111,8 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             self._handle = safetensors.safe_open(self.path, framework="pt")
             self._keys = list(self._handle.keys())
         except Exception as exc:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
+            raise mapping_error(self.path, exc) or CheckpointError(
+                f"{path}: not a valid safetensors file ({short(exc)})") from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
@@ -212,7 +214,8 @@ def _read_safetensors_file(path: Path) -> StateDict:
             meta = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})") from None
+        raise mapping_error(str(path), exc) or CheckpointError(
+            f"{path}: not a valid safetensors file ({short(exc)})") from None
     check_tensors(state, str(path))
     return _retie(state, meta, str(path))
 
@@ -273,7 +276,7 @@ def _torch_load(source: Path | io.BytesIO, name: str) -> Any:
             f"{name}: refused to unpickle — the file holds Python objects other than tensors "
             f"and is only ever loaded with weights_only=True ({detail})") from None
     except Exception as exc:  # truncated zips, garbage bytes, ...
-        raise _other_format(source, name) or CheckpointError(
+        raise mapping_error(name, exc) or _other_format(source, name) or CheckpointError(
             f"{name}: not a readable PyTorch checkpoint ({short(exc)})") from None
 
 
