@@ -217,3 +217,11 @@ def test_an_empty_folder_in_the_app(monkeypatch, tmp_path):
     at = _app(monkeypatch, [tmp_path])
     at.sidebar.text_input(key="folder").input(str(tmp_path)).run()
     assert not at.exception and "no checkpoints found" in at.sidebar.error[0].value
+
+
+def test_every_test_the_corpus_readme_names_exists():
+    """The README's table of probes the tests make points at tests by name: a renamed test fails here."""
+    import re
+    named = set(re.findall(r"test_[a-z0-9_]+(?=`)", (CORPUS / "README.md").read_text()))
+    source = "".join(p.read_text() for p in CORPUS.parent.glob("test_*.py"))
+    assert len(named) > 30 and {n for n in named if f"def {n}(" not in source} == set()

@@ -57,6 +57,21 @@ def test_ema_weights_are_preferred_as_timm_does(tmp_path):
     assert_same(load_state_dict(tmp_path / "ckpt.pt", prefer_ema=False), sample_state())
 
 
+def test_a_tensor_in_two_shards_is_refused_by_both_readers_not_taken_from_the_later_file(tmp_path):
+    """The index maps w to shard 1; shard 2 holds another w. Loading used to return shard 2's copy."""
+    from soup_core.merge import open_source
+    safetensors.torch.save_file({"w": torch.ones(2), "a": torch.zeros(1)}, tmp_path / "model-00001-of-00002.safetensors")
+    safetensors.torch.save_file({"w": torch.full((2,), 2.0), "b": torch.zeros(1)},
+                                tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "w": "model-00001-of-00002.safetensors", "a": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="tensor 'w' is in two shards"):
+        load_state_dict(tmp_path)
+    with pytest.raises(CheckpointError, match="tensor 'w' is in two shards"):
+        open_source(tmp_path)  # the streamed merges' reader
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_hugging_face_directory_single_and_sharded(tmp_path, fmt):
     state = sample_state()

@@ -1,6 +1,7 @@
 """Bounded fuzzing (hypothesis, derandomised): safetensors headers, torch zip members and zoo
 manifests give one clear error or a correct load — never a traceback, and never more tensor
-bytes than the file holds."""
+bytes than the file holds; every numeric flag of the command line is taken within its bounds or
+refused in one line."""
 
 from __future__ import annotations
 
@@ -128,3 +129,67 @@ def test_any_manifest_opens_or_is_refused_in_one_line(tmp_path_factory, fields, 
         assert str(exc).strip()
         return
     assert zoo.names
+
+
+NUMBER_TEXT = st.one_of(
+    st.integers(-10**30, 10**30).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["1e308", "-1e308", "1e309", "nan", "-inf", "9" * 5000, "0x10", "1_000", " 3 ", "", "val", "-0"]),
+    st.text(max_size=6))
+# Each command's required arguments, valid, so that only the flag under test can be refused.
+COMMANDS = {"make": ["make", "greedy", "digits-finetune"], "landscape": ["landscape", "digits-finetune"],
+            "path": ["path", "digits-finetune", "base", "ft-00"], "point": ["point", "digits-finetune", "--xy", "0", "0"],
+            "merge": ["merge", "config.yml"], "align": ["align", "digits-scratch", "--out", "x"]}
+NUMBER_TYPES = ("int", "finite_float", "float_or_val", "non_negative_float")
+
+
+def number_flags() -> dict[tuple[str, str], object]:
+    """Every flag of those commands that takes numbers: (command, flag) → its argparse action."""
+    import argparse
+
+    from soup_core.cli import build_parser
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {(name, action.option_strings[-1]): action for name in COMMANDS for action in commands[name]._actions
+            if action.option_strings and getattr(action.type, "__name__", "") in NUMBER_TYPES}
+
+
+def test_the_fuzzed_flags_are_every_numeric_flag_of_those_commands():
+    flags = number_flags()
+    assert {("make", "--passes"), ("landscape", "--grid"), ("path", "--range"), ("point", "--xy")} <= set(flags)
+    assert len(flags) >= 20
+
+
+@settings(FUZZ, max_examples=1000)  # parsing only: 1,000 cases take seconds
+@given(flag=st.sampled_from(sorted(number_flags())), texts=st.lists(NUMBER_TEXT, min_size=2, max_size=2))
+def test_any_number_on_the_command_line_is_taken_within_its_bounds_or_refused_in_one_line(flag, texts):
+    """Every numeric flag of every command that works: argparse refuses in one line (exit 2), or the
+    value is finite and within the flag's bounds, and a recipe's parameter is then taken or refused
+    in one line by the bounds the recipe declares; never a traceback, an infinity or a 5,000-digit seed."""
+    import contextlib
+    import math
+
+    from soup_core.cli import build_parser
+    from soup_core.recipes import all_parameters
+    action = number_flags()[flag]
+    count = action.nargs if isinstance(action.nargs, int) else 1
+    argv = [*COMMANDS[flag[0]], flag[1], *texts[:count]]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:
+            assert exc.code == 2 and len(err.getvalue().splitlines()) == 1 and ": error: " in err.getvalue()
+            return
+    value = getattr(args, action.dest)
+    low, high = getattr(action.type, "bounds", (-math.inf, math.inf))
+    for number in value if isinstance(value, (list, tuple)) else [value]:
+        assert number == "val" or (math.isfinite(number) and low <= number <= (math.inf if high is None else high))
+    declared = all_parameters().get(action.dest)
+    if declared is None:
+        return
+    try:
+        checked = declared[0].check(value)
+    except SoupError as exc:
+        assert "\n" not in str(exc).strip()
+        return
+    assert checked == "val" or ((declared[0].minimum is None or checked >= declared[0].minimum)
+                                and (declared[0].maximum is None or checked <= declared[0].maximum)), (argv, checked)

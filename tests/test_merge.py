@@ -322,6 +322,30 @@ def test_a_killed_merge_leaves_nothing_behind(tmp_path):
     assert sorted(os.listdir(out.parent)) == [] and sorted(os.listdir(zoo)) == before
 
 
+def test_a_checkpoint_truncated_under_a_streamed_make_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    """A streamed merge reads by byte range (no memory map): a file cut short under it is a short read,
+    reported with the file and the byte, and the output never appears."""
+    from soup_core.merge import sources
+    from tests.test_cli import soup_here
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for i in range(3):
+        save_state_dict({"a": torch.randn(4096), "b": torch.randn(4096)}, zoo / f"ft-{i}.safetensors")
+    real_read = sources._HashedStream.read
+
+    def read_then_cut(self, index, begin, end):  # `cp new.safetensors ft-2.safetensors` starts under the merge
+        data = real_read(self, index, begin, end)
+        os.truncate(zoo / "ft-2.safetensors", 200)
+        return data
+    monkeypatch.setattr(sources._HashedStream, "read", read_then_cut)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = soup_here("make", "uniform", str(zoo), "--out", str(out / "soup.safetensors"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "ft-2.safetensors: the file ended at byte" in result.stderr and "nothing was written" in result.stderr
+    assert os.listdir(out) == []
+
+
 def test_streaming_needs_a_per_tensor_recipe(folder_zoo):
     with pytest.raises(SoupError, match="not a per-tensor merge"):
         write_streamed(open_zoo(folder_zoo), Candidate.of_recipe("greedy"), folder_zoo.parent / "x.safetensors")

@@ -46,6 +46,7 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value} must be at least {low}{most}")
         return value
     parse.__name__ = "int"
+    parse.bounds = (low, high)  # type: ignore[attr-defined]  # for the flags' fuzz test
     return parse
 
 

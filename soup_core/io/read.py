@@ -381,6 +381,9 @@ def _load_sharded(index: Path, *, prefer_ema: bool, roots: Sequence[Path] | None
     weight_map, shards = shard_index(index)
     state: StateDict = {}
     for shard_path in shards:
-        state.update(load_state_dict(shard_path, prefer_ema=prefer_ema, roots=roots))
+        shard = load_state_dict(shard_path, prefer_ema=prefer_ema, roots=roots)
+        if twice := sorted(shard.keys() & state.keys()):  # which copy would win is the files' order, not the index
+            raise CheckpointError(f"{index.parent}: tensor {twice[0]!r} is in two shards")
+        state.update(shard)
     check_index_keys(index, weight_map, state)
     return state
