@@ -355,11 +355,15 @@ def write_streamed(zoo: Zoo, candidate: Candidate, out: str | Path, *, inputs: I
 
     def finished(digests: Mapping[str, str]) -> ExportPlan:  # after the last block: the summaries are known
         return plan(digests, {merge.summary_name: dict(run.summaries)} if merge.summary_name else None)
+
+    def cards(digests: Mapping[str, str]) -> dict[str, str]:
+        if card is None:
+            return {"README.md": finished(digests).model_card()}  # inside the new folder
+        # checked again at the end: in the hours a merge can take, a user's own file may have come there
+        return {card_beside(out, inputs).name: finished(digests).model_card()}
     try:
         written, digests = write_merge(run, out, folder=hf, max_shard_bytes=max_shard_bytes, copy_from=hf_source,
-                                       inputs=inputs, provenance=lambda d: plan(d).provenance,
-                                       extra_files=lambda d: {card.name if card else "README.md":
-                                                              finished(d).model_card()},
+                                       inputs=inputs, provenance=lambda d: plan(d).provenance, extra_files=cards,
                                        progress=progress)
     finally:
         for source in (*sources, *([base] if base is not None else [])):

@@ -425,6 +425,25 @@ def test_a_users_file_at_the_model_cards_place_is_never_replaced(tmp_path):
     assert again.returncode == 2 and (tmp_path / "w.md").read_text() == "mine"
 
 
+def test_a_users_file_that_comes_to_the_cards_place_during_a_streamed_merge_is_kept(tmp_path, monkeypatch):
+    """The card's place is checked when the merge is planned and again at its end, which for a large
+    model can be hours later: a file the user saved there meanwhile stays, and so do the old weights."""
+    from soup_core.io import weights_out
+    out = tmp_path / "w.safetensors"
+    assert soup_here("make", "uniform", str(_weights_only(tmp_path)), "--out", str(out)).returncode == 0
+    before = out.read_bytes()  # a soup of ours, and its card: both may be replaced
+    real_write = weights_out.StreamingWriter.write
+
+    def write_while_the_user_saves_notes(self, *args, **kwargs):
+        real_write(self, *args, **kwargs)
+        (tmp_path / "w.md").write_text("mine, saved during the merge")
+    monkeypatch.setattr(weights_out.StreamingWriter, "write", write_while_the_user_saves_notes)
+    again = soup_here("make", "weighted", str(_weights_only(tmp_path)), "--out", str(out), "--weights", "m0=1,m1=3")
+    assert again.returncode == 2 and "w.md exists and was not written by soup" in again.stderr
+    assert (tmp_path / "w.md").read_text() == "mine, saved during the merge" and out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.md", "w.safetensors", "weights-only"]
+
+
 def _weights_only(tmp_path: Path) -> Path:
     """Two tiny checkpoints and nothing else: `soup make` streams their soup."""
     import torch
