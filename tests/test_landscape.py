@@ -258,6 +258,57 @@ def test_path_ends_are_the_models_and_a_line_of_one_model_has_no_barrier(mlp_zoo
     assert path.to_json()["barrier"]["test"]["error"] >= 0.0
 
 
+def test_a_paths_json_is_what_it_measured_with_barriers_worked_by_hand():
+    """α = 0, ½, 1 with errors .1, .3, .2: the chord at ½ is .15, so the barrier is .15; losses
+    1, 3, 2 give 3 − 1.5 = 1.5."""
+    from soup_core.landscape.path import Path
+    path = Path(("base", "ft-00"), np.array([0.0, 0.5, 1.0]), {"val": np.array([1.0, 3.0, 2.0])},
+                {"val": np.array([0.1, 0.3, 0.2])}, "keep", "bf16", 0.25)
+    assert path.to_json() == {
+        "names": ["base", "ft-00"], "alphas": [0.0, 0.5, 1.0], "bn": "keep", "precision": "bf16",
+        "precision_deviation": 0.25, "loss": {"val": [1.0, 3.0, 2.0]}, "error": {"val": [0.1, 0.3, 0.2]},
+        "barrier": {"val": {"loss": 1.5, "error": pytest.approx(0.15, abs=1e-15)}}}
+
+
+def test_a_path_by_default_runs_from_minus_a_half_to_one_and_a_half_through_both_ends(mlp_zoo):
+    from soup_core.landscape.path import path_alphas
+    assert path_alphas().tolist() == pytest.approx(np.linspace(-0.5, 1.5, 41).tolist(), abs=1e-15)
+    assert path_alphas(4, 0.1, 0.7).tolist() == pytest.approx([0.0, 0.1, 0.3, 0.5, 0.7, 1.0])  # ends added
+    ev = mlp_zoo.evaluator
+    path = interpolation_path(ev, mlp_zoo.base, mlp_zoo.state_dict(mlp_zoo.names[0]), max_samples=50)
+    assert path.alphas.tolist() == path_alphas().tolist() and path.bn == "none"  # the MLP has no BatchNorm
+
+
+def test_a_path_through_batchnorm_models_keeps_the_policy_asked_for(bn_zoo):
+    """keep and recompute give other statistics in the middle, the same at the ends (the models)."""
+    ev = bn_zoo.evaluator
+    a, b = bn_zoo.state_dict(bn_zoo.names[0]), bn_zoo.state_dict(bn_zoo.names[1])
+    kept = interpolation_path(ev, a, b, [0.0, 0.5, 1.0], bn="keep", max_samples=200)
+    recomputed = interpolation_path(ev, a, b, [0.0, 0.5, 1.0], bn="recompute", max_samples=200)
+    assert (kept.bn, recomputed.bn) == ("keep", "recompute") and kept.to_json()["bn"] == "keep"
+    assert kept.loss["val"][1] != pytest.approx(recomputed.loss["val"][1], abs=1e-4)
+
+
+def test_which_images_a_line_gets_right_recomputes_batchnorm_at_each_point_as_update_bn_does(bn_zoo):
+    """The reference: at each α, interpolate, re-estimate BatchNorm with update_bn on the training
+    data, and compare the argmax with the labels."""
+    from soup_core.landscape.path import correct_along
+    ev = bn_zoo.evaluator
+    a, b = bn_zoo.state_dict(bn_zoo.names[0]), bn_zoo.state_dict(bn_zoo.names[1])
+    alphas = np.array([0.0, 0.5])
+    rows = correct_along(ev, a, b, "val", alphas)
+    for alpha, row in zip(alphas, rows):
+        model = copy.deepcopy(ev.model)
+        model.load_state_dict(interpolate(a, b, float(alpha)))
+        loader = torch.utils.data.DataLoader(ev.train.inputs, batch_size=ev.batch_size)
+        update_bn(loader, model)
+        model.eval()
+        with torch.no_grad():
+            right = (model(ev.splits["val"].inputs).argmax(dim=1) == ev.labels("val")).numpy()
+        assert (row == right).all()
+    assert rows.shape == (2, len(ev.labels("val")))
+
+
 def test_tiny_linear_slice_doc_example():
     ev = Evaluator(lambda: torch.nn.Linear(2, 2), {"val": Split(torch.eye(2), torch.tensor([0, 1]))}, device="cpu")
     origin = {"weight": torch.eye(2), "bias": torch.zeros(2)}
