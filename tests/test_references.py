@@ -105,9 +105,11 @@ def test_greedy_with_the_official_rule_and_order_keeps_what_the_official_code_ke
 
 # --- pruned soup and greedy ensemble, written out -----------------------------------------------------------------
 
-def pruned_loop(ingredients, evaluator, passes: int, split="val") -> tuple[list[str], int]:
+def pruned_loop(ingredients, evaluator, passes: int, split="val") -> tuple[list[str], int, list[tuple]]:
     """Dansereau et al., Algorithm 2: from the uniform soup of all, in decreasing val order, drop an
-    ingredient when val accuracy does not drop; ``passes`` times. Returns the soup and the steps tried."""
+    ingredient when val accuracy does not drop; ``passes`` times, stopping after a pass that drops
+    nothing. Returns the soup, the steps tried, and the trace: (candidate, action, val accuracy,
+    kept, the soup after), starting from the uniform soup."""
     scores = {n: evaluator.accuracy(s, split) for n, s in ingredients.items()}
     order = sorted(ingredients, key=lambda n: -scores[n])
     keep = list(ingredients)
@@ -117,36 +119,85 @@ def pruned_loop(ingredients, evaluator, passes: int, split="val") -> tuple[list[
         return evaluator.accuracy(soup, split, cache=False)
 
     baseline, steps = accuracy(keep), 0
+    trace = [("uniform", "start", baseline, True, tuple(keep))]
     for _ in range(passes):
+        before = list(keep)
         for name in order:
             if name not in keep or len(keep) == 1:
                 continue
             trial = [n for n in keep if n != name]
             score, steps = accuracy(trial), steps + 1
-            if score >= baseline:
+            accepted = score >= baseline
+            if accepted:
                 keep, baseline = trial, score
-    return keep, steps
+            trace.append((name, "remove", score, accepted, tuple(keep)))
+        if keep == before:
+            break
+    return keep, steps, trace
+
+
+def greedy_loop(ingredients, evaluator, passes: int, split="val") -> tuple[list[str], list[tuple]]:
+    """The paper's Recipe 1 with the reproduction's passes: in decreasing val order, add a candidate
+    when the soup with it is at least as good on val (the first always joins); offer the rejected
+    ones again on the next pass, stopping after a pass that adds nothing. Returns the soup and the
+    trace: (candidate, action, val accuracy, kept, the soup after)."""
+    scores = {n: evaluator.accuracy(s, split) for n, s in ingredients.items()}
+    order = sorted(ingredients, key=lambda n: -scores[n])
+    kept, best, trace = [], 0.0, []
+    for _ in range(passes):
+        before = list(kept)
+        for name in order:
+            if name in kept:
+                continue
+            trial = kept + [name]
+            soup = {k: (sum(ingredients[n][k].double() for n in trial) / len(trial)).float()
+                    for k in ingredients[name]}
+            score = evaluator.accuracy(soup, split, cache=False)
+            accepted = score >= best
+            if accepted:
+                kept, best = trial, score
+            trace.append((name, "add", score, accepted, tuple(kept)))
+        if kept == before:
+            break
+    return kept, trace
+
+
+def as_tuples(trace) -> list[tuple]:
+    return [(s.candidate, s.action, s.score, s.accepted, tuple(s.ingredients)) for s in trace]
 
 
 def check_pruned(ingredients, evaluator) -> None:
-    for passes in (1, 2):
+    for passes in (1, 2, 5):
         ours = RECIPES["pruned"].make(ingredients, evaluator, passes=passes)
-        kept, _ = pruned_loop(ingredients, evaluator, passes)
+        kept, _, trace = pruned_loop(ingredients, evaluator, passes)
         assert sorted(ours.ingredients) == sorted(kept), passes
+        assert as_tuples(ours.trace) == trace, passes  # every step, its score and the soup after
 
 
 def pruning_subset(finetune) -> dict:
     """Ten ingredients on which a second pruning pass removes more than the first (so ``passes`` shows)."""
     zoo, ingredients, evaluator = finetune
     subset = {n: ingredients[n] for n in zoo.names[:10]}
-    one, _ = pruned_loop(subset, evaluator, 1)
-    two, _ = pruned_loop(subset, evaluator, 2)
+    one, _, _ = pruned_loop(subset, evaluator, 1)
+    two, _, _ = pruned_loop(subset, evaluator, 2)
     assert len(two) < len(one), "choose a subset where the second pass prunes more"
     return subset
 
 
 def test_the_pruned_soup_is_algorithm_2_written_out(finetune):
     check_pruned(pruning_subset(finetune), finetune[2])
+
+
+def test_greedy_is_recipe_1_written_out_step_by_step_over_passes(finetune):
+    zoo, ingredients, evaluator = finetune
+    ingredients = {n: ingredients[n] for n in zoo.names[8:24]}  # ft-20 joins on the second pass only
+    one, _ = greedy_loop(ingredients, evaluator, 1)
+    three, _ = greedy_loop(ingredients, evaluator, 3)
+    assert len(three) > len(one), "a second pass must add a candidate the first rejected, so passes shows"
+    for passes in (1, 3):
+        ours = RECIPES["greedy"].make(ingredients, evaluator, passes=passes)
+        kept, trace = greedy_loop(ingredients, evaluator, passes)
+        assert list(ours.ingredients) == kept and as_tuples(ours.trace) == trace, passes
 
 
 def test_the_greedy_ensemble_is_its_loop_written_out(finetune):
@@ -161,6 +212,60 @@ def test_the_greedy_ensemble_is_its_loop_written_out(finetune):
         if score >= best:
             members, best = trial, score
     assert list(RECIPES["greedy-ensemble"].make(ingredients, evaluator).ingredients) == members
+
+
+# --- the learned soup, written out (paper App. I) -------------------------------------------------------------------
+
+def learned_loop(ingredients, model, val, *, epochs, lr, batch_size, seed, by_layer):
+    """Mixing logits z (one row per layer, or one row) from 0 and an output temperature β from 1,
+    trained by AdamW at ``lr`` on the cross-entropy of β·f(x; Σ_i softmax(z)_i θ_i) over the val
+    split, shuffled with seed + epoch. Returns softmax(z) (rows × ingredients) and β."""
+    from torch.func import functional_call
+    names = list(ingredients)
+    keys = list(ingredients[names[0]])
+    layers = sorted({k.rsplit(".", 1)[0] for k in keys}) if by_layer else ["all"]
+    z = torch.zeros(len(layers), len(names), requires_grad=True)
+    beta = torch.ones((), requires_grad=True)
+    optimiser = torch.optim.AdamW([z, beta], lr=lr)
+    x_all, y_all = val
+    for epoch in range(epochs):
+        order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed + epoch))
+        for start in range(0, len(y_all), batch_size):
+            idx = order[start:start + batch_size]
+            alpha = z.softmax(dim=1)
+            weights = {k: sum(alpha[layers.index(k.rsplit(".", 1)[0]) if by_layer else 0, i] * ingredients[n][k]
+                              for i, n in enumerate(names)) for k in keys}
+            loss = torch.nn.functional.cross_entropy(beta * functional_call(model, weights, (x_all[idx],)), y_all[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return z.detach().double().softmax(dim=1), float(beta)
+
+
+@pytest.mark.parametrize("name, by_layer", [("learned", False), ("learned-by-layer", True)])
+def test_the_learned_soup_is_appendix_i_written_out(finetune, name, by_layer):
+    zoo, ingredients, evaluator = finetune
+    subset = {n: ingredients[n] for n in zoo.names[:4]}
+    params = {"epochs": 2, "learning_rate": 0.1, "batch_size": 128, "seed": 3}
+    ours = RECIPES[name].make(subset, evaluator, **params)
+    val = (evaluator.splits["val"].inputs, evaluator.splits["val"].labels)
+    alpha, beta = learned_loop(subset, evaluator.model_copy(), val, epochs=2, lr=0.1, batch_size=128, seed=3,
+                               by_layer=by_layer)
+    assert ours.extras["temperature"] == pytest.approx(beta, abs=1e-5) and beta != pytest.approx(1.0, abs=1e-3)
+    assert list(ours.weights) == pytest.approx(alpha.mean(dim=0).tolist(), abs=1e-5)
+    assert max(abs(w - 0.25) for w in ours.weights) > 1e-3  # it learned: not the uniform start
+    if by_layer:
+        layers = sorted({k.rsplit(".", 1)[0] for k in subset[zoo.names[0]]})
+        assert list(ours.extras["layer_weights"]) == layers
+        for i, layer in enumerate(layers):
+            assert ours.extras["layer_weights"][layer] == pytest.approx(alpha[i].tolist(), abs=1e-5)
+    mixed = {k: sum(alpha[sorted({j.rsplit(".", 1)[0] for j in subset["ft-00"]}).index(k.rsplit(".", 1)[0])
+                          if by_layer else 0, i] * subset[n][k].double() for i, n in enumerate(subset)).float()
+             for k in subset["ft-00"]}
+    assert all(torch.allclose(ours.state_dict[k], mixed[k], atol=1e-5) for k in mixed)
+    assert [(s.candidate, s.action, s.accepted, tuple(s.ingredients)) for s in ours.trace] == [
+        (f"epoch {e}", "train", True, tuple(subset)) for e in (1, 2)]
+    assert ours.trace[-1].score == evaluator.accuracy(ours.state_dict, "val")
 
 
 # --- the four bugs that once passed every test --------------------------------------------------------------------
