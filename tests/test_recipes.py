@@ -140,6 +140,22 @@ def test_a_weighted_soup_is_the_uniform_soup_by_default_and_divides_by_the_weigh
     assert all(torch.allclose(result.state_dict[k].double(), expected[k], atol=1e-6) for k in expected)
 
 
+@pytest.mark.parametrize("recipe, params, reported", [
+    ("uniform", {}, [1 / 3] * 3),
+    ("model-stock", {}, [1 / 3] * 3),  # the mean that t then pulls towards θ0
+    ("karcher", {}, [1 / 3] * 3),
+    ("wise-ft", {"alpha": 0.6}, [0.2] * 3),  # α of the fine-tunings' mean, 1 − α of θ0
+    ("weighted", {"weights": "m0=1,m1=3"}, [0.2, 0.6, 0.2]),  # m2 unnamed: weight 1
+    ("weighted", {"weights": "m0=1.5e308,m1=0.5e308,m2=0"}, [0.75, 0.25]),  # the sum overflows, the ratios do not
+    ("lines", {"weights": "m0=1,m1=3"}, [1.0, 3.0, 1.0]),  # LiNeS: task-vector weights as given
+])
+def test_a_merge_recipe_reports_the_weight_each_ingredient_has_in_it(tiny_states, recipe, params, reported):
+    """What the model card and the Recipes table show as each ingredient's weight."""
+    ingredients = {n: tiny_states[n] for n in ("m0", "m1", "m2")}
+    result = RECIPES[recipe].make(ingredients, base=tiny_states["m4"], **params)
+    assert list(result.weights) == pytest.approx(reported, rel=1e-12)
+
+
 @pytest.mark.parametrize("weights, message", [
     ("not-a-model=2", "not among this soup's ingredients"),
     ("m0=-1", "finite number ≥ 0"),
