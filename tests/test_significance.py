@@ -113,3 +113,16 @@ def test_a_comparison_reads_as_points_p_and_a_verdict_in_a_sentence_and_in_a_tab
     assert tied.brief() == "+30.0 pts, p = 0.25"
     many = compare("a", torch.cat([wrong[:7], right[7:]]), "b", right, labels, "test")  # p = 2 × 0.5⁷ = 0.016
     assert many.brief() == "+70.0 pts, p = 0.016, significant"
+
+
+def test_a_comparisons_json_names_what_was_compared_how_and_with_what_result():
+    labels = torch.tensor([0] * 10)
+    right, wrong = torch.tensor([[1.0, 0.0]] * 10), torch.tensor([[0.0, 1.0]] * 10)
+    c = compare("best", torch.cat([wrong[:3], right[3:]]), "soup", right, labels, "test")
+    data = c.to_json()
+    assert {k: v for k, v in data.items() if k != "interval"} == {
+        "a": "best", "b": "soup", "split": "test", "predictions": 10, "accuracy_a": 0.7, "accuracy_b": 1.0,
+        "a_only": 0, "b_only": 3, "p_value": 0.25, "unit": "images", "difference": pytest.approx(0.3),
+        "significant": False, "test": "exact McNemar (two-sided)",
+        "interval_method": "Tango score interval, continuity-corrected, 95%"}
+    assert data["interval"] == list(score_interval(0, 3, 10)) and isinstance(data["interval"], list)
