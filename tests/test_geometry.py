@@ -105,3 +105,22 @@ def test_gram_matrix_on_any_device_is_exact_and_comes_back_on_the_cpu(device, wi
     torch.testing.assert_close(gram, _exact_gram(states, base), rtol=1e-12, atol=1e-9)
     # by default the products run where the states are, with the same result
     torch.testing.assert_close(gram_matrix(on_device, base), gram, rtol=1e-12, atol=1e-9)
+
+
+def test_angles_and_distances_of_five_vectors_worked_by_hand():
+    """a = (2, 0), b = (0, ½), c = (1, 1), z = 0, e = −a: a ⟂ b (90°), a and c 45°, b and c 45°, a and e
+    opposite (cosine −1, 180°), c and e 135°; z has cosine 0 with every vector and with itself;
+    distances |a − b| = √4.25, |a − c| = √2, |b − c| = √1.25, |b − z| = ½, |c − e| = √10."""
+    vectors = torch.tensor([[2.0, 0.0], [0.0, 0.5], [1.0, 1.0], [0.0, 0.0], [-2.0, 0.0]], dtype=torch.float64)
+    got = angles_from_gram(vectors @ vectors.T)
+    s, r = 2 ** -0.5, math.sqrt
+    expect = {
+        "norm": [2.0, 0.5, r(2), 0.0, 2.0],
+        "cosine": [[1, 0, s, 0, -1], [0, 1, s, 0, 0], [s, s, 1, 0, -s], [0, 0, 0, 0, 0], [-1, 0, -s, 0, 1]],
+        "angle_deg": [[0, 90, 45, 90, 180], [90, 0, 45, 90, 90], [45, 45, 0, 90, 135], [90, 90, 90, 0, 90],
+                  [180, 90, 135, 90, 0]],
+        "distance": [[0, r(4.25), r(2), 2, 4], [r(4.25), 0, r(1.25), 0.5, r(4.25)], [r(2), r(1.25), 0, r(2), r(10)],
+                     [2, 0.5, r(2), 0, 2], [4, r(4.25), r(10), 2, 0]]}
+    for field, values in expect.items():
+        torch.testing.assert_close(getattr(got, field), torch.tensor(values, dtype=torch.float64),
+                                   atol=1e-6 if field == "angle_deg" else 1e-12, rtol=0, msg=field)
