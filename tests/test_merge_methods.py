@@ -388,3 +388,31 @@ def test_every_merge_method_is_weight_only_and_on_the_board_but_slerp():
         assert recipe.family == "merge" and recipe.plan_merge(("a", "b"), {}).method.needs_base
     assert RECIPES["slerp"].takes(2) and not RECIPES["slerp"].takes(3) and not RECIPES["karcher"].needs_base
     assert not RECIPES["slerp"].board  # a pair's merge: the board makes every recipe from all checkpoints
+
+
+@pytest.mark.parametrize("max_iter", [0, 1, 2, 3, 20])
+def test_the_karcher_mean_takes_mergekits_steps_one_by_one(max_iter):
+    """mergekit's own karcher_merge_tensors on the same tensors (one of them zero) after each number of
+    steps: the trajectory agrees, not only the fixed point both converge to."""
+    mergekit_karcher = pytest.importorskip("mergekit.merge_methods.karcher")
+    from soup_core.merge.karcher import karcher_mean
+    generator = torch.Generator().manual_seed(7)
+    tensors = [torch.randn(50, generator=generator, dtype=torch.float64) * scale for scale in (1.0, 3.0, 0.5)]
+    tensors.append(torch.zeros(50, dtype=torch.float64))
+    theirs = mergekit_karcher.karcher_merge_tensors(tensors, [0.25] * 4, max_iter=max_iter, tol=1e-5)
+    torch.testing.assert_close(karcher_mean(tensors, max_iter=max_iter, tol=1e-5), theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [0.25, 0.5, 0.9])
+def test_slerp_coefficients_worked_by_hand(t):
+    """a = (½, 0) and b = (0.3, 0.3) are 45° apart (norms below 1, a·b ≠ 0): sin((1 − t)·π/4)/sin(π/4) of a
+    and sin(t·π/4)/sin(π/4) of b; a zero a counts as norm 1; parallel and opposite ends take the line."""
+    from soup_core.merge.slerp import slerp_coefficients
+    quarter = math.pi / 4
+    expected = (math.sin((1 - t) * quarter) / math.sin(quarter), math.sin(t * quarter) / math.sin(quarter))
+    assert slerp_coefficients(t, 0.25, 0.18, 0.15) == pytest.approx(expected, rel=1e-12)
+    assert slerp_coefficients(t, 0.0, 2.0, 0.0) == pytest.approx(  # cos 0: 90°
+        (math.sin((1 - t) * 2 * quarter), math.sin(t * 2 * quarter)), rel=1e-12)
+    assert slerp_coefficients(t, 1.0, 4.0, 1.9995) == pytest.approx((1 - t, t))  # cos 0.99975: the line
+    assert slerp_coefficients(t, 1.0, 4.0, -1.9995) == pytest.approx((1 - t, t))  # antiparallel too
+    assert slerp_coefficients(t, 1.0, 1.0, 0.999) != pytest.approx((1 - t, t), rel=1e-9)  # cos 0.999: still the arc
