@@ -437,3 +437,27 @@ def test_a_writer_never_finishes_a_file_with_values_missing(tmp_path):
             w.write("w", torch.ones(2))
             w.finish()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_streamed_source_reads_tied_tensors_slices_and_rereads_and_hashes_every_byte_once(tmp_path, monkeypatch):
+    """What the streamed merges read: a tensor tied to another (soup_tied metadata) is named as an
+    alias, slices and re-reads return the file's values, the kernel's short reads are completed,
+    and the digest is the file's sha256."""
+    from soup_core.merge import sources
+    shared = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    path = save_state_dict({"embed": shared, "head": shared, "bias": torch.tensor([5.0, 6.0])},
+                           tmp_path / "tied.safetensors")
+    real_preadv = os.preadv
+    monkeypatch.setattr(sources.os, "preadv", lambda fd, buffers, offset: real_preadv(
+        fd, [b[:7] for b in buffers], offset))  # at most 7 bytes a call, as a pipe or NFS may give
+    source = open_source(path)
+    assert source.aliases == {"head": "embed"} and set(source.infos) == {"embed", "bias"}
+    assert source.layout_order() == sorted(source.infos, key=lambda k: source._where[k][1].begin)
+    assert torch.equal(source.read("embed"), shared)
+    assert source.read("embed", 5, 9).tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert source.read("bias").tolist() == [5.0, 6.0] and torch.equal(source.read("embed"), shared)  # a re-read
+    assert source.sha256() == file_sha256(path)
+    source.close()
+    (tmp_path / "bad.safetensors").write_bytes(path.read_bytes().replace(b'\\"embed\\"}', b'\\"gone!\\"}'))
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: its 'soup_tied' metadata does not name tensors"):
+        open_source(tmp_path / "bad.safetensors")
