@@ -202,11 +202,17 @@ def _tokenizer(tokenizer_dir: Path | None, inside: Callable[[Path], object] = Pa
     if tokenizer_dir is None:
         raise DataError("text data needs a tokenizer saved in a checkpoint directory (tokenizer.json)")
     for file in sorted(tokenizer_dir.iterdir()):
-        if not file.is_dir():
+        try:
+            if file.is_dir():
+                continue
             inside(file)
-            if not file.resolve().is_file():
-                raise DataError(f"{file}: not a regular file (a link to nothing, a FIFO or a device), in the "
-                                "folder whose tokenizer the data is read with; remove it")
+            regular = file.resolve().is_file()
+        except (OSError, RuntimeError):  # a link to itself (RuntimeError before Python 3.13)
+            regular = False
+        if not regular:
+            raise DataError(f"{file}: not a regular file (a link to nothing or to itself, a FIFO or a device), in "
+                            "the folder whose tokenizer the data is read with; remove it")
+    _refuse_paths_in_tokenizer_config(tokenizer_dir)
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -217,10 +223,27 @@ def _tokenizer(tokenizer_dir: Path | None, inside: Callable[[Path], object] = Pa
         raise DataError(f"{tokenizer_dir}: not a readable tokenizer ({type(exc).__name__}: {short(exc)})") from None
 
 
+def _refuse_paths_in_tokenizer_config(tokenizer_dir: Path) -> None:
+    """Older transformers open a ``tokenizer_config.json``'s ``*_file`` entries as written: only plain
+    names of files beside it are taken (transformers 5 ignores such paths itself)."""
+    import json
+    try:
+        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # none, or unreadable: transformers says which
+    for key, value in (config.items() if isinstance(config, dict) else ()):
+        if key.endswith("_file") and isinstance(value, str) and (Path(value).name != value or value in (".", "..")):
+            raise DataError(f"{tokenizer_dir / 'tokenizer_config.json'}: {key} = {value!r} points outside the "
+                            "tokenizer's folder; a tokenizer's files are read from its own folder only")
+
+
 def check_vocabulary(model: torch.nn.Module, splits: Mapping[str, Split], tokenizer_dir: Path | None) -> None:
     """Token ids past the model's embedding rows mean the tokenizer is another model's: say so, not
     "index out of range" from the first forward pass."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # transformers' default for a model without one
+        return
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is None:
         return

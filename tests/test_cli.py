@@ -50,12 +50,12 @@ def the_worker(proc: subprocess.Popen, timeout: float = 60) -> int:
     import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        except OSError:
-            children = []
-        if children:
-            return int(children[0])
+        for stat in Path("/proc").glob("[0-9]*/stat"):  # every process whose parent is the command
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                    return int(stat.parent.name)
+            except (OSError, IndexError, ValueError):
+                continue
         time.sleep(0.002)
     raise AssertionError("the command started no worker")
 

@@ -275,6 +275,9 @@ def test_more_checkpoints_than_the_kernel_lets_a_process_map_is_one_line_naming_
     import torch
 
     from soup_core.io import save_state_dict
+    from soup_core.io.maps import map_limit
+    if not map_limit() or map_limit() > 300_000:
+        pytest.skip(f"vm.max_map_count is {map_limit()}: too many maps to take in a test (unit-tested below)")
     for i in range(40):
         save_state_dict({"w": torch.full((3,), float(i))}, tmp_path / f"ft-{i:02d}.safetensors")
     script = ("import contextlib, io, mmap, sys\nfrom soup_core.cli import main\n"
@@ -291,6 +294,17 @@ def test_more_checkpoints_than_the_kernel_lets_a_process_map_is_one_line_naming_
     assert "(vm.max_map_count), one per open checkpoint; open fewer checkpoints at once" in result.stderr
 
 
+@pytest.mark.parametrize("held, said", [(65_531, "this process holds 65,531 memory maps and the kernel allows "
+                                                   "65,530 (vm.max_map_count)"),
+                                         (1_000, "cannot be read: out of memory (unable to mmap")])
+def test_enomem_is_the_map_limit_only_near_it(monkeypatch, held, said):
+    from soup_core.io import maps
+    monkeypatch.setattr(maps, "maps_held", lambda: held)
+    monkeypatch.setattr(maps, "map_limit", lambda: 65_530)
+    error = maps.mapping_error("ft-00.safetensors", OSError("unable to mmap 1372 bytes: Cannot allocate memory (12)"))
+    assert str(error).startswith("ft-00.safetensors: ") and said in str(error)
+
+
 def test_a_command_whose_worker_is_killed_dies_of_the_same_signal(tmp_path):
     """The out-of-memory killer picks the worker: the command ends as a killed command, not as a success."""
     import signal
@@ -303,6 +317,26 @@ def test_a_command_whose_worker_is_killed_dies_of_the_same_signal(tmp_path):
     os.kill(the_worker(proc), signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL and proc.stderr.read() == b""
     assert not (tmp_path / "plane.json").exists()
+
+
+@pytest.mark.parametrize("start", ["SIGCHLD ignored", "stdout closed"])
+def test_the_command_and_its_worker_start_under_what_a_parent_may_leave_them(start):
+    """A daemon may start the command with SIGCHLD ignored (the kernel would reap the worker before the
+    command could read its exit code), or with stdout closed (sys.stdout is None)."""
+    import signal
+    import subprocess
+    import sys
+
+    def prepare():
+        if start == "SIGCHLD ignored":
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        else:
+            os.close(1)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "soup_core", "zoo", "list"], env=env, capture_output=True,
+                            text=True, timeout=120, preexec_fn=prepare)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert ("digits-finetune" in result.stdout) == (start == "SIGCHLD ignored")
 
 
 def test_a_landscape_killed_mid_run_keeps_its_resume_file_and_finishes_from_it(tmp_path):

@@ -109,7 +109,8 @@ def test_gram_matrix_on_any_device_is_exact_and_comes_back_on_the_cpu(device, wi
 
 def test_angles_and_distances_of_five_vectors_worked_by_hand():
     """a = (2, 0), b = (0, ½), c = (1, 1), z = 0, e = −a: a ⟂ b (90°), a and c 45°, b and c 45°, a and e
-    opposite (cosine −1, 180°), c and e 135°; z has cosine 0 with every vector and with itself;
+    opposite (cosine −1, 180°), c and e 135°; z has cosine 0 (90°) with every vector and with itself, but
+    its angle with itself is 0, as every diagonal's (the figures show no angle of a model with itself);
     distances |a − b| = √4.25, |a − c| = √2, |b − c| = √1.25, |b − z| = ½, |c − e| = √10."""
     vectors = torch.tensor([[2.0, 0.0], [0.0, 0.5], [1.0, 1.0], [0.0, 0.0], [-2.0, 0.0]], dtype=torch.float64)
     got = angles_from_gram(vectors @ vectors.T)

@@ -153,8 +153,9 @@ def _weights_only_zoo(folder, megabytes: int = 64):
     return folder
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM", "SIGKILL"])
-def test_a_killed_export_leaves_the_previous_file_and_the_next_run_no_temp_file(tmp_path, signal_name):
+@pytest.mark.parametrize("signal_name, to", [("SIGINT", "group"), ("SIGINT", "pid"), ("SIGTERM", "pid"),
+                                              ("SIGKILL", "pid")])
+def test_a_killed_export_leaves_the_previous_file_and_the_next_run_no_temp_file(tmp_path, signal_name, to):
     import os
     import signal
     import time
@@ -180,9 +181,9 @@ def test_a_killed_export_leaves_the_previous_file_and_the_next_run_no_temp_file(
     while not writing() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
     assert proc.poll() is None, "the export finished before it could be interrupted"
-    if signal_name == "SIGINT":  # Ctrl-C: the terminal signals the command's whole process group
-        os.killpg(proc.pid, signal.SIGINT)
-    else:  # `kill PID` or `kill -9 PID`: the command's own process
+    if to == "group":  # Ctrl-C: the terminal signals the command and its worker
+        os.killpg(proc.pid, getattr(signal, signal_name))
+    else:  # `kill -INT PID`, `kill PID` or `kill -9 PID`: the command's own process
         proc.send_signal(getattr(signal, signal_name))
     proc.wait(timeout=120)
     assert gone(worker)

@@ -280,7 +280,7 @@ def test_a_path_by_default_runs_from_minus_a_half_to_one_and_a_half_through_both
 
 
 def test_a_path_through_batchnorm_models_keeps_the_policy_asked_for(bn_zoo):
-    """keep and recompute give other statistics in the middle, the same at the ends (the models)."""
+    """keep and recompute give other BatchNorm statistics, so other losses, in the middle of the line."""
     ev = bn_zoo.evaluator
     a, b = bn_zoo.state_dict(bn_zoo.names[0]), bn_zoo.state_dict(bn_zoo.names[1])
     kept = interpolation_path(ev, a, b, [0.0, 0.5, 1.0], bn="keep", max_samples=200)

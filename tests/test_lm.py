@@ -203,16 +203,18 @@ def _write(name: str, content):
     return change
 
 
-@pytest.mark.parametrize("change, said", [
-    (_write("tokenizer.json", "{nope"), "not a readable tokenizer (JSONDecodeError: Expecting property name"),
-    (_write("tokenizer.json", {}), "not a readable tokenizer (KeyError: 'added_tokens')"),
-    (_write("tokenizer.json", {**_tokenizer_json(), "model": {"type": "BPE", "vocab": 5}}),
-     "not a readable tokenizer (Exception: invalid type: integer `5`, expected a map"),
-    (_write("tokenizer_config.json", [1, 2]), "not a readable tokenizer (AttributeError: 'list' object has no"),
-    (_write("special_tokens_map.json", {"pad_token": {"content": 5}}), "not a readable tokenizer (TypeError:"),
+@pytest.mark.parametrize("change, said", [  # what transformers raises varies by version: only our part is checked
+    (_write("tokenizer.json", "{nope"), "not a readable tokenizer (JSONDecodeError:"),
+    (_write("tokenizer.json", {}), "not a readable tokenizer ("),
+    (_write("tokenizer.json", {**_tokenizer_json(), "model": {"type": "BPE", "vocab": 5}}), "not a readable tokenizer ("),
+    (_write("tokenizer_config.json", [1, 2]), "not a readable tokenizer ("),
+    (_write("special_tokens_map.json", {"pad_token": {"content": 5}}), "not a readable tokenizer ("),
     (_write("tokenizer.json", lambda path: path.symlink_to("/etc/hostname")), "is outside the allowed folders"),
     (_write("tokenizer.json", lambda path: path.symlink_to("/dev/zero")), "is outside the allowed folders"),
-    (_write("tokenizer.json", lambda path: os.mkfifo(path)), "tokenizer.json: not a regular file (a link to nothing, a FIFO"),
+    (_write("tokenizer.json", lambda path: os.mkfifo(path)), "tokenizer.json: not a regular file (a link to nothing"),
+    (_write("loop.json", lambda path: path.symlink_to(path)), "loop.json: not a regular file (a link to nothing"),
+    (_write("tokenizer_config.json", {"tokenizer_file": "/etc/hostname"}),
+     "tokenizer_file = '/etc/hostname' points outside the tokenizer's folder"),
     (_write("tokenizer.json", {**_tokenizer_json(), "model": {**_tokenizer_json()["model"], "vocab": {
         token: i + 10**6 for token, i in _tokenizer_json()["model"]["vocab"].items()}}}),
      "holds token id 1,00"),

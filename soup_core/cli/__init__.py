@@ -17,9 +17,13 @@ from soup_core.cli.arguments import build_parser
 from soup_core.errors import SoupError
 
 
-def _terminate(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM (to the group) must not cut the clean-up
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp files are removed, outputs stay as they were
+def _interrupt(signum, frame) -> None:
+    """SIGINT or SIGTERM: unwind like Ctrl-C (temp files are removed, outputs stay as they were), once.
+    A terminal's Ctrl-C reaches the command and its worker, which passes it on too: later signals
+    must not cut the clean-up short."""
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,12 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """The ``soup`` command: the work runs in a child (a checkpoint cut short under it is one line:
     :mod:`~soup_core.cli.supervise`); that process is ours, so freed memory stays for reuse
-    (landscapes page-fault without it; see :mod:`soup_core.allocator`), and SIGTERM unwinds like Ctrl-C."""
+    (landscapes page-fault without it; see :mod:`soup_core.allocator`), and SIGTERM unwinds like Ctrl-C, once."""
     from soup_core.allocator import keep_freed_memory
     from soup_core.cli.supervise import work_in_child
     work_in_child()
     keep_freed_memory()
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, _interrupt)
     sys.exit(main())
 
 

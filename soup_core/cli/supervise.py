@@ -13,10 +13,11 @@ leaves no half file. The parent imports nothing heavy (torch loads in the child 
 Pitfalls, where a user meets them:
 
 * ``ps`` shows two ``soup`` processes; the child does the work (its memory is the command's).
-* Ctrl-C reaches the child through the terminal's process group, so the parent ignores SIGINT
-  (forwarding it too would interrupt the child's clean-up). To stop a command from a script, send
-  SIGTERM to either process, or SIGINT to the child or the group.
-* SIGKILL on the parent kills the child too (``PR_SET_PDEATHSIG``), a moment later.
+* SIGINT and SIGTERM sent to the parent are passed on to the child. A terminal's Ctrl-C reaches
+  both, so the child takes its first SIGINT or SIGTERM as the interrupt and ignores the next ones
+  (its clean-up is never cut short): a second Ctrl-C does not force it; SIGKILL does.
+* SIGKILL on the parent kills the child too, a moment later (``PR_SET_PDEATHSIG``: Linux only;
+  elsewhere the child runs to its end).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import os
 import signal
 import sys
 
-CUT_SHORT = ("a memory-mapped checkpoint became unreadable while this command read it (SIGBUS: the file was cut "
-             "short, or its disk failed); rerun once every file is complete, and replace a checkpoint by renaming a "
-             "finished copy into place")
+CUT_SHORT = ("the command died of SIGBUS while reading memory-mapped files: most often a checkpoint cut short "
+             "while it was read (or a failing disk); rerun once every file is complete, and replace a checkpoint "
+             "by renaming a finished copy into place")
 _PR_SET_PDEATHSIG = 1
+_PASSED_ON = (signal.SIGINT, signal.SIGTERM)
 
 
 def work_in_child() -> None:
@@ -40,24 +42,57 @@ def work_in_child() -> None:
     if not hasattr(os, "fork"):
         return
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # None when the command was started with it closed
+        if stream is not None:
+            stream.flush()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # inherited as ignored, the kernel would reap the child itself
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PASSED_ON)  # none lost between fork and the handlers
     child = os.fork()
     if child == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with(parent)
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(child, signum))
-    _, status = os.waitpid(child, 0)  # retried after a signal's handler (PEP 475)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the child is reaped: its pid is no longer ours to signal
-    code = os.waitstatus_to_exitcode(status)
+    for signum in _PASSED_ON:
+        signal.signal(signum, _pass_on(child))
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _exit_as(child, _wait(child))
+
+
+def _pass_on(child: int):
+    def handler(signum, frame) -> None:
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:  # already gone
+            pass
+    return handler
+
+
+def _wait(child: int) -> int:
+    """The child's exit code (−N: killed by signal N). It is reaped only after SIGINT and SIGTERM stop being
+    passed on, so a late signal never reaches a process that took over its pid."""
+    if hasattr(os, "waitid") and hasattr(os, "WNOWAIT"):
+        os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # retried after a signal's handler (PEP 475)
+    for signum in _PASSED_ON:
+        signal.signal(signum, signal.SIG_IGN)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _exit_as(child: int, code: int) -> None:
     if code == -signal.SIGBUS:
-        print(f"soup: error: {CUT_SHORT}", file=sys.stderr, flush=True)
+        if sys.stderr is not None:
+            print(("\n" if sys.stderr.isatty() else "") + f"soup: error: {CUT_SHORT}", file=sys.stderr, flush=True)
         os._exit(2)
     if code < 0:  # killed by another signal: die of it too, so a shell or a test sees what the child met
+        try:
+            import resource
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the child's core dump is the one worth keeping
+        except (ImportError, ValueError, OSError):
+            pass
         if -code != signal.SIGKILL:  # whose action cannot be set, nor caught
             signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
+        os._exit(128 - code)  # as a shell reports it, where the signal is ignored (a container's process 1)
     os._exit(code)
 
 

@@ -7,6 +7,8 @@ sends the user looking for RAM. :func:`mapping_error` names the limit instead, w
 
 >>> mapping_error("ft-00.safetensors", ValueError("header too large")) is None  # not a mapping failure
 True
+>>> str(mapping_error("ft-00.safetensors", MemoryError(12, "Cannot allocate memory")))[:45]  # a few maps held
+'ft-00.safetensors: cannot be read: out of mem'
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def mapping_error(name: str, exc: BaseException) -> CheckpointError | None:
     if "Cannot allocate memory" not in text and "os error 12" not in text and getattr(exc, "errno", None) != 12:
         return None
     held, limit = maps_held(), map_limit()
-    if held is None or limit is None or held < NEAR_THE_LIMIT * limit:
-        return CheckpointError(f"{name}: cannot be memory-mapped: out of memory ({text.strip()[:200]})")
+    if held is None or limit is None or held < NEAR_THE_LIMIT * limit:  # memory itself, not the map limit
+        return CheckpointError(f"{name}: cannot be read: out of memory ({text.strip()[:200]})")
     return CheckpointError(
         f"{name}: cannot be memory-mapped: this process holds {held:,} memory maps and the kernel allows "
         f"{limit:,} (vm.max_map_count), one per open checkpoint; open fewer checkpoints at once (split the "

@@ -380,10 +380,13 @@ def check_index_keys(index: Path, weight_map: Mapping[str, str], found: Iterable
 def _load_sharded(index: Path, *, prefer_ema: bool, roots: Sequence[Path] | None) -> StateDict:
     weight_map, shards = shard_index(index)
     state: StateDict = {}
+    found_in: dict[str, str] = {}
     for shard_path in shards:
         shard = load_state_dict(shard_path, prefer_ema=prefer_ema, roots=roots)
         if twice := sorted(shard.keys() & state.keys()):  # which copy would win is the files' order, not the index
-            raise CheckpointError(f"{index.parent}: tensor {twice[0]!r} is in two shards")
+            raise CheckpointError(f"{index.parent}: tensor {twice[0]!r} is in two shards "
+                                  f"({found_in[twice[0]]} and {shard_path.name})")
         state.update(shard)
+        found_in.update(dict.fromkeys(shard, shard_path.name))
     check_index_keys(index, weight_map, state)
     return state

@@ -186,7 +186,8 @@ class SafetensorsSource:
                 raise CheckpointError(f"{file}: tensor {key!r} has dtype {str(stored.info.dtype).removeprefix('torch.')}, "
                                       "which soups do not average; convert to bfloat16, float16 or float32")
             if key in self._where:
-                raise CheckpointError(f"{self.path}: tensor {key!r} is in two shards")
+                raise CheckpointError(f"{self.path}: tensor {key!r} is in two shards "
+                                      f"({self._stream.files[self._where[key][0]].name} and {file.name})")
             self._where[key] = (index, stored)
         if TIED_KEY in metadata:
             try:
