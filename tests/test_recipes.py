@@ -253,3 +253,12 @@ def test_a_tie_for_the_best_model_is_said_out_loud_with_the_spread_on_test(finet
                                   f"the first in manifest order, {tied[0]}, is the best individual.")
     alone = RECIPES["best"].make({tied[0]: ingredients[tied[0]]}, evaluator)
     assert alone.extras == {} and tie_sentence(alone) is None
+
+
+def test_the_slerp_recipe_walks_the_arc_and_reports_its_ends_weights():
+    """a = (2, 0), b = (0, 2) are 90° apart: at t = ¼ the soup is 2·(sin(3π/8), sin(π/8)), and the
+    reported weights are the line's, (¾, ¼)."""
+    import math
+    soup = RECIPES["slerp"].make({"a": {"w": torch.tensor([2.0, 0.0])}, "b": {"w": torch.tensor([0.0, 2.0])}}, t=0.25)
+    assert soup.state_dict["w"].tolist() == pytest.approx([2 * math.sin(3 * math.pi / 8), 2 * math.sin(math.pi / 8)])
+    assert soup.weights == (0.75, 0.25) and soup.ingredients == ("a", "b")
