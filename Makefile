@@ -61,13 +61,14 @@ screenshots: test-deps
 	cp test-artifacts/screenshots/*.png docs/screenshots/
 
 # Mutation testing of the core computations (pyproject.toml's [tool.mutmut]); slow, so not in CI.
-# Prints every surviving mutant; run it before releasing a recipe. One OpenMP thread per mutant:
+# Prints a table per module and every surviving mutant, sorted by what it changed; run it before
+# releasing a recipe. One OpenMP thread per mutant:
 # mutmut forks each mutant from a process whose OpenMP pool already ran, and a forked pool spins
 # until mutmut's CPU-time limit, which would report most mutants as timed out.
 mutate: $(VENV)/.test-installed
 	$(PY) -m pip install -q mutmut==3.8.1
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 || true
-	$(VENV)/bin/mutmut results
+	$(PY) bench/mutation_report.py --list
 
 bench: $(VENV)/.test-installed
 	$(PY) -m pip install -q -r requirements-bench.txt
