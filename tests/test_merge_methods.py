@@ -416,3 +416,26 @@ def test_slerp_coefficients_worked_by_hand(t):
     assert slerp_coefficients(t, 1.0, 4.0, 1.9995) == pytest.approx((1 - t, t))  # cos 0.99975: the line
     assert slerp_coefficients(t, 1.0, 4.0, -1.9995) == pytest.approx((1 - t, t))  # antiparallel too
     assert slerp_coefficients(t, 1.0, 1.0, 0.999) != pytest.approx((1 - t, t), rel=1e-9)  # cos 0.999: still the arc
+
+
+def test_trim_drop_and_rescale_masks_worked_by_hand():
+    """TIES' trim keeps the density share of largest |δ| (ties: the first ones); Breadcrumbs drops
+    the gamma share of largest and then the smallest; the kept entries are rescaled by nothing, by
+    1/density (DARE), or to the L1 norm they had (mergekit)."""
+    from soup_core.merge.task_vectors import magnitude_mask, outlier_mask, rescaled
+    ties = torch.tensor([1.0, -1.0, 1.0, 0.5])
+    assert magnitude_mask(ties, 0.5).tolist() == [True, True, False, False]  # three tie at 1: the first two
+    assert magnitude_mask(torch.tensor([0.2, -3.0, 1.0]), 0.4).tolist() == [False, True, False]  # at least one
+    assert magnitude_mask(ties, 1.0).all() and not magnitude_mask(ties, 0.0).any()
+    delta = torch.tensor([0.1, -5.0, 0.3, 0.2, 4.0, -0.05, 1.0, 0.7, -0.6, 0.4])
+    # |δ| ascending: .05 .1 .2 .3 .4 .6 .7 1 4 5; drop 2 largest (4, 5), keep the next 5: .3 .4 .6 .7 1
+    assert outlier_mask(delta, 0.5, 0.2).nonzero().reshape(-1).tolist() == [2, 6, 7, 8, 9]
+    assert outlier_mask(delta, 0.9, 0.5).nonzero().reshape(-1).tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]  # 9 stay
+    assert outlier_mask(delta, 1.0, 0.2).all()
+    d, mask = torch.tensor([2.0, -1.0, 4.0, 1.0]), torch.tensor([True, False, True, False])
+    assert rescaled(d, mask, "none", 0.5).tolist() == [2.0, 0.0, 4.0, 0.0]
+    assert rescaled(d, mask, "density", 0.5).tolist() == [4.0, 0.0, 8.0, 0.0]
+    assert rescaled(d, mask, "l1", 0.5).tolist() == pytest.approx([8 / 3, 0.0, 16 / 3, 0.0])  # L1 8 from 6
+    assert d.tolist() == [2.0, -1.0, 4.0, 1.0]  # not in place: the caller's tensor is left
+    assert rescaled(d, mask, "none", 0.5, in_place=True) is d and d.tolist() == [2.0, 0.0, 4.0, 0.0]
+    assert rescaled(torch.zeros(3), torch.tensor([True, False, True]), "l1", 0.5).tolist() == [0.0, 0.0, 0.0]
