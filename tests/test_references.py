@@ -81,6 +81,12 @@ def test_the_random_order_is_random_shuffle_of_the_seed_and_seeds_differ():
 
 # --- greedy with the official rule and order ----------------------------------------------------------------------
 
+def uniform_accuracy(ingredients, names, evaluator, split) -> float:
+    """Accuracy of the plain average of ``names``, summed in float64 from scratch (no running sum)."""
+    soup = {k: (sum(ingredients[n][k].double() for n in names) / len(names)).float() for k in ingredients[names[0]]}
+    return evaluator.accuracy(soup, split, cache=False)
+
+
 def official_greedy(ingredients, evaluator, split="val") -> list[str]:
     """github.com/mlfoundations/model-soups main.py: sort val accuracies ascending, reverse, and add
     a candidate when the soup's val accuracy is strictly better (``>``); soups averaged from scratch."""
@@ -90,8 +96,7 @@ def official_greedy(ingredients, evaluator, split="val") -> list[str]:
     kept, best = [order[0]], scores[order[0]]
     for name in order[1:]:
         trial = kept + [name]
-        soup = {k: (sum(ingredients[n][k].double() for n in trial) / len(trial)).float() for k in ingredients[name]}
-        score = evaluator.accuracy(soup, split, cache=False)
+        score = uniform_accuracy(ingredients, trial, evaluator, split)
         if score > best:
             kept, best = trial, score
     return kept
@@ -113,12 +118,7 @@ def pruned_loop(ingredients, evaluator, passes: int, split="val") -> tuple[list[
     scores = {n: evaluator.accuracy(s, split) for n, s in ingredients.items()}
     order = sorted(ingredients, key=lambda n: -scores[n])
     keep = list(ingredients)
-
-    def accuracy(names):
-        soup = {k: (sum(ingredients[n][k].double() for n in names) / len(names)).float() for k in ingredients[names[0]]}
-        return evaluator.accuracy(soup, split, cache=False)
-
-    baseline, steps = accuracy(keep), 0
+    baseline, steps = uniform_accuracy(ingredients, keep, evaluator, split), 0
     trace = [("uniform", "start", baseline, True, tuple(keep))]
     for _ in range(passes):
         before = list(keep)
@@ -126,7 +126,7 @@ def pruned_loop(ingredients, evaluator, passes: int, split="val") -> tuple[list[
             if name not in keep or len(keep) == 1:
                 continue
             trial = [n for n in keep if n != name]
-            score, steps = accuracy(trial), steps + 1
+            score, steps = uniform_accuracy(ingredients, trial, evaluator, split), steps + 1
             accepted = score >= baseline
             if accepted:
                 keep, baseline = trial, score
@@ -150,9 +150,7 @@ def greedy_loop(ingredients, evaluator, passes: int, split="val") -> tuple[list[
             if name in kept:
                 continue
             trial = kept + [name]
-            soup = {k: (sum(ingredients[n][k].double() for n in trial) / len(trial)).float()
-                    for k in ingredients[name]}
-            score = evaluator.accuracy(soup, split, cache=False)
+            score = uniform_accuracy(ingredients, trial, evaluator, split)
             accepted = score >= best
             if accepted:
                 kept, best = trial, score

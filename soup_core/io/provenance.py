@@ -11,8 +11,7 @@ from typing import Any
 import safetensors
 
 from soup_core.errors import CheckpointError
-from soup_core.io.maps import mapping_error
-from soup_core.io.read import PROVENANCE_KEY, short
+from soup_core.io.read import PROVENANCE_KEY, unreadable_safetensors
 
 
 def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -27,8 +26,7 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
     except Exception as exc:
-        raise mapping_error(str(path), exc) or CheckpointError(
-            f"{path}: not a valid safetensors file ({short(exc)})") from None
+        raise unreadable_safetensors(path, exc) from None
     if PROVENANCE_KEY not in meta:
         return None
     try:

@@ -111,8 +111,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             self._handle = safetensors.safe_open(self.path, framework="pt")
             self._keys = list(self._handle.keys())
         except Exception as exc:
-            raise mapping_error(self.path, exc) or CheckpointError(
-                f"{path}: not a valid safetensors file ({short(exc)})") from None
+            raise unreadable_safetensors(path, exc) from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
@@ -185,6 +184,11 @@ def _sha256_of(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def unreadable_safetensors(path: str | os.PathLike[str], exc: BaseException) -> CheckpointError:
+    """The one-line error for a safetensors file that safetensors could not open or map."""
+    return mapping_error(str(path), exc) or CheckpointError(f"{path}: not a valid safetensors file ({short(exc)})")
+
+
 def short(exc: BaseException) -> str:
     """An exception's first line, at most 200 characters (for one-line error messages)."""
     text = str(exc).strip().splitlines()
@@ -214,8 +218,7 @@ def _read_safetensors_file(path: Path) -> StateDict:
             meta = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:
-        raise mapping_error(str(path), exc) or CheckpointError(
-            f"{path}: not a valid safetensors file ({short(exc)})") from None
+        raise unreadable_safetensors(path, exc) from None
     check_tensors(state, str(path))
     return _retie(state, meta, str(path))
 
