@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -170,6 +171,74 @@ def test_a_streamed_merge_is_the_same_whatever_the_block_size():
             flat = torch.cat([b for _, b in sorted(parts, key=lambda p: p[0])]).reshape(whole[key].shape)
             assert (torch.equal(flat, whole[key]) if exact else torch.allclose(flat, whole[key], atol=1e-6)), key
         assert whole["n.num_batches_tracked"].item() == 0  # a step counter: the reference ingredient's
+
+
+def test_a_tensor_is_merged_in_blocks_of_the_budget_shared_by_every_input_and_two_working_copies():
+    from soup_core.merge.karcher import karcher
+    from soup_core.merge.task_vectors import task_vector_method
+    sources = [MappingSource({"w": torch.arange(25.0) * (i + 1)}, name=n) for i, n in enumerate("ab")]
+    base = MappingSource({"w": torch.zeros(25)})
+
+    def blocks(run: MergeRun) -> list[tuple[int, int]]:
+        return [(start, block.numel()) for _, start, block in run.blocks()]
+    # two ingredients and two working copies: four float64 blocks, so 320 bytes hold 10 elements each
+    assert blocks(MergeRun(mean_of(), sources, block_bytes=320)) == [(0, 10), (10, 10), (20, 5)]
+    # θ0 is a fifth input: 8 elements
+    task_arithmetic = task_vector_method("task-arithmetic", [1.0, 1.0])
+    assert blocks(MergeRun(task_arithmetic, sources, base, block_bytes=320)) == [(0, 8), (8, 8), (16, 8), (24, 1)]
+    assert blocks(MergeRun(mean_of(), sources, block_bytes=4 * 8 * 25)) == [(0, 25)]  # the whole tensor fits
+    assert blocks(MergeRun(mean_of(), sources, block_bytes=1)) == [(i, 1) for i in range(25)]  # never stuck
+    assert blocks(MergeRun(karcher(), sources, block_bytes=320)) == [(0, 25)]  # a per-tensor method: whole
+
+
+def test_a_merge_in_memory_assembles_its_blocks_and_keeps_tied_tensors_tied():
+    a, b = torch.arange(12.0).reshape(3, 4), torch.full((3, 4), 2.0)
+    ingredients = [{"emb": t, "head": t, "bias": torch.tensor([1.0, -1.0]) * i} for i, t in enumerate((a, b))]
+    sources = [MappingSource(s, name=str(i)) for i, s in enumerate(ingredients)]
+    for block_bytes in (4 * 8 * 2, 4 * 8 * 5, 1 << 20):  # 2 and 5 elements a block, and whole tensors
+        merged = merge_in_memory(mean_of(), sources, block_bytes=block_bytes)
+        assert merged["emb"].tolist() == ((a + b) / 2).tolist() and merged["bias"].tolist() == [0.5, -0.5]
+        assert merged["head"] is merged["emb"] and list(merged) == ["emb", "bias", "head"]
+
+
+def test_a_merge_reports_its_progress_by_bytes_after_each_tensor():
+    seen: list[tuple[float, str]] = []
+    run = MergeRun(mean_of(), [MappingSource({"a": torch.zeros(4), "b": torch.zeros(12)})], block_bytes=64)
+    blocks = list(run.blocks(lambda fraction, key: seen.append((fraction, key))))
+    assert len(blocks) == 2 + 6  # one input and two working copies: 2 elements a block
+    assert seen == [(0.25, "a"), (1.0, "b")]
+
+
+def test_a_non_finite_base_or_a_base_that_does_not_match_is_named():
+    from soup_core.merge.task_vectors import task_vector_method
+    task_arithmetic = task_vector_method("task-arithmetic", [1.0, 1.0])
+    sources = [MappingSource({"w": torch.ones(3)}, name=n) for n in "ab"]
+    with pytest.raises(CheckpointError, match=r"^base: tensor 'w' holds NaN or Inf values"):
+        list(MergeRun(task_arithmetic, sources, MappingSource({"w": torch.tensor([0.0, math.inf, 0.0])},
+                                                              name="base")).blocks())
+    with pytest.raises(CheckpointError, match=r"^base and a hold different tensors: base lacks 'w' and has 'v'"):
+        MergeRun(task_arithmetic, sources, MappingSource({"v": torch.zeros(3)}, name="base"))
+
+
+def test_a_merged_tensor_whose_float64_sum_overflows_is_not_refused_when_its_values_are_finite():
+    """The merge checks a block's sum for NaN and Inf (one reduction, not a mask): 3 × 1e308 is inf
+    in float64 though each value is finite, and such a block is kept."""
+    ingredient = MappingSource({"w": torch.full((3,), 1e308, dtype=torch.float64)}, name="a")
+    assert merge_in_memory(mean_of(), [ingredient])["w"].tolist() == [1e308] * 3
+
+
+def test_a_merge_written_in_blocks_is_the_merge_in_memory_in_one_file(tmp_path):
+    a, b = torch.arange(30.0).reshape(5, 6), torch.linspace(-1, 1, 30).reshape(5, 6)
+    sources = [MappingSource({"emb": t, "head": t, "bias": t[0]}, name=n) for n, t in (("a", a), ("b", b))]
+    seen: list[tuple[float, str]] = []
+    path, digests = write_merge(MergeRun(linear([0.25, 0.75]), sources, block_bytes=4 * 8 * 4), tmp_path / "soup",
+                                progress=lambda fraction, key: seen.append((fraction, key)))
+    assert path.is_file() and digests == {"a": "0" * 64, "b": "0" * 64}  # in memory: nothing to hash
+    written = load_state_dict(path)
+    expected = merge_in_memory(linear([0.25, 0.75]), sources)
+    assert {k: t.tolist() for k, t in written.items()} == {k: t.tolist() for k, t in expected.items()}
+    assert written["head"].data_ptr() == written["emb"].data_ptr()  # the file records the tie
+    assert seen[-1] == (1.0, "bias") and [k for _, k in seen] == ["emb", "bias"]
 
 
 def test_integer_tensors_are_copied_only_when_every_ingredient_holds_the_same():

@@ -439,3 +439,41 @@ def test_trim_drop_and_rescale_masks_worked_by_hand():
     assert d.tolist() == [2.0, -1.0, 4.0, 1.0]  # not in place: the caller's tensor is left
     assert rescaled(d, mask, "none", 0.5, in_place=True) is d and d.tolist() == [2.0, 0.0, 4.0, 0.0]
     assert rescaled(torch.zeros(3), torch.tensor([True, False, True]), "l1", 0.5).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_trim_and_drop_at_their_edges_worked_by_hand():
+    """Ties at the threshold keep the first entries whatever their sign; a one-entry tensor keeps it;
+    masks are masks (bool) on every path; both selections find the same k-th largest |δ|; the
+    Breadcrumbs sort keeps equal magnitudes in place; nothing kept divides by nothing."""
+    from soup_core.merge.task_vectors import kth_largest_by_kthvalue, kth_largest_by_partition
+    assert magnitude_mask(torch.tensor([2.0, -2.0, 1.0]), 0.34).tolist() == [True, False, False]
+    assert magnitude_mask(torch.tensor([3.0, 2.0, -2.0, 1.0]), 0.5).tolist() == [True, True, False, False]
+    assert magnitude_mask(torch.tensor([2.0]), 0.5).tolist() == [True]
+    ones = torch.ones(3)
+    for mask in (magnitude_mask(ones, 0.0), magnitude_mask(ones, 1.0), outlier_mask(ones, 1.0, 0.1)):
+        assert mask.dtype == torch.bool
+    delta = torch.tensor([0.5, -4.0, 3.0, -0.25, 3.0, 1.0])
+    for select in (kth_largest_by_partition, kth_largest_by_kthvalue):
+        assert [select(delta, k) for k in range(1, 7)] == [4.0, 3.0, 3.0, 1.0, 0.5, 0.25]
+    # four equal magnitudes, drop the top quarter and keep half: the 2nd and 3rd, in place
+    assert outlier_mask(torch.tensor([1.0, -1.0, 1.0, -1.0]), 0.5, 0.25).tolist() == [False, True, True, False]
+    nothing = torch.zeros(3, dtype=torch.bool)
+    assert rescaled(torch.tensor([1.0, 2.0, 3.0]), nothing, "density", 0.0).tolist() == [0.0, 0.0, 0.0]
+    assert rescaled(torch.tensor([1.0, 2.0, 3.0]), nothing, "l1", 0.0).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_the_karcher_defaults_are_mergekits():
+    """Ten steps at tolerance 1e-5, as mergekit's karcher: on tensors still moving after the tenth step
+    (an eleventh changes the mean by 1.5e-4), the default mean is mergekit's default one."""
+    mergekit_karcher = pytest.importorskip("mergekit.merge_methods.karcher")
+    from soup_core.merge.karcher import karcher_mean
+    generator = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(3, generator=generator, dtype=F64) * scale for scale in (1.0, 3.0, 0.5, 2.0)]
+    theirs = mergekit_karcher.karcher_merge_tensors(tensors, [0.25] * 4)
+    assert not torch.allclose(theirs, mergekit_karcher.karcher_merge_tensors(tensors, [0.25] * 4, max_iter=11),
+                              rtol=0, atol=1e-5)
+    torch.testing.assert_close(karcher_mean(tensors), theirs, rtol=1e-12, atol=1e-12)
+    stored = [t.float() for t in tensors]  # the method widens each block to float64 itself
+    torch.testing.assert_close(karcher().combine(stored, None, None),
+                               mergekit_karcher.karcher_merge_tensors([t.double() for t in stored], [0.25] * 4),
+                               rtol=1e-12, atol=1e-12)

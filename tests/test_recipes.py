@@ -5,7 +5,7 @@ import torch
 
 from soup_core.evaluate import ensemble_logits, metrics_from_logits
 from soup_core.params import RunningSum, uniform_average
-from soup_core.recipes import RECIPES
+from soup_core.recipes import RECIPES, Recipe
 from soup_core.recipes.best_individual import tie_sentence
 from soup_core.recipes.model_stock import model_stock_ratio
 from soup_core.zoo import open_zoo
@@ -262,3 +262,59 @@ def test_the_slerp_recipe_walks_the_arc_and_reports_its_ends_weights():
     soup = RECIPES["slerp"].make({"a": {"w": torch.tensor([2.0, 0.0])}, "b": {"w": torch.tensor([0.0, 2.0])}}, t=0.25)
     assert soup.state_dict["w"].tolist() == pytest.approx([2 * math.sin(3 * math.pi / 8), 2 * math.sin(math.pi / 8)])
     assert soup.weights == (0.75, 0.25) and soup.ingredients == ("a", "b")
+
+
+@pytest.mark.parametrize("recipe, params, counted_from", [
+    ("uniform", {}, "a"),  # the first ingredient
+    ("model-stock", {}, "a"),
+    ("karcher", {}, "a"),
+    ("wise-ft", {"alpha": 0.5}, "a"),
+    ("slerp", {"t": 0.5}, "a"),  # the nearer end; at t = ½ the first
+    ("slerp", {"t": 0.75}, "b"),
+    ("weighted", {"weights": "a=1,b=3,c=2"}, "b"),  # the heaviest
+    ("weighted", {"weights": "a=3,b=3,c=1"}, "a"),  # the first of equals
+    ("task-arithmetic", {"weights": "a=1,b=3,c=2"}, "b"),
+    ("ties", {"weights": "a=2,b=1,c=0"}, "a"),  # c's weight 0 leaves it out
+    ("lines", {"weights": "a=1,b=1,c=5"}, "c"),
+])
+def test_a_merge_copies_its_counters_from_the_ingredient_it_names_as_reference(recipe, params, counted_from):
+    """A counter (BatchNorm's ``num_batches_tracked``) differs between ingredients and is copied, not
+    averaged: from the first ingredient, the heaviest one, or SLERP's nearer end."""
+    def model(index: int) -> dict[str, torch.Tensor]:
+        return {"bn.weight": torch.full((3,), float(index + 1)), "bn.num_batches_tracked": torch.tensor(100 * index)}
+    names = ("a", "b") if recipe == "slerp" else ("a", "b", "c")
+    ingredients = {name: model(i + 1) for i, name in enumerate(names)}
+    result = RECIPES[recipe].make(ingredients, base=model(0), **params)
+    assert int(result.state_dict["bn.num_batches_tracked"]) == int(ingredients[counted_from]["bn.num_batches_tracked"])
+
+
+def test_a_val_grid_is_written_as_its_decimals():
+    from soup_core.recipes.parameters import SCALE, grid
+    assert grid(0.0, 1.0, 0.1) == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert grid(0.5, 2.0, 0.5) == (0.5, 1.0, 1.5, 2.0)
+    assert SCALE.val_grid == tuple(i / 10 for i in range(1, 21))  # λ from 0.1 to 2 (Ilharco et al. 2023)
+
+
+def test_a_task_vector_recipe_is_declared_by_its_name_alone():
+    """``_merge`` and ``_recipe`` build the six task-vector recipes from their names: the entry a
+    name declares, and the plan and soup its functions make, are the method of that name."""
+    from soup_core.recipes import _merge
+    from soup_core.recipes import task_vectors as module
+    from soup_core.recipes.parameters import DENSITY, WEIGHTS
+    assert _merge("dare-ties", "DARE", "Yu et al.", (WEIGHTS, DENSITY), min_ingredients=2) == Recipe(
+        "dare-ties", "DARE", "Yu et al.", "task_vectors:dare_ties", (WEIGHTS, DENSITY), needs_evaluator=False,
+        needs_base=True, min_ingredients=2, merge_path="task_vectors:dare_ties_merge",
+        app_values=(("normalize", True), ("lambda", "val")), family="merge")
+    plan, soup = module._recipe("ties")
+    params = RECIPES["ties"].resolve({"weights": "a=2,b=1", "density": 0.5, "lambda": 1.0})
+    merge = plan(("a", "b"), params)
+    assert (merge.ingredients, merge.weights, merge.method.name, merge.reference) == \
+        (("a", "b"), (2.0, 1.0), "ties", "a")
+    base = {"w": torch.zeros(4)}
+    ingredients = {"a": {"w": torch.tensor([1.0, -2.0, 0.5, 0.0])}, "b": {"w": torch.tensor([-3.0, 1.0, 0.0, 0.25])}}
+    brew = soup(ingredients, None, base, params)
+    # Trim each task vector to its larger half: a keeps 1, -2; b keeps -3, 1. Weighted: 2a = [2, -4, 0, 0],
+    # b = [-3, 1, 0, 0]; their sum elects signs [-, -]; the agreeing entries over their weights' sum:
+    # -3 / 1 and -4 / 2.
+    assert brew.ingredients == ("a", "b") and brew.weights == (2.0, 1.0)
+    assert brew.state_dict["w"].tolist() == [-3.0, -2.0, 0.0, 0.0]

@@ -56,6 +56,24 @@ def test_the_interval_ends_where_the_score_test_starts_to_reject(a_only, b_only,
     assert low < (b_only - a_only) / n < high
 
 
+@pytest.mark.parametrize("a_only, b_only, n", [(10, 0, 10), (0, 10, 10), (1, 0, 1), (0, 1, 1), (0, 0, 1),
+                                             (2, 8, 10), (0, 30, 40), (25, 0, 30)])
+def test_an_interval_reaches_a_bound_only_where_the_score_test_cannot_reject_it(a_only, b_only, n):
+    """Every image disagreeing one way (or only one image): the interval stops at −1 or +1 exactly where
+    the score test does not reject a difference that close to the bound, and elsewhere ends where it
+    starts to reject."""
+    low, high = score_interval(a_only, b_only, n)
+    z = norm.ppf(0.975)
+    for end, bound, rejecting in ((low, -1.0, z), (high, 1.0, -z)):
+        inside = bound - 1e-9 * bound  # just inside the bound
+        if end == bound:
+            assert abs(constrained_score(a_only, b_only, n, inside, 0.5)) <= z
+        else:
+            assert abs(end) < 1 and constrained_score(a_only, b_only, n, end, 0.5) == pytest.approx(rejecting, abs=1e-5)
+    assert -1.0 <= low <= (b_only - a_only) / n <= high <= 1.0
+    assert (low == -1.0, high == 1.0) == (a_only == n, b_only == n)  # on these counts: all one way
+
+
 def exact_coverage(p_a_only: float, p_b_only: float, n: int, correction: float) -> float:
     """P(interval holds the true difference), summed over every (a_only, b_only) the trinomial gives."""
     truth, total = p_b_only - p_a_only, 0.0

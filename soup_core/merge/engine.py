@@ -163,9 +163,10 @@ def check_compatible(sources: Sequence[Source]) -> None:
 
 def merge_in_memory(method: TensorMethod, sources: Sequence[Source], base: Source | None = None, *,
                     reference: int = 0, device: torch.device | str | None = None,
-                    summaries: dict[str, Any] | None = None) -> StateDict:
-    """The merged state dict, assembled in memory (small models, and soups that are scored next)."""
-    run = MergeRun(method, sources, base, reference, device)
+                    summaries: dict[str, Any] | None = None, block_bytes: int = BLOCK_BYTES) -> StateDict:
+    """The merged state dict, assembled in memory (small models, and soups that are scored next)
+    from blocks of at most ``block_bytes`` of float64 work (:class:`MergeRun`)."""
+    run = MergeRun(method, sources, base, reference, device, block_bytes)
     out: StateDict = {}
     for key, start, block in run.blocks():
         if start == 0 and block.shape == run.infos[key].shape:

@@ -100,11 +100,17 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 def kth_largest_magnitude(delta: torch.Tensor, k: int) -> float:
     """The k-th largest |δ|: on a CPU by partitioning one copy of |δ| in place (``numpy``'s
     introselect: no index array, one tensor's bytes), elsewhere with ``torch.kthvalue``."""
-    if delta.device.type == "cpu":
-        magnitude = delta.detach().abs().reshape(-1).numpy()
-        position = magnitude.size - k
-        magnitude.partition(position)
-        return float(magnitude[position])
+    return (kth_largest_by_partition if delta.device.type == "cpu" else kth_largest_by_kthvalue)(delta, k)
+
+
+def kth_largest_by_partition(delta: torch.Tensor, k: int) -> float:
+    magnitude = delta.detach().abs().reshape(-1).numpy()
+    position = magnitude.size - k
+    magnitude.partition(position)
+    return float(magnitude[position])
+
+
+def kth_largest_by_kthvalue(delta: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(delta.abs().reshape(-1), delta.numel() - k + 1).values)
 
 

@@ -40,11 +40,9 @@ def task_vector_merge(recipe: str, names: tuple[str, ...], params: Params) -> Me
     sparsify, consensus = FAMILY[recipe]
     kept = params.weights.for_names(names)
     weights = tuple(kept.values())
-    values = dict(params)
-    method = task_vector_method(recipe, weights, sparsify=sparsify, consensus=consensus,
-                                density=values.get("density", 1.0), gamma=values.get("gamma", 0.0),
-                                normalize=values["normalize"], scale=values["lambda"],
-                                rescale=values.get("rescale", "none"), seed=values.get("seed", 0))
+    declared = {k: params[k] for k in ("density", "gamma", "rescale", "seed") if k in params}  # the rest: unused
+    method = task_vector_method(recipe, weights, sparsify=sparsify, consensus=consensus, normalize=params["normalize"],
+                                scale=params["lambda"], **declared)
     reference = max(kept, key=lambda n: kept[n])  # integer tensors from the heaviest (the first of equals)
     return Merge(tuple(kept), weights, method, reference)
 
