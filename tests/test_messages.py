@@ -218,3 +218,15 @@ def test_paths_in_messages_are_the_users_own(tmp_path):
     """Paths are shown as given (relative stays relative), not resolved."""
     assert message(CheckpointError, lambda: open_source(Path("no/such/model"))) == \
         "no/such/model: no such file or folder"
+
+
+def test_a_recipe_says_how_many_ingredients_it_needs():
+    from soup_core.recipes import Recipe
+    assert message(RecipeError, lambda: RECIPES["slerp"].check_count(3)) == \
+        "the SLERP of two models needs exactly 2 ingredient(s), got 3; choose them with --ingredients"
+    assert message(RecipeError, lambda: RECIPES["model-stock"].check_count(1)) == \
+        "the Model Stock needs at least 2 ingredient(s), got 1"
+    ranged = Recipe("few", "Few soup", "", "uniform:uniform_soup", min_ingredients=2, max_ingredients=4)
+    assert message(RecipeError, lambda: ranged.check_count(5)) == \
+        "the Few soup needs 2 to 4 ingredient(s), got 5; choose them with --ingredients"
+    assert message(RecipeError, lambda: ranged.check_count(1)) == "the Few soup needs 2 to 4 ingredient(s), got 1"

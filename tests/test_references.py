@@ -237,7 +237,7 @@ def learned_loop(ingredients, model, val, *, epochs, lr, batch_size, seed, by_la
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    return z.detach().double().softmax(dim=1), float(beta)
+    return z.detach().double().softmax(dim=1), float(beta.detach())
 
 
 @pytest.mark.parametrize("name, by_layer", [("learned", False), ("learned-by-layer", True)])
@@ -304,3 +304,39 @@ def test_a_running_sum_misused_says_so_as_a_recipe_error():
         total.add("a", {"w": torch.zeros(2)})
     with pytest.raises(RecipeError, match="not in the soup"):
         total.remove("b")
+
+
+def test_the_best_individual_written_out(tiny_evaluator, tiny_states):
+    """The model with the highest val accuracy, the first of equals; its trace scores every model; a
+    tie names the tied models with their accuracies on the first report split (test)."""
+    scores = {name: tiny_evaluator.accuracy(state, "val") for name, state in tiny_states.items()}
+    best = next(name for name in scores if scores[name] == max(scores.values()))
+    result = RECIPES["best"].make(tiny_states, tiny_evaluator)
+    assert result.ingredients == (best,) and result.extras == {}
+    assert [step.to_dict() for step in result.trace] == [
+        {"candidate": name, "action": "add", "score": score, "accepted": name == best,
+         "ingredients": [best] if name == best else []} for name, score in scores.items()]
+    assert all(torch.equal(result.state_dict[k], t) and result.state_dict[k] is not t
+               for k, t in tiny_states[best].items())  # a copy: the soup is the user's to change
+    twins = {"first": tiny_states[best], "other": tiny_states["m0" if best != "m0" else "m1"],
+             "second": {k: t.clone() for k, t in tiny_states[best].items()}}
+    tied = RECIPES["best"].make(twins, tiny_evaluator)
+    test_accuracy = tiny_evaluator.accuracy(tiny_states[best], "test")
+    assert tied.ingredients == ("first",) and tied.extras == {
+        "tied_on_val": ["first", "second"], "val_split": "val", "val_accuracy": scores[best],
+        "tied_report": {"split": "test", "accuracy": {"first": test_accuracy, "second": test_accuracy}}}
+
+
+def test_a_soup_is_compared_with_the_best_individual_on_every_report_split(tiny_evaluator, tiny_states):
+    from soup_core.significance import compare, versus_best
+    soup = RECIPES["uniform"].make(tiny_states, tiny_evaluator)
+    best = RECIPES["best"].make(tiny_states, tiny_evaluator)
+    comparisons = versus_best(soup, tiny_states, tiny_evaluator)
+    assert [c.split for c in comparisons] == ["test", "shift"]  # every split but val, where the best was chosen
+    for c in comparisons:
+        expected = compare(f"best individual ({best.ingredients[0]})", tiny_evaluator.logits(best.state_dict, c.split),
+                           "Uniform soup", tiny_evaluator.logits(soup.state_dict, c.split),
+                           tiny_evaluator.labels(c.split), c.split, "samples")  # a tensor evaluator's unit
+        assert c == expected
+    assert [c.split for c in versus_best(soup, tiny_states, tiny_evaluator, ["shift"])] == ["shift"]
+    assert versus_best(best, tiny_states, tiny_evaluator) == [] and versus_best(soup, tiny_states, None) == []
