@@ -125,3 +125,20 @@ def test_angles_and_distances_of_five_vectors_worked_by_hand():
     for field, values in expect.items():
         torch.testing.assert_close(getattr(got, field), torch.tensor(values, dtype=torch.float64),
                                    atol=1e-6 if field == "angle_deg" else 1e-12, rtol=0, msg=field)
+
+
+def test_a_plane_through_three_points_worked_by_hand():
+    """A = (1, 1, 1), B = A + (2, 0, 0), C = A + (1, 1, 0): u along AB, v the part of AC off it; the
+    anchors sit at (0, 0), (2, 0) and (1, 1), on the plane; a point 3 above C projects onto C."""
+    from soup_core.geometry import plane_basis
+    a = {"w": torch.tensor([1.0, 1.0, 1.0])}
+    b = {"w": torch.tensor([3.0, 1.0, 1.0])}
+    c = {"w": torch.tensor([2.0, 2.0, 1.0])}
+    plane = plane_basis(a, b, c, names=("A", "B", "C"))
+    assert plane.u["w"].tolist() == [1.0, 0.0, 0.0] and plane.v["w"].tolist() == [0.0, 1.0, 0.0]
+    assert [p.to_json() for p in plane.anchors] == [{"name": "A", "xy": [0.0, 0.0], "off_plane": 0.0},
+                                                    {"name": "B", "xy": [2.0, 0.0], "off_plane": 0.0},
+                                                    {"name": "C", "xy": [1.0, 1.0], "off_plane": 0.0}]
+    above = plane.project({"w": torch.tensor([2.0, 2.0, 4.0])}, "D")
+    assert (above.name, above.xy, above.off_plane) == ("D", (1.0, 1.0), 3.0)
+    assert plane.point(0.5, 2.0)["w"].tolist() == [1.5, 3.0, 1.0]

@@ -110,3 +110,15 @@ def test_moving_a_state_dict_to_another_device_keeps_ties():
     moved = to_device({"embed": shared, "head": shared, "bias": torch.zeros(3)}, "meta")
     assert moved["head"] is moved["embed"] and moved["bias"] is not moved["embed"]
     assert all(t.device.type == "meta" for t in moved.values())
+
+
+def test_a_weighted_average_worked_by_hand_in_float64():
+    """⅓·1 + ⅔·2 summed in float64 from float64 weights (float32 weights would miss by 1e-8); one state
+    is its own average; tied tensors stay tied; integers come from the heaviest state."""
+    from soup_core.params import weighted_average
+    one, two = torch.tensor([1.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
+    states = [{"w": one, "tied": one, "n": torch.tensor(3)}, {"w": two, "tied": two, "n": torch.tensor(4)}]
+    average = weighted_average(states, [1 / 3, 2 / 3])
+    assert average["w"].tolist() == [1 / 3 * 1.0 + 2 / 3 * 2.0] and average["tied"] is average["w"]
+    assert int(average["n"]) == 4
+    assert weighted_average(states[:1], [1.0])["w"].tolist() == [1.0]

@@ -318,3 +318,16 @@ def test_a_task_vector_recipe_is_declared_by_its_name_alone():
     # -3 / 1 and -4 / 2.
     assert brew.ingredients == ("a", "b") and brew.weights == (2.0, 1.0)
     assert brew.state_dict["w"].tolist() == [-3.0, -2.0, 0.0, 0.0]
+
+
+def test_a_parameter_chosen_on_val_keeps_its_curve_and_ties_go_to_the_default(tiny_evaluator, tiny_states):
+    """Ingredients equal to θ0 have no task vector: every λ makes the same soup and scores the same, so
+    the tie goes to the method's own λ = 1; the curve records every value's val accuracy."""
+    base = tiny_states["m0"]
+    ingredients = {"a": base, "b": {k: t.clone() for k, t in base.items()}}
+    result = RECIPES["task-arithmetic"].make(ingredients, tiny_evaluator, base=base, **{"lambda": "val"})
+    accuracy = tiny_evaluator.accuracy(base, "val")
+    assert result.options["lambda"] == 1.0
+    assert result.extras["chosen_on_val"] == {"parameter": "lambda", "split": "val",
+                                              "grid": [round(0.1 * i, 10) for i in range(1, 21)],
+                                              "val_accuracy": [accuracy] * 20, "chosen": 1.0}
