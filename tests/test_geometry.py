@@ -142,3 +142,24 @@ def test_a_plane_through_three_points_worked_by_hand():
     above = plane.project({"w": torch.tensor([2.0, 2.0, 4.0])}, "D")
     assert (above.name, above.xy, above.off_plane) == ("D", (1.0, 1.0), 3.0)
     assert plane.point(0.5, 2.0)["w"].tolist() == [1.5, 3.0, 1.0]
+
+
+def test_random_directions_are_gaussian_with_each_filter_at_the_weights_norm():
+    """Li et al. 2018's filter normalisation, checked against the generator drawn by hand: two directions
+    by default, seed 0; each row of a weight scaled to that row's norm (rows of one element too, whose
+    Gaussian draw is often below 1); a 1-d tensor zero, or scaled as one filter when asked."""
+    from soup_core.geometry import random_directions
+    state = {"w": torch.tensor([[3.0], [-0.5], [0.25], [2.0]]), "b": torch.tensor([1.0, 2.0, 2.0])}
+    generator = torch.Generator().manual_seed(0)
+    draws = [(torch.randn(4, 1, generator=generator, dtype=torch.float64),
+              torch.randn(3, generator=generator, dtype=torch.float64)) for _ in range(2)]
+    directions = random_directions(state)
+    assert len(directions) == 2
+    for direction, (w, _) in zip(directions, draws):
+        expected = w * (torch.tensor([[3.0], [0.5], [0.25], [2.0]], dtype=torch.float64) / w.abs())
+        torch.testing.assert_close(direction["w"], expected, rtol=1e-15, atol=0)
+        assert direction["b"].tolist() == [0.0, 0.0, 0.0]
+    with_biases = random_directions(state, 1, ignore_1d=False)[0]
+    w, b = draws[0]
+    torch.testing.assert_close(with_biases["b"], b * (3.0 / b.norm()), rtol=1e-15, atol=0)  # ‖(1, 2, 2)‖ = 3
+    assert not torch.equal(random_directions(state, 1, seed=1)[0]["w"], directions[0]["w"])

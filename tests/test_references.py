@@ -192,7 +192,7 @@ def test_greedy_is_recipe_1_written_out_step_by_step_over_passes(finetune):
     one, _ = greedy_loop(ingredients, evaluator, 1)
     three, _ = greedy_loop(ingredients, evaluator, 3)
     assert set(three) - set(one) == {"ft-20"}, "a second pass adds a candidate the first rejected, so passes shows"
-    for passes in (1, 3):
+    for passes in (1, 3, 5):  # five: the third pass adds nothing, and ends the recipe
         ours = RECIPES["greedy"].make(ingredients, evaluator, passes=passes)
         kept, trace = greedy_loop(ingredients, evaluator, passes)
         assert list(ours.ingredients) == kept and as_tuples(ours.trace) == trace, passes
@@ -340,3 +340,31 @@ def test_a_soup_is_compared_with_the_best_individual_on_every_report_split(tiny_
         assert c == expected
     assert [c.split for c in versus_best(soup, tiny_states, tiny_evaluator, ["shift"])] == ["shift"]
     assert versus_best(best, tiny_states, tiny_evaluator) == [] and versus_best(soup, tiny_states, None) == []
+
+
+def test_the_greedy_ensemble_is_recipe_1_on_logits_written_out(finetune):
+    """Table 3's greedy ensemble: Recipe 1 with the members' logits averaged instead of their weights;
+    its trace step by step, over passes, stopping after a pass that adds nothing."""
+    zoo, ingredients, evaluator = finetune
+    ingredients = {n: ingredients[n] for n in zoo.names[:12]}
+    labels = evaluator.labels("val")
+    logits = {n: evaluator.logits(s, "val").double() for n, s in ingredients.items()}
+    scores = {n: evaluator.accuracy(s, "val") for n, s in ingredients.items()}
+    order = sorted(ingredients, key=lambda n: -scores[n])
+    members, best, trace, passes_run = [], 0.0, [], 0
+    for _ in range(4):
+        passes_run, before = passes_run + 1, list(members)
+        for name in order:
+            if name in members:
+                continue
+            mean = torch.stack([logits[n] for n in members + [name]]).mean(dim=0)
+            score = metrics_from_logits(mean, labels).accuracy
+            if score >= best:
+                members, best = members + [name], score
+            trace.append((name, "add", score, score >= best and members[-1] == name, tuple(members)))
+        if members == before:
+            break
+    assert passes_run < 4, "the loop ends on a pass that adds nothing, before the passes run out"
+    ours = RECIPES["greedy-ensemble"].make(ingredients, evaluator, passes=4)
+    assert list(ours.ingredients) == members and ours.state_dict is None
+    assert [(n, a, pytest.approx(s, abs=1e-12), k, m) for n, a, s, k, m in as_tuples(ours.trace)] == trace
