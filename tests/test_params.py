@@ -122,3 +122,32 @@ def test_a_weighted_average_worked_by_hand_in_float64():
     assert average["w"].tolist() == [1 / 3 * 1.0 + 2 / 3 * 2.0] and average["tied"] is average["w"]
     assert int(average["n"]) == 4
     assert weighted_average(states[:1], [1.0])["w"].tolist() == [1.0]
+
+
+def test_a_candidate_moved_for_scoring_is_not_moved_again_when_it_joins(monkeypatch):
+    """Greedy scores a candidate (``mean_with``) and then often adds it: on a sum held on another
+    device the candidate is moved once and the add reuses that copy; another candidate, or the same
+    name with other tensors, is moved afresh. (The ``meta`` device stands in for a GPU: nothing is
+    computed there, only where tensors live.)"""
+    moved: list[str] = []
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and str(args[0]) == "meta":
+            moved.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    state = {name: {"w": torch.full((2, 3), float(i)), "b": torch.zeros(3)} for i, name in enumerate("abc")}
+    soup = RunningSum("meta")
+    soup.add("a", state["a"])
+    moved.clear()
+    soup.mean_with("b", state["b"])
+    assert len(moved) == 2  # w and b, once each
+    soup.add("b", state["b"])
+    assert len(moved) == 2  # the copy made for scoring
+    soup.mean_with("c", state["c"])
+    soup.mean_with("c", {k: t.clone() for k, t in state["c"].items()})  # same name, other tensors
+    soup.add("c", state["c"])
+    assert len(moved) == 2 + 2 + 2 + 2
+    soup.remove("a")
+    assert len(moved) == 2 + 2 + 2 + 2 + 2 and soup.names == ("b", "c")

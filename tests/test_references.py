@@ -368,3 +368,25 @@ def test_the_greedy_ensemble_is_recipe_1_on_logits_written_out(finetune):
     ours = RECIPES["greedy-ensemble"].make(ingredients, evaluator, passes=4)
     assert list(ours.ingredients) == members and ours.state_dict is None
     assert [(n, a, pytest.approx(s, abs=1e-12), k, m) for n, a, s, k, m in as_tuples(ours.trace)] == trace
+
+
+def test_the_barrier_interval_is_the_bootstrap_written_out(tiny_evaluator, tiny_states):
+    """Error at 11 evenly spaced α from the models' own predictions; 2000 resamples of the images
+    (seed 0, drawn as multinomial counts: each image's number of copies); in each, the error at every
+    α, its largest rise above the chord between the ends; the 2.5% and 97.5% quantiles of those."""
+    a, b = tiny_states["m1"], tiny_states["m3"]
+    labels = tiny_evaluator.labels("test")
+    alphas = [i / 10 for i in range(11)]
+    correct = np.stack([(tiny_evaluator.logits({k: (1 - t) * a[k] + t * b[k] for k in a}, "test").argmax(dim=1)
+                         == labels).double().numpy() for t in alphas])
+    n = correct.shape[1]
+    copies = np.random.default_rng(0).multinomial(n, [1 / n] * n, size=2000)
+    rises = []
+    for weights in copies:
+        error = [1 - float(weights @ row) / n for row in correct]
+        rises.append(max(e - ((1 - t) * error[0] + t * error[-1]) for t, e in zip(alphas, error)))
+    line = path.barrier_interval(tiny_evaluator, a, b, "test")
+    assert line.alphas.tolist() == pytest.approx(alphas, abs=1e-15)
+    assert line.error.tolist() == pytest.approx([1 - row.mean() for row in correct], abs=1e-12)
+    assert (line.low, line.high) == pytest.approx(tuple(np.quantile(rises, [0.025, 0.975])), abs=1e-12)
+    assert line.low < line.high
