@@ -14,6 +14,10 @@ A survivor's kind comes from the line the mutant changed, by these rules, in ord
   machine with one CPU every device is the same one;
 * **import time**: the mutant is in code that runs once, when the module is imported (the recipes'
   registry), before mutmut switches a mutant on: mutmut cannot test it;
+* **memory or time**: the line sets a knob that changes what is kept or reused, never a value: an
+  evaluator's ``cache=``, a mask applied ``in_place=``, the sha256 thread pool, the bound on hashes
+  pending, the task-vector update kept for every λ (``one_update_for_every_scale``, ``reused``):
+  the same numbers come out, at another cost (``bench/`` measures the costs);
 * **other**: the rest, which a test should kill or a reader should find equivalent.
 
 These rules read the text only: they sort, they do not prove a mutant equivalent.
@@ -36,6 +40,7 @@ VERDICTS = {0: "survived", 1: "killed", 3: "killed", 33: "no tests", 34: "skippe
 IMPORT_TIME = ("soup_core.recipes.x__merge", "soup_core.recipes.task_vectors.x__recipe")
 MESSAGE = re.compile(r"raise |Error\(|^\s*f?\"|^\s*f?'")
 DEVICE = re.compile(r"device|\.to\(|cuda")
+COST = re.compile(r"cache=|in_place=|ThreadPoolExecutor\(|MAX_PENDING_HASHES|one_update_for_every_scale|reused")
 
 
 def changed_line(module: Path, mutant: str) -> str:
@@ -63,6 +68,8 @@ def kind(mutant: str, line: str) -> str:
         return "message"
     if DEVICE.search(line):
         return "device"
+    if COST.search(line):
+        return "memory or time"
     return "other"
 
 
@@ -98,6 +105,9 @@ def main() -> None:
           + f" | **{100 * (total['survived'] + total['no tests']) / max(tested, 1):.1f}%** |")
     print("\nSurviving = (survived + no tests) / (killed + survived + no tests + timed out); not run excluded.")
     print("\nSurvivors by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    same_values = kinds["device"] + kinds["memory or time"]
+    print(f"Surviving, less the {same_values} that cannot change a value where mutmut runs (device on one CPU; "
+          f"memory or time): {100 * (total['survived'] + total['no tests'] - same_values) / max(tested, 1):.1f}%")
     if args.list:
         for name, mutant, what, line in survivors:
             print(f"{name}  {mutant}  [{what}]  {line}")

@@ -530,3 +530,77 @@ def test_a_streamed_source_reads_tied_tensors_slices_and_rereads_and_hashes_ever
     (tmp_path / "bad.safetensors").write_bytes(path.read_bytes().replace(b'\\"embed\\"}', b'\\"gone!\\"}'))
     with pytest.raises(CheckpointError, match=r"bad\.safetensors: its 'soup_tied' metadata does not name tensors"):
         open_source(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["in memory", "streamed"])
+def test_a_source_reads_a_whole_tensor_shaped_and_any_slice_flat(tmp_path, kind):
+    """``read(key)`` is the tensor in its shape; ``read(key, start)`` its flat tail, ``read(key, start, stop)``
+    the flat elements between; an empty tensor reads as an empty tensor of its dtype."""
+    tensors = {"w": torch.arange(12, dtype=torch.float16).reshape(3, 4),
+               "empty": torch.zeros(0, 5, dtype=torch.bfloat16)}
+    file = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(tensors, str(file))
+    source = MappingSource(tensors) if kind == "in memory" else open_source(file)
+    assert source.read("w").shape == (3, 4) and source.read("w").tolist() == tensors["w"].tolist()
+    assert source.read("w", 0, None).shape == (3, 4)
+    assert source.read("w", 9).tolist() == [9.0, 10.0, 11.0]
+    assert source.read("w", 0, 2).tolist() == [0.0, 1.0] and source.read("w", 4, 6).tolist() == [4.0, 5.0]
+    empty = source.read("empty")
+    assert empty.shape == (0, 5) and empty.dtype == torch.bfloat16
+    assert source.read("empty", 0, 0).shape == (0,)
+
+
+def test_open_source_reads_each_format_by_its_name_and_only_inside_the_roots(tmp_path):
+    """A safetensors file or folder is streamed; a torch file is loaded (its digest from the file); an
+    adapter folder is θ0 plus B·A·(α/r); every file read, a shard or an adapter's weights, lies inside
+    the roots; a name given is the source's name, else the file's or folder's."""
+    from soup_core.merge.sources import AdapterSource, SafetensorsSource
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir(), outside.mkdir()
+    tensors = {"fc.weight": torch.arange(12.0).reshape(3, 4), "fc.bias": torch.ones(3)}
+    safetensors.torch.save_file(tensors, str(inside / "a.safetensors"))
+    torch.save(tensors, inside / "b.pt")
+    folder = inside / "hf"
+    folder.mkdir()
+    safetensors.torch.save_file(tensors, str(folder / "model.safetensors"))
+    roots = [inside]
+
+    streamed = open_source(inside / "a.safetensors", roots=roots)
+    assert isinstance(streamed, SafetensorsSource) and streamed.name == "a.safetensors"
+    loaded = open_source(inside / "b.pt", name="bee", roots=roots)
+    assert type(loaded) is MappingSource and loaded.name == "bee" and loaded.path == inside / "b.pt"
+    assert loaded.read("fc.weight").tolist() == tensors["fc.weight"].tolist()
+    assert loaded.sha256() == hashlib.sha256((inside / "b.pt").read_bytes()).hexdigest()
+    assert open_source(inside / "b.pt").name == "b.pt"
+    assert isinstance(open_source(folder, roots=roots), SafetensorsSource) and open_source(folder).name == "hf"
+
+    adapter = inside / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["fc"]}))
+    a, b = torch.ones(2, 4), torch.full((3, 2), 0.5)
+    safetensors.torch.save_file({"base_model.model.fc.lora_A.weight": a, "base_model.model.fc.lora_B.weight": b},
+                                str(adapter / "adapter_model.safetensors"))
+    tuned = open_source(adapter, base=tensors, roots=roots)
+    assert isinstance(tuned, AdapterSource) and tuned.name == "adapter"
+    assert open_source(adapter, base=tensors, name="ft").name == "ft"
+    assert tuned.read("fc.weight").tolist() == (tensors["fc.weight"] + 2.0 * b @ a).tolist()  # α/r = 2
+    assert tuned.read("fc.bias").tolist() == [1.0, 1.0, 1.0]
+
+    for escape in (outside / "c.safetensors", outside / "adapter"):  # outside, or reached through a link
+        if escape.name == "adapter":
+            shutil.copytree(adapter, escape)
+        else:
+            shutil.copy(inside / "a.safetensors", escape)
+        (inside / f"link-{escape.name}").symlink_to(escape)
+        for path in (escape, inside / f"link-{escape.name}"):
+            with pytest.raises(CheckpointError, match="outside the allowed"):
+                open_source(path, base=tensors, roots=roots)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(outside / "c.safetensors")  # the folder inside, its weights not
+    with pytest.raises(CheckpointError, match="outside the allowed"):
+        open_source(folder, roots=roots)
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.safetensors").symlink_to(outside / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="outside the allowed"):
+        open_source(adapter, base=tensors, roots=roots)
