@@ -163,3 +163,25 @@ def test_random_directions_are_gaussian_with_each_filter_at_the_weights_norm():
     w, b = draws[0]
     torch.testing.assert_close(with_biases["b"], b * (3.0 / b.norm()), rtol=1e-15, atol=0)  # ‖(1, 2, 2)‖ = 3
     assert not torch.equal(random_directions(state, 1, seed=1)[0]["w"], directions[0]["w"])
+
+
+def test_the_gram_matrix_leaves_running_statistics_out_by_default_and_reports_progress_by_elements():
+    """Deltas over the parameters only (BatchNorm's running mean is an estimate, not a weight) unless
+    buffers are asked for; progress is the share of elements done after each tensor, with its name."""
+    base = {"w": torch.zeros(3), "bn.running_mean": torch.zeros(1)}
+    states = [{"w": torch.tensor([1.0, 0.0, 0.0]), "bn.running_mean": torch.tensor([5.0])},
+              {"w": torch.tensor([0.0, 2.0, 0.0]), "bn.running_mean": torch.tensor([5.0])}]
+    seen: list[tuple[float, str]] = []
+    angles = pairwise_angles(states, base, progress=lambda fraction, key: seen.append((fraction, key)))
+    assert angles.norm.tolist() == [1.0, 2.0] and angles.angle_deg[0, 1].item() == 90.0
+    assert seen == [(1.0, "w")]
+    with_buffers = pairwise_angles(states, base, include_buffers=True, progress=lambda f, k: seen.append((f, k)))
+    assert with_buffers.norm.tolist() == [26 ** 0.5, 29 ** 0.5] and with_buffers.over == "parameters and buffers"
+    assert seen[1:] == [(0.75, "w"), (1.0, "bn.running_mean")]
+    assert gram_matrix(states, base, chunk_elements=1).tolist() == [[1.0, 0.0], [0.0, 4.0]]
+
+
+def test_a_projection_is_unnamed_unless_named():
+    from soup_core.geometry import plane_basis
+    plane = plane_basis({"w": torch.zeros(2)}, {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])})
+    assert plane.project({"w": torch.tensor([0.5, 0.5])}).name == ""

@@ -340,3 +340,19 @@ def test_the_barrier_interval_holds_the_barrier_and_is_a_point_for_a_model_with_
     assert (again.low, again.high) == (line.low, line.high)  # seeded
     itself = barrier_interval(zoo.evaluator, a, a, "test")
     assert (itself.barrier, itself.low, itself.high) == (0.0, 0.0, 0.0)  # no line, no barrier
+
+
+def test_a_path_keeps_the_alphas_precision_and_sample_it_was_asked_for(tiny_evaluator, tiny_states):
+    """Integer α are read as floats; bf16 is recorded with its measured deviation from fp32; a
+    subsample of the split is scored when asked; progress is reported."""
+    from soup_core.landscape import interpolation_path
+    a, b = tiny_states["m0"], tiny_states["m1"]
+    seen: list[float] = []
+    full = interpolation_path(tiny_evaluator, a, b, [0, 1], progress=lambda fraction, *_: seen.append(fraction))
+    assert full.alphas.dtype == np.float64 and full.alphas.tolist() == [0.0, 1.0]
+    assert (full.precision, full.precision_deviation) == ("fp32", None) and seen and seen[-1] == 1.0
+    assert full.loss["val"][0] == pytest.approx(tiny_evaluator.evaluate(a, ["val"])["val"].loss, rel=1e-6)
+    half = interpolation_path(tiny_evaluator, a, b, [0, 1], precision="bf16")
+    assert half.precision == "bf16" and isinstance(half.precision_deviation, float)
+    sample = interpolation_path(tiny_evaluator, a, b, [0, 1], max_samples=20)
+    assert not np.allclose(sample.loss["val"], full.loss["val"])

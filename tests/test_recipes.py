@@ -331,3 +331,21 @@ def test_a_parameter_chosen_on_val_keeps_its_curve_and_ties_go_to_the_default(ti
     assert result.extras["chosen_on_val"] == {"parameter": "lambda", "split": "val",
                                               "grid": [round(0.1 * i, 10) for i in range(1, 21)],
                                               "val_accuracy": [accuracy] * 20, "chosen": 1.0}
+
+
+def test_a_learned_soup_copies_counters_from_its_heaviest_ingredient():
+    """BatchNorm's counters are not mixed: the learned soup takes them from the ingredient with the
+    largest mean weight, as weighted_average does."""
+    zoo = open_zoo("digits-bn")
+    names = zoo.names[:3]
+    ingredients = {}
+    for i, name in enumerate(names):
+        state = dict(zoo.state_dict(name))
+        for key in [k for k in state if k.endswith("num_batches_tracked")]:
+            state[key] = torch.tensor(100 * (i + 1))
+        ingredients[name] = state
+    result = RECIPES["learned"].make(ingredients, zoo.evaluator, epochs=1)
+    heaviest = max(range(3), key=lambda i: result.weights[i])
+    assert heaviest != 0, "the heaviest is not the first: copying from the first would show"
+    assert int(result.state_dict["body.1.num_batches_tracked"]) == 100 * (heaviest + 1)
+    assert result.ingredients == tuple(names)
