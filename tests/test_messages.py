@@ -200,6 +200,17 @@ def test_a_checkpoint_names_the_tensor_and_the_shards(tmp_path):
          "(model-00001-of-00002.safetensors and model-00002-of-00002.safetensors)")
 
 
+def test_a_sharded_checkpoint_names_the_tensors_its_index_promises_and_no_shard_holds(tmp_path):
+    folder = tmp_path / "promised"
+    folder.mkdir()
+    save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00001.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors",
+                                                "b": "model-00001-of-00001.safetensors"}}))
+    assert message(CheckpointError, lambda: open_source(folder)) == \
+        f"{index}: keys listed in the index but in no shard: 'b'"
+
+
 def test_a_checkpoint_cut_short_mid_read_names_the_byte_it_ended_at(tmp_path):
     """The file ends inside the tensor being read: the first read returns part, the next returns
     nothing, and the message names the file's new length (where the part ended), not where it began."""
