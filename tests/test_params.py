@@ -151,3 +151,30 @@ def test_a_candidate_moved_for_scoring_is_not_moved_again_when_it_joins(monkeypa
     assert len(moved) == 2 + 2 + 2 + 2
     soup.remove("a")
     assert len(moved) == 2 + 2 + 2 + 2 + 2 and soup.names == ("b", "c")
+
+
+def test_a_sum_held_on_another_device_returns_every_tensor_there():
+    """A running sum asked to live on a device (``meta`` here, standing in for a GPU) returns every mean
+    there, integer buffers included, tied tensors still tied; without one it lives where the first
+    ingredient's tensors are, and integer buffers come back as copies."""
+    from soup_core.params import num_parameters
+
+    def model(value: float) -> dict[str, torch.Tensor]:
+        w = torch.full((2, 3), value)
+        return {"w": w, "tied": w, "n": torch.tensor(7), "b": torch.full((3,), value)}
+    a, b, c = model(1.0), model(2.0), model(4.0)
+    soup = RunningSum("meta")
+    alone = soup.mean_with("a", a)  # an empty soup: the candidate alone
+    soup.add("a", a)
+    soup.add("b", b)
+    for mean in (alone, soup.mean(), soup.mean_with("c", c), soup.mean_without("a")):
+        assert {k: t.device.type for k, t in mean.items()} == {"w": "meta", "b": "meta", "n": "meta", "tied": "meta"}
+        assert mean["tied"] is mean["w"] and mean["w"].dtype == torch.float32 and mean["n"].dtype == torch.int64
+    assert uniform_average([a, b], device="meta")["n"].device.type == "meta"
+    here = RunningSum()
+    here.add("a", a)
+    assert here.device == torch.device("cpu")
+    copied = here.mean()
+    assert copied["n"] is not a["n"] and int(copied["n"]) == 7
+    assert list(copied) == ["w", "n", "b", "tied"]  # the ingredient's order, tied names re-tied after it
+    assert num_parameters(a) == 6 + 3  # w once (tied), b; not the integer counter
