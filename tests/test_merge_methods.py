@@ -477,3 +477,34 @@ def test_the_karcher_defaults_are_mergekits():
     torch.testing.assert_close(karcher().combine(stored, None, None),
                                mergekit_karcher.karcher_merge_tensors([t.double() for t in stored], [0.25] * 4),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_dare_drops_with_a_seed_of_its_own_for_each_tensor_and_ingredient():
+    """DARE's mask for ingredient i on tensor ``key`` is drawn from ``tensor_seed(seed, key, i)`` (seed 0
+    by default), so a tensor's drop does not depend on which tensors came before it; the kept entries
+    are divided by the density."""
+    from soup_core.merge.task_vectors import tensor_seed
+    base = torch.zeros(40, dtype=F64)
+    deltas = [torch.linspace(-1, 1, 40, dtype=F64), torch.linspace(2, 0, 40, dtype=F64)]
+    merged = task_vector_method("dare-linear", [1.0, 0.5], sparsify="random", density=0.5, rescale="density").combine(
+        [base + d for d in deltas], base, None, key="layer.weight")
+    expected = sum(w * d * random_mask(d, 0.5, tensor_seed(0, "layer.weight", i)) / 0.5
+                   for i, (w, d) in enumerate(zip((1.0, 0.5), deltas)))
+    torch.testing.assert_close(merged, expected, rtol=1e-15, atol=1e-15)
+
+
+def test_normalized_weights_that_sum_to_zero_are_not_divided_by_it():
+    """mergekit's rule: with ``normalize`` the merged update is divided by the weights' sum, unless that
+    sum is 0 (|Σw| < 1e-8), when it is left as it is."""
+    a, b, base = t(1.0, 2.0), t(3.0, -1.0), t(0.0, 0.0)
+    method = task_vector_method("task-arithmetic", [1.0, -1.0], normalize=True)
+    assert method.combine([a, b], base, None, key="w").tolist() == [-2.0, 3.0]
+
+
+def test_a_method_that_trims_takes_each_tensor_whole():
+    """TIES' trim and Breadcrumbs' drop rank a whole tensor's entries, and DARE's drop is seeded per
+    tensor: they take each tensor whole; task arithmetic, which only adds, works on blocks."""
+    assert not task_vector_method("dare-linear", [1.0], sparsify="random").elementwise
+    assert not task_vector_method("ties", [1.0], sparsify="magnitude").elementwise
+    assert not task_vector_method("breadcrumbs", [1.0], sparsify="magnitude_outliers").elementwise
+    assert task_vector_method("task-arithmetic", [1.0]).elementwise is True
