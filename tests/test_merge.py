@@ -239,6 +239,19 @@ def test_a_merge_written_in_blocks_is_the_merge_in_memory_in_one_file(tmp_path):
     assert {k: t.tolist() for k, t in written.items()} == {k: t.tolist() for k, t in expected.items()}
     assert written["head"].data_ptr() == written["emb"].data_ptr()  # the file records the tie
     assert seen[-1] == (1.0, "bias") and [k for _, k in seen] == ["emb", "bias"]
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match="refusing to write over an input of this run"):
+        write_merge(MergeRun(linear([0.25, 0.75]), sources), path, inputs=[path])
+    assert path.read_bytes() == before
+
+
+def test_a_nan_in_one_block_is_traced_to_the_ingredient_that_holds_it():
+    fine = MappingSource({"w": torch.ones(25)}, name="fine")
+    values = torch.ones(25)
+    values[0] = math.nan  # in the first of three blocks
+    broken = MappingSource({"w": values}, name="broken")
+    with pytest.raises(CheckpointError, match=r"^broken: tensor 'w' holds NaN or Inf values"):
+        list(MergeRun(mean_of(), [fine, broken], block_bytes=4 * 8 * 10).blocks())
 
 
 def test_integer_tensors_are_copied_only_when_every_ingredient_holds_the_same():

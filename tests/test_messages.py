@@ -241,3 +241,14 @@ def test_a_recipe_says_how_many_ingredients_it_needs():
     assert message(RecipeError, lambda: ranged.check_count(5)) == \
         "the Few soup needs 2 to 4 ingredient(s), got 5; choose them with --ingredients"
     assert message(RecipeError, lambda: ranged.check_count(1)) == "the Few soup needs 2 to 4 ingredient(s), got 1"
+
+
+def test_each_merge_method_carries_the_name_its_errors_use():
+    from soup_core.merge.karcher import karcher
+    from soup_core.merge.lines import lines
+    from soup_core.merge.methods import linear, model_stock, wise_ft
+    assert message(RecipeError, lambda: MergeRun(wise_ft(0.5), [MappingSource(point(1.0))])) == \
+        "wise-ft needs a base checkpoint θ0 (`base = ...` in zoo.toml)"
+    methods = [mean_of(), linear([1.0]), wise_ft(0.5), model_stock(), karcher(), slerp(0.5)]
+    assert [m.name for m in methods] == ["mean", "linear", "wise-ft", "model-stock", "karcher", "slerp"]
+    assert lines([1.0], 0.5, 0.5).name == "lines"
