@@ -120,6 +120,10 @@ def test_geometry_names_the_points_that_make_no_plane():
 def test_a_paired_interval_names_counts_that_cannot_be():
     assert message(SoupError, lambda: score_interval(3, 4, 6)) == \
         "a paired interval needs 0 <= a_only + b_only <= n images, got 3 + 4 of 6"
+    assert message(SoupError, lambda: score_interval(-1, 2, 6)) == \
+        "a paired interval needs 0 <= a_only + b_only <= n images, got -1 + 2 of 6"
+    assert message(SoupError, lambda: score_interval(0, 0, 0)) == \
+        "a paired interval needs 0 <= a_only + b_only <= n images, got 0 + 0 of 0"
 
 
 # -- the merge engine and its methods ------------------------------------------------------------

@@ -328,7 +328,7 @@ def test_the_best_individual_written_out(tiny_evaluator, tiny_states):
 
 
 def test_a_soup_is_compared_with_the_best_individual_on_every_report_split(tiny_evaluator, tiny_states):
-    from soup_core.significance import compare, versus_best
+    from soup_core.significance import compare, versus, versus_best
     soup = RECIPES["uniform"].make(tiny_states, tiny_evaluator)
     best = RECIPES["best"].make(tiny_states, tiny_evaluator)
     comparisons = versus_best(soup, tiny_states, tiny_evaluator)
@@ -340,6 +340,12 @@ def test_a_soup_is_compared_with_the_best_individual_on_every_report_split(tiny_
         assert c == expected
     assert [c.split for c in versus_best(soup, tiny_states, tiny_evaluator, ["shift"])] == ["shift"]
     assert versus_best(best, tiny_states, tiny_evaluator) == [] and versus_best(soup, tiny_states, None) == []
+    ensemble = RECIPES["ensemble"].make(tiny_states, tiny_evaluator)  # no weights: its averaged logits
+    averaged = ensemble_logits([tiny_evaluator.logits(s, "test") for s in tiny_states.values()])
+    labels = tiny_evaluator.labels("test")
+    assert versus(soup, ensemble, tiny_states, tiny_evaluator, ["test"]) == [
+        compare("Uniform soup", tiny_evaluator.logits(soup.state_dict, "test"), "Logit ensemble", averaged, labels, "test",
+                "samples")]
 
 
 def test_the_greedy_ensemble_is_recipe_1_on_logits_written_out(finetune):

@@ -74,6 +74,14 @@ def test_an_interval_reaches_a_bound_only_where_the_score_test_cannot_reject_it(
     assert (low == -1.0, high == 1.0) == (a_only == n, b_only == n)  # on these counts: all one way
 
 
+@pytest.mark.parametrize("correction", [0.0, 1.0])
+def test_the_continuity_correction_is_the_one_asked_for(correction):
+    low, high = score_interval(3, 7, 630, correction=correction)
+    z = norm.ppf(0.975)
+    assert constrained_score(3, 7, 630, low, correction) == pytest.approx(z, abs=1e-5)
+    assert constrained_score(3, 7, 630, high, correction) == pytest.approx(-z, abs=1e-5)
+
+
 def exact_coverage(p_a_only: float, p_b_only: float, n: int, correction: float) -> float:
     """P(interval holds the true difference), summed over every (a_only, b_only) the trinomial gives."""
     truth, total = p_b_only - p_a_only, 0.0
