@@ -617,3 +617,23 @@ def test_open_source_reads_each_format_by_its_name_and_only_inside_the_roots(tmp
     (adapter / "adapter_model.safetensors").symlink_to(outside / "adapter" / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="outside the allowed"):
         open_source(adapter, base=tensors, roots=roots)
+
+
+def test_reads_in_any_order_across_shards_hash_every_byte_once_in_file_order(tmp_path):
+    """Slices read out of order, overlapping, again, and across the boundary between two shards: the
+    digest is still sha256 over the files' bytes in name order, each byte once."""
+    from soup_core.io.read import hashed_files
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    safetensors.torch.save_file({"a": torch.arange(40.0)}, str(folder / "model-00001-of-00002.safetensors"))
+    safetensors.torch.save_file({"b": torch.arange(30.0) * 2}, str(folder / "model-00002-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    source = open_source(folder)
+    assert source.read("a", 5, 10).tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+    assert source.read("a", 3, 12).tolist() == [float(i) for i in range(3, 12)]  # overlaps what was hashed
+    assert source.read("a", 0, 2).tolist() == [0.0, 1.0]  # already hashed
+    assert source.read("b", 20).tolist() == [float(2 * i) for i in range(20, 30)]  # over the shard boundary
+    expected = hashlib.sha256(b"".join(f.read_bytes() for f in hashed_files(folder))).hexdigest()
+    assert source.sha256() == expected
+    source.close()
