@@ -239,6 +239,11 @@ def test_a_merge_written_in_blocks_is_the_merge_in_memory_in_one_file(tmp_path):
     assert {k: t.tolist() for k, t in written.items()} == {k: t.tolist() for k, t in expected.items()}
     assert written["head"].data_ptr() == written["emb"].data_ptr()  # the file records the tie
     assert seen[-1] == (1.0, "bias") and [k for _, k in seen] == ["emb", "bias"]
+    from soup_core.merge.task_vectors import task_vector_method
+    with_base = MergeRun(task_vector_method("task-arithmetic", [1.0, 1.0]), sources,
+                         MappingSource({"emb": torch.zeros(5, 6), "bias": torch.zeros(6)}, name="base"))
+    _, digests = write_merge(with_base, tmp_path / "with-base")
+    assert sorted(digests) == ["a", "b", "base"]  # θ0 is an input too: its digest is recorded
     before = path.read_bytes()
     with pytest.raises(CheckpointError, match="refusing to write over an input of this run"):
         write_merge(MergeRun(linear([0.25, 0.75]), sources), path, inputs=[path])

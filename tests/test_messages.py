@@ -45,6 +45,7 @@ def test_a_parameter_names_itself_the_bound_and_the_value():
     assert message(RecipeError, lambda: Parameter("t", float, 0.5, "").check("nan")) == \
         "t must be a finite number, not 'nan'"
     assert message(RecipeError, lambda: PASSES.check(101)) == "passes must be at most 100, not 101"
+    assert PASSES.check(100) == 100 and Parameter("alpha", float, 0.5, "", maximum=1.5).check("1.5") == 1.5
     assert message(RecipeError, lambda: SEED.check(2**63)) == \
         f"seed must be at most {2**63 - 1}, not {2**63}"
     assert message(RecipeError, lambda: Parameter("alpha", float, 0.5, "", maximum=1.5).check(2)) == \
@@ -71,6 +72,7 @@ def test_weights_for_names_that_are_not_ingredients():
         "weights name c, d, which are not among this soup's ingredients (a, b); name ingredients only"
     assert message(RecipeError, lambda: MixingWeights({"a": 0.0, "b": 0.0}).for_names(("a", "b"))) == \
         "every weight is 0: give at least one ingredient a positive weight"
+    assert MixingWeights({"a": 0.0, "c": 2.0}).for_names(("a", "b", "c")) == {"b": 1.0, "c": 2.0}  # 0 leaves out
 
 
 def test_a_recipe_names_what_it_takes():
@@ -80,6 +82,22 @@ def test_a_recipe_names_what_it_takes():
         "the Uniform soup takes no alpha, passes; it takes no parameters"
     assert message(RecipeError, lambda: RECIPES["slerp"].resolve({"passes": 2})) == \
         "the SLERP of two models takes no passes; it takes t"
+
+
+def test_a_plan_says_which_parameter_needs_the_evaluator():
+    assert message(RecipeError, lambda: RECIPES["ties"].plan_merge(("a", "b"), {"lambda": "val"})) == \
+        ("lambda=val is chosen by scoring soups on the val split: make the soup with the zoo's evaluator (its "
+         "result records the lambda chosen), or give a number")
+    assert message(RecipeError, lambda: RECIPES["lines"].plan_merge(("a", "b"), {"alpha": "val", "beta": "val"})) == \
+        "the LiNeS chooses one parameter on val at a time, not alpha and beta; give the others a number"
+
+
+def test_a_recipe_names_the_ingredient_or_base_that_holds_nan():
+    fine, broken = {"w": torch.ones(2)}, {"w": torch.tensor([1.0, math.nan])}
+    assert message(CheckpointError, lambda: RECIPES["uniform"].make({"a": fine, "b": broken})) == \
+        "b: tensor 'w' holds NaN or Inf values; a soup with it would be NaN too — leave this checkpoint out"
+    assert message(CheckpointError, lambda: RECIPES["task-arithmetic"].make({"a": fine, "b": fine}, base=broken)) == \
+        "base: tensor 'w' holds NaN or Inf values; a soup with it would be NaN too — leave this checkpoint out"
 
 
 def test_a_recipe_that_chooses_refuses_a_missing_evaluator_and_a_shift(tiny_evaluator, tiny_states):

@@ -151,6 +151,9 @@ def test_a_candidate_moved_for_scoring_is_not_moved_again_when_it_joins(monkeypa
     assert len(moved) == 2 + 2 + 2 + 2
     soup.remove("a")
     assert len(moved) == 2 + 2 + 2 + 2 + 2 and soup.names == ("b", "c")
+    soup.mean_with("a", state["a"])  # after a remove, a candidate is moved afresh
+    assert len(moved) == 2 + 2 + 2 + 2 + 2 + 2
+    assert RunningSum().nbytes == 0 and soup.nbytes == (6 + 3) * 8  # an empty sum holds nothing; w and b in float64
 
 
 def test_a_sum_held_on_another_device_returns_every_tensor_there():

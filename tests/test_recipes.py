@@ -104,6 +104,9 @@ def test_a_learned_soup_does_not_lose_to_its_uniform_start_on_val(finetune):
 
 
 def test_model_stock_ratio_follows_the_formula():
+    from soup_core.merge.methods import model_stock_ratio_from_gram
+    assert model_stock_ratio_from_gram(torch.zeros(2, 2, dtype=torch.float64)) == (0.0, 0.0)  # zero deltas: θ0
+    assert model_stock_ratio_from_gram(torch.tensor([[4.0]], dtype=torch.float64)) == (0.0, 0.0)  # one: no angle
     torch.manual_seed(0)
     shared = torch.randn(1, 1000, dtype=torch.float64)
     deltas = shared + 0.5 * torch.randn(3, 1000, dtype=torch.float64)
@@ -251,6 +254,9 @@ def test_a_tie_for_the_best_model_is_said_out_loud_with_the_spread_on_test(finet
     assert tie_sentence(best) == (f"{len(tied)} models tie on val at {max(val.values()):.1%} ({', '.join(tied)}); "
                                   f"on test they score {min(test.values()):.1%} to {max(test.values()):.1%}; "
                                   f"the first in manifest order, {tied[0]}, is the best individual.")
+    assert tie_sentence(best, report=False) == (f"{len(tied)} models tie on val at {max(val.values()):.1%} "
+                                                f"({', '.join(tied)}); the first in manifest order, {tied[0]}, is the "
+                                                "best individual.")  # a room that hides test
     alone = RECIPES["best"].make({tied[0]: ingredients[tied[0]]}, evaluator)
     assert alone.extras == {} and tie_sentence(alone) is None
 
@@ -262,6 +268,9 @@ def test_the_slerp_recipe_walks_the_arc_and_reports_its_ends_weights():
     soup = RECIPES["slerp"].make({"a": {"w": torch.tensor([2.0, 0.0])}, "b": {"w": torch.tensor([0.0, 2.0])}}, t=0.25)
     assert soup.state_dict["w"].tolist() == pytest.approx([2 * math.sin(3 * math.pi / 8), 2 * math.sin(math.pi / 8)])
     assert soup.weights == (0.75, 0.25) and soup.ingredients == ("a", "b")
+    quarter = math.pi / 4  # a and b are π/2 apart: sin(3π/8)/sin(π/2) and sin(π/8)/sin(π/2)
+    assert soup.extras["coefficients"]["w"] == pytest.approx((math.sin(1.5 * quarter), math.sin(0.5 * quarter)))
+    assert RECIPES["uniform"].make({"a": {"w": torch.ones(2)}}).extras == {}  # no per-tensor summary
 
 
 @pytest.mark.parametrize("recipe, params, counted_from", [
@@ -275,7 +284,7 @@ def test_the_slerp_recipe_walks_the_arc_and_reports_its_ends_weights():
     ("weighted", {"weights": "a=3,b=3,c=1"}, "a"),  # the first of equals
     ("task-arithmetic", {"weights": "a=1,b=3,c=2"}, "b"),
     ("ties", {"weights": "a=2,b=1,c=0"}, "a"),  # c's weight 0 leaves it out
-    ("lines", {"weights": "a=1,b=1,c=5"}, "c"),
+    ("lines", {"weights": "a=5,b=1,c=1"}, "a"),
 ])
 def test_a_merge_copies_its_counters_from_the_ingredient_it_names_as_reference(recipe, params, counted_from):
     """A counter (BatchNorm's ``num_batches_tracked``) differs between ingredients and is copied, not
@@ -286,6 +295,14 @@ def test_a_merge_copies_its_counters_from_the_ingredient_it_names_as_reference(r
     ingredients = {name: model(i + 1) for i, name in enumerate(names)}
     result = RECIPES[recipe].make(ingredients, base=model(0), **params)
     assert int(result.state_dict["bn.num_batches_tracked"]) == int(ingredients[counted_from]["bn.num_batches_tracked"])
+
+
+def test_every_parameter_is_listed_once_with_every_recipe_that_takes_it():
+    from soup_core.recipes import all_parameters
+    from soup_core.recipes.parameters import SEED
+    assert all_parameters()["seed"] == (SEED, ("greedy", "pruned", "learned", "learned-by-layer", "greedy-ensemble",
+                                               "dare-linear", "dare-ties"))
+    assert all_parameters()["t"][1] == ("slerp",)
 
 
 def test_a_val_grid_is_written_as_its_decimals():
