@@ -16,7 +16,7 @@ A survivor's kind comes from the line the mutant changed, by these rules, in ord
   registry), before mutmut switches a mutant on: mutmut cannot test it;
 * **memory or time**: the line sets a knob that changes what is kept or reused, never a value: an
   evaluator's ``cache=``, a mask applied ``in_place=``, the sha256 thread pool, the bound on hashes
-  pending, the task-vector update kept for every λ (``one_update_for_every_scale``, ``reused``):
+  pending, the task-vector update kept for every λ (``one_update_for_every_scale`` and its byte budget):
   the same numbers come out, at another cost (``bench/`` measures the costs);
 * **other**: the rest, which a test should kill or a reader should find equivalent.
 
@@ -40,7 +40,8 @@ VERDICTS = {0: "survived", 1: "killed", 3: "killed", 33: "no tests", 34: "skippe
 IMPORT_TIME = ("soup_core.recipes.x__merge", "soup_core.recipes.task_vectors.x__recipe")
 MESSAGE = re.compile(r"raise |Error\(|^\s*f?\"|^\s*f?'")
 DEVICE = re.compile(r"device|\.to\(|cuda")
-COST = re.compile(r"cache=|in_place=|ThreadPoolExecutor\(|MAX_PENDING_HASHES|one_update_for_every_scale|reused")
+COST = re.compile(r"cache=|in_place=|ThreadPoolExecutor\(|MAX_PENDING_HASHES|one_update_for_every_scale|"
+                  r"REUSED_UPDATE_BYTES|reused\[\"bytes\"\]")
 
 
 def changed_line(module: Path, mutant: str) -> str:

@@ -638,7 +638,7 @@ def test_reads_in_any_order_across_shards_hash_every_byte_once_in_file_order(tmp
     assert source.read("a", 5, 10).tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
     assert source.read("a", 3, 12).tolist() == [float(i) for i in range(3, 12)]  # overlaps what was hashed
     assert source.read("a", 0, 2).tolist() == [0.0, 1.0]  # already hashed
-    assert source.read("b", 20).tolist() == [float(2 * i) for i in range(20, 30)]  # over the shard boundary
+    assert source.read("b", 20).tolist() == [float(2 * i) for i in range(20, 30)]  # hashing crosses into shard 2
     expected = hashlib.sha256(b"".join(f.read_bytes() for f in hashed_files(folder))).hexdigest()
     assert source.sha256() == expected
     source.close()

@@ -82,6 +82,12 @@ def test_a_recipe_names_what_it_takes():
         "the Uniform soup takes no alpha, passes; it takes no parameters"
     assert message(RecipeError, lambda: RECIPES["slerp"].resolve({"passes": 2})) == \
         "the SLERP of two models takes no passes; it takes t"
+    assert message(RecipeError, lambda: RECIPES["karcher"].resolve({"passes": 2})) == \
+        "the Karcher mean takes no passes; it takes max_iter, tol"
+    from soup_core.recipes.parameters import HeldOutSplit
+    assert message(RecipeError, lambda: HeldOutSplit("test")) == \
+        ("val_split must be a held-out split such as val, not 'test': a choice made on the splits that report "
+         "it makes their scores meaningless")
 
 
 def test_a_plan_says_which_parameter_needs_the_evaluator():
@@ -184,6 +190,7 @@ def test_a_merge_method_refuses_what_it_cannot_do():
 # -- checkpoints read by byte ranges -------------------------------------------------------------
 
 def test_a_checkpoint_folder_names_the_missing_file(tmp_path):
+    tmp_path = tmp_path.resolve()  # a file found is named by its resolved path
     assert message(CheckpointError, lambda: open_source(tmp_path / "nowhere")) == \
         f"{tmp_path / 'nowhere'}: no such file or folder"
     folder = tmp_path / "sharded"
@@ -206,6 +213,7 @@ def test_a_checkpoint_folder_names_the_missing_file(tmp_path):
 
 
 def test_a_checkpoint_names_the_tensor_and_the_shards(tmp_path):
+    tmp_path = tmp_path.resolve()  # a file found is named by its resolved path
     eight_bit = tmp_path / "fp8.safetensors"
     save_file({"z": torch.zeros(2, dtype=torch.float8_e4m3fn)}, str(eight_bit))
     assert message(CheckpointError, lambda: open_source(eight_bit)) == \
@@ -223,6 +231,7 @@ def test_a_checkpoint_names_the_tensor_and_the_shards(tmp_path):
 
 
 def test_a_sharded_checkpoint_names_the_tensors_its_index_promises_and_no_shard_holds(tmp_path):
+    tmp_path = tmp_path.resolve()  # a file found is named by its resolved path
     folder = tmp_path / "promised"
     folder.mkdir()
     save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00001.safetensors"))
@@ -236,6 +245,7 @@ def test_a_sharded_checkpoint_names_the_tensors_its_index_promises_and_no_shard_
 def test_a_checkpoint_cut_short_mid_read_names_the_byte_it_ended_at(tmp_path):
     """The file ends inside the tensor being read: the first read returns part, the next returns
     nothing, and the message names the file's new length (where the part ended), not where it began."""
+    tmp_path = tmp_path.resolve()  # a file found is named by its resolved path
     file = tmp_path / "model.safetensors"
     save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(file))
     source = SafetensorsSource(tmp_path, [file])
@@ -247,8 +257,8 @@ def test_a_checkpoint_cut_short_mid_read_names_the_byte_it_ended_at(tmp_path):
          "during the merge?); nothing was written")
 
 
-def test_paths_in_messages_are_the_users_own(tmp_path):
-    """Paths are shown as given (relative stays relative), not resolved."""
+def test_a_path_that_does_not_exist_is_named_as_given():
+    """Relative stays relative: the user reads the path they typed."""
     assert message(CheckpointError, lambda: open_source(Path("no/such/model"))) == \
         "no/such/model: no such file or folder"
 

@@ -129,7 +129,7 @@ def test_a_candidate_moved_for_scoring_is_not_moved_again_when_it_joins(monkeypa
     device the candidate is moved once and the add reuses that copy; another candidate, or the same
     name with other tensors, is moved afresh. (The ``meta`` device stands in for a GPU: nothing is
     computed there, only where tensors live.)"""
-    moved: list[str] = []
+    moved: list[tuple[int, ...]] = []
     original = torch.Tensor.to
 
     def to(self, *args, **kwargs):

@@ -104,6 +104,7 @@ def kth_largest_magnitude(delta: torch.Tensor, k: int) -> float:
 
 
 def kth_largest_by_partition(delta: torch.Tensor, k: int) -> float:
+    """The k-th largest |δ| of a CPU tensor, by numpy's in-place partition of one copy."""
     magnitude = delta.detach().abs().reshape(-1).numpy()
     position = magnitude.size - k
     magnitude.partition(position)
@@ -111,6 +112,7 @@ def kth_largest_by_partition(delta: torch.Tensor, k: int) -> float:
 
 
 def kth_largest_by_kthvalue(delta: torch.Tensor, k: int) -> float:
+    """The k-th largest |δ| on any device, by ``torch.kthvalue`` (the (n − k + 1)-th smallest)."""
     return float(torch.kthvalue(delta.abs().reshape(-1), delta.numel() - k + 1).values)
 
 

@@ -48,12 +48,12 @@ def parameter_on_val(parameters: tuple[Parameter, ...], params: Params, pretty_n
 def choose_on_val(parameter: Parameter, params: Params, make: Callable[[Params], Brew], evaluator: Evaluator | None,
                   pretty_name: str) -> tuple[Brew, Params, Mapping[str, Any]]:
     """``(brew, params with the value chosen, the curve)`` for ``parameter`` = val: ``make`` is
-    run once per grid value and its soup scored on ``params.val_split``."""
+    run once per grid value and its soup scored on ``params.val_split`` (or ``val``)."""
     if evaluator is None:
         raise RecipeError(f"{parameter.name}=val chooses the {pretty_name}'s {parameter.name} by val accuracy and "
                           f"needs the zoo's evaluator; give {parameter.name} a number, or a zoo with data")
     from soup_core.merge.task_vectors import one_update_for_every_scale  # torch: not when the CLI parses flags
-    split = params["val_split"]  # every recipe with a val grid declares it (VAL_SPLIT)
+    split = params.get("val_split", "val")  # the built-in recipes declare it; a user's Recipe may not
     with one_update_for_every_scale() if parameter.name == SCALE_NAME else contextlib.nullcontext():
         return _choose(parameter, params, make, evaluator, split)
 
