@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from soup_core.errors import SoupError
 from soup_core.io import open_checkpoint, save_state_dict
 from soup_core.geometry import angles_from_gram, gram_matrix, pairwise_angles
 
@@ -185,3 +186,18 @@ def test_a_projection_is_unnamed_unless_named():
     from soup_core.geometry import plane_basis
     plane = plane_basis({"w": torch.zeros(2)}, {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])})
     assert plane.project({"w": torch.tensor([0.5, 0.5])}).name == ""
+
+
+def test_a_third_point_this_close_to_the_line_is_collinear_relative_to_the_spread():
+    """C is refused when its height above the line AB is below 1e-6 of the larger of |AB| and |AC|:
+    with |AC| = 100, a height of 1e-3 makes a plane and 1e-5 does not."""
+    from soup_core.geometry import plane_basis
+    a, b = {"w": torch.zeros(2, dtype=torch.float64)}, {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    plane = plane_basis(a, b, {"w": torch.tensor([100.0, 1e-3], dtype=torch.float64)})
+    assert plane.anchors[2].xy == pytest.approx((100.0, 1e-3), rel=1e-9)
+    with pytest.raises(SoupError, match="collinear"):
+        plane_basis(a, b, {"w": torch.tensor([100.0, 1e-5], dtype=torch.float64)})
+
+
+def test_a_gram_matrix_of_models_without_float_tensors_is_zero():
+    assert gram_matrix([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}]).tolist() == [[0.0, 0.0], [0.0, 0.0]]

@@ -509,3 +509,14 @@ def test_a_method_that_trims_takes_each_tensor_whole():
     assert not task_vector_method("ties", [1.0], sparsify="magnitude").elementwise
     assert not task_vector_method("breadcrumbs", [1.0], sparsify="magnitude_outliers").elementwise
     assert task_vector_method("task-arithmetic", [1.0]).elementwise is True
+
+
+def test_the_karcher_mean_of_directions_that_cancel_is_mergekits():
+    """Two opposite directions have no mean direction: both start from the first one, as mergekit does."""
+    mergekit_karcher = pytest.importorskip("mergekit.merge_methods.karcher")
+    from soup_core.merge.karcher import karcher_mean
+    v = torch.tensor([3.0, 4.0, 0.0], dtype=F64)
+    tensors = [v, -2 * v, torch.tensor([0.0, 0.0, 1.0], dtype=F64)]
+    for chosen in (tensors[:2], tensors):
+        theirs = mergekit_karcher.karcher_merge_tensors(chosen, [1 / len(chosen)] * len(chosen))
+        torch.testing.assert_close(karcher_mean(chosen), theirs, rtol=1e-12, atol=1e-12)
