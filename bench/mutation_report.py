@@ -12,8 +12,9 @@ A survivor's kind comes from the line the mutant changed, by these rules, in ord
   the error is raised, its wording is not checked;
 * **device**: the line names a device or moves tensors (``device``, ``.to(``, ``cuda``): on a
   machine with one CPU every device is the same one;
-* **import time**: the mutant is in code that runs once, when the module is imported (the recipes'
-  registry), before mutmut switches a mutant on: mutmut cannot test it;
+* **import time**: the mutant is in code that runs when the module is imported (the recipes'
+  registry helpers), before mutmut switches a mutant on: only a test that calls the helper itself
+  (``test_a_task_vector_recipe_is_declared_by_its_name_alone``) can kill it;
 * **memory or time**: the line sets a knob that changes what is kept or reused, never a value: an
   evaluator's ``cache=``, a mask applied ``in_place=``, the sha256 thread pool, the bound on hashes
   pending, the task-vector update kept for every λ (``one_update_for_every_scale`` and its byte budget):
