@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from soup_core.evaluate import Evaluator, Split
@@ -24,6 +26,23 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``: proof that a command left files untouched."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_sharded(folder: Path, shards: dict[str, dict[str, torch.Tensor]],
+                  weight_map: dict[str, str] | None = None) -> Path:
+    """A Hugging Face folder of safetensors shards and its ``model.safetensors.index.json``, which maps each
+    tensor to the first shard holding it unless ``weight_map`` says otherwise; returns the index."""
+    folder.mkdir(exist_ok=True)
+    for name, tensors in shards.items():
+        safetensors.torch.save_file(tensors, str(folder / name))
+    if weight_map is None:
+        weight_map = {}
+        for name, tensors in shards.items():
+            for key in tensors:
+                weight_map.setdefault(key, name)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    return index
 
 
 class TinyNet(torch.nn.Module):

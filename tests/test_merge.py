@@ -30,6 +30,7 @@ from soup_core.io.layout import TensorInfo
 from soup_core.merge import (MappingSource, MergeRun, linear, mean_of, merge_in_memory, model_stock, open_source,
                              write_merge)
 from soup_core.zoo import open_zoo, sample_zoos
+from tests.conftest import write_sharded
 from tests.test_cli import gone, the_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -629,11 +630,8 @@ def test_reads_in_any_order_across_shards_hash_every_byte_once_in_file_order(tmp
     digest is still sha256 over the files' bytes in name order, each byte once."""
     from soup_core.io.read import hashed_files
     folder = tmp_path / "sharded"
-    folder.mkdir()
-    safetensors.torch.save_file({"a": torch.arange(40.0)}, str(folder / "model-00001-of-00002.safetensors"))
-    safetensors.torch.save_file({"b": torch.arange(30.0) * 2}, str(folder / "model-00002-of-00002.safetensors"))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    write_sharded(folder, {"model-00001-of-00002.safetensors": {"a": torch.arange(40.0)},
+                           "model-00002-of-00002.safetensors": {"b": torch.arange(30.0) * 2}})
     source = open_source(folder)
     assert source.read("a", 5, 10).tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
     assert source.read("a", 3, 12).tolist() == [float(i) for i in range(3, 12)]  # overlaps what was hashed

@@ -27,6 +27,10 @@ from soup_core.params import RunningSum, weighted_average
 from soup_core.recipes import RECIPES, get_recipe
 from soup_core.recipes.parameters import PASSES, SEED, MixingWeights, Parameter, Params, switch
 from soup_core.significance import score_interval
+from tests.conftest import write_sharded
+
+
+ONE, TWO = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"  # a two-shard folder's files
 
 
 def message(error: type[Exception], call) -> str:
@@ -194,13 +198,9 @@ def test_a_checkpoint_folder_names_the_missing_file(tmp_path):
     assert message(CheckpointError, lambda: open_source(tmp_path / "nowhere")) == \
         f"{tmp_path / 'nowhere'}: no such file or folder"
     folder = tmp_path / "sharded"
-    folder.mkdir()
-    save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00002.safetensors"))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    index = write_sharded(folder, {ONE: {"a": torch.zeros(2)}}, {"a": ONE, "b": TWO})
     assert message(CheckpointError, lambda: open_source(folder)) == \
-        (f"{folder / 'model.safetensors.index.json'}: shard 'model-00002-of-00002.safetensors' is missing "
-         f"from {folder}")
+        f"{index}: shard '{TWO}' is missing from {folder}"
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
@@ -220,24 +220,15 @@ def test_a_checkpoint_names_the_tensor_and_the_shards(tmp_path):
         (f"{eight_bit}: tensor 'z' has dtype float8_e4m3fn, which soups do not average; "
          "convert to bfloat16, float16 or float32")
     folder = tmp_path / "twice"
-    folder.mkdir()
-    save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00002.safetensors"))
-    save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, str(folder / "model-00002-of-00002.safetensors"))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    write_sharded(folder, {ONE: {"a": torch.zeros(2)}, TWO: {"a": torch.zeros(2), "b": torch.zeros(2)}})
     assert message(CheckpointError, lambda: open_source(folder)) == \
-        (f"{folder}: tensor 'a' is in two shards "
-         "(model-00001-of-00002.safetensors and model-00002-of-00002.safetensors)")
+        f"{folder}: tensor 'a' is in two shards ({ONE} and {TWO})"
 
 
 def test_a_sharded_checkpoint_names_the_tensors_its_index_promises_and_no_shard_holds(tmp_path):
     tmp_path = tmp_path.resolve()  # a file found is named by its resolved path
     folder = tmp_path / "promised"
-    folder.mkdir()
-    save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00001.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors",
-                                                "b": "model-00001-of-00001.safetensors"}}))
+    index = write_sharded(folder, {ONE: {"a": torch.zeros(2)}}, {"a": ONE, "b": ONE})
     assert message(CheckpointError, lambda: open_source(folder)) == \
         f"{index}: keys listed in the index but in no shard: 'b'"
 
